@@ -1,0 +1,1 @@
+"""Subcommands: thin wrappers that parse, call the library and print."""

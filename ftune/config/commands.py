@@ -1,0 +1,104 @@
+"""Typed options of the commands that take no recipe: `ftune merge` and `ftune eval`.
+
+`load_command_config` parses `key=value` arguments into these dataclasses (an unknown key or a badly typed
+value is a one-line error) and checks each field's `choices`/`min`/`max`; the rules that relate several
+fields are the pure `*_problems` functions below, which, like `config.validate`, report every problem at once
+and import nothing of torch.
+"""
+
+from dataclasses import dataclass, field
+
+from ftune.config.schema import bounded, choice
+
+COMBINATIONS_NEEDING_DENSITY = ("ties", "dare_ties")
+"""Combinations that prune each adapter to `density` before combining (PEFT's `add_weighted_adapter`)."""
+
+
+@dataclass
+class MergeCfg:
+    """`ftune merge`: fold one adapter, or a weighted combination of several, into a standalone model."""
+
+    adapter: str | None = None
+    """A PEFT adapter directory (with adapter_config.json), e.g. `<run>/final`."""
+    adapters: list[str] = field(default_factory=list)
+    """Several LoRA adapters trained on the same base, combined into one (instead of `adapter`)."""
+    weights: list[float] = field(default_factory=list)
+    """One weight per entry of `adapters`; empty gives each the same weight 1 / len(adapters)."""
+    combination: str = choice("linear", "ties", "dare_ties")
+    """How `adapters` are combined: a weighted sum, TIES (trim, elect sign, disjoint mean) or DARE-TIES."""
+    density: float = bounded(0.5, 0.0, 1.0)
+    """ties / dare_ties: the fraction of each adapter's entries kept before the sign election."""
+    merge: bool = True
+    """Fold the (combined) adapter into the base and save a model; false saves the combined adapter only."""
+    base: str | None = None
+    """Base model (hub id or directory); null reads `base_model_name_or_path` from adapter_config.json."""
+    dtype: str = choice("fp32", "bf16", "fp16")
+    """Precision the base is loaded, merged and saved in (never a quantized base, even for QLoRA adapters)."""
+    out: str | None = None
+    """Directory to write; it must not exist, be empty, or be replaced with overwrite=true."""
+    overwrite: bool = False
+    """Replace an existing non-empty `out`."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors file written; larger models are sharded with an index."""
+    seed: int = 42
+    """Seeds DARE's random pruning, so a combination is reproducible."""
+
+
+@dataclass
+class EvalCfg:
+    """`ftune eval`: compare models (bases, adapters, merged models) on task data, a probe and generations."""
+
+    model: str | None = None
+    """The model to evaluate: a hub id or directory, an adapter directory, or a merged model."""
+    models: list[str] = field(default_factory=list)
+    """More models, evaluated side by side with `model` (the first one's base is always a reference row)."""
+    data: str | None = "${ftune_asset:data/chat/validation.jsonl}"
+    """Held-out conversations (any chat source `data.path` takes) for loss and generations; null skips them."""
+    probe: str | None = "${ftune_asset:data/probe/general.jsonl}"
+    """General text (`{"text": ...}` JSONL) for the forgetting probe; null skips it."""
+    chat_template: str = "tokenizer"
+    """Chat template the data is rendered with: as in training (`data.chat_template`)."""
+    max_length: int = bounded(512, 8)
+    """Tokens per held-out example (as `data.max_length` in training)."""
+    probe_max_length: int = bounded(256, 8)
+    """Tokens per probe document (as `probe.max_length` in training)."""
+    packing: bool = False
+    """Pack held-out examples into rows of max_length tokens (the loss is the same as unpacked)."""
+    batch_size: int = bounded(8, 1)
+    """Examples per forward pass."""
+    dtype: str = choice("fp32", "bf16", "fp16")
+    """Precision every model is loaded in (adapters' bases in full precision, as `ftune merge` loads them)."""
+    generate: int = bounded(32, -1)
+    """Held-out conversations whose last assistant turn is generated and scored; 0 skips, -1 takes all."""
+    max_new_tokens: int = bounded(64, 1)
+    """Longest generated answer, in tokens."""
+    out: str | None = None
+    """Write the results as JSON here: `{model_name: {eval_loss, eval_ppl, probe_ppl, ...}}`."""
+
+
+def merge_problems(cfg: MergeCfg) -> list[str]:
+    """Every problem with how `cfg`'s fields fit together, each naming its key; empty when valid."""
+    problems = []
+    if (cfg.adapter is None) == (not cfg.adapters):
+        problems.append("adapter / adapters: give exactly one (adapter=DIR, or adapters=[DIR,DIR,...])")
+    if cfg.adapters and len(cfg.adapters) < 2:
+        problems.append(f"adapters={cfg.adapters} (expected two or more directories; use adapter=DIR for one)")
+    if cfg.weights and len(cfg.weights) != len(cfg.adapters):
+        problems.append(f"weights={cfg.weights} (expected one weight per adapter: {len(cfg.adapters)})")
+    if cfg.combination in COMBINATIONS_NEEDING_DENSITY and cfg.density == 0.0:
+        problems.append(f"density=0 with combination={cfg.combination} (expected > 0: 0 prunes every entry)")
+    if cfg.adapter is not None and not cfg.merge:
+        problems.append("merge=false with a single adapter (expected adapters=[...]: one adapter is already saved)")
+    if cfg.out is None:
+        problems.append("out: missing (expected the directory to write, out=DIR)")
+    return problems
+
+
+def eval_problems(cfg: EvalCfg) -> list[str]:
+    """Every problem with how `cfg`'s fields fit together, each naming its key; empty when valid."""
+    problems = []
+    if cfg.model is None and not cfg.models:
+        problems.append("model: missing (expected model=PATH_OR_ID, or models=[A,B,...])")
+    if cfg.data is None and cfg.probe is None:
+        problems.append("data=null and probe=null (expected at least one of them: there is nothing to measure)")
+    return problems

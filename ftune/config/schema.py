@@ -1,0 +1,253 @@
+"""Typed run configuration: one dataclass per concern, the only place defaults live.
+
+Hydra composes recipe YAML into these structured configs, so an unknown key or a value of the wrong type
+fails at composition. Allowed values and ranges are declared next to each field (`choices`, `min`, `max`
+metadata) and checked by `config.validate`, which reads them from here rather than repeating them.
+
+This module imports nothing of torch or the rest of ftune: a config can be checked before anything loads.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def choice(default: str, *choices: str) -> Any:
+    """A string field restricted to `choices` (OmegaConf 2.3 has no `Literal`, so validate checks it)."""
+    return field(default=default, metadata={"choices": (default, *choices)})
+
+
+def bounded(default: float | int, low: float | None = None, high: float | None = None) -> Any:
+    """A numeric field that must lie in [low, high] (either bound may be open)."""
+    return field(default=default, metadata={"min": low, "max": high})
+
+
+@dataclass
+class ModelCfg:
+    name_or_path: str = "${ftune_asset:models/tiny}"
+    """A hub id or a local directory with config.json, weights and tokenizer."""
+    dtype: str = choice("fp32", "bf16", "fp16")
+    """Dtype the weights are loaded in (trainable weights stay in it; use trainer.mixed_precision for autocast)."""
+    attn_implementation: str = choice("sdpa", "eager", "flash_attention_2")
+    """Attention kernel passed to transformers."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+
+
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
+"""`auto` (detect from the first record), then the record formats of ftune.data.formats."""
+
+
+@dataclass
+class DataSourceCfg:
+    """One entry of `data.mix`: a data source and its share of the training examples."""
+
+    path: str = "???"
+    """A file, directory or hub id, as `data.path` takes it."""
+    weight: float = 1.0
+    """Relative share of the mixed training examples drawn from this source (see `data.mix`); must be > 0."""
+    format: str = choice(*DATA_FORMATS)
+    """Record format of this source, as `data.format` (which applies to `path` and `eval_path` only)."""
+
+
+@dataclass
+class DataCfg:
+    path: str = "${ftune_asset:data/chat/train.jsonl}"
+    """Training data: a .jsonl, .json (a list of records), .parquet or .csv file; a directory of such files
+    (or one written by datasets' `save_to_disk`); or a `datasets` hub id, `ID` or `ID:SPLIT` (default train)."""
+    eval_path: str | None = "${ftune_asset:data/chat/validation.jsonl}"
+    """Held-out data for evaluation, any source `path` takes; null disables evaluation."""
+    format: str = choice(*DATA_FORMATS)
+    """Record format; `auto` detects it from the fields of each source's first record (see ftune.data.formats)."""
+    roles: dict[str, str] = field(
+        default_factory=lambda: {
+            "system": "system",
+            "human": "user",
+            "user": "user",
+            "gpt": "assistant",
+            "assistant": "assistant",
+            "tool": "tool",
+        }
+    )
+    """ShareGPT `from` names -> ftune roles (system, user, assistant, tool); add one with +data.roles.NAME=ROLE."""
+    mix: list[DataSourceCfg] = field(default_factory=list)
+    """Training sources mixed by weight, replacing `path` when non-empty, e.g. chat data plus a replay share of
+    general text: `[{path: chat.jsonl, weight: 0.8}, {path: text.jsonl, weight: 0.2}]`. Each weight / sum of
+    weights is the share of training examples drawn from that source; the mix is the largest that repeats no
+    example (the source scarcest for its weight is taken whole, the others subsampled, seeded by `seed`)."""
+    on_bad_record: str = choice("error", "skip")
+    """A record that does not fit its format stops the run (`error`) or is skipped and counted by reason (`skip`)."""
+    chat_template: str = "tokenizer"
+    """`tokenizer` for the tokenizer's own template, or a name from ftune.data.templates."""
+    train_on: str = choice("all_assistant", "last_assistant", "everything")
+    """Which tokens are learned; all others get the ignore label."""
+    max_length: int = bounded(512, 8)
+    """Tokens per example; longer examples are truncated at the end, keeping the prompt's start."""
+    packing: bool = False
+    """Pack several examples into each row of max_length tokens instead of padding each one."""
+    pad_to_multiple_of: int = bounded(8, 1)
+    """Padded batch lengths are rounded up to this (tensor-core and cache friendly)."""
+
+
+@dataclass
+class QuantCfg:
+    bits: int = 0
+    """Load the base quantized by bitsandbytes to 4 or 8 bits (QLoRA); 0 keeps it in model.dtype."""
+    type: str = choice("nf4", "fp4")
+    """4-bit data type."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bit per weight)."""
+    compute_dtype: str = choice("bf16", "fp16", "fp32")
+    """Dtype of the matmuls on dequantized weights (bf16: no fp16 overflow)."""
+
+
+@dataclass
+class MethodCfg:
+    name: str = choice("lora", "full", "ia3", "prompt_tuning", "prefix_tuning")
+    """What trains: LoRA adapters (QLoRA with quant.bits=4), every weight, or another PEFT method."""
+    freeze: list[str] = field(default_factory=list)
+    """Full fine-tuning: regexes of parameter names that stay frozen (e.g. embeddings, the first layers)."""
+    num_virtual_tokens: int = bounded(20, 1)
+    """Prompt and prefix tuning: number of learned virtual tokens."""
+
+
+@dataclass
+class LoraCfg:
+    r: int = bounded(8, 1)
+    """Rank of the update matrices."""
+    alpha: float = bounded(16.0, 0.0)
+    """Scale of the update: the adapter output is multiplied by alpha / r."""
+    dropout: float = bounded(0.05, 0.0, 1.0)
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt, or a preset: `all-linear` (every linear layer but the head), `attention`."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head after adding tokens)."""
+    init: str = choice("default", "gaussian", "pissa", "olora")
+    """Initialisation of the adapter matrices (PEFT's init_lora_weights)."""
+
+
+@dataclass
+class OptimCfg:
+    name: str = choice("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+    """Optimizer: torch's AdamW or a bitsandbytes 8-bit / paged variant."""
+    lr: float = bounded(2e-4, 0.0)
+    """Peak learning rate."""
+    weight_decay: float = bounded(0.0, 0.0)
+    """Decoupled weight decay; never applied to biases and norm weights."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam moment coefficients."""
+    eps: float = bounded(1e-8, 0.0)
+    """Adam epsilon."""
+    scheduler: str = choice("cosine", "linear", "constant")
+    """Learning-rate schedule after warmup (transformers' schedulers)."""
+    warmup_ratio: float = bounded(0.03, 0.0, 1.0)
+    """Fraction of the optimizer steps spent warming up linearly from 0."""
+    max_grad_norm: float = bounded(1.0, 0.0)
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: learning rate of the B matrices over that of the A matrices (e.g. 16); null: same rate."""
+
+
+@dataclass
+class DistillCfg:
+    teacher: str | None = None
+    """Teacher model (hub id or directory); set, it turns on distillation. Must share the student's vocabulary."""
+    alpha: float = bounded(0.5, 0.0, 1.0)
+    """Weight of the cross-entropy on labels; (1 - alpha) weighs the KL to the teacher."""
+    temperature: float = bounded(2.0, 0.0)
+    """Softmax temperature of both distributions in the KL term (scaled back by T^2)."""
+    teacher_bits: int = 0
+    """Load the teacher quantized to 4 or 8 bits; 0 keeps it in model.dtype."""
+
+
+@dataclass
+class TrainerCfg:
+    max_steps: int = bounded(-1, -1)
+    """Optimizer steps to run; -1 runs `epochs` full passes instead."""
+    epochs: int = bounded(1, 1)
+    """Passes over the training data (when max_steps is -1)."""
+    micro_batch_size: int = bounded(8, 1)
+    """Examples per forward/backward pass on each process."""
+    grad_accum: int = bounded(1, 1)
+    """Micro-batches per optimizer step; the loss is averaged over every learned token of the step."""
+    mixed_precision: str = choice("no", "bf16", "fp16")
+    """Autocast dtype for the forward pass (accelerate); master weights stay in model.dtype."""
+    eval_every: int = bounded(50, 0)
+    """Evaluate every this many optimizer steps (0: only at the end)."""
+    eval_batches: int = bounded(-1, -1)
+    """Validation micro-batches per evaluation (-1: all)."""
+    save_every: int = bounded(0, 0)
+    """Save a checkpoint every this many optimizer steps (0: only the final artefact)."""
+    keep_last: int = bounded(2, 1)
+    """Checkpoints kept (newest first)."""
+    log_every: int = bounded(1, 1)
+    """Write a training row to metrics.jsonl every this many optimizer steps."""
+    num_workers: int = bounded(0, 0)
+    """DataLoader worker processes."""
+    nan_guard: bool = True
+    """Stop with exit code 3 (after saving the last good state) when a step's loss is not finite."""
+    final_weights: str = choice("best", "last")
+    """What final/ holds: the best evaluation's weights (needs evaluation) or the last step's."""
+
+
+@dataclass
+class EarlyStopCfg:
+    metric: str = "eval_loss"
+    """Evaluation metric that decides the best checkpoint and early stopping (any key of an eval row)."""
+    mode: str = choice("min", "max")
+    """Whether smaller or larger values of the metric are better."""
+    patience: int = bounded(0, 0)
+    """Stop after this many evaluations without improvement; 0 never stops early."""
+    min_delta: float = bounded(0.0, 0.0)
+    """An evaluation improves only if it beats the best by more than this."""
+
+
+@dataclass
+class ProbeCfg:
+    path: str | None = "${ftune_asset:data/probe/general.jsonl}"
+    """General text (`{"text": ...}` JSONL) whose perplexity measures forgetting; null disables the probe."""
+    max_length: int = bounded(256, 8)
+    """Tokens per probe document."""
+    max_drift: float | None = None
+    """Stop when probe perplexity rises by more than this fraction over the base model (e.g. 0.1)."""
+
+
+@dataclass
+class LoggerCfg:
+    name: str = choice("none", "wandb", "tensorboard")
+    """Where metrics go besides metrics.jsonl and the console."""
+    project: str = "ftune"
+    """wandb project."""
+    run_name: str | None = None
+    """wandb run name / tensorboard sub-directory; null uses the run directory's name."""
+    tags: list[str] = field(default_factory=list)
+    """wandb tags."""
+
+
+@dataclass
+class RunCfg:
+    """A complete run: what `ftune train` validates before anything loads."""
+
+    recipe: str = "tiny_lora"
+    """Name of the recipe in recipes/ this run was composed from."""
+    seed: int = 42
+    """Seeds python, numpy and torch, and the data order."""
+    output_dir: str = "runs/${recipe}/${now:%Y%m%d-%H%M%S}"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/, summary.json."""
+    resume: str | None = None
+    """`auto` for the newest checkpoint in output_dir, or a checkpoint path; null starts fresh."""
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    method: MethodCfg = field(default_factory=MethodCfg)
+    quant: QuantCfg = field(default_factory=QuantCfg)
+    lora: LoraCfg = field(default_factory=LoraCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    distill: DistillCfg = field(default_factory=DistillCfg)
+    trainer: TrainerCfg = field(default_factory=TrainerCfg)
+    early_stop: EarlyStopCfg = field(default_factory=EarlyStopCfg)
+    probe: ProbeCfg = field(default_factory=ProbeCfg)
+    logger: LoggerCfg = field(default_factory=LoggerCfg)

@@ -1,0 +1,158 @@
+"""Pure validation of a composed `RunCfg`: returns every problem at once, never mutates, imports no torch.
+
+Per-field rules (allowed choices, numeric bounds) are read from the schema's field metadata; cross-field rules
+are listed in `CROSS_FIELD_RULES`, one small function each.
+"""
+
+import dataclasses
+import importlib.util
+import re
+from collections.abc import Callable
+from typing import Any
+
+from ftune.config.schema import RunCfg
+
+
+def validate(cfg: RunCfg) -> list[str]:
+    """All problems with `cfg`, each naming its key and what is allowed; empty when the config is valid."""
+    problems = list(field_problems(cfg, prefix=""))
+    for rule in CROSS_FIELD_RULES:
+        problems.extend(rule(cfg))
+    return problems
+
+
+def field_problems(node: Any, prefix: str):
+    """Check each field against its `choices`/`min`/`max` metadata, recursing into nested configs."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from field_problems(value, prefix=f"{key}.")
+            continue
+        allowed = f.metadata.get("choices")
+        if allowed is not None and value not in allowed:
+            yield f"{key}={value!r} is not allowed (expected one of: {', '.join(allowed)})"
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        if low is not None and value < low:
+            yield f"{key}={value!r} is too small (expected >= {low})"
+        if high is not None and value > high:
+            yield f"{key}={value!r} is too large (expected <= {high})"
+
+
+def check_lora_targets(cfg: RunCfg) -> list[str]:
+    targets = cfg.lora.target_modules
+    if cfg.method.name == "lora" and not targets:
+        return ["lora.target_modules is empty (expected module names or 'all-linear')"]
+    if "all-linear" in targets and len(targets) > 1:
+        return [f"lora.target_modules={targets} (expected 'all-linear' alone: it already covers every linear layer)"]
+    return []
+
+
+def check_lora_init(cfg: RunCfg) -> list[str]:
+    """PEFT's PiSSA init takes an SVD of the base weights, which it cannot do on quantized ones."""
+    if cfg.lora.init == "pissa" and cfg.quant.bits:
+        bits = cfg.quant.bits
+        return [f"lora.init=pissa with quant.bits={bits} (expected default, gaussian or olora, or quant.bits=0)"]
+    return []
+
+
+def check_prompt_learning(cfg: RunCfg) -> list[str]:
+    """Prompt and prefix tuning prepend virtual tokens: PEFT drops position ids and widens a 2D mask only."""
+    method, problems = cfg.method.name, []
+    if method in ("prompt_tuning", "prefix_tuning") and cfg.data.packing:
+        problems.append(f"data.packing=true with method.name={method} (expected data.packing=false: packed "
+                        "documents need 4D masks and position ids, which virtual tokens do not fit)")
+    if method == "prefix_tuning" and cfg.model.gradient_checkpointing:
+        problems.append("model.gradient_checkpointing=true with method.name=prefix_tuning (expected false: PEFT's "
+                        "prefix tuning does not support it)")
+    return problems
+
+
+def check_freeze(cfg: RunCfg) -> list[str]:
+    patterns = cfg.method.freeze
+    if patterns and cfg.method.name != "full":
+        return [f"method.freeze={patterns} with method.name={cfg.method.name} (expected method.name=full: "
+                "adapter methods freeze the whole base already)"]
+    problems = []
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            problems.append(f"method.freeze: {pattern!r} is not a regular expression ({err})")
+    return problems
+
+
+def check_distillation(cfg: RunCfg) -> list[str]:
+    distill, problems = cfg.distill, []
+    if distill.teacher is None and distill.teacher_bits:
+        problems.append(f"distill.teacher_bits={distill.teacher_bits} without distill.teacher (expected a teacher)")
+    if distill.teacher is not None and distill.temperature <= 0:
+        problems.append(f"distill.temperature={distill.temperature} (expected > 0)")
+    return problems
+
+
+def check_bitsandbytes(cfg: RunCfg) -> list[str]:
+    """Quantized weights and 8-bit/paged optimizers need bitsandbytes; found without importing it."""
+    needs = {"quant.bits": cfg.quant.bits, "distill.teacher_bits": cfg.distill.teacher_bits}
+    needs["optim.name"] = cfg.optim.name if cfg.optim.name != "adamw" else 0
+    wanted = [f"{key}={value}" for key, value in needs.items() if value]
+    if wanted and importlib.util.find_spec("bitsandbytes") is None:
+        return [f"{', '.join(wanted)} needs bitsandbytes, which is not installed (pip install 'bitsandbytes>=0.46')"]
+    return []
+
+
+def check_betas(cfg: RunCfg) -> list[str]:
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        return [f"optim.betas={betas} (expected two values in [0, 1))"]
+    return []
+
+
+def check_schedule(cfg: RunCfg) -> list[str]:
+    trainer = cfg.trainer
+    if trainer.max_steps == 0:
+        return ["trainer.max_steps=0 (expected a positive number of steps, or -1 to run trainer.epochs)"]
+    return []
+
+
+def check_mixed_precision(cfg: RunCfg) -> list[str]:
+    if cfg.trainer.mixed_precision == "fp16" and cfg.model.dtype == "bf16":
+        return ["trainer.mixed_precision=fp16 with model.dtype=bf16 (expected matching precisions: use bf16 for both)"]
+    return []
+
+
+def check_quantization(cfg: RunCfg) -> list[str]:
+    widths = {"quant.bits": cfg.quant.bits, "distill.teacher_bits": cfg.distill.teacher_bits}
+    problems = [f"{key}={bits} (expected 0, 4 or 8)" for key, bits in widths.items() if bits not in (0, 4, 8)]
+    if cfg.quant.bits and cfg.method.name == "full":
+        problems.append("quant.bits with method.name=full (expected an adapter method: quantized weights cannot train)")
+    return problems
+
+
+def check_optimizer(cfg: RunCfg) -> list[str]:
+    ratio = cfg.optim.loraplus_lr_ratio
+    if ratio is not None and (ratio < 1 or cfg.method.name != "lora"):
+        return [f"optim.loraplus_lr_ratio={ratio} (expected >= 1, with method.name=lora)"]
+    return []
+
+
+def check_probe(cfg: RunCfg) -> list[str]:
+    drift = cfg.probe.max_drift
+    if drift is not None and (drift <= 0 or cfg.probe.path is None):
+        return [f"probe.max_drift={drift} (expected a positive fraction, with probe.path set)"]
+    return []
+
+
+CROSS_FIELD_RULES: list[Callable[[RunCfg], list[str]]] = [
+    check_quantization,
+    check_optimizer,
+    check_probe,
+    check_lora_targets,
+    check_lora_init,
+    check_prompt_learning,
+    check_freeze,
+    check_distillation,
+    check_bitsandbytes,
+    check_betas,
+    check_schedule,
+    check_mixed_precision,
+]

@@ -1,0 +1,69 @@
+"""Turn tokenized examples, or packed rows of them, into batches of tensors."""
+
+from dataclasses import dataclass
+
+import torch
+
+from ftune.data.mask import IGNORE_INDEX
+from ftune.data.packing import block_causal_mask
+
+
+@dataclass
+class PadCollator:
+    """Right-pad a list of examples to the longest one (rounded up to `pad_to_multiple_of`).
+
+    Example, with pad_token_id=0 and pad_to_multiple_of=4:
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+        -> input_ids      [[5, 6, 7, 0], [8, 0, 0, 0]]
+           labels         [[-100, 6, 7, -100], [8, -100, -100, -100]]
+           attention_mask [[1, 1, 1, 0], [1, 0, 0, 0]]
+           num_tokens     4 (real tokens, for throughput)
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 1
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            input_ids[row, :n] = torch.tensor(example["input_ids"])
+            labels[row, :n] = torch.tensor(example["labels"])
+            attention_mask[row, :n] = 1
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "num_tokens": attention_mask.sum(),
+        }
+
+
+@dataclass
+class PackedCollator:
+    """Batch packed rows (see `ftune.data.packing`) with the attention inputs that isolate their documents.
+
+    `sdpa` gets a bool block-diagonal 4D mask, `eager` an additive one in `mask_dtype`, and
+    `flash_attention_2` no mask but the restarting `position_ids`, from which it finds the documents.
+    """
+
+    pad_token_id: int
+    attn_implementation: str
+    mask_dtype: torch.dtype = torch.float32
+    pad_to_multiple_of: int = 1
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = PadCollator(self.pad_token_id, self.pad_to_multiple_of)(rows)
+        width = batch["input_ids"].size(1)
+        batch["position_ids"] = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            batch["position_ids"][index, : len(row["position_ids"])] = torch.tensor(row["position_ids"])
+        if self.attn_implementation == "flash_attention_2":
+            del batch["attention_mask"]
+        else:
+            dtype = None if self.attn_implementation == "sdpa" else self.mask_dtype
+            batch["attention_mask"] = block_causal_mask([row["seq_lens"] for row in rows], width, dtype)
+        return batch

@@ -1,0 +1,422 @@
+"""Read data sources into records, and map each record of a known format to ftune's canonical shape.
+
+Sources (`read_source`), tried in this order:
+- a `.jsonl` file (one JSON object per line), `.json` (a list of objects; JSON Lines under a .json name are
+  read as such), `.parquet` or `.csv` (a header line, then one record per row; every value is a string);
+- a directory holding such files: all of them, directly inside it, in name order;
+- a directory written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict as `DIR:SPLIT`), or any
+  other directory `datasets.load_dataset` understands (e.g. a hub snapshot with `data/train-*.parquet`);
+- a `datasets` hub id, `ID` or `ID:SPLIT` (default split `train`; slices such as `train[:90%]` work).
+
+Each record is located for error messages as `file:LINE` (JSONL and CSV, 1-based; a CSV header is line 1) or
+`source[INDEX]` (a JSON list, Parquet, `datasets`: 0-based, as `records[INDEX]` reads it).
+
+Formats (`FORMATS`: the fields that identify each one; `resolve_format` detects the first that fits):
+
+    messages           {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", ...}]}
+    sharegpt           {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", ...}]}
+    alpaca             {"instruction": "Add", "input": "2 2", "output": "4"}
+    prompt_completion  {"prompt": "2+2=", "completion": "4"}
+    text               {"text": "A document for continued pre-training."}
+
+`to_canonical` maps the first four to `{"messages": [...]}` (roles system, user, assistant, tool; non-empty
+string content; at least one assistant turn, or nothing would be learned) and `text` to `{"text": ...}`.
+A record that does not fit raises `RecordError`, naming where it is, the field and what was expected, with a
+short `reason` under which `data.on_bad_record=skip` counts it. The user's files are only ever read.
+"""
+
+import csv
+import json
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from ftune.cache import file_signature
+from ftune.config.schema import DataCfg
+from ftune.errors import ConfigError, DataError, ResourceError
+
+ROLES = ("system", "user", "assistant", "tool")
+ROLE_NAMES = {role: role for role in ROLES}
+"""The `messages` format names ftune's roles directly."""
+
+FORMATS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+"""Format name -> the fields a record of it must have (alpaca's `input` is optional)."""
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+"""What a `datasets` hub id looks like (`name` or `org/name`); other missing paths are just missing."""
+
+INVALID_RECORD = "not a JSON object"
+MISSING_FIELD = "missing field"
+EMPTY_CONTENT = "empty or non-string content"
+UNKNOWN_ROLE = "unknown role"
+NO_ASSISTANT = "no assistant turn"
+"""Reasons under which skipped records are counted."""
+
+Record = tuple[str, object]
+"""(where, record): a location such as `train.jsonl:3`, and the parsed value (or the RecordError it gave)."""
+
+
+class RecordError(DataError):
+    """A record that does not fit its format; `reason` names the kind of problem for the skip statistics."""
+
+    def __init__(self, reason: str, message: str, hint: str | None = None):
+        super().__init__(message, hint)
+        self.reason = reason
+
+
+def read_source(source: str) -> list[Record]:
+    r"""Every record of a file, directory or `datasets` source, located for error messages.
+
+    Example, a JSONL file whose second line is broken:
+        '{"text": "a"}\n{"text": \n' -> [("f.jsonl:1", {"text": "a"}), ("f.jsonl:2", RecordError(...))]
+
+    Returns:
+        (where, record) pairs; a line that is not JSON comes as its `RecordError`, so that
+        `data.on_bad_record=skip` can count it and go on.
+
+    Raises:
+        ResourceError: the path does not exist and is no loadable hub id.
+        DataError: a file cannot be read as its type, or the source holds no record at all.
+    """
+    path = Path(source)
+    files = data_files(path) if path.is_dir() and not is_saved_dataset(path) else []
+    if path.is_file():
+        records = read_file(path)
+    elif files:
+        records = [record for file in files for record in read_file(file)]
+    else:
+        records = read_dataset(source)
+    if not records:
+        raise DataError(f"{source}: no records", f"expected one record per line or row ({', '.join(FILE_SUFFIXES)})")
+    return records
+
+
+def data_files(directory: Path) -> list[Path]:
+    """The data files directly inside `directory`, in name order (what a directory source reads)."""
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in FILE_SUFFIXES)
+
+
+def is_saved_dataset(directory: Path) -> bool:
+    """Whether `directory` was written by `datasets`' `save_to_disk` (its .json files are not data)."""
+    return (directory / "dataset_info.json").is_file() or (directory / "dataset_dict.json").is_file()
+
+
+def read_file(path: Path) -> list[Record]:
+    """The records of one file, read by its suffix.
+
+    Raises:
+        DataError: an unknown suffix, or a file that is not what its suffix says.
+    """
+    readers = {".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet, ".csv": read_csv}
+    if path.suffix not in readers:
+        raise DataError(f"{path}: unknown data file type {path.suffix!r}", f"expected one of {', '.join(readers)}")
+    try:
+        return readers[path.suffix](path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+
+
+def read_jsonl(path: Path, text: str | None = None) -> list[Record]:
+    """One record per non-blank line of `path` (or of its `text`, when already read).
+
+    A line that is not JSON is kept as its RecordError (see `read_source`).
+    """
+    records = []
+    # split on "\n" only: str.splitlines would also split at U+2028 and others, which JSON strings may hold raw
+    lines = (path.read_text(encoding="utf-8") if text is None else text).split("\n")
+    for line_no, line in enumerate(lines, start=1):
+        if line.strip():
+            records.append((f"{path}:{line_no}", parse_json_line(line, f"{path}:{line_no}")))
+    return records
+
+
+def parse_json_line(line: str, where: str) -> object:
+    """The JSON value of one line, or the RecordError that says why it is none."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        return RecordError(INVALID_RECORD, f"{where}: expected a JSON object, got invalid JSON ({err.msg} at column "
+                                           f"{err.colno})")
+
+
+def read_json(path: Path) -> list[Record]:
+    """A JSON list of records; a `.json` file that holds JSON Lines (as hub datasets often do) reads as JSONL.
+
+    Raises:
+        DataError: not valid JSON, or valid JSON that is not a list.
+    """
+    text = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":
+            return read_jsonl(path, text)
+        raise DataError(
+            f"{path}:{err.lineno}: expected JSON, got invalid JSON ({err.msg} at column {err.colno})"
+        ) from None
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a JSON list of records, got a JSON {type(value).__name__}",
+                        "or write one JSON object per line in a .jsonl file")
+    return [(f"{path}[{index}]", record) for index, record in enumerate(value)]
+
+
+def read_parquet(path: Path) -> list[Record]:
+    """The rows of a Parquet file as records (nested lists and structs become lists and dicts).
+
+    Raises:
+        DataError: the file is not Parquet.
+    """
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as err:
+        raise DataError(f"{path}: cannot read as Parquet ({str(err).splitlines()[0]})") from None
+    return [(f"{path}[{index}]", row) for index, row in enumerate(rows)]
+
+
+def read_csv(path: Path) -> list[Record]:
+    r"""The rows of a CSV file with a header line, as records of strings located by line.
+
+    Example: 'prompt,completion\n2+2=,4\n' -> [("f.csv:2", {"prompt": "2+2=", "completion": "4"})]
+
+    Raises:
+        DataError: the file is not valid CSV.
+    """
+    records = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                if None in row:  # more values than the header names
+                    columns = len(reader.fieldnames)
+                    row = RecordError(INVALID_RECORD, f"{where}: expected {columns} values (the header's columns), "
+                                                      f"got {columns + len(row[None])}")
+                records.append((where, row))
+        except csv.Error as err:
+            raise DataError(f"{path}:{reader.line_num}: cannot read as CSV ({err})") from None
+    return records
+
+
+def read_dataset(source: str) -> list[Record]:
+    """A `datasets` source: a `save_to_disk` directory, another dataset directory, or a hub id.
+
+    `:SPLIT` after it picks a split (default train).
+
+    Raises:
+        ResourceError: no such path, or `datasets` cannot load it.
+    """
+    dataset, name = load_dataset_split(source)
+    return [(f"{name}[{index}]", record) for index, record in enumerate(dataset)]
+
+
+def load_dataset_split(source: str):
+    """The `datasets.Dataset` that `source` names, and its display name (`source` with the split)."""
+    import datasets
+
+    location, split = split_suffix(source)
+    path = Path(location)
+    if not path.exists() and (path.suffix in FILE_SUFFIXES or not HUB_ID.fullmatch(location)):
+        raise ResourceError(f"{source}: no such file or directory", "check data.path, data.eval_path and data.mix")
+    try:
+        if is_saved_dataset(path):
+            loaded = datasets.load_from_disk(location)
+            dataset = loaded[split or "train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            dataset = datasets.load_dataset(location, split=split or "train")
+    except Exception as err:  # datasets raises many types (FileNotFound, DatasetNotFound, ValueError, Hub errors)
+        what = "cannot load it as a dataset" if path.exists() else "no such file or directory, nor a hub dataset"
+        raise ResourceError(f"{source}: {what} ({str(err).splitlines()[0]})") from None
+    return dataset, f"{location}:{split}" if split else location
+
+
+def split_suffix(source: str) -> tuple[str, str | None]:
+    """`ID:SPLIT` -> (ID, SPLIT); a source that exists as a path, or has no colon, has no split."""
+    location, colon, split = source.rpartition(":")
+    if Path(source).exists() or not colon:
+        return source, None
+    return location, split
+
+
+def source_signature(source: str) -> dict:
+    """What identifies a source's content for the cache.
+
+    A file's signature; for a directory, that of every file under it; for a `datasets` source the fingerprint
+    `datasets` gives the loaded dataset.
+    """
+    path = Path(source)
+    if path.is_file():
+        return file_signature(path)
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+        return {"dir": str(path.resolve()), "files": [file_signature(f) for f in files]}
+    dataset, name = load_dataset_split(source)
+    return {"dataset": name, "fingerprint": dataset._fingerprint}
+
+
+def resolve_format(records: list[Record], source: str, fmt: str) -> str:
+    """`fmt` (`data.format`), or with `auto` the format detected from the first record that is an object.
+
+    Detection takes the first format in `FORMATS` whose fields the record has.
+
+    Example, fmt "auto": [("f.jsonl:1", {"instruction": "Add", "input": "", "output": "4"})] -> "alpaca"
+
+    Raises:
+        DataError: no record is an object, or the first one has no format's fields.
+    """
+    if fmt != "auto":
+        return fmt
+    first = next(((where, r) for where, r in records if isinstance(r, dict)), None)
+    if first is None:
+        raise DataError(f"{source}: no record is a JSON object, so its format cannot be detected")
+    where, record = first
+    for name, fields in FORMATS.items():
+        if set(fields) <= set(record):
+            return name
+    expected = "; ".join(f"{name} ({', '.join(fields)})" for name, fields in FORMATS.items())
+    raise DataError(f"{where}: cannot tell the format from the fields {sorted(record)} (expected the fields of one "
+                    f"of: {expected})", "rename the fields, or set data.format")
+
+
+def to_canonical(record: object, fmt: str, where: str, roles: Mapping[str, str]) -> dict:
+    r"""Map one record of format `fmt` to `{"messages": [...]}` or `{"text": ...}`, checking it.
+
+    Examples:
+        alpaca {"instruction": "Add", "input": "2 2", "output": "4"}
+            -> {"messages": [{"role": "user", "content": "Add\n\n2 2"}, {"role": "assistant", "content": "4"}]}
+        alpaca {"instruction": "Say hi", "input": "", "output": "Hi"}
+            -> {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi"}]}
+        prompt_completion {"prompt": "2+2=", "completion": "4"}
+            -> {"messages": [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}]}
+        sharegpt {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+            -> {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+    Args:
+        record: the parsed record (a RecordError from `read_source` is raised as it is).
+        fmt: a key of `FORMATS`.
+        where: the record's location, for messages.
+        roles: ShareGPT `from` names -> ftune roles (`data.roles`).
+
+    Returns:
+        The canonical record; message dicts keep only `role` and `content`.
+
+    Raises:
+        RecordError: the record lacks a field of its format, or a field is not what it must be.
+    """
+    if isinstance(record, RecordError):
+        raise record
+    if not isinstance(record, dict):
+        raise RecordError(INVALID_RECORD, f"{where}: expected a JSON object, got a {type(record).__name__}")
+    for name in FORMATS[fmt]:
+        if name not in record:
+            raise RecordError(MISSING_FIELD, f"{where}: {name}: missing (format {fmt} needs "
+                                             f"{', '.join(FORMATS[fmt])}; the record has {sorted(record)})")
+    if fmt == "text":
+        return {"text": string_field(record, "text", where)}
+    if fmt == "messages":
+        return {"messages": check_turns(record["messages"], where, "messages", ("role", "content"), ROLE_NAMES)}
+    if fmt == "sharegpt":
+        return {"messages": check_turns(record["conversations"], where, "conversations", ("from", "value"), roles)}
+    prompt = alpaca_prompt(record, where) if fmt == "alpaca" else string_field(record, "prompt", where)
+    answer = string_field(record, "output" if fmt == "alpaca" else "completion", where)
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+
+def alpaca_prompt(record: dict, where: str) -> str:
+    """The user turn of an Alpaca record: the instruction, then a blank line and the input when there is one."""
+    instruction, extra = string_field(record, "instruction", where), record.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise RecordError(EMPTY_CONTENT, f"{where}: input: expected a string (or no input), got {show(extra)}")
+    return instruction + "\n\n" + extra if extra and extra.strip() else instruction
+
+
+def string_field(record: dict, name: str, where: str) -> str:
+    """`record[name]`, which must be a string with some non-blank text."""
+    value = record[name]
+    if not isinstance(value, str) or not value.strip():
+        raise RecordError(EMPTY_CONTENT, f"{where}: {name}: expected a non-empty string, got {show(value)}")
+    return value
+
+
+def check_turns(turns: object, where: str, field: str, keys: tuple[str, str], roles: Mapping[str, str]) -> list[dict]:
+    """The turns of a conversation as messages, checked.
+
+    Each turn must be an object with a known role and non-empty string content, and one must be the assistant's.
+
+    Example, ShareGPT (field "conversations", keys ("from", "value"), roles {"human": "user", "gpt": "assistant"}):
+        [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+        -> [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+    Raises:
+        RecordError: the first problem found, naming `field[index].key`.
+    """
+    role_key, content_key = keys
+    if not isinstance(turns, list) or not turns:
+        raise RecordError(MISSING_FIELD, f"{where}: {field}: expected a non-empty list of {{{role_key}, "
+                                         f"{content_key}}} objects, got {show(turns)}")
+    messages = []
+    for index, turn in enumerate(turns):
+        at = f"{where}: {field}[{index}]"
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise RecordError(MISSING_FIELD, f"{at}: expected an object with {role_key!r} and {content_key!r}, "
+                                             f"got {show(turn)}")
+        name = turn[role_key]
+        role = roles.get(name) if isinstance(name, str) else None
+        if role is None:
+            hint = f"map it with +data.roles.{name}=<{'|'.join(ROLES)}>" if field == "conversations" else None
+            raise RecordError(UNKNOWN_ROLE, f"{at}.{role_key}: unknown role {show(name)} (expected one of "
+                                            f"{', '.join(roles)})", hint)
+        if role not in ROLES:
+            raise ConfigError(f"data.roles.{name}={role!r}: expected one of {', '.join(ROLES)}")
+        content = turn[content_key]
+        if not isinstance(content, str) or not content.strip():
+            raise RecordError(EMPTY_CONTENT, f"{at}.{content_key}: expected a non-empty string, got {show(content)}")
+        messages.append({"role": role, "content": content})
+    if not any(message["role"] == "assistant" for message in messages):
+        raise RecordError(NO_ASSISTANT, f"{where}: {field}: expected an assistant turn (nothing would be learned), "
+                                        f"got roles {[m['role'] for m in messages]}")
+    return messages
+
+
+def show(value: object, width: int = 40) -> str:
+    """A value's repr for an error message, cut to `width` characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def load_conversations(path: str, cfg: DataCfg | None = None) -> Iterator[tuple[str, list[dict]]]:
+    """Yield (where, messages) for each record of a chat source (any format but `text`), stopping at a bad one.
+
+    Args:
+        path: a source as `read_source` takes it.
+        cfg: `format` and `roles` are read from it; DataCfg's defaults (auto-detection) when None.
+
+    Raises:
+        DataError: the source is a `text` source, or a record does not fit its format.
+    """
+    cfg = cfg or DataCfg()
+    records = read_source(path)
+    fmt = resolve_format(records, path, cfg.format)
+    if fmt == "text":
+        raise DataError(f"{path}: expected conversations, got format text", "give a chat data set")
+    for where, record in records:
+        yield where, to_canonical(record, fmt, where, cfg.roles)["messages"]
+
+
+def load_texts(path: str) -> Iterator[tuple[str, str]]:
+    """Yield (where, text) for each record of a `text` source (continued pre-training, probes).
+
+    Raises:
+        DataError: a record has no non-empty string field `text`.
+    """
+    for where, record in read_source(path):
+        yield where, to_canonical(record, "text", where, ROLE_NAMES)["text"]

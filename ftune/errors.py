@@ -1,0 +1,51 @@
+"""User-facing errors: each one becomes a single line on stderr and a documented exit code.
+
+`cli.main` catches `FtuneError` and prints `ftune: error: <message> (<hint>)`; nothing below the
+CLI prints errors or calls `sys.exit` itself.
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_GUARD = 3
+EXIT_INTERRUPTED = 130
+
+
+class FtuneError(Exception):
+    """An error the user can fix; `message` says where and what, `hint` how to fix it."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        """The message as the CLI prints it, folded onto one line."""
+        text = self.message if not self.hint else f"{self.message} ({self.hint})"
+        return " ".join(text.split())
+
+
+class ConfigError(FtuneError):
+    """A bad recipe, override or key; exit 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class DataError(FtuneError):
+    """Bad input data: a file, line or record that is not what a format expects; exit 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ResourceError(FtuneError):
+    """A missing model, checkpoint, adapter or path the user named; exit 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class GuardStop(FtuneError):
+    """A run stopped by a guard the user asked for (e.g. non-finite loss), after saving; exit 3."""
+
+    exit_code = EXIT_GUARD

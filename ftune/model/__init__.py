@@ -1,0 +1,1 @@
+"""Model loading, quantization, adapters and memory planning."""

@@ -1,0 +1,110 @@
+"""PEFT adapters from ftune's config: LoRA (with its variants), IA3, prompt tuning and prefix tuning.
+
+Each method maps to one PEFT config builder in `PEFT_CONFIGS`; PEFT does the rest, so an adapter saved here
+loads with `PeftModel.from_pretrained` alone.
+"""
+
+from collections.abc import Callable
+
+from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+from ftune.config.schema import LoraCfg, MethodCfg
+
+TASK_TYPE = "CAUSAL_LM"
+ALL_LINEAR = "all-linear"
+"""PEFT's own preset: every linear layer but the output head."""
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+"""Names in `lora.target_modules` that stand for several modules (Llama-style projection names)."""
+LORA_INIT: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+"""`lora.init` -> PEFT's `init_lora_weights` (True: Kaiming-uniform A and zero B)."""
+MERGEABLE = frozenset({"lora", "ia3"})
+"""Methods whose adapters fold into the base weights; prompt and prefix tuning add inputs, not weight deltas."""
+
+
+def can_merge(method_name: str) -> bool:
+    """Whether adapters of `method_name` can be merged into the base weights.
+
+    Args:
+        method_name: ftune's `method.name`; a saved adapter's `PeftConfig.peft_type.value.lower()` is the same
+            name (`lora`, `ia3`, `prompt_tuning`, `prefix_tuning`).
+
+    Returns:
+        True for LoRA (all its variants) and IA3; False for prompt and prefix tuning, and for full fine-tuning,
+        which has no adapter to merge.
+    """
+    return method_name in MERGEABLE
+
+
+def resolve_targets(names: list[str]) -> str | list[str]:
+    """`lora.target_modules` as PEFT takes it: `all-linear` alone stays PEFT's preset, other presets expand.
+
+    Example: `["attention", "gate_proj"]` -> `["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]`.
+    """
+    if names == [ALL_LINEAR]:
+        return ALL_LINEAR
+    expanded = [module for name in names for module in TARGET_PRESETS.get(name, (name,))]
+    return list(dict.fromkeys(expanded))  # drop repeats, keep the order
+
+
+def lora_config(method: MethodCfg, cfg: LoraCfg) -> LoraConfig:
+    """PEFT's LoraConfig: targets, rank-stabilised scaling (rsLoRA), DoRA, fully trained modules, init."""
+    return LoraConfig(
+        task_type=TASK_TYPE,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=resolve_targets(cfg.target_modules),
+        use_rslora=cfg.rslora,
+        use_dora=cfg.dora,
+        modules_to_save=list(cfg.modules_to_save) or None,
+        init_lora_weights=LORA_INIT[cfg.init],
+    )
+
+
+def ia3_config(method: MethodCfg, cfg: LoraCfg) -> IA3Config:
+    """PEFT's IA3Config with its per-architecture default targets (Llama: k, v and down projections)."""
+    return IA3Config(task_type=TASK_TYPE)
+
+
+def prompt_tuning_config(method: MethodCfg, cfg: LoraCfg) -> PromptTuningConfig:
+    """Learned virtual-token embeddings prepended to the input (randomly initialised)."""
+    return PromptTuningConfig(task_type=TASK_TYPE, num_virtual_tokens=method.num_virtual_tokens)
+
+
+def prefix_tuning_config(method: MethodCfg, cfg: LoraCfg) -> PrefixTuningConfig:
+    """Learned keys and values of virtual tokens prepended in every attention layer."""
+    return PrefixTuningConfig(task_type=TASK_TYPE, num_virtual_tokens=method.num_virtual_tokens)
+
+
+PEFT_CONFIGS: dict[str, Callable[[MethodCfg, LoraCfg], PeftConfig]] = {
+    "lora": lora_config,
+    "ia3": ia3_config,
+    "prompt_tuning": prompt_tuning_config,
+    "prefix_tuning": prefix_tuning_config,
+}
+"""`method.name` -> builder of its PEFT config; `full` is not here: it trains the model itself."""
+
+
+def peft_config(method: MethodCfg, lora: LoraCfg) -> PeftConfig:
+    """The PEFT config of `method.name` (one of `PEFT_CONFIGS`)."""
+    return PEFT_CONFIGS[method.name](method, lora)
+
+
+def add_adapter(model, method: MethodCfg, lora: LoraCfg, gradient_checkpointing: bool):
+    """Wrap `model` in a PeftModel whose only trainable weights are the adapter's (and `modules_to_save`).
+
+    Args:
+        model: the loaded (possibly quantized) base model.
+        method: which PEFT method, and its number of virtual tokens.
+        lora: LoRA settings (read for `method.name=lora` only).
+        gradient_checkpointing: whether the base recomputes activations in the backward pass.
+
+    Returns:
+        The PeftModel.
+    """
+    if gradient_checkpointing:
+        # With a frozen embedding no input requires grad, and checkpointed blocks would get no gradient.
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config(method, lora))

@@ -1,0 +1,154 @@
+"""Load the tokenizer and the base model, then settle what trains: adapters (PEFT) or every unfrozen weight.
+
+The method is decided here and nowhere else, so the training loop is the same for every method. Quantization
+(QLoRA, a 4/8-bit teacher) comes from `model/quant.py`, and the distillation teacher is loaded here too.
+"""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ftune.config.schema import ModelCfg, RunCfg
+from ftune.errors import ConfigError, ResourceError
+from ftune.model.adapters import add_adapter
+from ftune.model.dtypes import DTYPES
+from ftune.model.quant import (
+    disable_cpu_inference_repacking,
+    prepare_quantized,
+    student_load_kwargs,
+    teacher_load_kwargs,
+)
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def load_tokenizer(cfg: ModelCfg, key: str = "model.name_or_path"):
+    """The model's tokenizer, with a pad token (the EOS when the tokenizer defines none)."""
+    tokenizer = from_pretrained(AutoTokenizer, cfg.name_or_path, key)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(cfg: ModelCfg, key: str = "model.name_or_path", **kwargs) -> PreTrainedModel:
+    """The pretrained causal LM in `cfg.dtype` with the chosen attention kernel (`key` names it in errors)."""
+    model = from_pretrained(
+        AutoModelForCausalLM,
+        cfg.name_or_path,
+        key,
+        dtype=DTYPES[cfg.dtype],
+        attn_implementation=cfg.attn_implementation,
+        **kwargs,
+    )
+    return disable_cpu_inference_repacking(model)
+
+
+def from_pretrained(auto_class, name_or_path: str, key: str = "model.name_or_path", **kwargs):
+    """`auto_class.from_pretrained`, turning 'not found' into a one-line ResourceError naming the config `key`."""
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        where = "local directory" if Path(name_or_path).exists() else "hub id (offline or not cached?)"
+        raise ResourceError(
+            f"{key}={name_or_path}: cannot load from this {where}: {str(err).splitlines()[0]}",
+            "point it at a directory with config.json, weights and tokenizer files",
+        ) from err
+
+
+def prepare_model(cfg: RunCfg) -> PreTrainedModel:
+    """Load the base (quantized for QLoRA) and make the right weights trainable for `cfg.method`."""
+    model = prepare_quantized(load_base_model(cfg.model, **student_load_kwargs(cfg)))
+    model.config.use_cache = False  # the KV cache is useless in training and wastes memory
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method.name == "full":
+        freeze_matching(model, cfg.method.freeze)
+        return model
+    return add_adapter(model, cfg.method, cfg.lora, cfg.model.gradient_checkpointing)
+
+
+def freeze_matching(model: torch.nn.Module, patterns: list[str]) -> None:
+    """Full fine-tuning: freeze every parameter whose name matches one of the regexes `patterns`, train the rest.
+
+    Example: `["embed_tokens", "layers[.]0[.]"]` freezes `model.embed_tokens.weight` and all of layer 0.
+
+    Raises:
+        ConfigError: a pattern matches no parameter (most likely a typo that would silently train it all).
+    """
+    matched: set[str] = set()
+    for name, param in model.named_parameters():
+        hits = {pattern for pattern in patterns if re.search(pattern, name)}
+        param.requires_grad_(not hits)
+        matched |= hits
+    if unmatched := [p for p in patterns if p not in matched]:
+        example = next(name for name, _ in model.named_parameters())
+        raise ConfigError(f"method.freeze={unmatched}: matches no parameter name", f"names look like {example}")
+
+
+def load_teacher(cfg: RunCfg) -> PreTrainedModel | None:
+    """The distillation teacher, frozen and in eval mode on this process's device; None without `distill.teacher`.
+
+    The vocabularies are compared first, from tokenizers and configs only, so a wrong teacher fails before
+    any of its weights load. The teacher runs in `model.dtype` with the student's attention kernel (packed
+    batches' masks suit both), quantized when `distill.teacher_bits` is set.
+
+    Raises:
+        ConfigError: the teacher's vocabulary differs from the student's.
+        ResourceError: the teacher cannot be loaded.
+    """
+    if cfg.distill.teacher is None:
+        return None
+    check_same_vocabulary(cfg.model.name_or_path, cfg.distill.teacher)
+    teacher_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.distill.teacher)
+    placement = {"device_map": {"": PartialState().device}}
+    teacher = load_base_model(teacher_cfg, "distill.teacher", **(placement | teacher_load_kwargs(cfg)))
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def check_same_vocabulary(student: str, teacher: str) -> None:
+    """Distillation compares distributions token by token, so both models need one vocabulary.
+
+    Raises:
+        ConfigError: the tokenizers' vocabularies or special tokens differ, or the models' vocabulary sizes.
+    """
+    student_tok = load_tokenizer(ModelCfg(name_or_path=student))
+    teacher_tok = load_tokenizer(ModelCfg(name_or_path=teacher), "distill.teacher")
+    student_size = from_pretrained(AutoConfig, student).vocab_size
+    teacher_size = from_pretrained(AutoConfig, teacher, "distill.teacher").vocab_size
+    if problems := vocabulary_differences(student_tok, teacher_tok, student_size, teacher_size):
+        raise ConfigError(
+            f"distill.teacher={teacher} and model.name_or_path={student} do not share a vocabulary: "
+            + "; ".join(problems),
+            "distillation needs a teacher with the student's tokenizer",
+        )
+
+
+def vocabulary_differences(student_tok, teacher_tok, student_size: int, teacher_size: int) -> list[str]:
+    """What differs between the two vocabularies (empty when they are the same)."""
+    problems = []
+    if student_size != teacher_size:
+        problems.append(f"vocab_size {student_size} (student) vs {teacher_size} (teacher)")
+    student_vocab, teacher_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if student_vocab != teacher_vocab:
+        differing = set(student_vocab.items()) ^ set(teacher_vocab.items())
+        problems.append(f"{len({token for token, _ in differing})} tokens differ or have different ids")
+    for name in SPECIAL_TOKENS:
+        ours, theirs = getattr(student_tok, name), getattr(teacher_tok, name)
+        if ours != theirs:
+            problems.append(f"{name} {ours!r} (student) vs {theirs!r} (teacher)")
+    return problems
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts, 4-bit weights counted unpacked (two per stored byte)."""
+    if isinstance(model, PeftModel):  # PEFT knows how bitsandbytes packs quantized weights
+        trainable, total = model.get_nb_trainable_parameters()
+        return total, trainable
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)

@@ -1,0 +1,115 @@
+"""Generation metrics: greedy answers to held-out conversations, scored against the reference answers.
+
+A fine-tuned model is prompted exactly as it was trained: the chat template renders every turn before the
+last assistant turn and then the generation prompt, and generation stops at the template's end-of-turn token
+or EOS (the tokens training taught it to emit after an answer), or after `max_new_tokens`. A model that never
+learned to stop shows up here as answers that run to the token limit and a low F1.
+"""
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from ftune.data.templates import ChatTemplate, render
+
+
+@dataclass
+class GenerationScore:
+    """One held-out conversation: the greedy answer, the reference, and their scores."""
+
+    answer: str
+    reference: str
+    exact_match: float
+    f1: float
+    new_tokens: int
+
+
+def normalize(text: str) -> list[str]:
+    """Lowercased whitespace tokens: what exact match and F1 compare."""
+    return text.lower().split()
+
+
+def exact_match(answer: str, reference: str) -> float:
+    """1.0 when the answer's normalized tokens equal the reference's, else 0.0."""
+    return float(normalize(answer) == normalize(reference))
+
+
+def token_f1(answer: str, reference: str) -> float:
+    """SQuAD-style F1 over the multiset of normalized tokens.
+
+    Example: answer "the cat sat", reference "a cat sat down" -> 2 common tokens, precision 2/3,
+    recall 2/4, F1 = 2 * (2/3 * 1/2) / (2/3 + 1/2) = 0.571. Two empty texts score 1.0; one empty, 0.0.
+    """
+    predicted, expected = normalize(answer), normalize(reference)
+    if not predicted or not expected:
+        return float(predicted == expected)
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def split_last_answer(messages: list[dict]) -> tuple[list[dict], str]:
+    """The turns before the last assistant turn (the prompt) and that turn's content (the reference)."""
+    last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
+
+
+def stop_token_ids(template: ChatTemplate, tokenizer) -> list[int]:
+    """The template's end-of-turn token and the tokenizer's EOS: what a trained model emits after an answer."""
+    ids = {tokenizer.eos_token_id}
+    end_of_turn = tokenizer.encode(template.end_of_turn, add_special_tokens=False)
+    if len(end_of_turn) == 1:
+        ids.add(end_of_turn[0])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, template: ChatTemplate, prompt: list[dict], max_new_tokens: int) -> tuple[str, int]:
+    """The model's greedy continuation of the rendered prompt, up to a stop token; returns (text, new tokens)."""
+    from transformers import GenerationConfig
+
+    text = render(template, prompt, tokenizer, add_generation_prompt=True)
+    input_ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=model.device)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                              eos_token_id=stop_token_ids(template, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+    new = output[0, input_ids.size(1):]
+    answer = tokenizer.decode(new, skip_special_tokens=True)
+    return answer.split(template.end_of_turn)[0].strip(), len(new)
+
+
+def score_generations(model, tokenizer, template: ChatTemplate, conversations: list[list[dict]],
+                      max_new_tokens: int) -> list[GenerationScore]:
+    """Greedy answers for the last assistant turn of each conversation, scored against its reference.
+
+    Args:
+        model: a causal LM (or PeftModel) on its device, in eval mode.
+        tokenizer: the tokenizer the model was trained with.
+        template: the chat template the model was trained with (`resolve_template`).
+        conversations: `{"role", "content"}` message lists, each with an assistant turn.
+        max_new_tokens: the longest answer generated.
+
+    Returns:
+        One score per conversation, in order.
+    """
+    scores = []
+    for messages in conversations:
+        prompt, reference = split_last_answer(messages)
+        answer, new_tokens = greedy_answer(model, tokenizer, template, prompt, max_new_tokens)
+        scores.append(GenerationScore(answer, reference, exact_match(answer, reference),
+                                      token_f1(answer, reference), new_tokens))
+    return scores
+
+
+def summarize(scores: list[GenerationScore]) -> dict[str, float]:
+    """Mean exact match and F1, and the mean answer length in tokens."""
+    count = max(1, len(scores))
+    return {
+        "exact_match": sum(s.exact_match for s in scores) / count,
+        "f1": sum(s.f1 for s in scores) / count,
+        "answer_tokens": sum(s.new_tokens for s in scores) / count,
+        "generated": len(scores),
+    }

@@ -1,0 +1,225 @@
+"""The training loop: one loop for every method (LoRA, QLoRA, full), readable top to bottom.
+
+Each optimizer step, in order: take the step's micro-batches -> forward and backward each -> guard against
+a non-finite loss -> clip, step, schedule, zero -> log -> evaluate (loss, forgetting probe, early stopping)
+-> checkpoint -> stop check. accelerate only places tensors, autocasts and synchronises gradients.
+"""
+
+import itertools
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ftune.config.schema import EarlyStopCfg, ProbeCfg, TrainerCfg
+from ftune.errors import GuardStop
+from ftune.report.console import TrainProgress, print_table
+from ftune.train.checkpoint import best_checkpoint, save_checkpoint
+from ftune.train.early_stop import judge
+from ftune.train.evaluate import evaluate_loss
+from ftune.train.interrupt import StopSignals
+from ftune.train.losses import learned_token_count, step_loss
+from ftune.train.probe import probe_ppl
+from ftune.train.state import TrainState
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclass
+class TrainRun:
+    """What the loop is handed: prepared model, optimizer, schedule and data, and where to report."""
+
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: object
+    eval_loader: object | None
+    probe_loader: object | None
+    cfg: TrainerCfg
+    early_stop: EarlyStopCfg
+    probe: ProbeCfg
+    max_grad_norm: float
+    total_steps: int
+    run_dir: Path
+    log: object
+    state: TrainState
+    on_checkpoint: object = None
+    """Called on the main process after each checkpoint (e.g. to redraw plots)."""
+    teacher: torch.nn.Module | None = None
+    """Frozen teacher for distillation (with `distill`), else None."""
+    distill: object = None
+    """DistillCfg when distilling."""
+
+
+def fit(run: TrainRun) -> tuple[str, int]:
+    """Train until a stop condition; returns (stop reason, exit code)."""
+    state, cfg = run.state, run.cfg
+    epochs = None if cfg.max_steps > 0 else cfg.epochs
+    clock = Throughput(state)
+    with TrainProgress(run.total_steps, start=state.step) as progress, StopSignals() as signals:
+        for batches in step_batches(run, epochs):
+            losses, learned, tokens = forward_backward(run, batches)
+            guard_finite(run, losses["loss"])
+            grad_norm = optimizer_step(run)
+            state.advance(tokens=int(tokens), learned_tokens=int(learned))
+            last = state.step >= run.total_steps
+            row = log_step(run, {k: v / learned.clamp(min=1) for k, v in losses.items()}, grad_norm, clock) \
+                if due(state.step, cfg.log_every) or last else None
+            progress.update(state.step, row)
+            verdict = evaluate(run) if due(state.step, cfg.eval_every) or last else None
+            if due(state.step, cfg.save_every) or (verdict and verdict.improved) or signals.requested(run.accelerator):
+                checkpoint(run)
+            if signals.signum is not None:
+                return "interrupted", signals.exit_code()
+            if verdict and verdict.stop_reason:
+                return verdict.stop_reason, 0
+            if last:
+                break
+    return ("max_steps" if epochs is None else "epochs"), 0
+
+
+def step_batches(run: TrainRun, epochs: int | None):
+    """Yield the micro-batches of each optimizer step, epoch after epoch, from where `run.state` left off.
+
+    A step never spans two epochs: the last one of an epoch may have fewer micro-batches, which the
+    per-token loss normalisation handles exactly. `run.state` tracks the position for exact resume.
+    """
+    state, acc, loader = run.state, run.accelerator, run.train_loader
+    while epochs is None or state.epoch < epochs:
+        loader.set_epoch(state.epoch)  # the seedable sampler shuffles by (seed, epoch)
+        source = acc.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        batches = iter(source)
+        while group := list(itertools.islice(batches, run.cfg.grad_accum)):
+            state.batch_in_epoch += len(group)
+            yield group
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def forward_backward(run: TrainRun, batches: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Accumulate the step's gradient as (sum of token losses) / (learned tokens of the step on all ranks).
+
+    Normalising by the whole step's token count, not per micro-batch, makes micro-batch 2 x accumulation 4
+    give the gradient of batch 8. DDP averages gradients over ranks, so each rank's loss is scaled by the
+    number of processes to turn that average back into a sum (accelerate's documented recipe). We use
+    `no_sync` rather than `accelerator.accumulate` because a step's micro-batch count varies at epoch ends.
+
+    Returns:
+        Summed loss terms, learned tokens and real (non-pad) tokens, each over all ranks, as tensors.
+    """
+    acc, model = run.accelerator, run.model
+    learned = acc.reduce(torch.stack([learned_token_count(b["labels"]) for b in batches]).sum(), "sum")
+    tokens = acc.reduce(torch.stack([b["num_tokens"] for b in batches]).sum(), "sum")
+    scale = acc.num_processes / learned.clamp(min=1)
+    sums: dict[str, torch.Tensor] = {}
+    for index, batch in enumerate(batches):
+        last = index == len(batches) - 1
+        with nullcontext() if last else acc.no_sync(model):
+            inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+            parts = step_loss(model, batch, inputs, run.teacher, run.distill)
+            acc.backward(parts["loss"] * scale)
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0) + value.detach()
+    return {k: acc.reduce(v, "sum") for k, v in sums.items()}, learned, tokens
+
+
+def guard_finite(run: TrainRun, loss_sum: torch.Tensor) -> None:
+    """With `trainer.nan_guard`, stop before a non-finite loss reaches the weights (exit code 3).
+
+    The optimizer has not stepped yet, so the checkpoint saved here holds the last good weights.
+    """
+    if run.cfg.nan_guard and not torch.isfinite(loss_sum).item():
+        step = run.state.step + 1
+        run.optimizer.zero_grad(set_to_none=True)
+        checkpoint(run)
+        run.log.log({"step": step, "event": "nan_guard", "loss": float(loss_sum)})
+        raise GuardStop(f"step {step}: the loss is {float(loss_sum)}", "the last good state is checkpointed; "
+                        "lower optim.lr or check the data, then resume=auto")
+
+
+def optimizer_step(run: TrainRun) -> torch.Tensor:
+    """Clip (an infinite bound when clipping is off, to still measure the norm), step, schedule, zero."""
+    max_norm = run.max_grad_norm if run.max_grad_norm > 0 else math.inf
+    grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def log_step(run: TrainRun, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, clock: "Throughput") -> dict:
+    """Write one training row; the `.item()` calls here are the step's only host-device syncs."""
+    state = run.state
+    row = {
+        "step": state.step,
+        "epoch": epochs_done(run),
+        **{name: value.item() for name, value in losses.items()},
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "tokens": state.tokens,
+        "learned_tokens": state.learned_tokens,
+        "tokens_per_s": clock.rate(),
+    }
+    run.log.log(row)
+    return row
+
+
+def evaluate(run: TrainRun):
+    """Validation loss, forgetting probe and the early-stopping verdict; logs one row and prints it."""
+    row = {"step": run.state.step}
+    if run.eval_loader is not None:
+        result = evaluate_loss(run.model, run.eval_loader, run.accelerator, run.cfg.eval_batches)
+        row |= {"eval_loss": result["loss"], "eval_ppl": result["ppl"]}
+    if run.probe_loader is not None:
+        ppl = probe_ppl(run.model, run.probe_loader, run.accelerator)
+        row |= {"probe_ppl": ppl, "probe_drift": ppl / run.state.base_probe_ppl - 1.0}
+    verdict = judge(run.state, row, run.early_stop, run.probe.max_drift) if len(row) > 1 else None
+    run.log.log(row)
+    if run.accelerator.is_main_process:
+        print_table(f"eval @ step {run.state.step}", {k: v for k, v in row.items() if k != "step"})
+    return verdict
+
+
+def checkpoint(run: TrainRun) -> None:
+    """Save a resumable checkpoint and let the caller refresh what depends on it (plots)."""
+    save_checkpoint(run.accelerator, run.run_dir, run.state, run.cfg.keep_last)
+    if run.on_checkpoint is not None and run.accelerator.is_main_process:
+        run.on_checkpoint()
+
+
+def restore_best(run: TrainRun) -> int:
+    """Load the best evaluation's weights back for final/ (with `final_weights=best`); returns their step."""
+    state = run.state
+    path = best_checkpoint(run.run_dir, state)
+    if run.cfg.final_weights != "best" or path is None or state.best_step == state.step:
+        return state.step
+    run.accelerator.load_state(str(path), strict=False)  # the TrainState of the run stays that of its end
+    return state.best_step
+
+
+def epochs_done(run: TrainRun) -> float:
+    """Passes over the training data so far, fractional (2.0 after exactly two epochs)."""
+    return run.state.epoch + run.state.batch_in_epoch / max(1, len(run.train_loader))
+
+
+def due(step: int, every: int) -> bool:
+    """Whether a periodic action (every `every` steps; 0 = never) falls on `step`."""
+    return every > 0 and step % every == 0
+
+
+class Throughput:
+    """Real tokens per second between two consecutive log rows."""
+
+    def __init__(self, state: TrainState):
+        self.state = state
+        self.last_time, self.last_tokens = time.perf_counter(), state.tokens
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = (self.state.tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, self.state.tokens
+        return rate

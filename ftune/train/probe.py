@@ -1,0 +1,55 @@
+"""The forgetting probe: perplexity on general text, against the base model's.
+
+The base measurement is cached per (base model, probe set, settings), since it never changes between runs.
+For adapter models the base is the same model with its adapters disabled, so no second copy is loaded.
+"""
+
+import json
+from contextlib import nullcontext
+
+from ftune.cache import cache_dir, file_signature, fingerprint
+from ftune.config.schema import ModelCfg, ProbeCfg
+from ftune.data.collate import PadCollator
+from ftune.data.formats import load_texts
+from ftune.data.labels import tokenize_text
+from ftune.train.evaluate import evaluate_loss
+
+
+def build_probe_loader(cfg: ProbeCfg, tokenizer, batch_size: int):
+    """Padded batches of the probe documents, each truncated to `cfg.max_length` and fully learned."""
+    from torch.utils.data import DataLoader
+
+    examples = []
+    for _, text in load_texts(cfg.path):
+        example = tokenize_text(text, tokenizer)
+        examples.append({"input_ids": example.input_ids[: cfg.max_length], "labels": example.labels[: cfg.max_length]})
+    return DataLoader(examples, batch_size=batch_size, collate_fn=PadCollator(tokenizer.pad_token_id, 8))
+
+
+def probe_ppl(model, loader, accelerator) -> float:
+    """Perplexity of `model` on the probe loader."""
+    return evaluate_loss(model, loader, accelerator)["ppl"]
+
+
+def base_probe_ppl(model, loader, accelerator, model_cfg: ModelCfg, probe_cfg: ProbeCfg) -> float:
+    """The base model's probe perplexity, from the cache or measured now (adapters disabled)."""
+    key = fingerprint(base_signature(model_cfg), file_signature(probe_cfg.path), probe_cfg.max_length)
+    cached = cache_dir("probe") / f"{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())["ppl"]
+    unwrapped = accelerator.unwrap_model(model)
+    with unwrapped.disable_adapter() if hasattr(unwrapped, "disable_adapter") else nullcontext():
+        ppl = probe_ppl(model, loader, accelerator)
+    if accelerator.is_main_process:
+        cached.write_text(json.dumps({"ppl": ppl, "model": model_cfg.name_or_path, "probe": probe_cfg.path}))
+    return ppl
+
+
+def base_signature(cfg: ModelCfg) -> dict:
+    """What identifies the base model's weights and numerics for the cache."""
+    from pathlib import Path
+
+    local = Path(cfg.name_or_path)
+    weights = sorted(local.glob("*.safetensors")) if local.is_dir() else []
+    return {"model": cfg.name_or_path, "weights": [file_signature(w) for w in weights], "dtype": cfg.dtype,
+            "attn": cfg.attn_implementation}

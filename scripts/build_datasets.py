@@ -1,0 +1,87 @@
+"""Write ftune's shipped datasets: a tense-rewriting chat task and a general-text forgetting probe.
+
+    python scripts/build_datasets.py            # -> ftune/assets/data/{chat,probe}/
+The task is new to the embedded model: its pretraining corpus (scripts/build_tiny_model.py) has tinyworld
+sentences in every tense but never asks to rewrite one. Every split uses its own seed, distinct from the
+pretraining and evaluation seeds, so all texts here are held out. Output is deterministic.
+"""
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import tinyworld as world
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "ftune" / "assets" / "data"
+SPLITS = {"train": (400, 4), "validation": (50, 5)}  # split -> (conversations, seed)
+PROBE_DOCUMENTS, PROBE_SEED = 200, 3
+SYSTEM_SHARE = 0.8  # the rest of the conversations have no system prompt
+SYSTEM_PROMPTS = (
+    "You rewrite sentences in the tense the user asks for. Answer with the sentence only.",
+    "Rewrite each sentence in the requested tense. Reply with the rewritten sentence and nothing else.",
+    "You are a grammar assistant. Change the tense as asked and answer with the sentence only.",
+    "Convert the sentence to the tense the user names. Give only the converted sentence.",
+)
+TENSE_NAMES = {
+    "present": ("present simple", "simple present", "present tense"),
+    "past": ("past simple", "past tense", "simple past"),
+    "present_perfect": ("present perfect",),
+    "future": ("future tense", "future with will"),
+    "present_progressive": ("present progressive", "present continuous"),
+    "past_progressive": ("past progressive", "past continuous"),
+}
+REQUESTS = (
+    "Put this in the {tense}: {sentence}",
+    "Rewrite in the {tense}: {sentence}",
+    "Change this sentence to the {tense}: {sentence}",
+    "Can you put this sentence in the {tense}? {sentence}",
+)
+FOLLOW_UPS = ("Now in the {tense}.", "And in the {tense}?", "Now put it in the {tense}.")
+
+
+def make_conversation(rng: random.Random) -> list[dict[str, str]]:
+    """One to three rewriting exchanges; a follow-up re-tenses the last answer or brings a new sentence."""
+    messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < SYSTEM_SHARE else []
+    sentence, tense = world.make_sentence(rng), rng.choice(world.TENSES)
+    for turn in range(rng.choice((1, 1, 1, 2, 2, 3))):  # about half are multi-turn
+        target = rng.choice([t for t in world.TENSES if t != tense])
+        target_name = rng.choice(TENSE_NAMES[target])
+        if turn > 0 and rng.random() < 0.5:
+            user = rng.choice(FOLLOW_UPS).format(tense=target_name)
+        else:
+            if turn > 0:
+                sentence, tense = (
+                    world.make_sentence(rng),
+                    rng.choice([t for t in world.TENSES if t != target]),
+                )
+            user = rng.choice(REQUESTS).format(tense=target_name, sentence=world.render(sentence, tense))
+        messages += [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": world.render(sentence, target)},
+        ]
+        tense = target
+    return messages
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Write one JSON object per line, creating the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    print(f"wrote {path} ({len(records)} records)")
+
+
+def main() -> None:
+    """Write the chat splits and the probe set under --out."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DATA_DIR)
+    out = parser.parse_args().out
+    for split, (count, seed) in SPLITS.items():
+        rng = random.Random(seed)
+        write_jsonl(out / "chat" / f"{split}.jsonl", [{"messages": make_conversation(rng)} for _ in range(count)])
+    probe = world.generate_documents(PROBE_DOCUMENTS, PROBE_SEED)
+    write_jsonl(out / "probe" / "general.jsonl", [{"text": text} for text in probe])
+
+
+if __name__ == "__main__":
+    main()

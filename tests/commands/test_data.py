@@ -1,0 +1,183 @@
+"""`ftune data` on the embedded model: statistics, rendered examples, rows written, and one-line bad-input errors."""
+
+import json
+
+import pyarrow
+import pyarrow.parquet
+import pytest
+
+from ftune.cli import main
+from ftune.commands.data import render_tokens
+from ftune.data.mask import IGNORE_INDEX
+
+TWO_TURNS = {"messages": [
+    {"role": "system", "content": "Answer with one word."},
+    {"role": "user", "content": "Is the sky blue?"},
+    {"role": "assistant", "content": "Yes."},
+    {"role": "user", "content": "Is grass red?"},
+    {"role": "assistant", "content": "No."},
+]}
+ONE_TURN = {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello."}]}
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+def write_lines(path, lines) -> str:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+def run_data(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["data", "recipe=tiny_lora", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def learned_text(row: dict, tokenizer) -> str:
+    return tokenizer.decode([label for label in row["labels"] if label != IGNORE_INDEX], skip_special_tokens=False)
+
+
+def test_rows_written_are_what_the_model_learns(tmp_path, capsys, tokenizer):
+    data, out = write_lines(tmp_path / "chat.jsonl", [TWO_TURNS, ONE_TURN]), tmp_path / "rows.jsonl"
+    code, _, err = run_data(capsys, f"data.path={data}", "n=2", f"out={out}")
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [learned_text(row, tokenizer) for row in rows] == ["Yes.<|im_end|>No.<|im_end|>", "Hello.<|im_end|>"]
+    assert all(row["position_ids"] == list(range(len(row["input_ids"]))) for row in rows)
+    assert [sorted(row) for row in rows] == [["input_ids", "labels", "position_ids"]] * 2
+    assert not list(tmp_path.glob(".rows.jsonl*"))  # the temporary file was renamed
+    for label in ("examples read / kept", "tokens / learned", "packing fill", "batch fill", "cache", "time",
+                  "row 0, document 0", "row 1, document 0", "⟦Hello.<|im_end|>⟧", f"wrote 2 rows to {out}"):
+        assert label in err, label
+
+
+def test_packed_rows_restart_positions_per_document(tmp_path, capsys, tokenizer):
+    data, out = write_lines(tmp_path / "chat.jsonl", [TWO_TURNS, ONE_TURN]), tmp_path / "rows.jsonl"
+    code, _, err = run_data(capsys, f"data.path={data}", "data.packing=true", "n=3", f"out={out}")
+    assert code == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    first = tokenizer.apply_chat_template(TWO_TURNS["messages"], tokenize=False)
+    length = len(tokenizer(first, add_special_tokens=False)["input_ids"])
+    assert row["position_ids"] == list(range(length)) + list(range(len(row["input_ids"]) - length))
+    assert learned_text(row, tokenizer) == "Yes.<|im_end|>No.<|im_end|>Hello.<|im_end|>"
+    assert "row 0, document 1" in err and "row 1" not in err
+
+
+def test_json_report_and_a_second_build_served_from_the_cache(tmp_path, capsys):
+    data = write_lines(tmp_path / "chat.jsonl", [TWO_TURNS, ONE_TURN, ONE_TURN])
+    first = json.loads(run_data(capsys, f"data.path={data}", "--json")[1])
+    second = json.loads(run_data(capsys, f"data.path={data}", "--json")[1])
+    assert (first["from_cache"], second["from_cache"]) == (False, True)
+    assert second["stats"] == first["stats"]
+    stats = first["stats"]
+    assert (stats["read"], stats["kept"], stats["rows"], stats["dropped"]) == (3, 3, 3, {})
+    assert stats["sources"] == [{"path": data, "format": "messages", "examples": 3}]
+    assert first["packing_fill"] is None and 0 < first["batch_fill"] < 1
+
+
+def test_mixing_chat_with_text_replay(tmp_path, capsys):
+    chat = write_lines(tmp_path / "chat.jsonl", [ONE_TURN] * 8)
+    text = write_lines(tmp_path / "text.jsonl", [{"text": "The cat sat on the mat."}] * 8)
+    mix = f"data.mix=[{{path: {chat}, weight: 0.8}}, {{path: {text}, weight: 0.2}}]"
+    stats = json.loads(run_data(capsys, mix, "--json")[1])["stats"]
+    assert [(s["format"], s["drawn"]) for s in stats["sources"]] == [("messages", 8), ("text", 2)]
+    assert stats["dropped"] == {"left out by the data.mix weights": 6}
+
+
+def test_skip_counts_bad_records_and_goes_on(tmp_path, capsys):
+    data = write_lines(tmp_path / "chat.jsonl", [ONE_TURN, '{"messages": [', {"prompt": "Hi"}, ONE_TURN])
+    code, out, err = run_data(capsys, f"data.path={data}", "data.on_bad_record=skip", "--json")
+    assert code == 0
+    stats = json.loads(out)["stats"]
+    assert (stats["read"], stats["kept"]) == (4, 2)
+    assert stats["dropped"] == {"not a JSON object": 1, "missing field": 1}
+    assert f"data: {data}: 1 record(s) skipped (missing field); the first: {data}:3: messages: missing" in err
+
+
+BAD_INPUTS = {
+    "malformed JSON line": (
+        [ONE_TURN, '{"messages": [{"role": "user"'],
+        "{p}:2: expected a JSON object, got invalid JSON (Expecting ',' delimiter at column 30)",
+    ),
+    "record missing its fields": (
+        [ONE_TURN, {"prompt": "Hi"}],
+        "{p}:2: messages: missing (format messages needs messages; the record has ['prompt'])",
+    ),
+    "empty content": (
+        [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\n"}]}],
+        "{p}:1: messages[1].content: expected a non-empty string, got '\\n'",
+    ),
+    "non-string content": (
+        [{"messages": [{"role": "user", "content": ["Hi"]}, {"role": "assistant", "content": "Hello"}]}],
+        "{p}:1: messages[0].content: expected a non-empty string, got ['Hi']",
+    ),
+    "unknown role": (
+        [{"messages": [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}],
+        "{p}:1: messages[0].role: unknown role 'human' (expected one of system, user, assistant, tool)",
+    ),
+    "empty file": ([], "{p}: no records (expected one record per line or row (.jsonl, .json, .parquet, .csv))"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_naming_file_line_field_and_expectation(case, tmp_path, capsys):
+    lines, message = BAD_INPUTS[case]
+    data = write_lines(tmp_path / "bad.jsonl", lines)
+    before = (tmp_path / "bad.jsonl").read_bytes()
+    code, _, err = run_data(capsys, f"data.path={data}")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == "ftune: error: " + message.format(p=data)
+    assert "Traceback" not in err
+    assert (tmp_path / "bad.jsonl").read_bytes() == before  # the user's file is never altered
+
+
+def test_missing_path_unreadable_files_and_bad_mix_weights_exit_2(tmp_path, capsys):
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 but not really")
+    (tmp_path / "bad.csv").write_bytes(b"prompt,completion\n\xff,4\n")
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([ONE_TURN]), tmp_path / "good.parquet")
+    cases = {
+        f"data.path={tmp_path}/missing.jsonl":
+            f"{tmp_path}/missing.jsonl: no such file or directory (check data.path, data.eval_path and data.mix)",
+        f"data.path={tmp_path}/bad.parquet":
+            f"{tmp_path}/bad.parquet: cannot read as Parquet (Could not open Parquet input source "
+            f"'{tmp_path}/bad.parquet': Parquet magic bytes not found in footer. Either the file is corrupted or "
+            "this is not a parquet file.)",
+        f"data.path={tmp_path}/bad.csv": f"{tmp_path}/bad.csv: not UTF-8 text (byte 18: invalid start byte)",
+        f"data.mix=[{{path: {tmp_path}/good.parquet, weight: 1}}, {{path: {tmp_path}/good.parquet, weight: -0.2}}]":
+            f"data.mix[1].weight=-0.2: expected a positive number (the share of training examples drawn from "
+            f"{tmp_path}/good.parquet)",
+    }
+    for override, message in cases.items():
+        code, _, err = run_data(capsys, override)
+        assert (code, err.strip().splitlines()[-1]) == (2, f"ftune: error: {message}"), override
+
+
+def test_bad_command_options_exit_2(tmp_path, capsys):
+    assert run_data(capsys, "n=three")[0] == 2
+    code, _, err = run_data(capsys, f"out={tmp_path}/no/such/dir/rows.jsonl")
+    assert (code, err.strip()) == (2, f"ftune: error: out={tmp_path}/no/such/dir/rows.jsonl: no such directory "
+                                      f"{tmp_path}/no/such/dir (create it, or write elsewhere)")
+
+
+def test_render_styles_learned_tokens_green_and_special_tokens_bold(tokenizer):
+    ids = tokenizer("<|im_start|>assistant\nHello.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    header = len(tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+    labels = [IGNORE_INDEX] * header + ids[header:-1] + [IGNORE_INDEX]
+    text = render_tokens(ids, labels, tokenizer)
+    assert [(text.plain[s.start:s.end], str(s.style)) for s in text.spans] == [
+        ("<|im_start|>", "bold dim"), ("assistant\n", "dim"), ("Hello.", "green"), ("<|im_end|>", "bold green"),
+        ("\n", "dim"),
+    ]
+    assert render_tokens(ids, labels, tokenizer, marks=True).plain == (
+        "<|im_start|>assistant\n⟦Hello.<|im_end|>⟧\n"
+    )

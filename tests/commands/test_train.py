@@ -1,0 +1,67 @@
+"""`ftune train` end to end on the embedded model: the run directory contract and a loss that falls."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftune.cli import main
+
+SHORT_RUN = ["trainer.max_steps=24", "trainer.eval_every=12", "trainer.micro_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """One short tiny_lora run shared by the tests of this module."""
+    run_dir = tmp_path_factory.mktemp("runs") / "lora"
+    assert main(["train", "recipe=tiny_lora", *SHORT_RUN, "optim.lr=0.003", f"output_dir={run_dir}"]) == 0
+    return run_dir
+
+
+def read_rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_contract(lora_run):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "plots/loss.png", "plots/probe.png",
+                 "final/adapter_config.json", "final/adapter_model.safetensors", "final/tokenizer.json"):
+        assert (lora_run / name).is_file(), name
+    assert "lr: 0.003" in (lora_run / "config.yaml").read_text()
+    summary = json.loads((lora_run / "summary.json").read_text())
+    assert summary["stop_reason"] == "max_steps" and summary["steps"] == 24
+    assert not list(lora_run.glob(".tmp*"))
+
+
+def test_metrics_rows_and_falling_loss(lora_run):
+    rows = read_rows(lora_run)
+    train = [r for r in rows if "loss" in r and "eval_loss" not in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 25))
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(train[0])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    assert sum(r["loss"] for r in train[-4:]) / 4 < 0.8 * sum(r["loss"] for r in train[:4]) / 4
+    assert [r["step"] for r in evals] == [12, 24]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert {"probe_ppl", "probe_drift"} <= set(evals[0])
+
+
+def test_final_adapter_loads_with_peft_and_only_lora_weights_changed(lora_run, tiny_model_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        model = PeftModel.from_pretrained(base, lora_run / "final")
+        adapted_logits = model(ids).logits
+    adapter = load_file(lora_run / "final" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)  # the frozen base is not in the artefact
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero: it trained
+    assert (adapted_logits - base_logits).abs().max() > 1e-3
+
+
+def test_existing_run_dir_is_refused_without_resume(lora_run, capsys):
+    assert main(["train", *SHORT_RUN, f"output_dir={lora_run}"]) == 2
+    assert "already holds a run" in capsys.readouterr().err

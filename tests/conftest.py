@@ -1,0 +1,36 @@
+"""Shared fixtures: the embedded model's location and tiny random models for fast numerical tests."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+ASSETS = Path(__file__).resolve().parents[1] / "ftune" / "assets"
+TINY_MODEL = ASSETS / "models" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    """The embedded model (built by scripts/build_tiny_model.py and shipped in the package)."""
+    return TINY_MODEL
+
+
+@pytest.fixture
+def random_llama():
+    """A factory of tiny random Llamas (2 layers, hidden 16) in fp32, seeded for reproducibility."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(vocab_size: int = 64, attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, pad_token_id=0,
+        )
+        config._attn_implementation = attn
+        return LlamaForCausalLM(config).float()
+
+    return make

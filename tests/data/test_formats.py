@@ -1,0 +1,238 @@
+"""Sources and formats: every record format maps to exact messages or text; every bad input is one exact line.
+
+Records are written by hand; the expected canonical records and error messages are literal.
+"""
+
+import json
+
+import datasets
+import pyarrow
+import pyarrow.parquet
+import pytest
+
+from ftune.config.schema import DATA_FORMATS, DataCfg
+from ftune.data.formats import (
+    FORMATS,
+    RecordError,
+    load_conversations,
+    load_texts,
+    read_source,
+    resolve_format,
+    source_signature,
+    to_canonical,
+)
+from ftune.errors import ConfigError, DataError, ResourceError
+
+HI_HELLO = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+ROLES = DataCfg().roles
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def canonical(record: dict, fmt: str = "auto", roles=ROLES) -> dict:
+    """The canonical form of one record, its format detected as training detects it."""
+    records = [("f.jsonl:1", record)]
+    return to_canonical(record, resolve_format(records, "f.jsonl", fmt), "f.jsonl:1", roles)
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "name": "x"}]},
+         {"messages": HI_HELLO}),
+        ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+         {"messages": HI_HELLO}),
+        ({"instruction": "Add", "input": "2 2", "output": "4"},
+         {"messages": [{"role": "user", "content": "Add\n\n2 2"}, {"role": "assistant", "content": "4"}]}),
+        ({"instruction": "Hi", "input": "", "output": "Hello"}, {"messages": HI_HELLO}),
+        ({"instruction": "Hi", "output": "Hello"}, {"messages": HI_HELLO}),
+        ({"instruction": "Hi", "input": None, "output": "Hello"}, {"messages": HI_HELLO}),
+        ({"prompt": "Hi", "completion": "Hello"}, {"messages": HI_HELLO}),
+        ({"text": "one two"}, {"text": "one two"}),
+    ],
+)
+def test_each_format_is_detected_and_mapped_exactly(record, expected):
+    assert canonical(record) == expected
+
+
+def test_the_config_offers_exactly_the_formats_there_are():
+    assert DATA_FORMATS == ("auto", *FORMATS)
+
+
+def test_detection_names_the_format_and_an_explicit_format_wins():
+    first = {"text": "a", "prompt": "b", "completion": "c"}
+    records = [("f.jsonl:1", RecordError("x", "bad line")), ("f.jsonl:2", first)]
+    assert resolve_format(records, "f.jsonl", "auto") == "prompt_completion"  # first in FORMATS order
+    assert resolve_format(records, "f.jsonl", "text") == "text"
+
+
+def test_undetectable_format_names_the_record_and_the_expected_fields():
+    with pytest.raises(DataError) as err:
+        resolve_format([("f.jsonl:1", {"question": "Hi"})], "f.jsonl", "auto")
+    assert err.value.one_line() == (
+        "f.jsonl:1: cannot tell the format from the fields ['question'] (expected the fields of one of: "
+        "messages (messages); sharegpt (conversations); alpaca (instruction, output); prompt_completion (prompt, "
+        "completion); text (text)) (rename the fields, or set data.format)"
+    )
+
+
+def test_sharegpt_roles_are_mapped_by_config():
+    record = {"conversations": [{"from": "bot_user", "value": "Hi"}, {"from": "bot", "value": "Hello"}]}
+    assert canonical(record, roles={"bot_user": "user", "bot": "assistant"}) == {"messages": HI_HELLO}
+    with pytest.raises(ConfigError, match=r"^data.roles.bot='robot': expected one of system, user, assistant, tool"):
+        canonical(record, roles={"bot_user": "user", "bot": "robot"})
+
+
+@pytest.mark.parametrize(
+    ("record", "reason", "message"),
+    [
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]},
+         "empty or non-string content", "f.jsonl:1: messages[1].content: expected a non-empty string, got ''"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 4}]},
+         "empty or non-string content", "f.jsonl:1: messages[1].content: expected a non-empty string, got 4"),
+        ({"messages": [{"role": "bot", "content": "Hi"}]},
+         "unknown role", "f.jsonl:1: messages[0].role: unknown role 'bot' (expected one of system, user, assistant, "
+                         "tool)"),
+        ({"messages": [{"role": "user", "content": "Hi"}]},
+         "no assistant turn", "f.jsonl:1: messages: expected an assistant turn (nothing would be learned), got "
+                              "roles ['user']"),
+        ({"messages": [{"role": "user"}]},
+         "missing field", "f.jsonl:1: messages[0]: expected an object with 'role' and 'content', got "
+                          "{'role': 'user'}"),
+        ({"messages": []},
+         "missing field", "f.jsonl:1: messages: expected a non-empty list of {role, content} objects, got []"),
+        ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello"}]},
+         "unknown role", "f.jsonl:1: conversations[1].from: unknown role 'bot' (expected one of system, human, "
+                         "user, gpt, assistant, tool) (map it with +data.roles.bot=<system|user|assistant|tool>)"),
+        ({"instruction": "Add", "input": 2, "output": "4"},
+         "empty or non-string content", "f.jsonl:1: input: expected a string (or no input), got 2"),
+        ({"prompt": "Hi", "completion": " "},
+         "empty or non-string content", "f.jsonl:1: completion: expected a non-empty string, got ' '"),
+        ({"text": ["a"]}, "empty or non-string content", "f.jsonl:1: text: expected a non-empty string, got ['a']"),
+    ],
+)
+def test_bad_records_name_the_place_the_field_and_what_was_expected(record, reason, message):
+    with pytest.raises(RecordError) as err:
+        canonical(record)
+    assert (err.value.reason, err.value.one_line()) == (reason, message)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "message"),
+    [
+        ("alpaca", "f.jsonl:1: output: missing (format alpaca needs instruction, output; the record has "
+                   "['input', 'instruction'])"),
+        ("messages", "f.jsonl:1: messages: missing (format messages needs messages; the record has "
+                     "['input', 'instruction'])"),
+    ],
+)
+def test_a_record_missing_its_fields_names_the_first_missing_one(fmt, message):
+    with pytest.raises(RecordError) as err:
+        to_canonical({"instruction": "Add", "input": "2"}, fmt, "f.jsonl:1", ROLES)
+    assert (err.value.reason, err.value.one_line()) == ("missing field", message)
+
+
+def test_jsonl_keeps_a_broken_line_as_its_error_and_numbers_lines_from_one(tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": \n[1]\n')
+    records = read_source(str(path))
+    assert [where for where, _ in records] == [f"{path}:1", f"{path}:3", f"{path}:4"]
+    assert records[0][1] == {"text": "a"}
+    assert records[1][1].one_line() == (
+        f"{path}:3: expected a JSON object, got invalid JSON (Expecting value at column 10)"
+    )
+    with pytest.raises(RecordError) as err:
+        to_canonical(records[2][1], "text", records[2][0], ROLES)
+    assert err.value.one_line() == f"{path}:4: expected a JSON object, got a list"
+
+
+def test_a_line_separator_inside_a_json_string_does_not_split_the_line(tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_text('{"text": "a\u2028b"}\n', encoding="utf-8")
+    assert read_source(str(path)) == [(f"{path}:1", {"text": "a\u2028b"})]
+
+
+def test_json_csv_and_parquet_files_and_a_directory_of_them(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"prompt": "Hi", "completion": "Hello"}]))
+    (tmp_path / "b.csv").write_text('prompt,completion\nHi,"Hel\nlo"\n2+2=,4\n')
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"messages": HI_HELLO}]), tmp_path / "c.parquet")
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "notes.txt").write_text("not data")
+    assert read_source(str(tmp_path)) == [
+        (f"{tmp_path}/a.json[0]", {"prompt": "Hi", "completion": "Hello"}),
+        (f"{tmp_path}/b.csv:3", {"prompt": "Hi", "completion": "Hel\nlo"}),  # the line the record ends on
+        (f"{tmp_path}/b.csv:4", {"prompt": "2+2=", "completion": "4"}),
+        (f"{tmp_path}/c.parquet[0]", {"messages": HI_HELLO}),
+        (f"{tmp_path}/d.jsonl:1", {"text": "x"}),
+    ]
+
+
+def test_json_lines_under_a_json_name_read_as_jsonl(tmp_path):
+    path = tmp_path / "f.json"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert read_source(str(path)) == [(f"{path}:1", {"text": "a"}), (f"{path}:2", {"text": "b"})]
+
+
+def test_datasets_saved_to_disk_and_a_local_builder_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    datasets.Dataset.from_list([{"text": "a"}, {"text": "b"}]).save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"text": "t"}]),
+                          "validation": datasets.Dataset.from_list([{"text": "v"}])}).save_to_disk(str(tmp_path / "dd"))
+    (tmp_path / "builder" / "data").mkdir(parents=True)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"text": "p"}]),
+                                tmp_path / "builder" / "data" / "train-00000-of-00001.parquet")
+    assert read_source(str(tmp_path / "single")) == [(f"{tmp_path}/single[0]", {"text": "a"}),
+                                                     (f"{tmp_path}/single[1]", {"text": "b"})]
+    assert read_source(f"{tmp_path}/dd") == [(f"{tmp_path}/dd[0]", {"text": "t"})]
+    assert read_source(f"{tmp_path}/dd:validation") == [(f"{tmp_path}/dd:validation[0]", {"text": "v"})]
+    assert read_source(str(tmp_path / "builder")) == [(f"{tmp_path}/builder[0]", {"text": "p"})]
+
+
+def test_unreadable_sources_are_one_line_errors(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    (tmp_path / "bad.csv").write_bytes(b"text\n\xff\xfe\n")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    (tmp_path / "dict.json").write_text('{"text": "a"}')
+    cases = {
+        "bad.parquet": (DataError, f"bad.parquet: cannot read as Parquet (Could not open Parquet input source "
+                                   f"'{tmp_path}/bad.parquet': Parquet magic bytes not found in footer. Either the "
+                                   "file is corrupted or this is not a parquet file.)"),
+        "bad.csv": (DataError, "bad.csv: not UTF-8 text (byte 5: invalid start byte)"),
+        "empty.jsonl": (DataError, "empty.jsonl: no records (expected one record per line or row (.jsonl, .json, "
+                                   ".parquet, .csv))"),
+        "dict.json": (DataError, "dict.json: expected a JSON list of records, got a JSON dict (or write one JSON "
+                                 "object per line in a .jsonl file)"),
+        "missing.jsonl": (ResourceError, "missing.jsonl: no such file or directory (check data.path, "
+                                         "data.eval_path and data.mix)"),
+    }
+    for name, (kind, message) in cases.items():
+        with pytest.raises(kind) as err:
+            read_source(str(tmp_path / name))
+        assert err.value.one_line() == f"{tmp_path}/{message}"
+
+
+def test_a_hub_id_that_cannot_be_loaded_offline_is_a_resource_error():
+    with pytest.raises(ResourceError, match=r"^ftune-test/no-such-set: no such file or directory, nor a hub dataset"):
+        read_source("ftune-test/no-such-set")
+    with pytest.raises(ResourceError, match=r"^train.jsonl: no such file or directory$"):  # a file name, not a hub id
+        read_source("train.jsonl")
+
+
+def test_a_directory_signature_changes_when_a_file_is_added(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "a"}])
+    before = source_signature(str(tmp_path))
+    assert source_signature(str(tmp_path)) == before
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "b"}])
+    assert source_signature(str(tmp_path)) != before
+
+
+def test_load_conversations_reads_any_chat_format_and_load_texts_text(tmp_path):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "Hi", "completion": "Hello"}])
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "one"}])
+    assert list(load_conversations(chat)) == [(f"{chat}:1", HI_HELLO)]
+    assert list(load_texts(text)) == [(f"{text}:1", "one")]
+    with pytest.raises(DataError, match="expected conversations, got format text"):
+        list(load_conversations(text))

@@ -1,0 +1,126 @@
+"""PEFT methods from config: target presets, LoRA options, the other PEFT methods, freezing, teacher loading."""
+
+import pytest
+import torch
+
+from ftune.config.compose import load_run_config
+from ftune.errors import ConfigError
+from ftune.model.adapters import can_merge, peft_config, resolve_targets
+from ftune.model.load import check_same_vocabulary, freeze_matching, load_teacher, prepare_model
+
+LAYER_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+WORDS = ["the", "cat", "sat", "on", "a", "mat"]
+
+
+def config(model_dir, *overrides: str):
+    """A typed run config of the tiny_lora recipe on the model in `model_dir`."""
+    typed, _ = load_run_config(["recipe=tiny_lora", f"model.name_or_path={model_dir}", *overrides])
+    return typed
+
+
+def adapted_modules(model) -> set[tuple[int, str]]:
+    """(layer, module) of every module that got a LoRA adapter."""
+    found = set()
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A"):
+            parts = name.split(".")
+            layer = int(parts[parts.index("layers") + 1]) if "layers" in parts else -1
+            found.add((layer, parts[-1]))
+    return found
+
+
+def test_target_presets_expand():
+    assert resolve_targets(["all-linear"]) == "all-linear"
+    assert resolve_targets(["attention"]) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert resolve_targets(["attention", "gate_proj", "q_proj"]) == ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                    "gate_proj"]
+
+
+@pytest.mark.parametrize("targets,expected", [
+    ("[all-linear]", LAYER_LINEARS),
+    ("[attention]", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    ("[up_proj,down_proj]", {"up_proj", "down_proj"}),
+])
+def test_presets_resolve_to_the_expected_modules(save_llama, targets, expected):
+    model = prepare_model(config(save_llama("m", WORDS), f"lora.target_modules={targets}"))
+    assert adapted_modules(model) == {(layer, name) for layer in (0, 1) for name in expected}  # never lm_head
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_lora_options_reach_the_peft_config(save_llama):
+    cfg = config(save_llama("m", WORDS), "lora.rslora=true", "lora.dora=true", "lora.init=gaussian",
+                 "lora.modules_to_save=[lm_head]", "lora.r=4", "lora.alpha=8")
+    peft = peft_config(cfg.method, cfg.lora)
+    assert (peft.use_rslora, peft.use_dora, peft.init_lora_weights, peft.modules_to_save) == (
+        True, True, "gaussian", ["lm_head"])
+    model = prepare_model(cfg)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == pytest.approx(8 / 4**0.5)  # rsLoRA: alpha / sqrt(r)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in trainable)  # DoRA
+    assert any("lm_head.modules_to_save" in n for n in trainable)
+
+
+@pytest.mark.parametrize("init,expected", [("default", True), ("gaussian", "gaussian"), ("pissa", "pissa"),
+                                           ("olora", "olora")])
+def test_init_reaches_peft(init, expected, save_llama):
+    cfg = config(save_llama("m", WORDS), f"lora.init={init}")
+    assert peft_config(cfg.method, cfg.lora).init_lora_weights == expected
+    model = prepare_model(cfg)
+    lora_b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    # Kaiming/Gaussian init starts B at zero (no change to the model); PiSSA and OLoRA start from the weights.
+    assert (lora_b.abs().sum() == 0) == (init in ("default", "gaussian"))
+
+
+@pytest.mark.parametrize("method,trainable_marker", [("ia3", "ia3_l"), ("prompt_tuning", "prompt_encoder"),
+                                                     ("prefix_tuning", "prompt_encoder")])
+def test_other_peft_methods_train_only_their_weights(save_llama, method, trainable_marker):
+    model = prepare_model(config(save_llama("m", WORDS), f"method.name={method}", "method.num_virtual_tokens=3"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(trainable_marker in n for n in trainable)
+    ids = torch.randint(4, 10, (2, 5))
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert logits.shape[1] == 5 + (3 if method == "prompt_tuning" else 0)  # virtual tokens come first
+
+
+def test_can_merge_only_weight_deltas():
+    assert [m for m in ("lora", "ia3", "prompt_tuning", "prefix_tuning", "full") if can_merge(m)] == ["lora", "ia3"]
+
+
+def test_freeze_patterns_freeze_exactly_the_matching_parameters(random_llama):
+    model = random_llama()
+    freeze_matching(model, ["embed_tokens", "layers[.]0[.]"])
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    expected = {n for n, _ in model.named_parameters() if n.startswith(("model.embed_tokens.", "model.layers.0."))}
+    assert frozen == expected and len(expected) > 1
+
+
+def test_full_fine_tuning_trains_everything_not_frozen(save_llama):
+    model = prepare_model(config(save_llama("m", WORDS), "method.name=full", "method.freeze=[norm]"))
+    for name, param in model.named_parameters():
+        assert param.requires_grad == ("norm" not in name), name
+
+
+def test_a_freeze_pattern_that_matches_nothing_is_an_error(random_llama):
+    with pytest.raises(ConfigError, match=r"method.freeze=\['embeddings'\]: matches no parameter"):
+        freeze_matching(random_llama(), ["embed_tokens", "embeddings"])
+
+
+def test_teacher_is_frozen_in_eval_mode(save_llama):
+    student, teacher = save_llama("student", WORDS), save_llama("teacher", WORDS)
+    model = load_teacher(config(student, "method.name=full", f"distill.teacher={teacher}"))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert load_teacher(config(student)) is None
+
+
+@pytest.mark.parametrize("teacher_args,message", [
+    ({"vocab": WORDS[::-1]}, "6 tokens differ"),
+    ({"vocab": WORDS, "vocab_size": 80}, "vocab_size 64 .student. vs 80 .teacher."),
+    ({"vocab": WORDS, "eos": "<bos>"}, "eos_token '<eos>' .student. vs '<bos>' .teacher."),
+])
+def test_vocabulary_mismatch_is_a_clear_error(save_llama, teacher_args, message):
+    student, teacher = save_llama("student", WORDS), save_llama("teacher", **teacher_args)
+    with pytest.raises(ConfigError, match=message) as err:
+        check_same_vocabulary(str(student), str(teacher))
+    assert f"distill.teacher={teacher}" in str(err.value) and f"model.name_or_path={student}" in str(err.value)
+    check_same_vocabulary(str(student), str(save_llama("twin", WORDS)))  # same vocabulary: no error

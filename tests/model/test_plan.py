@@ -1,0 +1,278 @@
+"""`ftune.model.plan`: exact counts, memory checked against a measured training step, and hand arithmetic.
+
+What "measured" means here, on CPU where there is no allocator to read a peak from:
+- weights, gradients and optimizer state: the bytes of the tensors a real step leaves behind (parameters and
+  bitsandbytes' quantization state, `.grad`, the optimizer's state tensors), after one step of ftune's own
+  `prepare_model`, `build_optimizer` and loss;
+- activations: the bytes of every tensor autograd saves for the backward (`saved_tensors_hooks`, each storage
+  once, parameters excluded) during that step's forward. That is the quantity the activation formula models;
+  with gradient checkpointing, the layer that is recomputed during the backward adds its working set, measured
+  layer by layer on the same model without checkpointing.
+The plan (estimated for CPU: dropout masks are float there) must agree within 15%.
+"""
+
+import collections
+import contextlib
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from ftune.config.compose import load_run_config
+from ftune.errors import ConfigError, ResourceError
+from ftune.model import memory
+from ftune.model.load import count_parameters, prepare_model
+from ftune.model.meta import decoder_of
+from ftune.model.plan import GIB, distribution_from_env, plan_run
+from ftune.train.losses import cross_entropy_sum
+from ftune.train.optim import build_optimizer
+
+TOLERANCE = 0.15
+SHORT = ["data.max_length=256", "trainer.micro_batch_size=4"]
+VOCAB = 4096
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random Llama of the embedded model's shape (tied embeddings), saved like a checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def run_config(tiny_dir, *overrides):
+    return load_run_config([*overrides, f"model.name_or_path={tiny_dir}", *SHORT])[0]
+
+
+def quant_state_bytes(model) -> int:
+    """Bytes of the quantization constants of each quantized weight (PEFT's layers expose the same weight)."""
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    tensors = []
+    for weight in weights.values():
+        if (state := getattr(weight, "quant_state", None)) is not None:  # 4-bit
+            tensors += [state.absmax, state.code]
+            tensors += [state.offset, state.state2.absmax, state.state2.code] if state.nested else []
+    # 8-bit: one fp32 scale per output row, moved from the weight to the layer's matmul state at the first forward
+    scales = {id(m.state.SCB): m.state.SCB for m in model.modules()
+              if getattr(getattr(m, "state", None), "SCB", None) is not None}
+    return sum(t.numel() * t.element_size() for t in [*tensors, *scales.values()])
+
+
+def measure_step(cfg) -> tuple[dict[str, int], dict, torch.nn.Module]:
+    """One real training step; returns measured bytes, saved-activation bytes by decoder layer, and the model."""
+    model = prepare_model(cfg)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim)
+    params = {p.untyped_storage()._cdata: p for p in model.parameters()}
+    layer = ["outside"]
+    for index, block in enumerate(decoder_of(model).layers):
+        block.register_forward_pre_hook(lambda module, args, index=index: layer.__setitem__(0, index))
+        block.register_forward_hook(lambda module, args, out: layer.__setitem__(0, "outside"))
+    saved: dict[int, tuple[object, int]] = {}
+
+    def pack(tensor):
+        key = tensor.untyped_storage()._cdata
+        if key not in params:
+            saved.setdefault(key, (layer[0], tensor.untyped_storage().nbytes()))
+        return tensor
+
+    ids = torch.randint(0, VOCAB, (cfg.trainer.micro_batch_size, cfg.data.max_length))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.trainer.mixed_precision == "bf16" \
+        else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with autocast:  # accelerate autocasts the model's forward only, not the loss
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        loss = cross_entropy_sum(logits, ids)
+    loss.backward()
+    optimizer.step()
+    by_layer = collections.Counter()
+    for where, size in saved.values():
+        by_layer[where] += size
+    state = [v for s in optimizer.state.values() for k, v in s.items()
+             if torch.is_tensor(v) and k != "step" and not k.startswith("qmap")]  # step counters, shared code maps
+    measured = {
+        "weights": sum(p.numel() * p.element_size() for p in params.values()) + quant_state_bytes(model),
+        "grads": sum(p.grad.numel() * p.grad.element_size() for p in params.values() if p.grad is not None),
+        "optimizer": sum(t.numel() * t.element_size() for t in state),
+        "activations": sum(by_layer.values()),
+    }
+    return measured, by_layer, model
+
+
+@pytest.mark.parametrize("recipe", ["tiny_lora", "tiny_full", "tiny_qlora", "tiny_ia3"])
+def test_parameter_counts_equal_the_loaded_model(tiny_dir, recipe):
+    cfg = run_config(tiny_dir, f"recipe={recipe}")
+    plan = plan_run(cfg, device="cpu")
+    assert (plan.total_params, plan.trainable_params) == count_parameters(prepare_model(cfg))
+
+
+@pytest.mark.parametrize("recipe", ["tiny_lora", "tiny_full"])
+def test_embedded_model_counts(recipe):
+    cfg = load_run_config([f"recipe={recipe}"])[0]
+    plan = plan_run(cfg)
+    assert (plan.total_params, plan.trainable_params) == count_parameters(prepare_model(cfg))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["recipe=tiny_lora"],  # fp32 base, bf16 autocast, LoRA with dropout
+    ["recipe=tiny_lora", "trainer.mixed_precision=no", "lora.dropout=0.0"],
+    ["recipe=tiny_full"],
+    ["recipe=tiny_full", "model.dtype=bf16", "trainer.mixed_precision=no", "optim.name=adamw_8bit"],
+    ["recipe=tiny_qlora", "model.gradient_checkpointing=false"],
+    ["recipe=tiny_qlora", "model.gradient_checkpointing=false", "quant.bits=8"],
+], ids=["lora", "lora-fp32-nodropout", "full", "full-bf16-8bit", "qlora", "lora-int8"])
+def test_memory_matches_a_measured_step(tiny_dir, overrides):
+    cfg = run_config(tiny_dir, *overrides)
+    measured, _, _ = measure_step(cfg)
+    plan = plan_run(cfg, device="cpu").memory
+    for part in ("weights", "grads", "optimizer"):  # counted tensor by tensor: exact
+        assert getattr(plan, part) == measured[part], part
+    assert abs(plan.activations / measured["activations"] - 1) < TOLERANCE
+    assert abs(plan.total / sum(measured.values()) - 1) < TOLERANCE
+
+
+@pytest.mark.parametrize("recipe", ["tiny_qlora", "tiny_lora"])
+def test_checkpointed_activations_are_layer_inputs_plus_one_recomputed_layer(tiny_dir, recipe):
+    cfg = run_config(tiny_dir, f"recipe={recipe}", "model.gradient_checkpointing=true")
+    _, kept, _ = measure_step(cfg)
+    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=False))
+    _, working_sets, _ = measure_step(plain)
+    measured = sum(kept.values()) + max(v for k, v in working_sets.items() if k != "outside")
+    assert abs(plan_run(cfg, device="cpu").memory.activations / measured - 1) < TOLERANCE
+
+
+def test_cuda_estimate_counts_bool_dropout_masks(tiny_dir):
+    cfg = run_config(tiny_dir, "recipe=tiny_lora")
+    cpu, cuda = plan_run(cfg, device="cpu").memory, plan_run(cfg, device="cuda").memory
+    tokens, fan_ins = 4 * 256, 6 * 256 + 688  # 7 LoRA sites per layer: q, k, v, o, gate, up (256 in), down (688)
+    assert cpu.activations - cuda.activations == (4 - 1) * fan_ins * 6 * tokens  # fp32 masks vs bool, 6 layers
+
+
+# Hand arithmetic on the shipped public configs (configs/hub): what a README can show.
+
+def llama_params(vocab, hidden, inter, layers, heads, kv_heads, tied=False, qkv_bias=False) -> int:
+    head_dim = hidden // heads
+    kv = kv_heads * head_dim
+    attention = hidden * hidden * 2 + hidden * kv * 2 + (hidden + 2 * kv if qkv_bias else 0)
+    layer = attention + 3 * hidden * inter + 2 * hidden
+    return vocab * hidden * (1 if tied else 2) + layers * layer + hidden
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("llama2_7b", 6_738_415_616),
+    ("llama2_70b", 68_976_648_192),
+    ("llama3_8b", 8_030_261_248),
+    ("mistral_7b", 7_241_732_096),
+    ("qwen2_5_7b", 7_615_616_512),
+    ("tinyllama_1b", 1_100_048_384),
+])
+def test_public_model_totals(model, expected):
+    cfg = load_run_config(["recipe=full_7b_fsdp", f"model={model}"])[0]
+    assert plan_run(cfg).total_params == expected
+
+
+def test_public_totals_are_the_published_shapes():
+    assert llama_params(32000, 4096, 11008, 32, 32, 32) == 6_738_415_616  # Llama-2-7B
+    assert llama_params(32000, 8192, 28672, 80, 64, 8) == 68_976_648_192  # Llama-2-70B
+    assert llama_params(128256, 4096, 14336, 32, 32, 8) == 8_030_261_248  # Llama-3-8B
+    assert llama_params(32000, 4096, 14336, 32, 32, 8) == 7_241_732_096  # Mistral-7B
+    assert llama_params(152064, 3584, 18944, 28, 28, 4, qkv_bias=True) == 7_615_616_512  # Qwen2.5-7B
+    assert llama_params(32000, 2048, 5632, 22, 32, 4) == 1_100_048_384  # TinyLlama-1.1B
+
+
+def test_qlora_7b_by_hand():
+    h, inter, layers, vocab, r = 4096, 11008, 32, 32000, 16
+    plan = plan_run(load_run_config(["recipe=qlora_7b"])[0])
+    lora = layers * r * (4 * (h + h) + 3 * (h + inter))  # A (r x in) + B (out x r) on q, k, v, o, gate, up, down
+    assert lora == 39_976_960 == plan.trainable_params
+    assert plan.total_params == 6_738_415_616 + lora
+    # NF4 with double quantization: 4 bits + an 8-bit absmax per 64 weights + an fp32 absmax per 256 of those,
+    # plus per matrix a 4-byte offset, a 256-entry fp32 second-level code and a 16-entry fp32 NF4 code.
+    def nf4(n):
+        blocks = n // 64
+        return n // 2 + blocks + 4 * (math.ceil(blocks / 256) + 1 + 256) + 4 * 16
+
+    quantized = layers * (4 * nf4(h * h) + 3 * nf4(h * inter))
+    fp32_rest = 4 * (2 * vocab * h + (2 * layers + 1) * h + lora)  # k-bit preparation upcasts the rest to fp32
+    assert plan.memory.weights == quantized + fp32_rest
+    assert plan.memory.grads == 4 * lora
+    # paged 8-bit AdamW: two uint8 moments + one fp32 absmax each per 256 (every LoRA matrix has >= 4096 entries)
+    assert plan.memory.optimizer == sum(2 * (n + 4 * math.ceil(n / 256)) for n in lora_matrix_sizes(h, inter, r)) \
+        * layers
+    assert 4.2 < plan.memory.weights / GIB < 4.3
+
+
+def lora_matrix_sizes(h, inter, r):
+    return [r * h] * 4 + [h * r] * 4 + [r * h] * 2 + [inter * r] * 2 + [r * inter, h * r]
+
+
+def test_full_7b_sharding_by_hand():
+    params, layer, gpus = 6_738_415_616, 202_383_360, 8
+    fsdp = plan_run(load_run_config(["recipe=full_7b_fsdp"])[0], gpus=gpus, sharding="fsdp").memory
+    # fp32 master weights and gradients, AdamW's two fp32 moments, all sharded 8 ways; plus two decoder layers
+    # all-gathered in bf16 (the one computing and the one prefetched)
+    assert fsdp.weights == 4 * params / gpus + 2 * 2 * layer
+    assert (fsdp.grads, fsdp.optimizer) == (4 * params / gpus, 8 * params / gpus)
+    zero3 = plan_run(load_run_config(["recipe=full_7b_zero3"])[0], gpus=gpus, sharding="zero3").memory
+    # DeepSpeed bf16: 2-byte weights and gradients; the optimizer holds fp32 masters + moments (12 bytes)
+    assert (zero3.weights, zero3.grads, zero3.optimizer) == (2 * params / gpus + 2 * 2 * layer,
+                                                             2 * params / gpus, 12 * params / gpus)
+    zero2 = plan_run(load_run_config(["recipe=full_7b_zero2"])[0], gpus=gpus, sharding="zero2").memory
+    assert (zero2.weights, zero2.grads, zero2.optimizer) == (2 * params, 2 * params / gpus, 12 * params / gpus)
+    one = plan_run(load_run_config(["recipe=full_7b_fsdp"])[0]).memory
+    assert (one.weights, one.grads, one.optimizer) == (4 * params, 4 * params, 8 * params)  # 16 bytes/param
+
+
+def test_lora_7b_activations_by_hand():
+    h, inter, layers, vocab, heads, r = 4096, 11008, 32, 32000, 32, 16
+    cfg = load_run_config(["recipe=lora_7b"])[0]
+    tokens = cfg.trainer.micro_batch_size * cfg.data.max_length
+    # bf16 weights and autocast; gradient checkpointing keeps each layer's bf16 input ...
+    kept = layers * 2 * h
+    # ... and recomputes one layer: two fp32 RMSNorm inputs + 1/rms, q k v and the attention output in bf16 plus
+    # an fp32 log-sum-exp per head, the MLP's gate, SiLU and up outputs, and per LoRA site a bool dropout mask,
+    # lora_A's bf16 input and output
+    layer = 2 * (4 * h + 4) + 2 * 4 * h + 4 * heads + 3 * 2 * inter \
+        + 6 * (h * (1 + 2) + 2 * r) + (inter * (1 + 2) + 2 * r)
+    head = 4 * h + 4 + 4 * vocab  # final norm, fp32 log-probabilities of the loss
+    lora_copies = 2 * r * (4 * 2 * h + 3 * (h + inter))  # autocast's bf16 copies of one layer's fp32 LoRA weights
+    assert plan_run(cfg).memory.activations == tokens * (kept + layer + head) + lora_copies
+
+
+def test_bad_distribution_and_unknown_model(tiny_dir):
+    cfg = run_config(tiny_dir, "recipe=tiny_lora")
+    with pytest.raises(ConfigError, match="sharding=zero4"):
+        plan_run(cfg, sharding="zero4")
+    with pytest.raises(ConfigError, match="gpus=0"):
+        plan_run(cfg, gpus=0)
+    with pytest.raises(ResourceError, match="model.name_or_path=nobody/none"):
+        plan_run(load_run_config(["recipe=tiny_lora", "model.name_or_path=nobody/none"])[0])
+
+
+def test_quantized_bytes_equal_bitsandbytes_storage():
+    from bitsandbytes.functional import quantize_4bit
+
+    weight = torch.randn(688, 256, dtype=torch.bfloat16)
+    for double_quant in (False, True):
+        packed, state = quantize_4bit(weight, compress_statistics=double_quant, quant_type="nf4")
+        tensors = [packed, state.absmax, state.code]
+        tensors += [state.offset, state.state2.absmax, state.state2.code] if double_quant else []
+        stored = sum(t.numel() * t.element_size() for t in tensors)
+        assert memory.quantized_bytes(weight.numel(), 688, 4, double_quant) == stored
+
+
+def test_distribution_from_accelerate_launch_env(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert distribution_from_env() == (8, "zero3")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert distribution_from_env() == (8, "fsdp")

@@ -1,0 +1,85 @@
+"""The tinyworld generator behind the embedded model and datasets: determinism, verb splits, verb forms."""
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # scripts/ is not a package
+
+import tinyworld as world  # noqa: E402
+
+VERBS = {verb[0]: verb for verb in world.REGULAR_VERBS + world.IRREGULAR_VERBS}
+
+
+def forms(table: tuple[tuple[str, ...], ...]) -> set[str]:
+    """Every inflected form (not the complement frame) of the verbs in `table`."""
+    return {form for verb in table for form in verb[:5]}
+
+
+def test_same_seed_same_text_and_other_seed_other_text():
+    assert world.generate_documents(30, seed=7) == world.generate_documents(30, seed=7)
+    assert world.generate_sentences(30, seed=7) == world.generate_sentences(30, seed=7)
+    assert world.generate_documents(30, seed=7) != world.generate_documents(30, seed=8)
+
+
+def test_verb_tables_are_disjoint_and_large_enough():
+    regular = {verb[0] for verb in world.REGULAR_VERBS}
+    irregular = {verb[0] for verb in world.IRREGULAR_VERBS}
+    assert not regular & irregular
+    assert len(regular) >= 30 and len(irregular) >= 30
+
+
+@pytest.mark.parametrize(("split", "table"), [("regular", world.REGULAR_VERBS), ("irregular", world.IRREGULAR_VERBS)])
+def test_verb_split_draws_only_from_its_table(split, table):
+    rng = random.Random(0)
+    clauses = [c for _ in range(300) for c in world.make_sentence(rng, split).clauses]
+    assert {clause.verb for clause in clauses} == set(table)  # only these verbs, and all of them
+
+
+def test_regular_text_has_no_irregular_verb_form():
+    words = {word.strip(".,").lower() for text in world.generate_documents(300, 0, "regular") for word in text.split()}
+    assert words & forms(world.IRREGULAR_VERBS) == set()
+    assert "walked" in words
+
+
+@pytest.mark.parametrize(
+    ("base", "tense", "plural", "expected"),
+    [
+        ("go", "past", False, "went"),
+        ("eat", "past", True, "ate"),
+        ("write", "present_perfect", True, "have written"),
+        ("swim", "present_perfect", False, "has swum"),
+        ("fly", "present", False, "flies"),
+        ("buy", "past", False, "bought"),
+        ("run", "past_progressive", True, "were running"),
+        ("carry", "past", False, "carried"),
+        ("stop", "present_progressive", False, "is stopping"),
+        ("sit", "future", True, "will sit"),
+    ],
+)
+def test_conjugate_gives_the_correct_form(base, tense, plural, expected):
+    assert world.conjugate(VERBS[base], tense, plural) == expected
+
+
+def test_render_and_ask_agree_with_the_subject():
+    tom = world.Clause("Tom", "he", VERBS["go"], "to the park")
+    kids = world.Clause("the children", "they", VERBS["eat"], "an apple")
+    assert (
+        world.render(world.Sentence((tom, kids), ", and"), "past")
+        == "Tom went to the park, and the children ate an apple."
+    )
+    assert world.render(world.Sentence((kids,)), "present", "every day", time_first=True) == (
+        "Every day, the children eat an apple."
+    )
+    assert world.ask(tom, "past", "complement") == "Where did Tom go?"
+    assert world.ask(kids, "present", "complement") == "What do the children eat?"
+    assert world.ask(kids, "present_perfect", "subject") == "Who has eaten an apple?"
+
+
+def test_tense_filter_keeps_only_those_tenses():
+    for text in world.generate_sentences(200, 3, tenses=["future"]):
+        assert " will " in text
+    for text in world.generate_sentences(200, 3, tenses=["past"]):
+        assert not {"will", "has", "have", "is", "are", "was", "were"} & set(text.rstrip(".").split())
