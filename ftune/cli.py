@@ -29,6 +29,9 @@ COMMANDS: dict[str, str] = {
 }
 """Subcommand name -> one-line help; the code lives in `ftune.commands.<name>.run`."""
 
+RECIPE_COMMANDS = ("train", "data", "plan")
+"""Commands that compose a recipe, whose help lists recipes and config groups."""
+
 
 def recipe_epilog() -> str:
     """The recipes and config groups a user can pick, for `ftune train --help`."""
@@ -47,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Config-driven fine-tuning of language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, summary in COMMANDS.items():
-        cmd = sub.add_parser(name, help=summary, description=summary, epilog=recipe_epilog(),
+        cmd = sub.add_parser(name, help=summary, description=summary,
+                             epilog=recipe_epilog() if name in RECIPE_COMMANDS else None,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides (recipe=NAME first)")
         cmd.add_argument("--cfg", choices=["job"], help="print the resolved config and exit")

@@ -66,7 +66,7 @@ class Preset:
     intermediate_size: int
     tokens: int  # pretraining tokens; the corpus is generated fresh, so no token is seen twice
     lr: float  # peak learning rate of the cosine schedule
-    batch_size: int = 16  # sequences of SEQ_LEN tokens per optimizer step
+    batch_size: int = 8  # sequences of SEQ_LEN tokens per step; at 600k tokens 8 beat 16 (ppl 11.1 vs 15.1)
 
 
 PRESETS = {

@@ -13,8 +13,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ftune.config.schema import RunCfg
-from ftune.errors import ConfigError
-from ftune.report.console import print_table
+from ftune.errors import ConfigError, FtuneError
+from ftune.report.console import console, print_table
 
 
 def run(args) -> int:
@@ -45,12 +45,23 @@ def run_train(cfg: RunCfg, resolved: DictConfig) -> int:
         if stop_reason != "interrupted":  # an interrupted run resumes from its checkpoint; final/ comes later
             final_step = restore_best(run)
             save_final(run.accelerator, run.model, tokenizer, run.run_dir)
+        if run.accelerator.is_main_process:
+            print_table("summary", write_summary(run, stop_reason, final_step, started))
     finally:
         run.log.close()
-    if run.accelerator.is_main_process:
-        summary = write_summary(run, stop_reason, final_step, started)
-        print_table("summary", summary)
+        release_accelerator()
     return exit_code
+
+
+def release_accelerator() -> None:
+    """Forget accelerate's process-wide state, so the next job of a `-m` sweep may use another precision.
+
+    accelerate keeps one AcceleratorState per process and refuses a second Accelerator with different
+    settings; `_reset_state` is how accelerate's own tests start over (there is no public equivalent).
+    """
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def build_run(cfg: RunCfg, resolved: DictConfig):
@@ -69,8 +80,10 @@ def build_run(cfg: RunCfg, resolved: DictConfig):
         mixed_precision=cfg.trainer.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
+    check_world_size(accelerator)
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, resolved, resuming=cfg.resume is not None)
+        print_plan(cfg, accelerator)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     with accelerator.main_process_first():  # rank 0 fills the data cache, the others read it: no write race
@@ -148,6 +161,30 @@ def describe_run(run, stats: dict) -> dict:
         "base probe ppl": run.state.base_probe_ppl,
         "processes": run.accelerator.num_processes,
     }
+
+
+def print_plan(cfg: RunCfg, accelerator) -> None:
+    """The `ftune plan` table for this run, from the meta device, before any weight loads."""
+    from ftune.model.plan import distribution_from_env, plan_rows, plan_run
+
+    gpus, sharding = distribution_from_env()
+    device = "cuda" if accelerator.device.type == "cuda" else "cpu"
+    try:
+        print_table(f"plan: {cfg.recipe}", plan_rows(plan_run(cfg, gpus=gpus, sharding=sharding, device=device)))
+    except FtuneError as err:  # an estimate it cannot make (e.g. a non-Llama model) must not stop training
+        console.print(f"plan: not available ({err.one_line()})")
+
+
+def check_world_size(accelerator) -> None:
+    """Refuse a launch whose processes do not see each other (each would train alone and write as rank 0)."""
+    import os
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ConfigError(
+            f"accelerate launched {launched} processes but they did not form one group",
+            "on a machine without GPUs set ACCELERATE_USE_CPU=true for --multi_gpu runs (gloo)",
+        )
 
 
 def prepare_run_dir(run_dir: Path, resolved: DictConfig, resuming: bool) -> None:

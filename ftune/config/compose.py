@@ -39,12 +39,16 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+NOT_RECIPE_GROUPS = ("accelerate", "deepspeed", "hub")
+"""Folders of configs/ that are launcher or model files, not recipe config groups."""
+
+
 def list_groups() -> dict[str, list[str]]:
     """Config groups in configs/ and the options of each, as `group=option` overrides accept them."""
     return {
         d.name: sorted(p.stem for p in d.glob("*.yaml"))
         for d in sorted(CONFIGS_DIR.iterdir())
-        if d.is_dir() and any(d.glob("*.yaml"))
+        if d.is_dir() and d.name not in NOT_RECIPE_GROUPS and any(d.glob("*.yaml"))
     }
 
 

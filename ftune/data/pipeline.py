@@ -299,4 +299,17 @@ def build_loader(split: Split, tokenizer, cfg: DataCfg, attn_implementation: str
         if cfg.packing
         else PadCollator(tokenizer.pad_token_id, cfg.pad_to_multiple_of)
     )
-    return DataLoader(split.rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=workers)
+    return DataLoader(split.rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=workers,
+                      generator=private_generator())
+
+
+def private_generator():
+    """A random generator for one DataLoader, so that iterating it never touches torch's global RNG.
+
+    Starting an iterator over a DataLoader draws a seed from its generator, and without one from the global
+    RNG; that would shift dropout masks whenever a loader is iterated an extra time (a resumed run's skip, a
+    probe measured instead of cached) and break exact resume.
+    """
+    import torch
+
+    return torch.Generator().manual_seed(0)

@@ -69,8 +69,13 @@ def ia3_config(method: MethodCfg, cfg: LoraCfg) -> IA3Config:
 
 
 def prompt_tuning_config(method: MethodCfg, cfg: LoraCfg) -> PromptTuningConfig:
-    """Learned virtual-token embeddings prepended to the input (randomly initialised)."""
-    return PromptTuningConfig(task_type=TASK_TYPE, num_virtual_tokens=method.num_virtual_tokens)
+    """Learned virtual-token embeddings prepended to the input.
+
+    They start as embeddings of randomly drawn vocabulary tokens: PEFT's `RANDOM` init draws from N(0, 1),
+    an order of magnitude larger than a trained model's embeddings, which the model then barely learns from.
+    """
+    return PromptTuningConfig(task_type=TASK_TYPE, num_virtual_tokens=method.num_virtual_tokens,
+                              prompt_tuning_init="SAMPLE_VOCAB")
 
 
 def prefix_tuning_config(method: MethodCfg, cfg: LoraCfg) -> PrefixTuningConfig:

@@ -52,7 +52,7 @@ def from_pretrained(auto_class, name_or_path: str, key: str = "model.name_or_pat
     """`auto_class.from_pretrained`, turning 'not found' into a one-line ResourceError naming the config `key`."""
     try:
         return auto_class.from_pretrained(name_or_path, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: e.g. a directory with weights but no tokenizer
         where = "local directory" if Path(name_or_path).exists() else "hub id (offline or not cached?)"
         raise ResourceError(
             f"{key}={name_or_path}: cannot load from this {where}: {str(err).splitlines()[0]}",

@@ -36,6 +36,8 @@ GIB = 2**30
 """The `*_gb` figures are GiB, the unit GPU memory is sold and reported in."""
 AUTOCAST_BYTES = 2
 """bf16 and fp16, the dtypes `trainer.mixed_precision` autocasts to."""
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+"""`model_type`s whose decoder layer the activation formula describes (RMSNorm, RoPE attention, SwiGLU MLP)."""
 
 
 @dataclass
@@ -88,11 +90,12 @@ def plan_run(cfg: RunCfg, gpus: int = 1, sharding: str = "none", device: str = "
         The plan; nothing is downloaded and no weight is allocated.
 
     Raises:
-        ConfigError: bad `gpus` or `sharding`.
+        ConfigError: bad `gpus` or `sharding`, or a model outside the Llama family.
         ResourceError: no config.json for the model or the teacher.
     """
     check_distribution(gpus, sharding)
     model, quantized = build_meta_model(cfg)
+    check_architecture(model.config.model_type, cfg.model.name_or_path)
     weights, grads, optimizer, notes = replica_bytes(model, quantized, cfg, sharding)
     gathered = memory.GATHERED_LAYERS * max_layer_bytes(model, quantized, cfg, sharding)
     weights, grads, optimizer = memory.per_gpu(weights, grads, optimizer, gathered, sharding, gpus)
@@ -150,6 +153,13 @@ def check_distribution(gpus: int, sharding: str) -> None:
         raise ConfigError(f"gpus={gpus}: expected a positive number of GPUs")
     if sharding not in memory.SHARDINGS:
         raise ConfigError(f"sharding={sharding}: expected one of {', '.join(memory.SHARDINGS)}")
+
+
+def check_architecture(model_type: str, name_or_path: str) -> None:
+    """Raise a ConfigError for a model whose layers the activation formula does not describe."""
+    if model_type not in LLAMA_FAMILY:
+        raise ConfigError(f"model.name_or_path={name_or_path}: ftune plan estimates Llama-family decoders "
+                          f"({', '.join(LLAMA_FAMILY)}), not model_type {model_type}")
 
 
 def method_label(cfg: RunCfg) -> str:

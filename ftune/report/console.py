@@ -14,9 +14,10 @@ console = Console(stderr=True)
 class TrainProgress:
     """Progress of the optimizer steps, with the last logged loss, lr and throughput."""
 
-    def __init__(self, total: int, start: int = 0):
+    def __init__(self, total: int, start: int = 0, enabled: bool = True):
         self.total = total
-        self.interactive = console.is_terminal
+        self.enabled = enabled
+        self.interactive = console.is_terminal and enabled
         self.every = max(1, total // 10)
         self.bar = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
@@ -34,7 +35,7 @@ class TrainProgress:
     def update(self, step: int, row: dict | None) -> None:
         stats = "" if row is None else f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"
         self.bar.update(self.task, completed=step, stats=stats)
-        if not self.interactive and row is not None and (step % self.every == 0 or step == self.total):
+        if self.enabled and not self.interactive and row is not None and (step % self.every == 0 or step == self.total):
             console.print(f"step {step}/{self.total}  {stats}", highlight=False)
 
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from ftune.train.losses import cross_entropy_sum, learned_token_count
+from ftune.train.losses import MODEL_INPUTS, cross_entropy_sum, learned_token_count
 
 
 @torch.no_grad()
@@ -17,7 +17,7 @@ def evaluate_loss(model, loader, accelerator, max_batches: int = -1) -> dict[str
     for index, batch in enumerate(loader):
         if index == max_batches:
             break
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
         loss_sum += cross_entropy_sum(logits, batch["labels"])
         count += learned_token_count(batch["labels"])
     model.train(was_training)

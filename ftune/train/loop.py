@@ -21,11 +21,9 @@ from ftune.train.checkpoint import best_checkpoint, save_checkpoint
 from ftune.train.early_stop import judge
 from ftune.train.evaluate import evaluate_loss
 from ftune.train.interrupt import StopSignals
-from ftune.train.losses import learned_token_count, step_loss
+from ftune.train.losses import MODEL_INPUTS, learned_token_count, step_loss
 from ftune.train.probe import probe_ppl
 from ftune.train.state import TrainState
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 @dataclass
@@ -60,7 +58,8 @@ def fit(run: TrainRun) -> tuple[str, int]:
     state, cfg = run.state, run.cfg
     epochs = None if cfg.max_steps > 0 else cfg.epochs
     clock = Throughput(state)
-    with TrainProgress(run.total_steps, start=state.step) as progress, StopSignals() as signals:
+    progress_bar = TrainProgress(run.total_steps, start=state.step, enabled=run.accelerator.is_main_process)
+    with progress_bar as progress, StopSignals() as signals:
         for batches in step_batches(run, epochs):
             losses, learned, tokens = forward_backward(run, batches)
             guard_finite(run, losses["loss"])

@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from ftune.config.schema import DistillCfg
 from ftune.data.mask import IGNORE_INDEX
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+"""Batch keys the model reads; packed batches carry position_ids (and a 4D mask, or none for flash-attn)."""
+
 
 def text_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The logits of the text's own positions: the last `labels.size(1)` of them.

@@ -12,6 +12,7 @@ from ftune.config.schema import ModelCfg, ProbeCfg
 from ftune.data.collate import PadCollator
 from ftune.data.formats import load_texts
 from ftune.data.labels import tokenize_text
+from ftune.data.pipeline import private_generator
 from ftune.train.evaluate import evaluate_loss
 
 
@@ -23,7 +24,8 @@ def build_probe_loader(cfg: ProbeCfg, tokenizer, batch_size: int):
     for _, text in load_texts(cfg.path):
         example = tokenize_text(text, tokenizer)
         examples.append({"input_ids": example.input_ids[: cfg.max_length], "labels": example.labels[: cfg.max_length]})
-    return DataLoader(examples, batch_size=batch_size, collate_fn=PadCollator(tokenizer.pad_token_id, 8))
+    return DataLoader(examples, batch_size=batch_size, collate_fn=PadCollator(tokenizer.pad_token_id, 8),
+                      generator=private_generator())
 
 
 def probe_ppl(model, loader, accelerator) -> float:

@@ -45,8 +45,8 @@ def train(recipe: str, run_dir, data, *overrides: str) -> tuple[list[dict], dict
 
 def assert_loss_falls(rows: list[dict], final_eval: dict) -> None:
     """The first step's loss is the untrained model's on the batch; training must lower it, and keep it lower."""
-    assert rows[-1]["loss"] < 0.95 * rows[0]["loss"]
-    assert final_eval["eval_loss"] < 0.95 * rows[0]["loss"]
+    assert rows[-1]["loss"] < 0.97 * rows[0]["loss"]
+    assert final_eval["eval_loss"] < 0.97 * rows[0]["loss"]
 
 
 @pytest.mark.parametrize("recipe", ["tiny_qlora", "tiny_full", "tiny_ia3", "tiny_prompt_tuning",

@@ -49,7 +49,7 @@ def test_asset_paths_resolve_to_the_package():
         ("lora.r=-4", "lora.r=-4 is too small (expected >= 1)"),
         ("trainer.max_steps=abc", "trainer.max_steps: Value 'abc'"),
         ("data.train_on=prompt", "data.train_on='prompt' is not allowed (expected one of: all_assistant,"),
-        ("optim=sgd", "no option 'optim/sgd' (available optim: adamw)"),
+        ("optim=sgd", "no option 'optim/sgd' (available optim: adamw, "),
         ("recipe=nope", "recipe=nope: no such recipe (available: "),
         ("optim.betas=[0.9]", "optim.betas=[0.9] (expected two values in [0, 1))"),
     ],

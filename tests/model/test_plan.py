@@ -256,6 +256,15 @@ def test_bad_distribution_and_unknown_model(tiny_dir):
         plan_run(load_run_config(["recipe=tiny_lora", "model.name_or_path=nobody/none"])[0])
 
 
+def test_other_architectures_are_refused(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=16, n_head=2).save_pretrained(tmp_path)
+    cfg = load_run_config(["recipe=tiny_full", f"model.name_or_path={tmp_path}"])[0]
+    with pytest.raises(ConfigError, match="Llama-family decoders .* not model_type gpt2"):
+        plan_run(cfg)
+
+
 def test_quantized_bytes_equal_bitsandbytes_storage():
     from bitsandbytes.functional import quantize_4bit
 
