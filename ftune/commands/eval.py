@@ -6,8 +6,6 @@ Example: `ftune eval model=runs/tiny_lora/X/final models=[merged] out=eval.json`
 import json
 from pathlib import Path
 
-from ftune.errors import ConfigError
-
 COLUMNS = ("eval_loss", "eval_ppl", "probe_ppl", "probe_drift", "exact_match", "f1", "answer_tokens")
 """The metrics shown in the table, in order (the JSON holds every metric)."""
 
@@ -18,10 +16,7 @@ def run(args) -> int:
     from ftune.config.compose import load_command_config
     from ftune.model.evaluate_models import evaluate_models
 
-    cfg = load_command_config(EvalCfg, args.overrides)
-    problems = eval_problems(cfg)
-    if problems:
-        raise ConfigError("; ".join(problems))
+    cfg = load_command_config(EvalCfg, args.overrides, check=eval_problems)
     rows = evaluate_models(cfg)
     if args.json:
         print(json.dumps(rows, indent=2))

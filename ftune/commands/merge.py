@@ -4,7 +4,6 @@ Examples: `ftune merge adapter=runs/tiny_lora/X/final out=merged`, or to combine
 `ftune merge adapters=[a/final,b/final] weights=[0.7,0.3] combination=ties out=combined merge=false`.
 """
 
-from ftune.errors import ConfigError
 
 
 def run(args) -> int:
@@ -14,10 +13,7 @@ def run(args) -> int:
     from ftune.model.merge import merge
     from ftune.report.console import print_table
 
-    cfg = load_command_config(MergeCfg, args.overrides)
-    problems = merge_problems(cfg)
-    if problems:
-        raise ConfigError("; ".join(problems))
+    cfg = load_command_config(MergeCfg, args.overrides, check=merge_problems)
     result = merge(cfg)
     rows = {"base": result.base, "written": f"{result.kind} -> {result.out}",
             "adapter effect (max |logit change|)": result.adapter_effect}

@@ -135,8 +135,10 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(job) for job in itertools.product(*choices)]
 
 
-def load_command_config(schema: type, overrides: list[str]):
+def load_command_config(schema: type, overrides: list[str], check=None):
     """Parse `key=value` arguments of a command without a recipe (merge, eval) into its typed schema.
+
+    `check(typed) -> list[str]` adds the command's cross-field rules; all problems are reported at once.
 
     Raises:
         ConfigError: an unknown key, a badly typed value, or a problem `validate`'s field rules find.
@@ -153,7 +155,7 @@ def load_command_config(schema: type, overrides: list[str]):
         raise ConfigError(f"{key}: {detail} (known keys: {known})") from err
     except ValueError as err:  # from_dotlist: an argument without '='
         raise ConfigError(f"{err} (expected key=value arguments)") from err
-    problems = list(field_problems(typed, prefix=""))
+    problems = list(field_problems(typed, prefix="")) + (check(typed) if check else [])
     if problems:
         raise ConfigError("; ".join(problems))
     return typed

@@ -67,9 +67,13 @@ def _trained(family: str, metaspace: bool) -> str:
 
 @pytest.fixture(scope="session")
 def make_tokenizer():
-    """A factory of fresh fast tokenizers: `make(family, metaspace=False, trim_offsets=False)`."""
+    """A factory of fresh fast tokenizers: `make(family_or_template, metaspace=False, trim_offsets=False)`.
+
+    A template name gives the tokenizer family that template is tested with (`FAMILY`).
+    """
 
     def make(family: str, metaspace: bool = False, trim_offsets: bool = False) -> PreTrainedTokenizerFast:
+        family = FAMILY.get(family, family)
         _, bos, eos = FAMILIES[family]
         tokenizer = Tokenizer.from_str(_trained(family, metaspace))
         if trim_offsets:
@@ -108,3 +112,18 @@ def make_word_tokenizer():
         )
 
     return make
+
+
+FAMILY = {
+    "chatml": "chatml",
+    "qwen": "chatml",
+    "llama2": "llama2",
+    "llama3": "llama3",
+    "mistral": "mistral",
+    "mistral_v1": "llama2",
+    "gemma": "gemma",
+    "phi3": "phi3",
+    "alpaca": "llama2",
+}
+"""The test tokenizer family each template is rendered with (alpaca and mistral_v1 on Llama 2's vocabulary,
+where "[INST]" is plain text as in Mistral's v1 tokenizer)."""

@@ -23,17 +23,6 @@ TURNS = [
     {"role": "assistant", "content": " 4\n"},
 ]
 
-FAMILY = {
-    "chatml": "chatml",
-    "qwen": "chatml",
-    "llama2": "llama2",
-    "llama3": "llama3",
-    "mistral": "mistral",
-    "mistral_v1": "llama2",
-    "gemma": "gemma",
-    "phi3": "phi3",
-    "alpaca": "llama2",
-}
 
 # name: the two learned runs under all_assistant
 LEARNED = {
@@ -75,7 +64,7 @@ def _setup(name, options, make_tokenizer):
         tokenizer = make_tokenizer("chatml")
         tokenizer.chat_template = CHATML_OWN
     else:
-        tokenizer = make_tokenizer(FAMILY[name], **options)
+        tokenizer = make_tokenizer(name, **options)
     # Mistral v0.3 renders no system prompt for a conversation ending in an answer, see below
     conversation = TURNS if name == "mistral" else [SYSTEM, *TURNS]
     return tokenizer, resolve_template(name, tokenizer), conversation

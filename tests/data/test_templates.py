@@ -20,19 +20,6 @@ TURNS = [
 WITH_SYSTEM = [SYSTEM, *TURNS]
 PROMPT = WITH_SYSTEM[:4]  # rendered with add_generation_prompt=True
 
-# the test tokenizer family each template is rendered with (alpaca and mistral_v1 on Llama 2's vocabulary,
-# where "[INST]" is plain text as in Mistral's v1 tokenizer)
-FAMILY = {
-    "chatml": "chatml",
-    "qwen": "chatml",
-    "llama2": "llama2",
-    "llama3": "llama3",
-    "mistral": "mistral",
-    "mistral_v1": "llama2",
-    "gemma": "gemma",
-    "phi3": "phi3",
-    "alpaca": "llama2",
-}
 
 QWEN_DEFAULT_SYSTEM = (
     "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
@@ -142,7 +129,7 @@ def test_the_registry_has_every_family():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_template_renders_the_published_format(name, make_tokenizer):
-    tokenizer = make_tokenizer(FAMILY[name])
+    tokenizer = make_tokenizer(name)
     template = resolve_template(name, tokenizer)
     with_system, without_system, prompt = EXPECTED[name]
     assert render(template, WITH_SYSTEM, tokenizer) == with_system
@@ -191,7 +178,7 @@ def test_qwen_groups_tool_results_into_one_user_turn(make_tokenizer):
 
 def test_eos_families_end_turns_with_the_tokenizers_eos(make_tokenizer):
     for name in ("llama2", "mistral", "mistral_v1", "alpaca"):
-        assert resolve_template(name, make_tokenizer(FAMILY[name])).end_of_turn == "</s>"
+        assert resolve_template(name, make_tokenizer(name)).end_of_turn == "</s>"
     assert resolve_template("llama3", make_tokenizer("llama3")).end_of_turn == "<|eot_id|>"
 
 
@@ -266,7 +253,7 @@ FORBIDDEN = [
 
 @pytest.mark.parametrize(("name", "roles"), FORBIDDEN)
 def test_conversations_a_family_cannot_express_raise_data_error(name, roles, make_tokenizer):
-    tokenizer = make_tokenizer(FAMILY[name])
+    tokenizer = make_tokenizer(name)
     conversation = [{"role": role, "content": f"turn {i}"} for i, role in enumerate(roles)]
     with pytest.raises(DataError, match=f"chat template '{name}' cannot render"):
         render(resolve_template(name, tokenizer), conversation, tokenizer)
