@@ -54,7 +54,7 @@ def run_train(cfg: RunCfg, resolved: DictConfig) -> int:
 
 
 def release_accelerator() -> None:
-    """Forget accelerate's process-wide state, so the next job of a `-m` sweep may use another precision.
+    """Forget accelerate's process-wide state, so the next run in this process may use another precision.
 
     accelerate keeps one AcceleratorState per process and refuses a second Accelerator with different
     settings; `_reset_state` is how accelerate's own tests start over (there is no public equivalent).
@@ -76,6 +76,7 @@ def build_run(cfg: RunCfg, resolved: DictConfig):
     from ftune.train.state import TrainState
 
     run_dir = Path(cfg.output_dir)
+    release_accelerator()  # settings of an earlier Accelerator in this process (a sweep job, ftune eval) must not leak
     accelerator = Accelerator(
         mixed_precision=cfg.trainer.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
