@@ -69,7 +69,7 @@ def build_train_data(cfg):
     split = build_train_split(tokenizer, cfg.data, cfg.seed)
     seconds = time.perf_counter() - started
     loader = build_loader(split, tokenizer, cfg.data, cfg.model.attn_implementation, cfg.trainer.micro_batch_size,
-                          shuffle=True)
+                          shuffle=True, seed=cfg.seed)
     return tokenizer, split, loader, seconds
 
 

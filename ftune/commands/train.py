@@ -67,7 +67,7 @@ def release_accelerator() -> None:
 def build_run(cfg: RunCfg, resolved: DictConfig):
     """Everything the loop needs, prepared by accelerate and restored from a checkpoint when resuming."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
 
     from ftune.model.load import load_teacher, load_tokenizer, prepare_model
     from ftune.train.checkpoint import load_checkpoint, resolve_resume, save_trainable_weights_only
@@ -80,6 +80,8 @@ def build_run(cfg: RunCfg, resolved: DictConfig):
     accelerator = Accelerator(
         mixed_precision=cfg.trainer.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor" if cfg.trainer.compile else "no",
+                                        use_regional_compilation=cfg.trainer.compile),
     )
     check_world_size(accelerator)
     if accelerator.is_main_process:
@@ -124,7 +126,8 @@ def build_loaders(cfg: RunCfg, tokenizer) -> tuple[dict, dict]:
     held_out = build_split(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
     attn = cfg.model.attn_implementation
     loaders = {
-        "train": build_loader(train, tokenizer, cfg.data, attn, batch, shuffle=True, workers=cfg.trainer.num_workers),
+        "train": build_loader(train, tokenizer, cfg.data, attn, batch, shuffle=True, workers=cfg.trainer.num_workers,
+                              seed=cfg.seed),
         "eval": build_loader(held_out, tokenizer, cfg.data, attn, batch, shuffle=False) if held_out else None,
         "probe": build_probe_loader(cfg.probe, tokenizer, batch) if cfg.probe.path else None,
     }

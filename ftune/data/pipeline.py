@@ -23,6 +23,7 @@ from ftune.data.formats import RecordError, read_source, resolve_format, source_
 from ftune.data.labels import TokenizedExample, tokenize_conversation, tokenize_text
 from ftune.data.mask import IGNORE_INDEX
 from ftune.data.packing import pack
+from ftune.data.sampler import LengthGroupedSampler
 from ftune.data.templates import ChatTemplate, resolve_template
 from ftune.errors import ConfigError, DataError
 from ftune.report.console import console
@@ -30,9 +31,9 @@ from ftune.report.console import console
 PIPELINE_VERSION = 2
 """Bump when a change to the code changes the rows or statistics it builds, so old caches are not served."""
 
-NOT_SHAPING_ROWS = ("path", "eval_path", "mix", "pad_to_multiple_of")
-"""DataCfg fields left out of the settings part of the cache key: sources are keyed by content, padding is
-applied per batch."""
+NOT_SHAPING_ROWS = ("path", "eval_path", "mix", "pad_to_multiple_of", "group_by_length")
+"""DataCfg fields left out of the settings part of the cache key: sources are keyed by content, padding and
+batch order are decided per batch."""
 
 NOTHING_TO_LEARN = "no learned token left after truncation"
 UNRENDERABLE = "the chat template cannot render it"
@@ -292,15 +293,22 @@ def split_fingerprint(sources: list[DataSourceCfg], tokenizer, cfg: DataCfg, see
 
 
 def build_loader(split: Split, tokenizer, cfg: DataCfg, attn_implementation: str, batch_size: int,
-                 shuffle: bool, workers: int = 0) -> DataLoader:
-    """Batches of rows: padded, or packed with the attention inputs `attn_implementation` needs."""
+                 shuffle: bool, workers: int = 0, seed: int = 0) -> DataLoader:
+    """Batches of rows: padded, or packed with the attention inputs `attn_implementation` needs.
+
+    Shuffled loaders with `data.group_by_length` (and no packing) draw similar lengths together, seeded by `seed`.
+    """
     collate = (
         PackedCollator(tokenizer.pad_token_id, attn_implementation, pad_to_multiple_of=cfg.pad_to_multiple_of)
         if cfg.packing
         else PadCollator(tokenizer.pad_token_id, cfg.pad_to_multiple_of)
     )
-    return DataLoader(split.rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=workers,
-                      generator=private_generator())
+    sampler = None
+    if shuffle and cfg.group_by_length and not cfg.packing:
+        lengths = [len(ids) for ids in split.rows["input_ids"]]
+        sampler, shuffle = LengthGroupedSampler(lengths, batch_size, seed), False
+    return DataLoader(split.rows, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate,
+                      num_workers=workers, generator=private_generator())
 
 
 def private_generator():

@@ -162,6 +162,7 @@ def log_step(run: TrainRun, losses: dict[str, torch.Tensor], grad_norm: torch.Te
         "tokens": state.tokens,
         "learned_tokens": state.learned_tokens,
         "tokens_per_s": clock.rate(),
+        "time": round(time.time(), 3),
     }
     run.log.log(row)
     return row

@@ -1,0 +1,398 @@
+"""Benchmark ftune's LoRA training against TRL's SFTTrainer, in the same run, on the same machine, data and model.
+
+    pip install -e ".[bench]"          # TRL, a benchmark dependency only
+    python scripts/bench.py --json results/bench.json
+    python scripts/bench.py --quick    # one repeat, a few steps, the tiny model only: a smoke test
+
+Every configuration trains the same LoRA (r=8, alpha 16, dropout 0.05, all linear layers) with the same AdamW,
+cosine schedule, learning rate, 512-token sequence length, micro-batch 4 x accumulation 2 and number of optimizer
+steps, on the shipped chat data (learning every token, TRL's default, so the losses compare). Each run is its own
+process (fresh memory, fresh data cache) and configurations alternate, repeat by repeat, so a slow spell of the
+machine hits all of them; the tables give medians. Models: the embedded `tiny` model and a ~64M-parameter one
+built by scripts/build_tiny_model.py (preset `small`, barely pretrained: speed does not depend on the weights).
+
+Figures per run: real (non-pad) and learned tokens per second after warm-up, padding share of the batches, peak
+RSS, time to the end of the first step (model load, data preparation, one step), the mean loss of the last five
+steps, and model FLOPs utilisation: LoRA costs about 4N FLOPs per token (forward 2N, input gradients 2N; frozen
+weights get no weight gradient), over this machine's GEMM rate measured here in the dtype trained in. Attention
+FLOPs are left out of 4N, so MFU slightly understates the work on long rows.
+
+TRL caveat, measured on transformers 5: TRL's packing (`packing=True`, best-fit-decreasing, padding-free) passes
+position ids that `sdpa`/`eager` attention ignore, so its packed documents attend to each other. Its packed figure
+is reported, marked as not isolated; ftune's packing isolates documents with a block-diagonal mask.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT_TRAIN = REPO / "ftune" / "assets" / "data" / "chat" / "train.jsonl"
+TINY_MODEL = REPO / "ftune" / "assets" / "models" / "tiny"
+LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
+MAX_LENGTH, MICRO_BATCH, GRAD_ACCUM, LR, WARMUP_RATIO, WEIGHT_DECAY, SEED = 512, 4, 2, 1e-3, 0.1, 0.0, 0
+LAST_LOSSES = 5
+
+
+@dataclass(frozen=True)
+class Config:
+    """One way of training: the tool, its batching and its autocast dtype."""
+
+    name: str
+    tool: str  # "ftune" or "trl"
+    batching: str  # "padded", "grouped" (length-grouped, padded) or "packed"
+    bf16: bool = True
+    row_length: int = MAX_LENGTH  # packed rows hold this many tokens
+    compile: bool = False
+    note: str = ""
+
+
+CONFIGS = [
+    Config("trl_default", "trl", "padded", note="SFTConfig defaults (bf16 autocast, pad to longest)"),
+    Config("trl_grouped", "trl", "grouped", note="train_sampling_strategy=group_by_length"),
+    Config("trl_packed", "trl", "packed", note="packing=True (BFD, padding-free): NOT isolated on sdpa"),
+    Config("ftune_padded", "ftune", "padded"),
+    Config("ftune_grouped", "ftune", "grouped", note="data.group_by_length=true"),
+    Config("ftune_packed", "ftune", "packed", note="data.packing=true, isolated (block-diagonal mask)"),
+    Config("ftune_packed_256", "ftune", "packed", row_length=256, note="packed into 256-token rows"),
+]
+COMPILED_CONFIGS = [
+    Config("ftune_packed_256_compiled", "ftune", "packed", row_length=256, compile=True,
+           note="trainer.compile=true (torch.compile, regional)"),
+]
+FP32_CONFIGS = [
+    Config("trl_default_fp32", "trl", "padded", bf16=False, note="bf16=False"),
+    Config("ftune_grouped_fp32", "ftune", "grouped", bf16=False, note="trainer.mixed_precision=no"),
+]
+
+ALL_CONFIGS = CONFIGS + COMPILED_CONFIGS + FP32_CONFIGS
+
+
+@dataclass
+class Model:
+    """A model to benchmark on and its run length: warm-up steps (not timed) and timed steps."""
+
+    name: str
+    path: Path
+    warmup: int
+    timed: int
+    params: int = 0
+
+
+@dataclass
+class StepLog:
+    """What a worker records per micro-batch (tokens) and per optimizer step (end time, loss)."""
+
+    real: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    learned: list[int] = field(default_factory=list)
+    step_end: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+
+    def count(self, batch: dict) -> dict:
+        """Record one collated batch's real tokens, token slots and learned tokens; returns it unchanged."""
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if "num_tokens" in batch:  # ftune's collators count real tokens themselves (packed rows have a 4D mask)
+            real = int(batch["num_tokens"])
+        elif mask is not None and mask.dim() == 2:
+            real = int(mask.sum())
+        else:  # padding-free rows (TRL's packing) hold no pad
+            real = ids.numel()
+        self.real.append(real)
+        self.slots.append(ids.numel())
+        self.learned.append(int((batch["labels"][:, 1:] != -100).sum()))
+        return batch
+
+
+def summarize_worker(log: StepLog, started: float, warmup: int, extra: dict) -> dict:
+    """Throughput over the timed steps (after `warmup`), from per-batch token counts and step end times."""
+    steps = len(log.step_end)
+    window = slice(warmup * GRAD_ACCUM, steps * GRAD_ACCUM)
+    seconds = log.step_end[-1] - log.step_end[warmup - 1]
+    real, learned = sum(log.real[window]), sum(log.learned[window])
+    return {
+        "steps": steps,
+        "real_tokens_per_s": real / seconds,
+        "learned_tokens_per_s": learned / seconds,
+        "padding_share": 1 - sum(log.real) / sum(log.slots),
+        "first_step_s": log.step_end[0] - started,
+        "final_loss": statistics.mean(log.loss[-LAST_LOSSES:]),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **extra,
+    }
+
+
+def run_ftune(config: Config, model: Model, out: Path, started: float) -> dict:
+    """Train with `ftune train` in this process, counting the batches its collators produce."""
+    import ftune.data.pipeline as pipeline
+    from ftune.commands.train import read_metrics, run_train
+    from ftune.config.compose import load_run_config
+
+    log, build_loader = StepLog(), pipeline.build_loader
+
+    def counted_loader(*args, **kwargs):
+        loader = build_loader(*args, **kwargs)
+        if kwargs.get("shuffle"):  # the training loader only
+            collate = loader.collate_fn
+            loader.collate_fn = lambda rows: log.count(collate(rows))
+        return loader
+
+    pipeline.build_loader = counted_loader
+    overrides = [
+        f"model.name_or_path={model.path}", f"data.path={CHAT_TRAIN}", "data.eval_path=null", "probe.path=null",
+        "data.train_on=everything", f"data.max_length={config.row_length}",
+        f"data.packing={config.batching == 'packed'}", f"data.group_by_length={config.batching == 'grouped'}",
+        f"trainer.max_steps={model.warmup + model.timed}",
+        f"trainer.micro_batch_size={MICRO_BATCH}", f"trainer.grad_accum={GRAD_ACCUM}", "trainer.eval_every=0",
+        "trainer.save_every=0", "trainer.log_every=1", "trainer.final_weights=last",
+        f"trainer.mixed_precision={'bf16' if config.bf16 else 'no'}", f"trainer.compile={config.compile}",
+        f"optim.lr={LR}",
+        f"optim.warmup_ratio={WARMUP_RATIO}", f"optim.weight_decay={WEIGHT_DECAY}", f"seed={SEED}",
+        *[f"lora.{key}={value}" for key, value in LORA.items()], f"output_dir={out / 'run'}",
+    ]
+    run_train(*load_run_config(overrides))
+    rows = [row for row in read_metrics(out / "run") if "loss" in row]
+    log.step_end, log.loss = [row["time"] for row in rows], [row["loss"] for row in rows]
+    return summarize_worker(log, started, model.warmup, {"mixed_precision": "bf16" if config.bf16 else "no"})
+
+
+def run_trl(config: Config, model: Model, out: Path, started: float) -> dict:
+    """Train with TRL's SFTTrainer, changing only the options that `config` names from SFTConfig's defaults."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    log = StepLog()
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            log.step_end.append(time.time())
+
+    options = {"packing": True} if config.batching == "packed" else {}
+    options |= {"train_sampling_strategy": "group_by_length"} if config.batching == "grouped" else {}
+    options |= {} if config.bf16 else {"bf16": False}
+    args = SFTConfig(
+        output_dir=str(out / "run"), max_steps=model.warmup + model.timed, per_device_train_batch_size=MICRO_BATCH,
+        gradient_accumulation_steps=GRAD_ACCUM, learning_rate=LR, lr_scheduler_type="cosine",
+        warmup_steps=WARMUP_RATIO, weight_decay=WEIGHT_DECAY, max_grad_norm=1.0, max_length=MAX_LENGTH,
+        logging_steps=1, save_strategy="no", report_to="none", seed=SEED, data_seed=SEED, use_cpu=not cuda_available(),
+        **options,
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32),
+        args=args,
+        train_dataset=load_dataset("json", data_files=str(CHAT_TRAIN), split="train"),
+        processing_class=AutoTokenizer.from_pretrained(model.path),
+        peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                               target_modules="all-linear", task_type="CAUSAL_LM"),
+        callbacks=[StepClock()],
+    )
+    collate = trainer.data_collator
+    trainer.data_collator = lambda rows: log.count(collate(rows))
+    trainer.train()
+    log.loss = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return summarize_worker(log, started, model.warmup, {"mixed_precision": trainer.accelerator.mixed_precision})
+
+
+def cuda_available() -> bool:
+    """Whether a GPU is present: TRL's bf16 default refuses a CPU-only machine unless told `use_cpu`."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Run one configuration and print its figures as one JSON line (the last line of stdout)."""
+    config = next(c for c in ALL_CONFIGS if c.name == args.worker)
+    model = Model(args.model_name, Path(args.model_path), args.warmup, args.timed)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["FTUNE_CACHE"] = str(Path(tmp) / "cache")  # time data preparation, not a cache hit
+        started = time.time()
+        result = (run_ftune if config.tool == "ftune" else run_trl)(config, model, Path(tmp), started)
+    print(json.dumps(result), flush=True)
+
+
+def run_config(config: Config, model: Model) -> dict:
+    """One configuration in a fresh process."""
+    command = [sys.executable, __file__, "--worker", config.name, "--model-name", model.name,
+               "--model-path", str(model.path), "--warmup", str(model.warmup), "--timed", str(model.timed)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        sys.exit(f"bench: {config.name} on {model.name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def gemm_rate(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
+    """This machine's matmul throughput in FLOP/s for one dtype (n x n x n, best of `repeats` after a warm-up)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "no": torch.float32}[dtype_name]
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(timed_call(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def timed_call(function) -> float:
+    """Seconds one call takes."""
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def ensure_small_model(cache: Path) -> Path:
+    """The ~64M-parameter model, built once by build_tiny_model.py (a few pretraining steps: weights barely matter)."""
+    path = cache / "small"
+    if not (path / "config.json").is_file():
+        subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_model.py"), "--preset", "small",
+                        "--tokens", "8192", "--out", str(path)], check=True, cwd=REPO, capture_output=True)
+    return path
+
+
+def count_params(path: Path) -> int:
+    """Parameters of a saved model, from the meta device (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).parameters())
+
+
+def median_results(runs: list[dict]) -> dict:
+    """Medians over the repeats of every numeric figure (the mixed precision is the same in each)."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
+    return {k: statistics.median(r[k] for r in runs) for k in keys} | {"mixed_precision": runs[0]["mixed_precision"]}
+
+
+def add_mfu(result: dict, params: int, rates: dict[str, float]) -> None:
+    """MFU against the GEMM rate of the dtype trained in: 4N FLOPs per real token for LoRA."""
+    result["mfu"] = 4 * params * result["real_tokens_per_s"] / rates[result["mixed_precision"]]
+
+
+def headline(results: dict[str, dict]) -> dict:
+    """The ratios the README quotes: ftune's best isolated configuration over TRL's default and best ones."""
+    def best(names):
+        return max(names, key=lambda n: results[n]["real_tokens_per_s"])
+
+    ftune_best = best([n for n in results if n.startswith("ftune") and results[n]["mixed_precision"] == "bf16"])
+    trl_any = best([n for n in results if n.startswith("trl")])
+    ftune_rate = results[ftune_best]["real_tokens_per_s"]
+    return {
+        "ftune_best": ftune_best,
+        "trl_best": trl_any,
+        "ratio_vs_trl_default": ftune_rate / results["trl_default"]["real_tokens_per_s"],
+        "ratio_vs_trl_packed": ftune_rate / results["trl_packed"]["real_tokens_per_s"],
+        "ratio_vs_trl_best": ftune_rate / results[trl_any]["real_tokens_per_s"],
+        "packing_fill": 1 - results["ftune_packed"]["padding_share"],
+        "peak_rss_mb": results[ftune_best]["peak_rss_mb"],
+        "trl_peak_rss_mb": results["trl_default"]["peak_rss_mb"],
+        "loss_gap_padded": results["ftune_padded"]["final_loss"] - results["trl_default"]["final_loss"],
+        "loss_gap_grouped": results["ftune_grouped"]["final_loss"] - results["trl_grouped"]["final_loss"],
+    }
+
+
+def print_table(model: Model, results: dict[str, dict], head: dict) -> None:
+    """One rich table per model, and its headline ratios."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model.name}: {model.params / 1e6:.1f}M params, {model.timed} timed steps (medians)")
+    for column in ("config", "dtype", "real tok/s", "learned tok/s", "padding", "MFU", "first step s", "peak RSS MB",
+                   "final loss", "note"):
+        table.add_column(column)
+    notes = {c.name: c.note for c in ALL_CONFIGS}
+    for name, r in results.items():
+        table.add_row(name, r["mixed_precision"], f"{r['real_tokens_per_s']:.0f}", f"{r['learned_tokens_per_s']:.0f}",
+                      f"{r['padding_share']:.1%}", f"{r['mfu']:.1%}", f"{r['first_step_s']:.1f}",
+                      f"{r['peak_rss_mb']:.0f}", f"{r['final_loss']:.3f}", notes[name])
+    console = Console(width=160)
+    console.print(table)
+    console.print({k: round(v, 3) if isinstance(v, float) else v for k, v in head.items()})
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration on the tiny model")
+    parser.add_argument("--quick", action="store_true", help="tiny model, one repeat, 3 + 5 steps")
+    parser.add_argument("--fp32", action="store_true", help="also run the fp32 pair (ftune grouped, TRL default)")
+    parser.add_argument("--compile", action="store_true", help="also run ftune with trainer.compile=true")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ftune-bench")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model-name", help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--timed", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        return worker(args)
+    started = time.time()
+    models = [Model("tiny", TINY_MODEL, warmup=3, timed=5 if args.quick else 25)]
+    if not args.quick:
+        models.append(Model("small", ensure_small_model(args.cache), warmup=2, timed=8))
+    configs = CONFIGS + (COMPILED_CONFIGS if args.compile else []) + (FP32_CONFIGS if args.fp32 else [])
+    rates = {"bf16": gemm_rate("bf16"), "no": gemm_rate("no")}
+    report = {"date": date.today().isoformat(), "machine": machine(), "gemm_flops": rates, "models": {}}
+    for model in models:
+        model.params = count_params(model.path)
+        repeats = 1 if args.quick else (args.repeats if model.name == "tiny" else max(1, args.repeats - 1))
+        runs: dict[str, list[dict]] = {c.name: [] for c in configs}
+        for repeat in range(repeats):
+            for config in configs[repeat % len(configs):] + configs[: repeat % len(configs)]:  # rotate the order
+                runs[config.name].append(run_config(config, model))
+                print(f"{model.name} repeat {repeat + 1}/{repeats} {config.name}: "
+                      f"{runs[config.name][-1]['real_tokens_per_s']:.0f} real tok/s", flush=True)
+        results = {name: median_results(r) for name, r in runs.items()}
+        for result in results.values():
+            add_mfu(result, model.params, rates)
+        head = headline(results)
+        print_table(model, results, head)
+        report["models"][model.name] = {"params": model.params, "warmup_steps": model.warmup,
+                                        "timed_steps": model.timed, "repeats": repeats, "results": results,
+                                        "runs": runs, **head}
+    report |= {k: report["models"]["tiny"][k] for k in headline_keys()}
+    report["wall_s"] = round(time.time() - started, 1)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"done in {report['wall_s']:.0f}s")
+
+
+def headline_keys() -> tuple[str, ...]:
+    """Top-level JSON keys, taken from the tiny model (the default run's model)."""
+    return ("ratio_vs_trl_default", "ratio_vs_trl_packed", "ratio_vs_trl_best", "packing_fill", "peak_rss_mb")
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "trl": trl_version()}
+
+
+def trl_version() -> str:
+    import trl
+
+    return trl.__version__
+
+
+if __name__ == "__main__":
+    main()
