@@ -1,8 +1,9 @@
 """Benchmark ftune's LoRA training against TRL's SFTTrainer, in the same run, on the same machine, data and model.
 
     pip install -e ".[bench]"          # TRL, a benchmark dependency only
-    python scripts/bench.py --json results/bench.json
+    python scripts/bench.py --json results/bench.json     # ~18 min on 2 CPU cores
     python scripts/bench.py --quick    # one repeat, a few steps, the tiny model only: a smoke test
+    python scripts/bench.py --fp32 --bf16-base            # also fp32 autocast-free runs and bf16 frozen bases
 
 Every configuration trains the same LoRA (r=8, alpha 16, dropout 0.05, all linear layers) with the same AdamW,
 cosine schedule, learning rate, 512-token sequence length, micro-batch 4 x accumulation 2 and number of optimizer
@@ -10,6 +11,8 @@ steps, on the shipped chat data (learning every token, TRL's default, so the los
 process (fresh memory, fresh data cache) and configurations alternate, repeat by repeat, so a slow spell of the
 machine hits all of them; the tables give medians. Models: the embedded `tiny` model and a ~64M-parameter one
 built by scripts/build_tiny_model.py (preset `small`, barely pretrained: speed does not depend on the weights).
+TRL runs its defaults except what a configuration names; note that SFTConfig turns gradient checkpointing on by
+default (slower, less memory), so `trl_grouped_no_gc` is also measured as TRL's fastest option set.
 
 Figures per run: real (non-pad) and learned tokens per second after warm-up, padding share of the batches, peak
 RSS, time to the end of the first step (model load, data preparation, one step), the mean loss of the last five
@@ -42,6 +45,7 @@ TINY_MODEL = REPO / "ftune" / "assets" / "models" / "tiny"
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
 MAX_LENGTH, MICRO_BATCH, GRAD_ACCUM, LR, WARMUP_RATIO, WEIGHT_DECAY, SEED = 512, 4, 2, 1e-3, 0.1, 0.0, 0
 LAST_LOSSES = 5
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -54,12 +58,16 @@ class Config:
     bf16: bool = True
     row_length: int = MAX_LENGTH  # packed rows hold this many tokens
     compile: bool = False
+    gradient_checkpointing: bool | None = None  # None: the tool's default (TRL: on, ftune: off)
+    base_dtype: str = "fp32"  # frozen base weights in fp32, or bf16 (LoRA weights and optimizer state stay fp32)
     note: str = ""
 
 
 CONFIGS = [
     Config("trl_default", "trl", "padded", note="SFTConfig defaults (bf16 autocast, pad to longest)"),
     Config("trl_grouped", "trl", "grouped", note="train_sampling_strategy=group_by_length"),
+    Config("trl_grouped_no_gc", "trl", "grouped", gradient_checkpointing=False,
+           note="and gradient_checkpointing=False (TRL defaults to True)"),
     Config("trl_packed", "trl", "packed", note="packing=True (BFD, padding-free): NOT isolated on sdpa"),
     Config("ftune_padded", "ftune", "padded"),
     Config("ftune_grouped", "ftune", "grouped", note="data.group_by_length=true"),
@@ -70,12 +78,17 @@ COMPILED_CONFIGS = [
     Config("ftune_packed_256_compiled", "ftune", "packed", row_length=256, compile=True,
            note="trainer.compile=true (torch.compile, regional)"),
 ]
+BF16_BASE_CONFIGS = [
+    Config("trl_grouped_no_gc_bf16_base", "trl", "grouped", gradient_checkpointing=False, base_dtype="bf16",
+           note="and the frozen base loaded in bf16"),
+    Config("ftune_grouped_bf16_base", "ftune", "grouped", base_dtype="bf16", note="and model.dtype=bf16"),
+]
 FP32_CONFIGS = [
     Config("trl_default_fp32", "trl", "padded", bf16=False, note="bf16=False"),
     Config("ftune_grouped_fp32", "ftune", "grouped", bf16=False, note="trainer.mixed_precision=no"),
 ]
 
-ALL_CONFIGS = CONFIGS + COMPILED_CONFIGS + FP32_CONFIGS
+ALL_CONFIGS = CONFIGS + BF16_BASE_CONFIGS + COMPILED_CONFIGS + FP32_CONFIGS
 
 
 @dataclass
@@ -156,7 +169,7 @@ def run_ftune(config: Config, model: Model, out: Path, started: float) -> dict:
         f"trainer.micro_batch_size={MICRO_BATCH}", f"trainer.grad_accum={GRAD_ACCUM}", "trainer.eval_every=0",
         "trainer.save_every=0", "trainer.log_every=1", "trainer.final_weights=last",
         f"trainer.mixed_precision={'bf16' if config.bf16 else 'no'}", f"trainer.compile={config.compile}",
-        f"optim.lr={LR}",
+        f"model.dtype={config.base_dtype}", f"optim.lr={LR}",
         f"optim.warmup_ratio={WARMUP_RATIO}", f"optim.weight_decay={WEIGHT_DECAY}", f"seed={SEED}",
         *[f"lora.{key}={value}" for key, value in LORA.items()], f"output_dir={out / 'run'}",
     ]
@@ -183,6 +196,8 @@ def run_trl(config: Config, model: Model, out: Path, started: float) -> dict:
     options = {"packing": True} if config.batching == "packed" else {}
     options |= {"train_sampling_strategy": "group_by_length"} if config.batching == "grouped" else {}
     options |= {} if config.bf16 else {"bf16": False}
+    if config.gradient_checkpointing is not None:
+        options["gradient_checkpointing"] = config.gradient_checkpointing
     args = SFTConfig(
         output_dir=str(out / "run"), max_steps=model.warmup + model.timed, per_device_train_batch_size=MICRO_BATCH,
         gradient_accumulation_steps=GRAD_ACCUM, learning_rate=LR, lr_scheduler_type="cosine",
@@ -191,7 +206,7 @@ def run_trl(config: Config, model: Model, out: Path, started: float) -> dict:
         **options,
     )
     trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32),
+        model=AutoModelForCausalLM.from_pretrained(model.path, dtype=getattr(torch, DTYPES[config.base_dtype])),
         args=args,
         train_dataset=load_dataset("json", data_files=str(CHAT_TRAIN), split="train"),
         processing_class=AutoTokenizer.from_pretrained(model.path),
@@ -328,7 +343,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration on the tiny model")
     parser.add_argument("--quick", action="store_true", help="tiny model, one repeat, 3 + 5 steps")
     parser.add_argument("--fp32", action="store_true", help="also run the fp32 pair (ftune grouped, TRL default)")
-    parser.add_argument("--compile", action="store_true", help="also run ftune with trainer.compile=true")
+    parser.add_argument("--bf16-base", action="store_true", help="also run ftune and TRL with a bf16 frozen base")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ftune-bench")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-name", help=argparse.SUPPRESS)
@@ -343,18 +358,20 @@ def main() -> None:
     if args.worker:
         return worker(args)
     started = time.time()
-    models = [Model("tiny", TINY_MODEL, warmup=3, timed=5 if args.quick else 25)]
+    models = [Model("tiny", TINY_MODEL, warmup=3, timed=5 if args.quick else 12)]  # ~20 min in all on 2 cores
     if not args.quick:
-        models.append(Model("small", ensure_small_model(args.cache), warmup=2, timed=8))
-    configs = CONFIGS + (COMPILED_CONFIGS if args.compile else []) + (FP32_CONFIGS if args.fp32 else [])
+        models.append(Model("small", ensure_small_model(args.cache), warmup=1, timed=4))
+    configs = (CONFIGS + ([] if args.quick else COMPILED_CONFIGS) + (BF16_BASE_CONFIGS if args.bf16_base else [])
+               + (FP32_CONFIGS if args.fp32 else []))
     rates = {"bf16": gemm_rate("bf16"), "no": gemm_rate("no")}
     report = {"date": date.today().isoformat(), "machine": machine(), "gemm_flops": rates, "models": {}}
     for model in models:
         model.params = count_params(model.path)
         repeats = 1 if args.quick else (args.repeats if model.name == "tiny" else max(1, args.repeats - 1))
-        runs: dict[str, list[dict]] = {c.name: [] for c in configs}
+        chosen = [c for c in configs if not (c.compile and model.name != "tiny")]  # compiling a 64M model: minutes
+        runs: dict[str, list[dict]] = {c.name: [] for c in chosen}
         for repeat in range(repeats):
-            for config in configs[repeat % len(configs):] + configs[: repeat % len(configs)]:  # rotate the order
+            for config in chosen[repeat % len(chosen):] + chosen[: repeat % len(chosen)]:  # rotate the order
                 runs[config.name].append(run_config(config, model))
                 print(f"{model.name} repeat {repeat + 1}/{repeats} {config.name}: "
                       f"{runs[config.name][-1]['real_tokens_per_s']:.0f} real tok/s", flush=True)

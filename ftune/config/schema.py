@@ -197,7 +197,8 @@ class TrainerCfg:
     nan_guard: bool = True
     """Stop with exit code 3 (after saving the last good state) when a step's loss is not finite."""
     final_weights: str = choice("best", "last")
-    """What final/ holds: the best evaluation's weights (needs evaluation) or the last step's."""
+    """What final/ holds: the best evaluation's weights (needs evaluation; each improvement is checkpointed) or the
+    last step's (checkpoints then come only from `save_every`)."""
 
 
 @dataclass

@@ -70,7 +70,8 @@ def fit(run: TrainRun) -> tuple[str, int]:
                 if due(state.step, cfg.log_every) or last else None
             progress.update(state.step, row)
             verdict = evaluate(run) if due(state.step, cfg.eval_every) or last else None
-            if due(state.step, cfg.save_every) or (verdict and verdict.improved) or signals.requested(run.accelerator):
+            keep_best = verdict and verdict.improved and cfg.final_weights == "best"  # final/ will reload it
+            if due(state.step, cfg.save_every) or keep_best or signals.requested(run.accelerator):
                 checkpoint(run)
             if signals.signum is not None:
                 return "interrupted", signals.exit_code()

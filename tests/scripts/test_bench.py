@@ -1,0 +1,39 @@
+"""The benchmark's arithmetic: which batches and seconds count, and how tokens are told from padding."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # scripts/ is not a package
+
+import bench  # noqa: E402
+
+
+def batch(mask: list[list[int]], labels: list[list[int]], **extra) -> dict:
+    return {"input_ids": torch.zeros(len(mask), len(mask[0]), dtype=torch.long),
+            "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels), **extra}
+
+
+def test_counts_real_slots_and_learned_tokens_of_padded_packed_and_padding_free_batches():
+    log = bench.StepLog()
+    log.count(batch([[1, 1, 0], [1, 0, 0]], [[5, 5, -100], [-100, -100, -100]]))
+    packed = batch([[1, 1, 1]], [[-100, 6, 7]], num_tokens=torch.tensor(2))  # ftune: 4D mask, own count
+    packed["attention_mask"] = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    log.count(packed)
+    log.count({"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.tensor([[1, 2, 3, 4]])})
+    assert log.real == [3, 2, 4]
+    assert log.slots == [6, 3, 4]
+    assert log.learned == [1, 2, 3]  # the first label never counts: nothing predicts it
+
+
+def test_throughput_skips_the_warm_up_steps_batches_and_seconds():
+    log = bench.StepLog(real=[100] * 2 + [10] * 4, slots=[200] * 6, learned=[50] * 2 + [5] * 4,
+                        step_end=[1000.0, 1002.0, 1003.0], loss=[3.0, 2.0, 1.0])
+    result = bench.summarize_worker(log, started=990.0, warmup=1, extra={"mixed_precision": "bf16"})
+    assert result["real_tokens_per_s"] == pytest.approx(40 / 3)  # steps 2-3: 4 micro-batches in 3 s
+    assert result["learned_tokens_per_s"] == pytest.approx(20 / 3)
+    assert result["first_step_s"] == pytest.approx(10.0)
+    assert result["padding_share"] == pytest.approx(1 - 240 / 1200)
+    assert result["final_loss"] == pytest.approx(2.0)
