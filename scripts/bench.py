@@ -201,7 +201,8 @@ def run_trl(config: Config, model: Model, out: Path, started: float) -> dict:
     args = SFTConfig(
         output_dir=str(out / "run"), max_steps=model.warmup + model.timed, per_device_train_batch_size=MICRO_BATCH,
         gradient_accumulation_steps=GRAD_ACCUM, learning_rate=LR, lr_scheduler_type="cosine",
-        warmup_steps=WARMUP_RATIO, weight_decay=WEIGHT_DECAY, max_grad_norm=1.0, max_length=MAX_LENGTH,
+        warmup_steps=WARMUP_RATIO,  # transformers 5: a value below 1 is a fraction of the steps
+        weight_decay=WEIGHT_DECAY, max_grad_norm=1.0, max_length=MAX_LENGTH,
         logging_steps=1, save_strategy="no", report_to="none", seed=SEED, data_seed=SEED, use_cpu=not cuda_available(),
         **options,
     )

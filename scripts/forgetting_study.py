@@ -27,7 +27,6 @@ shipped datasets (3-5; scripts/build_datasets.py). Training runs, data and ftune
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -220,20 +219,6 @@ def evaluate(run_dirs: dict[str, Path], data: Data, work: Path, env: dict[str, s
     return {"base": rows[str(BASE_MODEL)], **{name: rows[final] for name, final in zip(run_dirs, finals, strict=True)}}
 
 
-def trainable_params(run_dir: Path) -> int:
-    """Trainable parameters of a run: every tensor ftune saved in final/ (the adapter alone, or the whole model).
-
-    summary.json does not record the count (ftune train only prints it), so it is read from the saved weights.
-    """
-    from safetensors import safe_open
-
-    total = 0
-    for path in sorted((run_dir / "final").glob("*.safetensors")):
-        with safe_open(str(path), "numpy") as weights:
-            total += sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())  # noqa: SIM118
-    return total
-
-
 def curve(run_dir: Path, base: dict) -> list[dict]:
     """Task perplexity and control drift at each evaluation of the run, from its metrics.jsonl.
 
@@ -256,7 +241,7 @@ def describe_run(spec: RunSpec, run_dir: Path, rows: dict[str, dict]) -> dict:
         "method": spec.method,
         "r": spec.rank,
         "lr": LEARNING_RATES[spec.method],
-        "trainable_params": trainable_params(run_dir),
+        "trainable_params": summary["trainable_params"],
         "task_ppl_before": base["eval_ppl"],
         "task_ppl_after": after["eval_ppl"],
         "probe_ppl_before": base["probe_ppl"],

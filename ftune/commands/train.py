@@ -230,12 +230,14 @@ def draw_plots(run_dir: Path) -> None:
 
 
 def write_summary(run, stop_reason: str, final_step: int | None, started: float) -> dict:
-    """summary.json: why the run ended, the best evaluation, totals, first/last loss, time and peak memory."""
+    """summary.json: why the run ended, the best evaluation, totals, losses, parameters, time and peak memory."""
+    from ftune.model.load import count_parameters
     from ftune.train.loop import epochs_done
 
     rows = read_metrics(run.run_dir)
     losses = [r["loss"] for r in rows if "loss" in r]
     state = run.state
+    total_params, trainable_params = count_parameters(run.accelerator.unwrap_model(run.model))
     summary = {
         "stop_reason": stop_reason,
         "steps": state.step,
@@ -248,6 +250,8 @@ def write_summary(run, stop_reason: str, final_step: int | None, started: float)
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "base_probe_ppl": state.base_probe_ppl,
+        "trainable_params": trainable_params,
+        "total_params": total_params,
         "wall_time_s": round(time.perf_counter() - started, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

@@ -30,6 +30,9 @@ def test_run_directory_contract(lora_run):
     assert "lr: 0.003" in (lora_run / "config.yaml").read_text()
     summary = json.loads((lora_run / "summary.json").read_text())
     assert summary["stop_reason"] == "max_steps" and summary["steps"] == 24
+    adapter = load_file(lora_run / "final" / "adapter_model.safetensors")
+    assert summary["trainable_params"] == sum(t.numel() for t in adapter.values())
+    assert summary["trainable_params"] < summary["total_params"]
     assert not list(lora_run.glob(".tmp*"))
 
 
