@@ -23,9 +23,8 @@ from ftune.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 ASSETS_DIR = PACKAGE_DIR / "assets"
-PROJECT_DIR = PACKAGE_DIR.parent
-CONFIGS_DIR = PROJECT_DIR / "configs"
-RECIPES_DIR = PROJECT_DIR / "recipes"
+CONFIGS_DIR = PACKAGE_DIR / "configs"
+RECIPES_DIR = PACKAGE_DIR / "recipes"
 DEFAULT_RECIPE = "tiny_lora"
 SCHEMA_NAME = "ftune_schema"
 
