@@ -6,6 +6,10 @@ Example: `ftune eval model=runs/tiny_lora/X/final models=[merged] out=eval.json`
 import json
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from ftune.atomic import write_text
+
 COLUMNS = ("eval_loss", "eval_ppl", "probe_ppl", "probe_drift", "exact_match", "f1", "answer_tokens")
 """The metrics shown in the table, in order (the JSON holds every metric)."""
 
@@ -16,15 +20,17 @@ def run(args) -> int:
     from ftune.config.compose import load_command_config
     from ftune.model.evaluate_models import evaluate_models
 
-    cfg = load_command_config(EvalCfg, args.overrides, check=eval_problems)
+    cfg, resolved = load_command_config(EvalCfg, args.overrides, check=eval_problems)
+    if args.cfg == "job":
+        print(OmegaConf.to_yaml(resolved), end="")
+        return 0
     rows = evaluate_models(cfg)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print_comparison(rows)
     if cfg.out is not None:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(Path(cfg.out), json.dumps(rows, indent=2) + "\n")
     return 0
 
 

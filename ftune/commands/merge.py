@@ -4,6 +4,7 @@ Examples: `ftune merge adapter=runs/tiny_lora/X/final out=merged`, or to combine
 `ftune merge adapters=[a/final,b/final] weights=[0.7,0.3] combination=ties out=combined merge=false`.
 """
 
+from omegaconf import OmegaConf
 
 
 def run(args) -> int:
@@ -13,7 +14,10 @@ def run(args) -> int:
     from ftune.model.merge import merge
     from ftune.report.console import print_table
 
-    cfg = load_command_config(MergeCfg, args.overrides, check=merge_problems)
+    cfg, resolved = load_command_config(MergeCfg, args.overrides, check=merge_problems)
+    if args.cfg == "job":
+        print(OmegaConf.to_yaml(resolved), end="")
+        return 0
     result = merge(cfg)
     rows = {"base": result.base, "written": f"{result.kind} -> {result.out}",
             "adapter effect (max |logit change|)": result.adapter_effect}

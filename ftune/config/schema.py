@@ -7,7 +7,10 @@ metadata) and checked by `config.validate`, which reads them from here rather th
 This module imports nothing of torch or the rest of ftune: a config can be checked before anything loads.
 """
 
+import ast
+import inspect
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 
@@ -19,6 +22,21 @@ def choice(default: str, *choices: str) -> Any:
 def bounded(default: float | int, low: float | None = None, high: float | None = None) -> Any:
     """A numeric field that must lie in [low, high] (either bound may be open)."""
     return field(default=default, metadata={"min": low, "max": high})
+
+
+@cache
+def field_docs(node: type) -> dict[str, str]:
+    """The first sentence of each field's docstring (the string literal after it), for help and `ftune init`.
+
+    Python keeps no attribute docstrings at run time, so they are read from this module's source.
+    """
+    tree = ast.parse(inspect.getsource(node))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, after in zip(body, body[1:], strict=False):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[stmt.target.id] = " ".join(str(after.value.value).split()).split(". ")[0].rstrip(".") + "."
+    return docs
 
 
 @dataclass
@@ -35,6 +53,10 @@ class ModelCfg:
 
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 """`auto` (detect from the first record), then the record formats of ftune.data.formats."""
+
+
+CANONICAL_ROLES = ("system", "user", "assistant", "tool")
+"""The roles of ftune's canonical messages; `data.roles` maps a dataset's names onto these."""
 
 
 @dataclass
@@ -204,8 +226,10 @@ class TrainerCfg:
 
 @dataclass
 class EarlyStopCfg:
-    metric: str = "eval_loss"
-    """Evaluation metric that decides the best checkpoint and early stopping (any key of an eval row)."""
+    metric: str = "auto"
+    """Evaluation metric that decides the best checkpoint and early stopping: eval_loss, eval_ppl, probe_ppl or
+    probe_drift (those the configured evaluation measures), or `auto`: eval_loss, or probe_ppl without
+    data.eval_path, or none without any evaluation (then final/ holds the last weights)."""
     mode: str = choice("min", "max")
     """Whether smaller or larger values of the metric are better."""
     patience: int = bounded(0, 0)
@@ -248,6 +272,9 @@ class RunCfg:
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/, summary.json."""
     resume: str | None = None
     """`auto` for the newest checkpoint in output_dir, or a checkpoint path; null starts fresh."""
+    resume_force: bool = False
+    """Resume although the config changed in a way that breaks exact resume (data, model, method, batch shape,
+    seed); the changed keys are recorded in metrics.jsonl and summary.json."""
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     method: MethodCfg = field(default_factory=MethodCfg)
