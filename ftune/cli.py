@@ -61,7 +61,7 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
 
 def recipe_epilog() -> str:
     """The recipes and config groups a user can pick, for `ftune train --help`."""
-    from ftune.config.compose import DEFAULT_RECIPE, list_groups, local_recipes, shipped_recipes
+    from ftune.config.compose import CONFIGS_DIR, DEFAULT_RECIPE, list_groups, local_recipes, shipped_recipes
 
     groups = "\n".join(f"  {group}=: {', '.join(options)}" for group, options in list_groups().items())
     local = ", ".join(f"./{name}" for name in local_recipes()) or "none (ftune init NAME writes one)"
@@ -69,7 +69,8 @@ def recipe_epilog() -> str:
         f"recipes (recipe=NAME or recipe=./FILE.yaml, default {DEFAULT_RECIPE}):\n"
         f"  shipped: {', '.join(shipped_recipes())}\n  here: {local}\n"
         f"config groups (GROUP=OPTION):\n{groups}\n"
-        "any key can be overridden: optim.lr=3e-4 lora.r=16 trainer.max_steps=50"
+        "any key can be overridden: optim.lr=3e-4 lora.r=16 trainer.max_steps=50\n"
+        f"launcher configs for accelerate launch --config_file: {CONFIGS_DIR / 'accelerate'}"
     )
 
 
@@ -108,7 +109,7 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; map errors to one line on stderr and DESIGN.md's exit codes."""
+    """Run a command; map errors to one line on stderr and the documented exit codes (README)."""
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:

@@ -1,5 +1,8 @@
-"""Every subcommand answers a wrong argument with one line in ftune's words: exit 2, the key named, no traceback,
-and no OmegaConf/Hydra class name (issue 12: "no error a user sees may leak OmegaConf/Hydra internals")."""
+"""Every subcommand answers a wrong argument with one line in ftune's words.
+
+Exit 2, the key named, no traceback, and no OmegaConf/Hydra class name (issue 12: "no error a user sees may
+leak OmegaConf/Hydra internals").
+"""
 
 import pytest
 

@@ -6,9 +6,8 @@ Example: `ftune eval model=runs/tiny_lora/X/final models=[merged] out=eval.json`
 import json
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from ftune.atomic import write_text
+from ftune.commands import command_config
 
 COLUMNS = ("eval_loss", "eval_ppl", "probe_ppl", "probe_drift", "exact_match", "f1", "answer_tokens")
 """The metrics shown in the table, in order (the JSON holds every metric)."""
@@ -17,12 +16,10 @@ COLUMNS = ("eval_loss", "eval_ppl", "probe_ppl", "probe_drift", "exact_match", "
 def run(args) -> int:
     """Parse `key=value` options, evaluate every model, print the table (or JSON with --json), write `out`."""
     from ftune.config.commands import EvalCfg, eval_problems
-    from ftune.config.compose import load_command_config
     from ftune.model.evaluate_models import evaluate_models
 
-    cfg, resolved = load_command_config(EvalCfg, args.overrides, check=eval_problems)
-    if args.cfg == "job":
-        print(OmegaConf.to_yaml(resolved), end="")
+    cfg = command_config(EvalCfg, args, eval_problems)
+    if cfg is None:
         return 0
     rows = evaluate_models(cfg)
     if args.json:

@@ -19,6 +19,16 @@ def choice(default: str, *choices: str) -> Any:
     return field(default=default, metadata={"choices": (default, *choices)})
 
 
+def registry_choice(default: str, registry: str, *extra: str) -> Any:
+    """A string field whose allowed values are `default`, `extra` and the keys of a registry (`module:NAME`).
+
+    The registry is the dict that implements the options (data formats, PEFT methods, optimizers), read when a
+    config is validated, so a new option is added in one place. Validation imports it (and so may import
+    torch), but loads nothing.
+    """
+    return field(default=default, metadata={"registry": registry, "extra": (default, *extra)})
+
+
 def bounded(default: float | int, low: float | None = None, high: float | None = None) -> Any:
     """A numeric field that must lie in [low, high] (either bound may be open)."""
     return field(default=default, metadata={"min": low, "max": high})
@@ -51,8 +61,8 @@ class ModelCfg:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
 
 
-DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
-"""`auto` (detect from the first record), then the record formats of ftune.data.formats."""
+FORMATS_REGISTRY = "ftune.data.formats:FORMATS"
+"""The record formats; `auto` (detect from the first record) is allowed besides them."""
 
 
 CANONICAL_ROLES = ("system", "user", "assistant", "tool")
@@ -67,7 +77,7 @@ class DataSourceCfg:
     """A file, directory or hub id, as `data.path` takes it."""
     weight: float = 1.0
     """Relative share of the mixed training examples drawn from this source (see `data.mix`); must be > 0."""
-    format: str = choice(*DATA_FORMATS)
+    format: str = registry_choice("auto", FORMATS_REGISTRY)
     """Record format of this source, as `data.format` (which applies to `path` and `eval_path` only)."""
 
 
@@ -78,7 +88,7 @@ class DataCfg:
     (or one written by datasets' `save_to_disk`); or a `datasets` hub id, `ID` or `ID:SPLIT` (default train)."""
     eval_path: str | None = "${ftune_asset:data/chat/validation.jsonl}"
     """Held-out data for evaluation, any source `path` takes; null disables evaluation."""
-    format: str = choice(*DATA_FORMATS)
+    format: str = registry_choice("auto", FORMATS_REGISTRY)
     """Record format; `auto` detects it from the fields of each source's first record (see ftune.data.formats)."""
     roles: dict[str, str] = field(
         default_factory=lambda: {
@@ -127,7 +137,7 @@ class QuantCfg:
 
 @dataclass
 class MethodCfg:
-    name: str = choice("lora", "full", "ia3", "prompt_tuning", "prefix_tuning")
+    name: str = registry_choice("lora", "ftune.model.adapters:PEFT_CONFIGS", "full")
     """What trains: LoRA adapters (QLoRA with quant.bits=4), every weight, or another PEFT method."""
     freeze: list[str] = field(default_factory=list)
     """Full fine-tuning: regexes of parameter names that stay frozen (e.g. embeddings, the first layers)."""
@@ -157,7 +167,7 @@ class LoraCfg:
 
 @dataclass
 class OptimCfg:
-    name: str = choice("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+    name: str = registry_choice("adamw", "ftune.train.optim:BNB_OPTIMIZERS")
     """Optimizer: torch's AdamW or a bitsandbytes 8-bit / paged variant."""
     lr: float = bounded(2e-4, 0.0)
     """Peak learning rate."""
@@ -265,7 +275,7 @@ class RunCfg:
     """A complete run: what `ftune train` validates before anything loads."""
 
     recipe: str = "tiny_lora"
-    """Name of the recipe in recipes/ this run was composed from."""
+    """Name of the recipe this run was composed from (a shipped one, or the stem of the user's file)."""
     seed: int = 42
     """Seeds python, numpy and torch, and the data order."""
     output_dir: str = "runs/${recipe}/${now:%Y%m%d-%H%M%S}"

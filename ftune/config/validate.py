@@ -6,6 +6,7 @@ are listed in `CROSS_FIELD_RULES`, one small function each.
 
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 from collections.abc import Callable
@@ -31,7 +32,7 @@ def field_problems(node: Any, prefix: str):
         if dataclasses.is_dataclass(value):
             yield from field_problems(value, prefix=f"{key}.")
             continue
-        allowed = f.metadata.get("choices")
+        allowed = allowed_values(f)
         if allowed is not None and value not in allowed:
             yield f"{key}={value!r} is not allowed (expected one of: {', '.join(allowed)})"
         low, high = f.metadata.get("min"), f.metadata.get("max")
@@ -39,6 +40,14 @@ def field_problems(node: Any, prefix: str):
             yield f"{key}={value!r} is too small (expected >= {low})"
         if high is not None and value > high:
             yield f"{key}={value!r} is too large (expected <= {high})"
+
+
+def allowed_values(f: dataclasses.Field) -> tuple | None:
+    """A field's allowed values: its `choices`, or its extra values plus the keys of its registry (see schema)."""
+    if "registry" not in f.metadata:
+        return f.metadata.get("choices")
+    module, name = f.metadata["registry"].split(":")
+    return tuple(dict.fromkeys((*f.metadata["extra"], *getattr(importlib.import_module(module), name))))
 
 
 def check_lora_targets(cfg: RunCfg) -> list[str]:
@@ -174,8 +183,12 @@ def check_early_stop(cfg: RunCfg) -> list[str]:
 
 def check_data_sources(cfg: RunCfg) -> list[str]:
     """`data.mix` weights are shares (> 0) and `data.roles` map onto ftune's roles."""
-    problems = [f"data.mix[{i}].weight={s.weight} (expected > 0: a share of the training examples)"
-                for i, s in enumerate(cfg.data.mix) if s.weight <= 0]
+    problems = []
+    for index, source in enumerate(cfg.data.mix):
+        if not (math.isfinite(source.weight) and source.weight > 0):
+            problems.append(f"data.mix[{index}].weight={source.weight} (expected > 0: the share of training "
+                            f"examples drawn from {source.path})")
+        problems += field_problems(source, prefix=f"data.mix[{index}].")
     problems += [f"data.roles.{name}={role!r} (expected one of: {', '.join(CANONICAL_ROLES)})"
                  for name, role in cfg.data.roles.items() if role not in CANONICAL_ROLES]
     return problems

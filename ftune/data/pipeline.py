@@ -9,7 +9,6 @@ batches them (padded, or packed with the attention inputs that isolate documents
 import dataclasses
 import functools
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,6 @@ from torch.utils.data import DataLoader
 from ftune.atomic import atomic_dir
 from ftune.cache import cache_dir, files_fingerprint, fingerprint
 from ftune.config.schema import DataCfg, DataSourceCfg
-from ftune.config.validate import field_problems
 from ftune.data.collate import PackedCollator, PadCollator
 from ftune.data.formats import RecordError, read_source, resolve_format, source_signature, to_canonical
 from ftune.data.labels import TokenizedExample, tokenize_conversation, tokenize_text
@@ -27,7 +25,7 @@ from ftune.data.mask import IGNORE_INDEX
 from ftune.data.packing import pack
 from ftune.data.sampler import LengthGroupedSampler
 from ftune.data.templates import TEMPLATES_DIR, ChatTemplate, resolve_template
-from ftune.errors import ConfigError, DataError
+from ftune.errors import DataError
 from ftune.report.console import console
 
 ROW_SHAPING_MODULES = ("formats.py", "templates.py", "labels.py", "mask.py", "packing.py", "pipeline.py")
@@ -220,29 +218,12 @@ def mix(parts: list[tuple[list[dict], SplitStats]], weights: list[float], seed: 
     return mixed, stats
 
 
-def check_mix(sources: list[DataSourceCfg]) -> None:
-    """Refuse weights that define no share and unknown formats (`validate` does not look into lists).
-
-    Raises:
-        ConfigError: naming every `data.mix[i]` field that is wrong.
-    """
-    problems = []
-    for index, source in enumerate(sources):
-        if not (math.isfinite(source.weight) and source.weight > 0):
-            problems.append(f"data.mix[{index}].weight={source.weight}: expected a positive number (the share of "
-                            f"training examples drawn from {source.path})")
-        problems += field_problems(source, prefix=f"data.mix[{index}].")
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
 def build_train_split(tokenizer, cfg: DataCfg, seed: int) -> Split:
     """The training rows: the sources of `data.mix` mixed by weight (seeded by `seed`), or `data.path`.
 
     Raises:
         ConfigError: a `data.mix` weight that is not a positive number.
     """
-    check_mix(cfg.mix)
     return build_rows(cfg.mix or [DataSourceCfg(cfg.path, 1.0, cfg.format)], tokenizer, cfg, seed)
 
 

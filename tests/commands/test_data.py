@@ -154,7 +154,7 @@ def test_missing_path_unreadable_files_and_bad_mix_weights_exit_2(tmp_path, caps
             "this is not a parquet file.)",
         f"data.path={tmp_path}/bad.csv": f"{tmp_path}/bad.csv: not UTF-8 text (byte 18: invalid start byte)",
         f"data.mix=[{{path: {tmp_path}/good.parquet, weight: 1}}, {{path: {tmp_path}/good.parquet, weight: -0.2}}]":
-            f"data.mix[1].weight=-0.2: expected a positive number (the share of training examples drawn from "
+            f"data.mix[1].weight=-0.2 (expected > 0: the share of training examples drawn from "
             f"{tmp_path}/good.parquet)",
     }
     for override, message in cases.items():

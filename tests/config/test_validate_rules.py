@@ -39,6 +39,7 @@ def test_patience_needs_an_evaluation():
 
 def test_mix_weights_must_be_positive_and_roles_canonical():
     assert "data.mix[1].weight=0.0 (expected > 0" in problems("data.mix=[{path: a},{path: b, weight: 0}]")
+    assert "data.mix[0].format='xml' is not allowed" in problems("data.mix=[{path: a, format: xml}]")
     assert "data.roles.bot='robot' (expected one of: system, user, assistant, tool)" in problems(
         "+data.roles.bot=robot")
 
@@ -57,3 +58,15 @@ def test_qlora_pitfalls_warn_with_the_reason():
     assert any("quant.compute_dtype=fp16" in n and "overflow" in n for n in advisories(fp16))
     fp4, _ = load_run_config(["recipe=tiny_qlora", "quant.type=fp4"])
     assert any("quant.type=fp4" in n and "NF4" in n for n in advisories(fp4))
+
+
+@pytest.mark.parametrize(("key", "registry"), [("method.name", "ftune.model.adapters:PEFT_CONFIGS"),
+                                              ("optim.name", "ftune.train.optim:BNB_OPTIMIZERS"),
+                                              ("data.format", "ftune.data.formats:FORMATS")])
+def test_choices_come_from_the_registry_that_implements_them(key, registry, monkeypatch):
+    import importlib
+
+    module, name = registry.split(":")
+    assert "is not allowed" in problems(f"{key}=newcomer")
+    monkeypatch.setitem(getattr(importlib.import_module(module), name), "newcomer", None)
+    assert getattr(getattr(load_run_config([f"{key}=newcomer"])[0], key.split(".")[0]), key.split(".")[1]) == "newcomer"

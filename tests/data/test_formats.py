@@ -11,7 +11,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from ftune.config.schema import DATA_FORMATS, DataCfg
+from ftune.config.schema import DataCfg
 from ftune.data.formats import (
     FORMATS,
     RecordError,
@@ -60,7 +60,11 @@ def test_each_format_is_detected_and_mapped_exactly(record, expected):
 
 
 def test_the_config_offers_exactly_the_formats_there_are():
-    assert DATA_FORMATS == ("auto", *FORMATS)
+    from dataclasses import fields
+
+    from ftune.config.validate import allowed_values
+
+    assert allowed_values(next(f for f in fields(DataCfg) if f.name == "format")) == ("auto", *FORMATS)
 
 
 def test_detection_names_the_format_and_an_explicit_format_wins():
