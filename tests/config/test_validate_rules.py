@@ -37,9 +37,17 @@ def test_patience_needs_an_evaluation():
     assert "early_stop.patience=2 with no evaluation" in line
 
 
-def test_mix_weights_must_be_positive_and_roles_canonical():
-    assert "data.mix[1].weight=0.0 (expected > 0" in problems("data.mix=[{path: a},{path: b, weight: 0}]")
-    assert "data.mix[0].format='xml' is not allowed" in problems("data.mix=[{path: a, format: xml}]")
+@pytest.mark.parametrize("weight", ["0", "-0.5", "nan", "inf"])
+def test_mix_weights_must_be_positive_finite_shares(weight):
+    line = problems(f"data.mix=[{{path: a.jsonl}},{{path: b.jsonl, weight: {weight}}}]")
+    assert line == (f"data.mix[1].weight={float(weight)} (expected > 0: the share of training examples drawn "
+                    "from b.jsonl)")
+
+
+def test_mix_formats_and_roles_are_checked():
+    assert problems("data.mix=[{path: a, format: csv}]") == (
+        "data.mix[0].format='csv' is not allowed (expected one of: auto, messages, sharegpt, alpaca, "
+        "prompt_completion, text)")
     assert "data.roles.bot='robot' (expected one of: system, user, assistant, tool)" in problems(
         "+data.roles.bot=robot")
 
