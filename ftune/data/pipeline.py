@@ -19,7 +19,15 @@ from ftune.cache import cache_dir, fingerprint
 from ftune.config.schema import DataCfg, DataSourceCfg
 from ftune.config.validate import field_problems
 from ftune.data.collate import PackedCollator, PadCollator
-from ftune.data.formats import RecordError, read_source, resolve_format, source_signature, to_canonical
+from ftune.data.dedup import deduplicate, held_out_records, merge_reports
+from ftune.data.formats import (
+    RecordError,
+    read_source,
+    record_features,
+    resolve_format,
+    source_signature,
+    to_canonical,
+)
 from ftune.data.labels import TokenizedExample, tokenize_conversation, tokenize_text
 from ftune.data.mask import IGNORE_INDEX
 from ftune.data.packing import pack
@@ -54,14 +62,21 @@ class SplitStats:
     truncated_learned: int = 0
     """Truncated examples that lost learned tokens (the end of an answer, or its end-of-turn marker)."""
     dropped: dict[str, int] = field(default_factory=dict)
-    """Reason -> examples: bad records (data.on_bad_record=skip), nothing left to learn, left out by data.mix."""
+    """Reason -> examples: bad records (data.on_bad_record=skip), duplicates removed by data.dedup, nothing left
+    to learn, left out by data.mix."""
+    split_turns: int = 0
+    """Examples beyond one per record: conversations whose template renders earlier turns differently later
+    (Qwen3's reasoning) are learned turn by turn; read + split_turns = kept + the sum of dropped."""
+    dedup: dict = field(default_factory=dict)
+    """Duplicates and eval overlap found, and removed by data.dedup (see ftune.data.dedup.report)."""
     tokens: int = 0
     learned_tokens: int = 0
     rows: int = 0
     row_capacity: int = 0
     """Token slots of the rows (rows x max_length when packed); fill = tokens / row_capacity."""
     sources: list[dict] = field(default_factory=list)
-    """Per source: `path`, `format`, `examples` kept; with data.mix also its `weight` and the examples `drawn`."""
+    """Per source: `path`, `format`, `features` (tools, tool calls, reasoning, ...), `examples` kept; with data.mix
+    also its `weight` and the examples `drawn`."""
 
     def drop(self, reason: str, count: int = 1) -> None:
         if count:
@@ -96,9 +111,11 @@ def count_learned(labels: list[int]) -> int:
 def tokenize_split(path: str, tokenizer, cfg: DataCfg) -> tuple[list[dict], SplitStats]:
     """Tokenize every record of one source, in any format; truncate, and drop (counting) those with nothing to learn.
 
-    Chat records (messages, sharegpt, alpaca, prompt_completion) go through the chat template and learn what
-    `data.train_on` says; `text` records learn every token. With `data.on_bad_record=skip` a record that does
-    not fit its format is dropped and counted under its reason (the first of each reason is printed).
+    Chat records (messages, sharegpt, message_list, alpaca, prompt_completion) go through the chat template and
+    learn what `data.train_on` says; `text` records learn every token. With `data.on_bad_record=skip` a record
+    that does not fit its format is dropped and counted under its reason (the first of each reason is printed).
+    Duplicates, and overlap with `data.eval_path` (unless this source is that eval set), are reported and
+    removed as `data.dedup` says (`ftune.data.dedup`).
 
     Returns:
         The examples (`{"input_ids", "labels"}`, at most `max_length` tokens) and their statistics.
@@ -111,24 +128,40 @@ def tokenize_split(path: str, tokenizer, cfg: DataCfg) -> tuple[list[dict], Spli
     if cfg.format == "auto":
         say(f"data: {path}: format {fmt} (detected from its first record)")
     template = resolve_template(cfg.chat_template, tokenizer) if fmt != "text" else None
-    stats, examples, first_errors = SplitStats(), [], {}
+    stats, examples, first_errors, shape = SplitStats(), [], {}, set()
+    canonical = []
     for where, record in records:
         stats.read += 1
         try:
-            example = tokenize_record(to_canonical(record, fmt, where, cfg.roles), where, tokenizer, template, cfg)
+            canonical.append((where, to_canonical(record, fmt, where, cfg.roles)))
         except RecordError as err:
-            if cfg.on_bad_record == "error":
-                raise
-            stats.drop(err.reason)
-            first_errors.setdefault(err.reason, err.one_line())
+            skip_record(err, cfg, stats, first_errors)
             continue
-        keep_example(example, cfg.max_length, stats, examples)
+        shape |= record_features(record, fmt, canonical[-1][1])
+    held_out = held_out_records(cfg) if cfg.eval_path and path != cfg.eval_path else []
+    for where, record in deduplicate(canonical, held_out, cfg.dedup, stats):
+        try:
+            tokenized = tokenize_record(record, where, tokenizer, template, cfg)
+        except RecordError as err:
+            skip_record(err, cfg, stats, first_errors)
+            continue
+        stats.split_turns += len(tokenized) - 1
+        for example in tokenized:
+            keep_example(example, cfg.max_length, stats, examples)
     for reason, message in first_errors.items():
         say(f"data: {path}: {stats.dropped[reason]} record(s) skipped ({reason}); the first: {message}")
     if not examples:
         raise DataError(f"{path}: no example left to train on (dropped: {stats.dropped})")
-    stats.sources.append({"path": path, "format": fmt, "examples": len(examples)})
+    stats.sources.append({"path": path, "format": fmt, "features": sorted(shape), "examples": len(examples)})
     return examples, stats
+
+
+def skip_record(err: RecordError, cfg: DataCfg, stats: SplitStats, first_errors: dict) -> None:
+    """Count a bad record under its reason (keeping the first message of each), or raise it with `error`."""
+    if cfg.on_bad_record == "error":
+        raise err
+    stats.drop(err.reason)
+    first_errors.setdefault(err.reason, err.one_line())
 
 
 def say(line: str) -> None:
@@ -138,16 +171,17 @@ def say(line: str) -> None:
 
 def tokenize_record(
     record: dict, where: str, tokenizer, template: ChatTemplate | None, cfg: DataCfg
-) -> TokenizedExample:
-    """Ids and labels of one canonical record (see `formats.to_canonical`).
+) -> list[TokenizedExample]:
+    """Ids and labels of one canonical record (see `formats.to_canonical`): one example, or one per rendering.
 
     Raises:
         RecordError: the chat template cannot render the conversation (named by `where`).
     """
     if "text" in record:
-        return tokenize_text(record["text"], tokenizer)
+        return [tokenize_text(record["text"], tokenizer)]
     try:
-        return tokenize_conversation(record["messages"], tokenizer, template, cfg.train_on)
+        return tokenize_conversation(record["messages"], tokenizer, template, cfg.train_on, record.get("tools"),
+                                     cfg.train_on_reasoning)
     except DataError as err:
         raise RecordError(UNRENDERABLE, f"{where}: {err.message}", err.hint) from None
 
@@ -204,6 +238,8 @@ def mix(parts: list[tuple[list[dict], SplitStats]], weights: list[float], seed: 
         stats.read += part.read
         stats.truncated += part.truncated
         stats.truncated_learned += part.truncated_learned
+        stats.split_turns += part.split_turns
+        stats.dedup = merge_reports(stats.dedup, part.dedup)
         for reason, dropped in part.dropped.items():
             stats.drop(reason, dropped)
         stats.drop(LEFT_OUT_BY_MIX, len(examples) - count)

@@ -74,7 +74,7 @@ def test_text_records_learn_every_token_and_end_with_the_separator(tokenizer, tm
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "one two"}])
     examples, stats = tokenize_split(path, tokenizer, cfg(path, chat_template="no-such-template"))
     assert examples == [{"input_ids": [10, 4, 11, 2], "labels": [10, 4, 11, 2]}]  # no chat template needed
-    assert stats.sources == [{"path": path, "format": "text", "examples": 1}]
+    assert stats.sources == [{"path": path, "format": "text", "features": [], "examples": 1}]
 
 
 @pytest.mark.parametrize(
@@ -215,7 +215,7 @@ def test_a_mix_entry_has_its_own_format_and_an_unknown_one_is_a_config_error(tok
         build_train_split(tokenizer, cfg(text, mix=[DataSourceCfg(text, 1.0, "csv")]), seed=0)
     assert err.value.one_line() == (
         "data.mix[0].format='csv' is not allowed (expected one of: auto, messages, sharegpt, alpaca, "
-        "prompt_completion, text)"
+        "prompt_completion, text, message_list)"
     )
 
 
