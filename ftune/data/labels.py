@@ -31,10 +31,12 @@ class TokenizedExample:
     Attributes:
         input_ids: the token ids the model reads.
         labels: the same ids where the model learns them, `IGNORE_INDEX` (-100) where it does not.
+        text: the rendered conversation the ids encode ("" for a document), for `ftune data` to explain them.
     """
 
     input_ids: list[int]
     labels: list[int]
+    text: str = ""
 
 
 def tokenize_conversation(
@@ -95,7 +97,7 @@ def tokenize_conversation(
     _check_tools_rendered(text, messages, tokenizer, template, tools)
     if train_on == "everything":
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return [TokenizedExample(ids, list(ids))]
+        return [TokenizedExample(ids, list(ids), text)]
     pending = learned_turns(messages, train_on)
     plans = {turn: _plan_turn(messages, turn, tokenizer, template, tools, train_on_reasoning) for turn in pending}
     examples = []
@@ -204,7 +206,7 @@ def _label(text: str, plans: list[TurnPlan], tokenizer) -> TokenizedExample:
         for token, offset in zip(ids, encoding["offset_mapping"], strict=True)
     ]
     _check_learned_text(ids, labels, [text[start:end] for start, end in spans], tokenizer)
-    return TokenizedExample(ids, labels)
+    return TokenizedExample(ids, labels, text)
 
 
 def _locate_output(segment: str, message: dict, template: ChatTemplate, turn: int) -> tuple[int, int]:
