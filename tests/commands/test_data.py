@@ -81,7 +81,7 @@ def test_json_report_and_a_second_build_served_from_the_cache(tmp_path, capsys):
     assert second["stats"] == first["stats"]
     stats = first["stats"]
     assert (stats["read"], stats["kept"], stats["rows"], stats["dropped"]) == (3, 3, 3, {})
-    assert stats["sources"] == [{"path": data, "format": "messages", "examples": 3}]
+    assert stats["sources"] == [{"path": data, "format": "messages", "features": [], "examples": 3}]
     assert first["packing_fill"] is None and 0 < first["batch_fill"] < 1
 
 
@@ -118,8 +118,28 @@ BAD_INPUTS = {
         "{p}:1: messages[1].content: expected a non-empty string, got '\\n'",
     ),
     "non-string content": (
+        [{"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "Hello"}]}],
+        "{p}:1: messages[0].content: expected a non-empty string, got 7",
+    ),
+    "untyped content part": (
         [{"messages": [{"role": "user", "content": ["Hi"]}, {"role": "assistant", "content": "Hello"}]}],
-        "{p}:1: messages[0].content: expected a non-empty string, got ['Hi']",
+        "{p}:1: messages[0].content[0]: expected a part with type text or reasoning or tool_call, got 'Hi'",
+    ),
+    "tool call without a name": (
+        [{"messages": [{"role": "user", "content": "Hi"},
+                       {"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}]}],
+        "{p}:1: messages[1].tool_calls[0]: expected a tool call with a function name, got {{'function': "
+        "{{'arguments': {{}}}}}}",
+    ),
+    "tool call arguments not JSON": (
+        [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [
+            {"function": {"name": "w", "arguments": "{city: Oslo}"}}]}]}],
+        "{p}:1: messages[1].tool_calls[0].arguments: expected JSON, got invalid JSON (Expecting property name "
+        "enclosed in double quotes at column 2)",
+    ),
+    "weight other than 0 or 1": (
+        [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "weight": 0.5}]}],
+        "{p}:1: messages[1].weight: expected 0 or 1, got 0.5",
     ),
     "unknown role": (
         [{"messages": [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}],
