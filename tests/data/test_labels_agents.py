@@ -1,5 +1,7 @@
-"""Labels for agent and reasoning data: tool calls and end-of-turn markers learned; tool results, schemas, system
-and user turns never; per-message flags drop a turn from the loss; what a template cannot express is refused.
+"""Labels for agent and reasoning data: tool calls and end-of-turn markers learned, tool results never.
+
+Tool schemas, system and user turns are never learned either; per-message flags drop a turn from the loss; what a
+template cannot express is refused.
 
 The shipped samples (ftune/assets/data/shapes) are labelled on several templates and checked token by token:
 every learned token carries its own id and decodes, run by run, to exactly the text written here by hand from
