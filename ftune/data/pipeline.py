@@ -324,8 +324,16 @@ def split_fingerprint(sources: list[DataSourceCfg], tokenizer, cfg: DataCfg, see
         "special": tokenizer.all_special_tokens,
         "template": tokenizer.chat_template,
     }
+    settings["eval_set"] = eval_set_signature(sources, cfg)  # the overlap check reads it (ftune.data.dedup)
     signatures = [(source_signature(source.path), source.format) for source in sources]
     return fingerprint(PIPELINE_VERSION, signatures, mixing, tokenizer_state, settings)
+
+
+def eval_set_signature(sources: list[DataSourceCfg], cfg: DataCfg) -> dict | None:
+    """The eval set's signature when these sources are checked against it for overlap (they are not that set)."""
+    if cfg.eval_path and any(source.path != cfg.eval_path for source in sources):
+        return source_signature(cfg.eval_path)
+    return None
 
 
 def build_loader(split: Split, tokenizer, cfg: DataCfg, attn_implementation: str, batch_size: int,
