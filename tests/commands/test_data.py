@@ -252,7 +252,7 @@ def test_dedup_near_reports_and_removes_planted_duplicates_and_eval_overlap(caps
     assert code == 0
     flat = " ".join(out.split())
     assert "examples read / kept │ 7 / 3" in flat
-    assert "dropped │ 4 (exact duplicate: 1, near duplicate: 1, exact eval" in flat
+    assert "dropped │ 4 (exact duplicate: 1, near duplicate: 1, near eval" in flat
     assert "│ eval overlap │ 1 exact, 1 near; 2 removed from training │" in flat
     assert f"near duplicate: {planted / 'train.jsonl'}:4 repeats {planted / 'train.jsonl'}:3 (Jaccard 0.898)" in out
     assert (f"WARNING: 2 training example(s) overlap the eval set {planted / 'validation.jsonl'} (1 exact, 1 near; "
