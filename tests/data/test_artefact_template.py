@@ -51,7 +51,8 @@ def test_a_saved_artefact_renders_exactly_what_training_rendered(name, base, tmp
     assert artefact.apply_chat_template(messages, tools=tools, tokenize=False) == trained.text
     assert artefact(trained.text, add_special_tokens=False)["input_ids"] == trained.input_ids
     prompt = render(template, messages[:-1], base, add_generation_prompt=True, tools=tools)
-    assert artefact.apply_chat_template(messages[:-1], tools=tools, add_generation_prompt=True, tokenize=False) == prompt
+    asked = artefact.apply_chat_template(messages[:-1], tools=tools, add_generation_prompt=True, tokenize=False)
+    assert asked == prompt
     saved = json.loads((tmp_path / "generation_config.json").read_text())
     assert saved["eos_token_id"] == [base.convert_tokens_to_ids("<|im_end|>")] == eos_ids
 
