@@ -5,6 +5,12 @@ the boundary between template scaffolding and content would shift them: each lea
 character span (what the model writes after its generation prompt, through its end-of-turn marker), and a
 token is learned iff its character range meets such a span. The result is checked by decoding, so a
 tokenizer that merges scaffolding into an answer fails loudly instead of training on the wrong tokens.
+
+Agent and reasoning data: a learned turn includes its tool calls (with their closing markup) and its
+`<think>` block (unless `data.train_on_reasoning=false`); tool results and tool schemas are prompt. Each turn
+is learned where the template renders it as it does when that turn is generated, which for Qwen3 (reasoning
+only after the last user query) means one example per earlier turn. Whatever a record holds but the template
+would not print (schemas, reasoning, tool calls, content beside a call) is refused, never dropped silently.
 """
 
 from dataclasses import dataclass
