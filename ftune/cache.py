@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -24,3 +25,18 @@ def fingerprint(*parts: object) -> str:
     """A short stable hash of JSON-serialisable parts."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def files_fingerprint(paths: Iterable[Path]) -> str:
+    """A short hash of the names and bytes of files, e.g. the source of the code that shapes cached data.
+
+    Content, not modification times: an installed package's files all carry its install time and a checkout's
+    change with every `git checkout`, while neither says whether the code differs. Each file is framed by its
+    name and length, so that text moved from the end of one file to the start of the next changes the hash.
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        content = path.read_bytes()
+        digest.update(f"{path.name}\0{len(content)}\0".encode())
+        digest.update(content)
+    return digest.hexdigest()[:20]

@@ -6,57 +6,94 @@
 Each subcommand is a module of `ftune.commands` with `run(args) -> exit code`, imported only when called so
 that `ftune --help` stays instant.
 
-Exit codes (DESIGN.md): 0 success, 2 bad config/override/input, 3 guard stop, 130 interrupted, 1 otherwise.
-Tracebacks are printed only with --debug.
+Exit codes (README, "Exit codes"): 0 success, 2 bad config/override/input, 3 guard stop, 130 interrupted
+(143 on SIGTERM), 1 otherwise (including a full disk or an unwritable output, as one line). Tracebacks are
+printed only with --debug.
 """
 
 import argparse
+import errno
 import importlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
-from ftune.errors import EXIT_INTERRUPTED, FtuneError
+from ftune.errors import EXIT_FAILURE, EXIT_INTERRUPTED, FtuneError
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
+"""OSErrors a user fixes on their side (disk full, quota, permissions): one line, exit 1."""
 
 PROG = "ftune"
 
-COMMANDS: dict[str, str] = {
-    "train": "fine-tune a model from a recipe (LoRA, QLoRA, full)",
-    "merge": "fold an adapter (or a weighted combination of adapters) into a standalone model",
-    "eval": "compare models on held-out loss, the forgetting probe and generations",
-    "data": "build a recipe's training data as train does, show what is learned [n=3] [out=ROWS.jsonl]",
-    "plan": "count parameters and estimate memory per GPU on the meta device (no download, no weights)",
-}
-"""Subcommand name -> one-line help; the code lives in `ftune.commands.<name>.run`."""
 
-RECIPE_COMMANDS = ("train", "data", "plan")
-"""Commands that compose a recipe, whose help lists recipes and config groups."""
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its one-line help and the flags it honours (only those appear in its --help)."""
+
+    summary: str
+    flags: tuple[str, ...] = ()
+    takes_recipe: bool = False
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("fine-tune a model from a recipe (LoRA, QLoRA, full)", ("cfg", "multirun", "config_dir"), True),
+    "data": Command("build a recipe's training data as train does, show what is learned [n=3] [out=ROWS.jsonl]",
+                    ("cfg", "json", "config_dir"), True),
+    "plan": Command("count parameters and estimate memory per GPU on the meta device (no download, no weights)",
+                    ("cfg", "multirun", "json", "config_dir"), True),
+    "merge": Command("fold an adapter (or a weighted combination of adapters) into a standalone model", ("cfg",)),
+    "eval": Command("compare models on held-out loss, the forgetting probe and generations", ("cfg", "json")),
+    "init": Command("write a commented starting recipe into the working directory (never overwrites)"),
+}
+"""Subcommand name -> what it is; the code lives in `ftune.commands.<name>.run`."""
+
+FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
+    "cfg": (("--cfg",), {"choices": ["job"], "help": "print the resolved config and exit"}),
+    "multirun": (("-m", "--multirun"), {"action": "store_true", "help": "sweep comma-separated override values"}),
+    "json": (("--json",), {"action": "store_true", "help": "machine-readable output"}),
+    "config_dir": (("--config-dir",), {"action": "append", "default": [], "metavar": "DIR",
+                                       "help": "a folder of your own config groups (DIR/model/NAME.yaml, ...); "
+                                               "./configs is searched too"}),
+}
+"""The optional flags a command may honour, as argparse arguments."""
 
 
 def recipe_epilog() -> str:
     """The recipes and config groups a user can pick, for `ftune train --help`."""
-    from ftune.config.compose import list_groups, list_recipes
+    from ftune.config.compose import CONFIGS_DIR, DEFAULT_RECIPE, list_groups, local_recipes, shipped_recipes
 
     groups = "\n".join(f"  {group}=: {', '.join(options)}" for group, options in list_groups().items())
+    local = ", ".join(f"./{name}" for name in local_recipes()) or "none (ftune init NAME writes one)"
     return (
-        f"recipes (recipe=NAME, default tiny_lora):\n  {', '.join(list_recipes())}\n"
+        f"recipes (recipe=NAME or recipe=./FILE.yaml, default {DEFAULT_RECIPE}):\n"
+        f"  shipped: {', '.join(shipped_recipes())}\n  here: {local}\n"
         f"config groups (GROUP=OPTION):\n{groups}\n"
-        "any key can be overridden: optim.lr=3e-4 lora.r=16 trainer.max_steps=50"
+        "any key can be overridden: optim.lr=3e-4 lora.r=16 trainer.max_steps=50\n"
+        f"launcher configs for accelerate launch --config_file: {CONFIGS_DIR / 'accelerate'}"
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per command."""
+    from ftune.config.compose import DEFAULT_RECIPE
+
     parser = argparse.ArgumentParser(prog=PROG, description="Config-driven fine-tuning of language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, summary in COMMANDS.items():
-        cmd = sub.add_parser(name, help=summary, description=summary,
-                             epilog=recipe_epilog() if name in RECIPE_COMMANDS else None,
+    for name, command in COMMANDS.items():
+        cmd = sub.add_parser(name, help=command.summary, description=command.summary,
+                             epilog=recipe_epilog() if command.takes_recipe else None,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-        cmd.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides (recipe=NAME first)")
-        cmd.add_argument("--cfg", choices=["job"], help="print the resolved config and exit")
-        cmd.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated override values")
-        cmd.add_argument("--json", action="store_true", help="machine-readable output (where a command has it)")
+        if name == "init":
+            cmd.add_argument("name", nargs="?", default="my_recipe", help="file to write: NAME.yaml")
+            cmd.add_argument("--from", dest="base", default=DEFAULT_RECIPE, metavar="RECIPE",
+                             help=f"the recipe to start from (default {DEFAULT_RECIPE})")
+        else:
+            cmd.add_argument("overrides", nargs="*", metavar="key=value",
+                             help="overrides: key=value, +key=value (add), ~key (remove)")
+        for flag in command.flags:
+            names, options = FLAGS[flag]
+            cmd.add_argument(*names, **options)
         cmd.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
 
@@ -72,7 +109,7 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; map errors to one line on stderr and DESIGN.md's exit codes."""
+    """Run a command; map errors to one line on stderr and the documented exit codes (README)."""
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
@@ -82,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {err.one_line()}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        if args.debug or err.errno not in WRITE_ERRORS:
+            raise
+        print(f"{PROG}: error: cannot write {err.filename or 'output'}: {err.strerror} (nothing half-written was "
+              "left: outputs are renamed into place only when complete)", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,6 +1,13 @@
-"""Shared fixtures: the embedded model's location and tiny random models for fast numerical tests."""
+"""Shared fixtures: the embedded model's location and tiny random models for fast numerical tests.
+
+Before anything imports ftune, the session gets a cache of its own (`FTUNE_CACHE`, which the processes that
+tests start inherit): tests must neither be served the user's cached data, built by other code, nor fill
+`~/.cache/ftune`. Tests that need a cold cache still set their own with `monkeypatch.setenv`.
+"""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +15,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+SESSION_CACHE = tempfile.mkdtemp(prefix="ftune-test-cache-")
+os.environ["FTUNE_CACHE"] = SESSION_CACHE  # not setdefault: a FTUNE_CACHE of the user's shell is theirs too
 
 ASSETS = Path(__file__).resolve().parents[1] / "ftune" / "assets"
 TINY_MODEL = ASSETS / "models" / "tiny"
@@ -34,3 +43,8 @@ def random_llama():
         return LlamaForCausalLM(config).float()
 
     return make
+
+
+def pytest_unconfigure(config):
+    """Remove the session's cache when pytest exits."""
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)

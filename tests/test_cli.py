@@ -1,4 +1,4 @@
-"""The CLI's contract: help texts, exit codes and one-line errors (DESIGN.md)."""
+"""The CLI's contract: help texts, exit codes and one-line errors (README, "Exit codes")."""
 
 import subprocess
 import sys

@@ -16,13 +16,13 @@ Duplicates and overlap with the eval set are reported (`ftune.data.dedup`); an o
 import dataclasses
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from rich.text import Text
 
+from ftune.atomic import atomic_file
 from ftune.data.dedup import EVAL_EXACT, EVAL_NEAR, EXACT, NEAR, overlap_warning
 from ftune.data.mask import IGNORE_INDEX
 from ftune.errors import ConfigError, ResourceError
@@ -51,10 +51,8 @@ def run(args) -> int:
     """Compose and validate the recipe, build its training split and loader, and report on them."""
     from ftune.config.compose import load_run_config, pop_command_keys
 
-    if args.multirun:
-        raise ConfigError("ftune data: -m is not supported", "inspect one configuration at a time")
     own, overrides = pop_command_keys(args.overrides, ("n", "out"))
-    cfg, resolved = load_run_config(overrides)
+    cfg, resolved = load_run_config(overrides, tuple(args.config_dir))
     if args.cfg == "job":
         print(OmegaConf.to_yaml(resolved), end="")
         return 0
@@ -288,13 +286,12 @@ def token_style(learned: bool, is_special: bool, kind: str | None) -> str:
 def write_rows(rows, path: Path) -> None:
     """Write every row as a JSON line `{"input_ids", "labels", "position_ids"}`, atomically.
 
-    Unpacked rows get positions 0..n-1; packed rows keep theirs (restarting at each document). Written to a
-    temporary file in the same directory, then renamed, so `path` is never left half-written.
+    Unpacked rows get positions 0..n-1; packed rows keep theirs (restarting at each document). The lines
+    stream into a temporary file beside `path` (`atomic_file`), so a failure or Ctrl-C halfway leaves the
+    previous `path`, or none, rather than a truncated file that looks complete.
     """
-    staging = path.with_name(f".{path.name}.tmp")
-    with staging.open("w", encoding="utf-8") as handle:
+    with atomic_file(path) as staging, staging.open("w", encoding="utf-8") as handle:
         for row in rows:
             positions = row.get("position_ids") or list(range(len(row["input_ids"])))
             handle.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"],
                                      "position_ids": positions}) + "\n")
-    os.replace(staging, path)

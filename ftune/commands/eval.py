@@ -6,6 +6,9 @@ Example: `ftune eval model=runs/tiny_lora/X/final models=[merged] out=eval.json`
 import json
 from pathlib import Path
 
+from ftune.atomic import write_text
+from ftune.commands import command_config
+
 COLUMNS = ("eval_loss", "eval_ppl", "probe_ppl", "probe_drift", "exact_match", "f1", "answer_tokens")
 """The metrics shown in the table, in order (the JSON holds every metric)."""
 
@@ -13,18 +16,18 @@ COLUMNS = ("eval_loss", "eval_ppl", "probe_ppl", "probe_drift", "exact_match", "
 def run(args) -> int:
     """Parse `key=value` options, evaluate every model, print the table (or JSON with --json), write `out`."""
     from ftune.config.commands import EvalCfg, eval_problems
-    from ftune.config.compose import load_command_config
     from ftune.model.evaluate_models import evaluate_models
 
-    cfg = load_command_config(EvalCfg, args.overrides, check=eval_problems)
+    cfg = command_config(EvalCfg, args, eval_problems)
+    if cfg is None:
+        return 0
     rows = evaluate_models(cfg)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print_comparison(rows)
     if cfg.out is not None:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(Path(cfg.out), json.dumps(rows, indent=2) + "\n")
     return 0
 
 

@@ -4,16 +4,18 @@ Examples: `ftune merge adapter=runs/tiny_lora/X/final out=merged`, or to combine
 `ftune merge adapters=[a/final,b/final] weights=[0.7,0.3] combination=ties out=combined merge=false`.
 """
 
+from ftune.commands import command_config
 
 
 def run(args) -> int:
     """Parse `key=value` options, merge, and report the logit check."""
     from ftune.config.commands import MergeCfg, merge_problems
-    from ftune.config.compose import load_command_config
     from ftune.model.merge import merge
     from ftune.report.console import print_table
 
-    cfg = load_command_config(MergeCfg, args.overrides, check=merge_problems)
+    cfg = command_config(MergeCfg, args, merge_problems)
+    if cfg is None:
+        return 0
     result = merge(cfg)
     rows = {"base": result.base, "written": f"{result.kind} -> {result.out}",
             "adapter effect (max |logit change|)": result.adapter_effect}

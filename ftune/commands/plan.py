@@ -24,7 +24,7 @@ def run(args) -> int:
     own, overrides = pop_command_keys(args.overrides, OWN_KEYS)
     gpus, sharding = parse_gpus(own.get("gpus", "1")), own.get("sharding", "none")
     jobs = expand_sweep(overrides) if args.multirun else [overrides]
-    configs = [load_run_config(job) for job in jobs]
+    configs = [load_run_config(job, tuple(args.config_dir)) for job in jobs]
     results = []
     for typed, resolved in configs:
         if args.cfg == "job":

@@ -1,28 +1,41 @@
-"""`ftune train`: build data, model, optimizer and schedule from a validated config, train, write the run dir.
+"""`ftune train`: wire config -> data and model -> optimizer -> loop -> artefacts, one run per job.
 
-Build order follows DESIGN.md's flow: data (needs only the tokenizer) -> model -> optimizer and schedule ->
-checkpoint restore -> loop -> final artefact, summary and plots.
+Setup is atomic: everything is built (data, model, optimizer, schedule, checkpoint state, the base model's probe)
+before the run directory is written, so a failed start leaves nothing behind and the same command can be run
+again. The loop itself is `ftune.train.loop.fit`; what it leaves behind is `ftune.train.artefacts`.
 """
 
-import json
-import resource
-import shutil
+import os
 import time
 from pathlib import Path
 
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
 from omegaconf import DictConfig, OmegaConf
 
+from ftune.config.compose import expand_sweep, load_run_config
 from ftune.config.schema import RunCfg
+from ftune.config.validate import advisories
+from ftune.data.pipeline import build_loader, build_split, build_train_split
 from ftune.errors import ConfigError, FtuneError
+from ftune.model.load import count_parameters, load_teacher, load_tokenizer, prepare_model
+from ftune.model.plan import distribution_from_env, plan_rows, plan_run
 from ftune.report.console import console, print_table
+from ftune.report.metrics import MetricsLog, NullLog
+from ftune.train.artefacts import METRICS_FILE, draw_plots, save_final, write_summary
+from ftune.train.checkpoint import load_checkpoint, resolve_resume, save_trainable_weights_only
+from ftune.train.loop import TrainRun, fit, restore_best
+from ftune.train.optim import build_optimizer, build_scheduler, optimizer_steps
+from ftune.train.probe import base_probe_ppl, build_probe_loader
+from ftune.train.rundir import ResumeChanges, check_fresh_output_dir, compare_with_checkpoint_config, write_run_config
+from ftune.train.state import TrainState
 
 
 def run(args) -> int:
     """Compose and validate every job (one, or a `-m` sweep) before the first starts; then train each."""
-    from ftune.config.compose import expand_sweep, load_run_config
-
     jobs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
-    configs = [load_run_config(job) for job in jobs]
+    configs = [load_run_config(job, tuple(args.config_dir)) for job in jobs]
     for typed, resolved in configs:
         if args.cfg == "job":
             print(OmegaConf.to_yaml(resolved), end="")
@@ -34,62 +47,37 @@ def run(args) -> int:
 
 
 def run_train(cfg: RunCfg, resolved: DictConfig) -> int:
-    """Train one run; returns the process exit code (0, or 130/143 when interrupted)."""
-    from ftune.train.loop import fit, restore_best
-
+    """Train one run; returns the process exit code (0, 3 after a guard stop is raised, 130/143 interrupted)."""
     started = time.perf_counter()
-    run, tokenizer = build_run(cfg, resolved)
-    final_step = None
+    run, tokenizer, resume = build_run(cfg, resolved)
     try:
         stop_reason, exit_code = fit(run)
+        final_step = None
         if stop_reason != "interrupted":  # an interrupted run resumes from its checkpoint; final/ comes later
             final_step = restore_best(run)
-            save_final(run.accelerator, run.model, tokenizer, run.run_dir)
+            save_final(run, tokenizer)
         if run.accelerator.is_main_process:
-            print_table("summary", write_summary(run, stop_reason, final_step, started))
+            print_table("summary", write_summary(run, stop_reason, final_step, started, resume))
     finally:
         run.log.close()
         release_accelerator()
     return exit_code
 
 
-def release_accelerator() -> None:
-    """Forget accelerate's process-wide state, so the next run in this process may use another precision.
-
-    accelerate keeps one AcceleratorState per process and refuses a second Accelerator with different
-    settings; `_reset_state` is how accelerate's own tests start over (there is no public equivalent).
-    """
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-
-
-def build_run(cfg: RunCfg, resolved: DictConfig):
-    """Everything the loop needs, prepared by accelerate and restored from a checkpoint when resuming."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
-
-    from ftune.model.load import load_teacher, load_tokenizer, prepare_model
-    from ftune.train.checkpoint import load_checkpoint, resolve_resume, save_trainable_weights_only
-    from ftune.train.loop import TrainRun
-    from ftune.train.optim import build_optimizer, build_scheduler, optimizer_steps
-    from ftune.train.state import TrainState
-
+def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, ResumeChanges | None]:
+    """Build everything the loop needs, then (and only then) write the run directory."""
     run_dir = Path(cfg.output_dir)
-    release_accelerator()  # settings of an earlier Accelerator in this process (a sweep job, ftune eval) must not leak
-    accelerator = Accelerator(
-        mixed_precision=cfg.trainer.mixed_precision,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor" if cfg.trainer.compile else "no",
-                                        use_regional_compilation=cfg.trainer.compile),
-    )
-    check_world_size(accelerator)
+    checkpoint = resolve_resume(cfg.resume, run_dir) if cfg.resume is not None else None
+    resume = compare_with_checkpoint_config(checkpoint, resolved, cfg.resume_force) if checkpoint else None
+    if checkpoint is None:
+        check_fresh_output_dir(run_dir)
+    accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
-        prepare_run_dir(run_dir, resolved, resuming=cfg.resume is not None)
-        print_plan(cfg, accelerator)
+        announce(cfg, accelerator, resume)
     set_seed(cfg.seed)
+
     tokenizer = load_tokenizer(cfg.model)
-    with accelerator.main_process_first():  # rank 0 fills the data cache, the others read it: no write race
+    with accelerator.main_process_first():  # rank 0 fills the data cache, the others read it
         loaders, stats = build_loaders(cfg, tokenizer)
     teacher = load_teacher(cfg)  # None unless distilling; checks the vocabularies match first
     model = prepare_model(cfg)
@@ -100,27 +88,50 @@ def build_run(cfg: RunCfg, resolved: DictConfig):
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     accelerator.register_for_checkpointing(scheduler)
     save_trainable_weights_only(accelerator)
+    state = load_checkpoint(accelerator, checkpoint) if checkpoint else TrainState()
+    if loaders.get("probe") is not None and state.base_probe_ppl is None:
+        state.base_probe_ppl = base_probe_ppl(model, loaders["probe"], accelerator, cfg.model, cfg.probe)
 
-    state = TrainState()
-    if cfg.resume is not None:
-        state = load_checkpoint(accelerator, resolve_resume(cfg.resume, run_dir))
+    if accelerator.is_main_process:  # setup succeeded: the run directory is written from here on
+        write_run_config(run_dir, resolved)
     run = TrainRun(
-        accelerator, model, optimizer, scheduler, loaders["train"], loaders.get("eval"), loaders.get("probe"),
-        cfg.trainer, cfg.early_stop, cfg.probe, cfg.optim.max_grad_norm, total_steps, run_dir,
-        open_log(cfg, resolved, accelerator, run_dir), state, on_checkpoint=lambda: draw_plots(run_dir),
-        teacher=teacher, distill=cfg.distill,
+        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+        train_loader=loaders["train"], eval_loader=loaders.get("eval"), probe_loader=loaders.get("probe"),
+        cfg=cfg.trainer, early_stop=cfg.early_stop, probe=cfg.probe, max_grad_norm=cfg.optim.max_grad_norm,
+        total_steps=total_steps, run_dir=run_dir, log=open_log(cfg, resolved, accelerator, run_dir), state=state,
+        on_checkpoint=lambda: draw_plots(run_dir), teacher=teacher, distill=cfg.distill if teacher else None,
     )
-    measure_base_probe(run, cfg)
+    if resume is not None:
+        run.log.log(resume.as_row(state.step))
     if accelerator.is_main_process:
         print_table(f"ftune train: {cfg.recipe} -> {run_dir}", describe_run(run, stats))
-    return run, tokenizer
+    return run, tokenizer, resume
+
+
+def make_accelerator(cfg: RunCfg) -> Accelerator:
+    """A fresh Accelerator for this run (precision, seeded data order, optional regional compilation)."""
+    release_accelerator()  # settings of an earlier Accelerator in this process (a sweep job, ftune eval) must not leak
+    accelerator = Accelerator(
+        mixed_precision=cfg.trainer.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor" if cfg.trainer.compile else "no",
+                                        use_regional_compilation=cfg.trainer.compile),
+    )
+    check_world_size(accelerator)
+    return accelerator
+
+
+def release_accelerator() -> None:
+    """Forget accelerate's process-wide state, so the next run in this process may use another precision.
+
+    accelerate keeps one AcceleratorState per process and refuses a second Accelerator with different
+    settings; `_reset_state` is how accelerate's own tests start over (there is no public equivalent).
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def build_loaders(cfg: RunCfg, tokenizer) -> tuple[dict, dict]:
     """Train, eval and probe loaders (eval and probe None when not configured) and the data statistics."""
-    from ftune.data.pipeline import build_loader, build_split, build_train_split
-    from ftune.train.probe import build_probe_loader
-
     batch = cfg.trainer.micro_batch_size
     train = build_train_split(tokenizer, cfg.data, cfg.seed)
     held_out = build_split(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
@@ -134,27 +145,30 @@ def build_loaders(cfg: RunCfg, tokenizer) -> tuple[dict, dict]:
     return loaders, {"train": train.stats, "eval": held_out.stats if held_out else None}
 
 
-def measure_base_probe(run, cfg: RunCfg) -> None:
-    """Fill in the base model's probe perplexity (cached) before the first step; a resumed run has it."""
-    from ftune.train.probe import base_probe_ppl
-
-    if run.probe_loader is not None and run.state.base_probe_ppl is None:
-        run.state.base_probe_ppl = base_probe_ppl(run.model, run.probe_loader, run.accelerator, cfg.model, cfg.probe)
-
-
-def open_log(cfg: RunCfg, resolved: DictConfig, accelerator, run_dir: Path):
+def open_log(cfg: RunCfg, resolved: DictConfig, accelerator: Accelerator, run_dir: Path) -> MetricsLog | NullLog:
     """metrics.jsonl (+ tracker) on the main process; a no-op log elsewhere."""
-    from ftune.report.metrics import MetricsLog, NullLog
-
     if not accelerator.is_main_process:
         return NullLog()
-    return MetricsLog(run_dir / "metrics.jsonl", cfg.logger, run_dir.name, OmegaConf.to_container(resolved))
+    return MetricsLog(run_dir / METRICS_FILE, cfg.logger, run_dir.name, OmegaConf.to_container(resolved))
 
 
-def describe_run(run, stats: dict) -> dict:
+def announce(cfg: RunCfg, accelerator: Accelerator, resume: ResumeChanges | None) -> None:
+    """Before anything loads: the memory plan, the config's advisories and what a resume changes."""
+    gpus, sharding = distribution_from_env()
+    device = "cuda" if accelerator.device.type == "cuda" else "cpu"
+    try:
+        print_table(f"plan: {cfg.recipe}", plan_rows(plan_run(cfg, gpus=gpus, sharding=sharding, device=device)))
+    except FtuneError as err:  # an estimate it cannot make (e.g. a non-Llama model) must not stop training
+        console.print(f"plan: not available ({err.one_line()})")
+    for note in advisories(cfg):
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    for kind, changes in (("applied", resume.applied), ("forced (resume_force=true)", resume.forced)) if resume else ():
+        for key, (old, new) in changes.items():
+            console.print(f"resume: {key}: {old!r} -> {new!r} {kind}", markup=False, highlight=False, soft_wrap=True)
+
+
+def describe_run(run: TrainRun, stats: dict) -> dict:
     """The table printed before the first step."""
-    from ftune.model.load import count_parameters
-
     total, trainable = count_parameters(run.accelerator.unwrap_model(run.model))
     train, held_out = stats["train"], stats["eval"]
     return {
@@ -167,94 +181,11 @@ def describe_run(run, stats: dict) -> dict:
     }
 
 
-def print_plan(cfg: RunCfg, accelerator) -> None:
-    """The `ftune plan` table for this run, from the meta device, before any weight loads."""
-    from ftune.model.plan import distribution_from_env, plan_rows, plan_run
-
-    gpus, sharding = distribution_from_env()
-    device = "cuda" if accelerator.device.type == "cuda" else "cpu"
-    try:
-        print_table(f"plan: {cfg.recipe}", plan_rows(plan_run(cfg, gpus=gpus, sharding=sharding, device=device)))
-    except FtuneError as err:  # an estimate it cannot make (e.g. a non-Llama model) must not stop training
-        console.print(f"plan: not available ({err.one_line()})")
-
-
-def check_world_size(accelerator) -> None:
+def check_world_size(accelerator: Accelerator) -> None:
     """Refuse a launch whose processes do not see each other (each would train alone and write as rank 0)."""
-    import os
-
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise ConfigError(
             f"accelerate launched {launched} processes but they did not form one group",
             "on a machine without GPUs set ACCELERATE_USE_CPU=true for --multi_gpu runs (gloo)",
         )
-
-
-def prepare_run_dir(run_dir: Path, resolved: DictConfig, resuming: bool) -> None:
-    """Create the run directory and write config.yaml; refuse to mix a fresh run into an old one."""
-    if not resuming and run_dir.is_dir() and any(run_dir.iterdir()):
-        raise ConfigError(f"output_dir={run_dir}: already holds a run", "pass resume=auto or a new output_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(resolved, run_dir / "config.yaml")
-
-
-def save_final(accelerator, model, tokenizer, run_dir: Path) -> Path:
-    """Write `final/` (adapter or full model, plus tokenizer and chat template) atomically.
-
-    Every rank calls `get_state_dict` (a collective under FSDP/DeepSpeed); only the main one writes.
-    """
-    state_dict = accelerator.get_state_dict(model)
-    final, staging = run_dir / "final", run_dir / ".tmp-final"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
-        tokenizer.save_pretrained(staging)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def draw_plots(run_dir: Path) -> None:
-    """Redraw plots/ from metrics.jsonl."""
-    from ftune.report.plots import write_plots
-
-    write_plots(read_metrics(run_dir), run_dir / "plots")
-
-
-def write_summary(run, stop_reason: str, final_step: int | None, started: float) -> dict:
-    """summary.json: why the run ended, the best evaluation, totals, losses, parameters, time and peak memory."""
-    from ftune.model.load import count_parameters
-    from ftune.train.loop import epochs_done
-
-    rows = read_metrics(run.run_dir)
-    losses = [r["loss"] for r in rows if "loss" in r]
-    state = run.state
-    total_params, trainable_params = count_parameters(run.accelerator.unwrap_model(run.model))
-    summary = {
-        "stop_reason": stop_reason,
-        "steps": state.step,
-        "epochs": round(epochs_done(run), 4),
-        "best_step": state.best_step,
-        "best_metric": {run.early_stop.metric: state.best_metric} if state.best_step is not None else None,
-        "final_weights_step": final_step,
-        "tokens": state.tokens,
-        "learned_tokens": state.learned_tokens,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "base_probe_ppl": state.base_probe_ppl,
-        "trainable_params": trainable_params,
-        "total_params": total_params,
-        "wall_time_s": round(time.perf_counter() - started, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
-    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    draw_plots(run.run_dir)
-    return summary

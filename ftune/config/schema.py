@@ -7,7 +7,10 @@ metadata) and checked by `config.validate`, which reads them from here rather th
 This module imports nothing of torch or the rest of ftune: a config can be checked before anything loads.
 """
 
+import ast
+import inspect
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 
@@ -16,9 +19,34 @@ def choice(default: str, *choices: str) -> Any:
     return field(default=default, metadata={"choices": (default, *choices)})
 
 
+def registry_choice(default: str, registry: str, *extra: str) -> Any:
+    """A string field whose allowed values are `default`, `extra` and the keys of a registry (`module:NAME`).
+
+    The registry is the dict that implements the options (data formats, PEFT methods, optimizers), read when a
+    config is validated, so a new option is added in one place. Validation imports it (and so may import
+    torch), but loads nothing.
+    """
+    return field(default=default, metadata={"registry": registry, "extra": (default, *extra)})
+
+
 def bounded(default: float | int, low: float | None = None, high: float | None = None) -> Any:
     """A numeric field that must lie in [low, high] (either bound may be open)."""
     return field(default=default, metadata={"min": low, "max": high})
+
+
+@cache
+def field_docs(node: type) -> dict[str, str]:
+    """The first sentence of each field's docstring (the string literal after it), for help and `ftune init`.
+
+    Python keeps no attribute docstrings at run time, so they are read from this module's source.
+    """
+    tree = ast.parse(inspect.getsource(node))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, after in zip(body, body[1:], strict=False):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[stmt.target.id] = " ".join(str(after.value.value).split()).split(". ")[0].rstrip(".") + "."
+    return docs
 
 
 @dataclass
@@ -33,8 +61,12 @@ class ModelCfg:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
 
 
-DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "message_list")
-"""`auto` (detect from the first record), then the record formats of ftune.data.formats."""
+FORMATS_REGISTRY = "ftune.data.formats:FORMATS"
+"""The record formats; `auto` (detect from the first record) is allowed besides them."""
+
+
+CANONICAL_ROLES = ("system", "user", "assistant", "tool")
+"""The roles of ftune's canonical messages; `data.roles` maps a dataset's names onto these."""
 
 
 @dataclass
@@ -45,7 +77,7 @@ class DataSourceCfg:
     """A file, directory or hub id, as `data.path` takes it."""
     weight: float = 1.0
     """Relative share of the mixed training examples drawn from this source (see `data.mix`); must be > 0."""
-    format: str = choice(*DATA_FORMATS)
+    format: str = registry_choice("auto", FORMATS_REGISTRY)
     """Record format of this source, as `data.format` (which applies to `path` and `eval_path` only)."""
 
 
@@ -56,7 +88,7 @@ class DataCfg:
     (or one written by datasets' `save_to_disk`); or a `datasets` hub id, `ID` or `ID:SPLIT` (default train)."""
     eval_path: str | None = "${ftune_asset:data/chat/validation.jsonl}"
     """Held-out data for evaluation, any source `path` takes; null disables evaluation."""
-    format: str = choice(*DATA_FORMATS)
+    format: str = registry_choice("auto", FORMATS_REGISTRY)
     """Record format; `auto` detects it from the fields of each source's first record (see ftune.data.formats)."""
     roles: dict[str, str] = field(
         default_factory=lambda: {
@@ -112,7 +144,7 @@ class QuantCfg:
 
 @dataclass
 class MethodCfg:
-    name: str = choice("lora", "full", "ia3", "prompt_tuning", "prefix_tuning")
+    name: str = registry_choice("lora", "ftune.model.adapters:PEFT_CONFIGS", "full")
     """What trains: LoRA adapters (QLoRA with quant.bits=4), every weight, or another PEFT method."""
     freeze: list[str] = field(default_factory=list)
     """Full fine-tuning: regexes of parameter names that stay frozen (e.g. embeddings, the first layers)."""
@@ -142,7 +174,7 @@ class LoraCfg:
 
 @dataclass
 class OptimCfg:
-    name: str = choice("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+    name: str = registry_choice("adamw", "ftune.train.optim:BNB_OPTIMIZERS")
     """Optimizer: torch's AdamW or a bitsandbytes 8-bit / paged variant."""
     lr: float = bounded(2e-4, 0.0)
     """Peak learning rate."""
@@ -211,8 +243,10 @@ class TrainerCfg:
 
 @dataclass
 class EarlyStopCfg:
-    metric: str = "eval_loss"
-    """Evaluation metric that decides the best checkpoint and early stopping (any key of an eval row)."""
+    metric: str = "auto"
+    """Evaluation metric that decides the best checkpoint and early stopping: eval_loss, eval_ppl, probe_ppl or
+    probe_drift (those the configured evaluation measures), or `auto`: eval_loss, or probe_ppl without
+    data.eval_path, or none without any evaluation (then final/ holds the last weights)."""
     mode: str = choice("min", "max")
     """Whether smaller or larger values of the metric are better."""
     patience: int = bounded(0, 0)
@@ -248,13 +282,16 @@ class RunCfg:
     """A complete run: what `ftune train` validates before anything loads."""
 
     recipe: str = "tiny_lora"
-    """Name of the recipe in recipes/ this run was composed from."""
+    """Name of the recipe this run was composed from (a shipped one, or the stem of the user's file)."""
     seed: int = 42
     """Seeds python, numpy and torch, and the data order."""
     output_dir: str = "runs/${recipe}/${now:%Y%m%d-%H%M%S}"
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/, summary.json."""
     resume: str | None = None
     """`auto` for the newest checkpoint in output_dir, or a checkpoint path; null starts fresh."""
+    resume_force: bool = False
+    """Resume although the config changed in a way that breaks exact resume (data, model, method, batch shape,
+    seed); the changed keys are recorded in metrics.jsonl and summary.json."""
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     method: MethodCfg = field(default_factory=MethodCfg)

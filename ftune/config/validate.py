@@ -6,11 +6,15 @@ are listed in `CROSS_FIELD_RULES`, one small function each.
 
 import dataclasses
 import importlib.util
+import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any
 
-from ftune.config.schema import RunCfg
+from omegaconf import DictConfig
+
+from ftune.config.schema import CANONICAL_ROLES, RunCfg
 
 
 def validate(cfg: RunCfg) -> list[str]:
@@ -28,7 +32,7 @@ def field_problems(node: Any, prefix: str):
         if dataclasses.is_dataclass(value):
             yield from field_problems(value, prefix=f"{key}.")
             continue
-        allowed = f.metadata.get("choices")
+        allowed = allowed_values(f)
         if allowed is not None and value not in allowed:
             yield f"{key}={value!r} is not allowed (expected one of: {', '.join(allowed)})"
         low, high = f.metadata.get("min"), f.metadata.get("max")
@@ -36,6 +40,14 @@ def field_problems(node: Any, prefix: str):
             yield f"{key}={value!r} is too small (expected >= {low})"
         if high is not None and value > high:
             yield f"{key}={value!r} is too large (expected <= {high})"
+
+
+def allowed_values(f: dataclasses.Field) -> tuple | None:
+    """A field's allowed values: its `choices`, or its extra values plus the keys of its registry (see schema)."""
+    if "registry" not in f.metadata:
+        return f.metadata.get("choices")
+    module, name = f.metadata["registry"].split(":")
+    return tuple(dict.fromkeys((*f.metadata["extra"], *getattr(importlib.import_module(module), name))))
 
 
 def check_lora_targets(cfg: RunCfg) -> list[str]:
@@ -135,6 +147,66 @@ def check_optimizer(cfg: RunCfg) -> list[str]:
     return []
 
 
+def evaluation_metrics(eval_path: str | None, probe_path: str | None) -> list[str]:
+    """The metrics an evaluation row will hold: held-out loss with eval data, probe perplexity with a probe."""
+    return (["eval_loss", "eval_ppl"] if eval_path else []) + (["probe_ppl", "probe_drift"] if probe_path else [])
+
+
+def resolve_automatic(cfg: DictConfig) -> None:
+    """Decide the `auto` settings of a composed config in place, so config.yaml records what ran.
+
+    `early_stop.metric=auto` follows the held-out loss, else the probe perplexity (lower is better for both),
+    else nothing: with no evaluation at all, `trainer.final_weights=best` has nothing to pick by and becomes
+    `last`. `advisories` tells the user which fallback was taken.
+    """
+    metrics = evaluation_metrics(cfg.data.eval_path, cfg.probe.path)
+    if cfg.early_stop.metric == "auto":
+        cfg.early_stop.metric = metrics[0] if metrics else "none"
+        cfg.early_stop.mode = "min"
+    if not metrics and cfg.trainer.final_weights == "best":
+        cfg.trainer.final_weights = "last"
+
+
+def check_early_stop(cfg: RunCfg) -> list[str]:
+    """The metric that picks the best checkpoint and stops early must be one the evaluation produces."""
+    metrics = evaluation_metrics(cfg.data.eval_path, cfg.probe.path)
+    metric, patience = cfg.early_stop.metric, cfg.early_stop.patience
+    if not metrics:
+        return [f"early_stop.patience={patience} with no evaluation (expected data.eval_path or probe.path, or "
+                "early_stop.patience=0)"] if patience else []
+    if metric not in (*metrics, "auto"):
+        why = "" if cfg.data.eval_path else " (data.eval_path is null, so there is no held-out loss)"
+        return [f"early_stop.metric={metric} is not measured by this run{why} (expected one of: "
+                f"{', '.join(metrics)}, or auto)"]
+    return []
+
+
+def check_data_sources(cfg: RunCfg) -> list[str]:
+    """`data.mix` weights are shares (> 0) and `data.roles` map onto ftune's roles."""
+    problems = []
+    for index, source in enumerate(cfg.data.mix):
+        if not (math.isfinite(source.weight) and source.weight > 0):
+            problems.append(f"data.mix[{index}].weight={source.weight} (expected > 0: the share of training "
+                            f"examples drawn from {source.path})")
+        problems += field_problems(source, prefix=f"data.mix[{index}].")
+    problems += [f"data.roles.{name}={role!r} (expected one of: {', '.join(CANONICAL_ROLES)})"
+                 for name, role in cfg.data.roles.items() if role not in CANONICAL_ROLES]
+    return problems
+
+
+def check_deepspeed_accumulation(cfg: RunCfg) -> list[str]:
+    """DeepSpeed with accumulation is refused: it would silently step on every micro-batch.
+
+    accelerate steps the DeepSpeed engine on every backward outside `accelerator.accumulate`, so ftune's
+    token-normalised accumulation (no_sync over a step's micro-batches) cannot hold there.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and cfg.trainer.grad_accum > 1:
+        return [f"trainer.grad_accum={cfg.trainer.grad_accum} under DeepSpeed (expected 1: DeepSpeed steps on every "
+                "micro-batch; raise trainer.micro_batch_size, or launch with an FSDP config, where accumulation "
+                "is exact)"]
+    return []
+
+
 def check_probe(cfg: RunCfg) -> list[str]:
     drift = cfg.probe.max_drift
     if drift is not None and (drift <= 0 or cfg.probe.path is None):
@@ -155,4 +227,23 @@ CROSS_FIELD_RULES: list[Callable[[RunCfg], list[str]]] = [
     check_betas,
     check_schedule,
     check_mixed_precision,
+    check_early_stop,
+    check_data_sources,
+    check_deepspeed_accumulation,
 ]
+
+
+def advisories(cfg: RunCfg) -> list[str]:
+    """Valid but risky or automatic choices, one line each, printed at the start of a run (never fatal)."""
+    notes = []
+    if cfg.quant.bits == 4 and cfg.quant.compute_dtype == "fp16":
+        notes.append("quant.compute_dtype=fp16: QLoRA's dequantized matmuls can overflow in fp16 (loss spikes to "
+                     "inf/NaN); bf16 keeps fp32's range, use it where the GPU has it (Ampere or newer)")
+    if cfg.quant.bits == 4 and cfg.quant.type == "fp4":
+        notes.append("quant.type=fp4: NF4 matches normally distributed weights and gave better results than FP4 in "
+                     "the QLoRA paper (Dettmers et al., 2023); prefer quant.type=nf4")
+    if not cfg.data.eval_path and cfg.probe.path and cfg.early_stop.metric.startswith("probe"):
+        notes.append(f"data.eval_path is null: the best checkpoint and early stopping follow {cfg.early_stop.metric}")
+    if cfg.early_stop.metric == "none":
+        notes.append("no evaluation data and no probe: final/ holds the last step's weights")
+    return notes

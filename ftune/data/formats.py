@@ -8,8 +8,9 @@ Sources (`read_source`), tried in this order:
   other directory `datasets.load_dataset` understands (e.g. a hub snapshot with `data/train-*.parquet`);
 - a `datasets` hub id, `ID` or `ID:SPLIT` (default split `train`; slices such as `train[:90%]` work).
 
-Each record is located for error messages as `file:LINE` (JSONL and CSV, 1-based; a CSV header is line 1) or
-`source[INDEX]` (a JSON list, Parquet, `datasets`: 0-based, as `records[INDEX]` reads it).
+Text files (JSONL, JSON, CSV) are UTF-8, with or without a byte-order mark, with LF or CRLF line ends
+(`read_text`). Each record is located for error messages as `file:LINE` (JSONL and CSV, 1-based; a CSV header
+is line 1) or `source[INDEX]` (a JSON list, Parquet, `datasets`: 0-based, as `records[INDEX]` reads it).
 
 Formats (`FORMATS`: the fields that identify each one; `resolve_format` detects the first that fits):
 
@@ -29,7 +30,9 @@ A record that does not fit raises `RecordError`, naming where it is, the field a
 short `reason` under which `data.on_bad_record=skip` counts it. The user's files are only ever read.
 """
 
+import codecs
 import csv
+import io
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -62,6 +65,9 @@ FORMATS: dict[str, tuple[str, ...]] = {
 a JSON list of messages rather than an object, so it has no fields and is detected by its type."""
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+TEXT_ENCODING = "utf-8-sig"
+"""UTF-8 that drops a leading byte-order mark, which Windows tools and Excel write and `json` refuses."""
+
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 """What a `datasets` hub id looks like (`name` or `org/name`); other missing paths are just missing."""
 
@@ -115,20 +121,38 @@ def read_file(path: Path) -> list[Record]:
     readers = {".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet, ".csv": read_csv}
     if path.suffix not in readers:
         raise DataError(f"{path}: unknown data file type {path.suffix!r}", f"expected one of {', '.join(readers)}")
+    return readers[path.suffix](path)
+
+
+def read_text(path: Path) -> str:
+    r"""The text of a UTF-8 file, without a byte-order mark and with every line ending as "\n".
+
+    Every text format reads through here, so a file saved by Windows tools parses to the same records, with
+    the same line numbers, as the plain one. CRLF and a lone CR become "\n" as Python's universal newlines
+    make them; other separators (U+2028, form feed) stay, since JSON strings may hold them raw.
+
+    Example: b'\xef\xbb\xbf{"text": "a"}\r\n' -> '{"text": "a"}\n'
+
+    Raises:
+        DataError: the file is not UTF-8, naming the first bad byte's offset in the file.
+    """
+    raw = path.read_bytes()
     try:
-        return readers[path.suffix](path)
+        text = raw.decode(TEXT_ENCODING)
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+        offset = err.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
+        raise DataError(f"{path}: not UTF-8 text (byte {offset}: {err.reason})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def read_jsonl(path: Path, text: str | None = None) -> list[Record]:
-    """One record per non-blank line of `path` (or of its `text`, when already read).
+    """One record per non-blank line of `path` (or of its `text`, as `read_text` returns it, when already read).
 
     A line that is not JSON is kept as its RecordError (see `read_source`).
     """
     records = []
     # split on "\n" only: str.splitlines would also split at U+2028 and others, which JSON strings may hold raw
-    lines = (path.read_text(encoding="utf-8") if text is None else text).split("\n")
+    lines = (read_text(path) if text is None else text).split("\n")
     for line_no, line in enumerate(lines, start=1):
         if line.strip():
             records.append((f"{path}:{line_no}", parse_json_line(line, f"{path}:{line_no}")))
@@ -150,7 +174,7 @@ def read_json(path: Path) -> list[Record]:
     Raises:
         DataError: not valid JSON, or valid JSON that is not a list.
     """
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -190,18 +214,17 @@ def read_csv(path: Path) -> list[Record]:
         DataError: the file is not valid CSV.
     """
     records = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        try:
-            for row in reader:
-                where = f"{path}:{reader.line_num}"
-                if None in row:  # more values than the header names
-                    columns = len(reader.fieldnames)
-                    row = RecordError(INVALID_RECORD, f"{where}: expected {columns} values (the header's columns), "
-                                                      f"got {columns + len(row[None])}")
-                records.append((where, row))
-        except csv.Error as err:
-            raise DataError(f"{path}:{reader.line_num}: cannot read as CSV ({err})") from None
+    reader = csv.DictReader(io.StringIO(read_text(path)))
+    try:
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row:  # more values than the header names
+                columns = len(reader.fieldnames)
+                row = RecordError(INVALID_RECORD, f"{where}: expected {columns} values (the header's columns), "
+                                                  f"got {columns + len(row[None])}")
+            records.append((where, row))
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: cannot read as CSV ({err})") from None
     return records
 
 

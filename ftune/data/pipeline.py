@@ -7,17 +7,17 @@ batches them (padded, or packed with the attention inputs that isolate documents
 """
 
 import dataclasses
+import functools
 import json
-import math
 import random
-import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from ftune.cache import cache_dir, fingerprint
+from ftune.atomic import atomic_dir
+from ftune.cache import cache_dir, files_fingerprint, fingerprint
 from ftune.config.schema import DataCfg, DataSourceCfg
-from ftune.config.validate import field_problems
 from ftune.data.collate import PackedCollator, PadCollator
 from ftune.data.dedup import deduplicate, held_out_records, merge_reports
 from ftune.data.formats import (
@@ -32,12 +32,16 @@ from ftune.data.labels import TokenizedExample, tokenize_conversation, tokenize_
 from ftune.data.mask import IGNORE_INDEX
 from ftune.data.packing import pack
 from ftune.data.sampler import LengthGroupedSampler
-from ftune.data.templates import ChatTemplate, resolve_template
-from ftune.errors import ConfigError, DataError
+from ftune.data.templates import TEMPLATES_DIR, ChatTemplate, resolve_template
+from ftune.errors import DataError
 from ftune.report.console import console
 
-PIPELINE_VERSION = 2
-"""Bump when a change to the code changes the rows or statistics it builds, so old caches are not served."""
+ROW_SHAPING_MODULES = ("formats.py", "templates.py", "labels.py", "mask.py", "packing.py", "pipeline.py")
+"""The modules of ftune/data whose code decides the cached rows and statistics; collate.py and sampler.py act
+per batch, on rows already cached, so changing them keeps the cache valid."""
+
+STATS_FILE = "stats.json"
+"""A cache entry's statistics, beside the rows `datasets` saved."""
 
 NOT_SHAPING_ROWS = ("path", "eval_path", "mix", "pad_to_multiple_of", "group_by_length")
 """DataCfg fields left out of the settings part of the cache key: sources are keyed by content, padding and
@@ -250,29 +254,12 @@ def mix(parts: list[tuple[list[dict], SplitStats]], weights: list[float], seed: 
     return mixed, stats
 
 
-def check_mix(sources: list[DataSourceCfg]) -> None:
-    """Refuse weights that define no share and unknown formats (`validate` does not look into lists).
-
-    Raises:
-        ConfigError: naming every `data.mix[i]` field that is wrong.
-    """
-    problems = []
-    for index, source in enumerate(sources):
-        if not (math.isfinite(source.weight) and source.weight > 0):
-            problems.append(f"data.mix[{index}].weight={source.weight}: expected a positive number (the share of "
-                            f"training examples drawn from {source.path})")
-        problems += field_problems(source, prefix=f"data.mix[{index}].")
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
 def build_train_split(tokenizer, cfg: DataCfg, seed: int) -> Split:
     """The training rows: the sources of `data.mix` mixed by weight (seeded by `seed`), or `data.path`.
 
     Raises:
         ConfigError: a `data.mix` weight that is not a positive number.
     """
-    check_mix(cfg.mix)
     return build_rows(cfg.mix or [DataSourceCfg(cfg.path, 1.0, cfg.format)], tokenizer, cfg, seed)
 
 
@@ -284,14 +271,15 @@ def build_split(path: str, tokenizer, cfg: DataCfg) -> Split:
 def build_rows(sources: list[DataSourceCfg], tokenizer, cfg: DataCfg, seed: int) -> Split:
     """The rows of sources (each read in its own format), mixed by weight when there are several.
 
-    Served from the cache when the sources and every setting that shapes the rows are unchanged; otherwise
-    built and cached (written under a temporary name, then renamed, so a crash leaves no half entry).
+    Served from the cache when the sources, the code and every setting that shapes the rows are unchanged;
+    otherwise built and cached (see `save_entry`).
     """
-    from datasets import Dataset, load_from_disk
+    from datasets import Dataset
 
-    cached = cache_dir("data") / split_fingerprint(sources, tokenizer, cfg, seed)
-    if (cached / "stats.json").is_file():
-        return Split(load_from_disk(str(cached)), SplitStats(**json.loads((cached / "stats.json").read_text())), True)
+    entry = cache_dir("data") / split_fingerprint(sources, tokenizer, cfg, seed)
+    cached = load_entry(entry)
+    if cached is not None:
+        return cached
     parts = [tokenize_split(source.path, tokenizer, dataclasses.replace(cfg, format=source.format))
              for source in sources]
     examples, stats = mix(parts, [source.weight for source in sources], seed) if len(parts) > 1 else parts[0]
@@ -299,13 +287,31 @@ def build_rows(sources: list[DataSourceCfg], tokenizer, cfg: DataCfg, seed: int)
     stats.rows = len(rows)
     stats.row_capacity = len(rows) * cfg.max_length if cfg.packing else stats.tokens
     dataset = Dataset.from_list(rows)
-    staging = cached.with_name(cached.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    dataset.save_to_disk(str(staging))
-    (staging / "stats.json").write_text(json.dumps(dataclasses.asdict(stats)))  # last: marks it complete
-    shutil.rmtree(cached, ignore_errors=True)
-    staging.rename(cached)
+    save_entry(entry, dataset, stats)
     return Split(dataset, stats)
+
+
+def load_entry(entry: Path) -> Split | None:
+    """The split cached at `entry`, or None when there is none (a miss)."""
+    from datasets import load_from_disk
+
+    if not (entry / STATS_FILE).is_file():
+        return None
+    stats = SplitStats(**json.loads((entry / STATS_FILE).read_text(encoding="utf-8")))
+    return Split(load_from_disk(str(entry)), stats, from_cache=True)
+
+
+def save_entry(entry: Path, dataset, stats: SplitStats) -> None:
+    """Cache a split at `entry`: written under a name of this process's own, then renamed into place.
+
+    Two runs that miss the same entry at once (a sweep, two terminals, the ranks of one launch) each write
+    their own copy; the first rename publishes it and the later copy is discarded (`replace=False`), since
+    the same key means the same rows. A reader thus only sees a complete entry, and one never replaced under
+    it while its files are memory-mapped; a crash leaves no entry at all.
+    """
+    with atomic_dir(entry, replace=False) as staging:
+        dataset.save_to_disk(str(staging))
+        (staging / STATS_FILE).write_text(json.dumps(dataclasses.asdict(stats)), encoding="utf-8")
 
 
 def split_fingerprint(sources: list[DataSourceCfg], tokenizer, cfg: DataCfg, seed: int) -> str:
@@ -326,7 +332,23 @@ def split_fingerprint(sources: list[DataSourceCfg], tokenizer, cfg: DataCfg, see
     }
     settings["eval_set"] = eval_set_signature(sources, cfg)  # the overlap check reads it (ftune.data.dedup)
     signatures = [(source_signature(source.path), source.format) for source in sources]
-    return fingerprint(PIPELINE_VERSION, signatures, mixing, tokenizer_state, settings)
+    return fingerprint(code_fingerprint(), signatures, mixing, tokenizer_state, settings)
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of the code that shapes rows (see `row_shaping_files`), computed once per process.
+
+    It replaces a hand-bumped version number, which a change could forget: then an old cache would be served
+    rows that the new code would build differently.
+    """
+    return files_fingerprint(row_shaping_files())
+
+
+def row_shaping_files() -> list[Path]:
+    """The source files of `ROW_SHAPING_MODULES` and the shipped chat templates they render with, in name order."""
+    modules = [Path(__file__).with_name(name) for name in ROW_SHAPING_MODULES]
+    return sorted(modules) + sorted(TEMPLATES_DIR.glob("*.jinja"))
 
 
 def eval_set_signature(sources: list[DataSourceCfg], cfg: DataCfg) -> dict | None:

@@ -11,16 +11,13 @@ nothing behind, and it holds only what transformers (or PEFT, for a combined ada
 """
 
 import json
-import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
+from ftune.atomic import atomic_dir
 from ftune.config.commands import MergeCfg
 from ftune.config.schema import ModelCfg
 from ftune.errors import ConfigError, ResourceError
@@ -96,7 +93,7 @@ def merge(cfg: MergeCfg) -> MergeResult:
     tokenizer = from_pretrained(AutoTokenizer, tokenizer_source(dirs[0], base), "adapter")
     batch = probe_batch(tokenizer)
     effect = adapter_effect(model, batch)
-    with staged_dir(out) as staging:
+    with atomic_dir(out) as staging:
         if cfg.merge:
             diff, tolerance = merge_checked(model, batch, cfg.dtype, max_shard_size=cfg.max_shard_size, to=staging)
         else:
@@ -348,26 +345,3 @@ def write_merge_info(directory: Path, cfg: MergeCfg, base: str, dirs: list[str],
         "max_abs_logit_diff": diff,
     }
     (directory / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-
-
-@contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
-    """Yield a fresh sibling directory of `out` to write into; on success it replaces `out`, else it is removed.
-
-    The swap is two renames in the same parent directory, so `out` is never seen half-written.
-    """
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists():  # empty, or overwrite=true (checked before anything was loaded)
-        previous = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(previous)
-        staging.rename(out)
-        shutil.rmtree(previous)
-    else:
-        staging.rename(out)

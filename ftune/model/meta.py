@@ -1,7 +1,7 @@
 """The model as training prepares it, built on the meta device from its config.json: shapes and dtypes, no memory.
 
 `ftune plan` reads parameter counts and dtypes off it. The config comes from a local directory, from the
-config.json files shipped for public models (configs/hub/<org>/<name>/config.json, so planning needs no
+config.json files shipped for public models (ftune/configs/hub/<org>/<name>/config.json, so planning needs no
 network), or from the hub cache.
 """
 
@@ -26,7 +26,7 @@ HUB_CONFIGS = CONFIGS_DIR / "hub"
 
 
 def load_model_config(name_or_path: str, key: str = "model.name_or_path") -> PretrainedConfig:
-    """The model's config: a local directory's config.json, a shipped one (configs/hub/ID), or the hub cache.
+    """The model's config: a local directory's config.json, a shipped one (ftune/configs/hub/ID), or the hub cache.
 
     Raises:
         ResourceError: none of them has a config.json for `name_or_path`.

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from ftune.atomic import atomic_file
+
 
 def write_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
     """Draw `loss.png` (train and eval loss) and, when the probe ran, `probe.png`; returns the files written."""
@@ -34,8 +36,7 @@ def plot_series(rows: list[dict], path: Path, title: str, ylabel: str, series: d
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    with atomic_file(path) as staging:
+        fig.savefig(staging, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ftune.atomic import publish_dir, staging_path
 from ftune.errors import ResourceError
 from ftune.train.state import STATE_FILE, TrainState
 
@@ -26,26 +27,36 @@ def checkpoint_steps(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep_last: int) -> Path:
-    """Save the full training state as `checkpoints/step-N`, then keep only the newest `keep_last`.
+    """Save the full training state as `checkpoints/step-N`, then keep the newest `keep_last` and the best.
 
-    Every process calls this (sharded states are saved by each rank); only the main one renames and prunes.
+    Every process calls this (sharded states are saved by each rank, into the same staging directory); only the
+    main one publishes it (`ftune.atomic`) and prunes. A failure removes the staging directory.
     """
     final = run_dir / CHECKPOINT_DIR / f"step-{state.step}"
-    staging = final.with_name(f".tmp-step-{state.step}")
+    staging = staging_path(final, shared=True)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state.save(staging)  # written last: its presence marks the checkpoint complete
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        for step, old in checkpoint_steps(run_dir)[:-keep_last]:
-            if step != state.best_step:
-                shutil.rmtree(old)
+    try:
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state.save(staging)  # written last: its presence marks the checkpoint complete
+            publish_dir(staging, final)
+            prune_checkpoints(run_dir, keep_last, state.best_step)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     return final
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None) -> None:
+    """Remove all but the newest `keep_last` checkpoints, never the best one (final/ may reload it)."""
+    for step, old in checkpoint_steps(run_dir)[:-keep_last]:
+        if step != best_step:
+            shutil.rmtree(old)
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path:

@@ -8,15 +8,20 @@ a non-finite loss -> clip, step, schedule, zero -> log -> evaluate (loss, forget
 import itertools
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader
 
-from ftune.config.schema import EarlyStopCfg, ProbeCfg, TrainerCfg
+from ftune.config.schema import DistillCfg, EarlyStopCfg, ProbeCfg, TrainerCfg
 from ftune.errors import GuardStop
 from ftune.report.console import TrainProgress, print_table
+from ftune.report.metrics import MetricsLog, NullLog
 from ftune.train.checkpoint import best_checkpoint, save_checkpoint
 from ftune.train.early_stop import judge
 from ftune.train.evaluate import evaluate_loss
@@ -26,31 +31,31 @@ from ftune.train.probe import probe_ppl
 from ftune.train.state import TrainState
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainRun:
     """What the loop is handed: prepared model, optimizer, schedule and data, and where to report."""
 
-    accelerator: object
+    accelerator: Accelerator
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: object
-    train_loader: object
-    eval_loader: object | None
-    probe_loader: object | None
+    scheduler: LRScheduler
+    train_loader: DataLoader
+    eval_loader: DataLoader | None
+    probe_loader: DataLoader | None
     cfg: TrainerCfg
     early_stop: EarlyStopCfg
     probe: ProbeCfg
     max_grad_norm: float
     total_steps: int
     run_dir: Path
-    log: object
+    log: MetricsLog | NullLog
     state: TrainState
-    on_checkpoint: object = None
+    on_checkpoint: Callable[[], None] | None = None
     """Called on the main process after each checkpoint (e.g. to redraw plots)."""
     teacher: torch.nn.Module | None = None
     """Frozen teacher for distillation (with `distill`), else None."""
-    distill: object = None
-    """DistillCfg when distilling."""
+    distill: DistillCfg | None = None
+    """The distillation settings when distilling."""
 
 
 def fit(run: TrainRun) -> tuple[str, int]:
@@ -152,7 +157,7 @@ def optimizer_step(run: TrainRun) -> torch.Tensor:
 
 
 def log_step(run: TrainRun, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, clock: "Throughput") -> dict:
-    """Write one training row; the `.item()` calls here are the step's only host-device syncs."""
+    """Write one training row (every `trainer.log_every` steps): its `.item()` calls wait for the device."""
     state = run.state
     row = {
         "step": state.step,

@@ -63,7 +63,7 @@ def test_rows_written_are_what_the_model_learns(tmp_path, capsys, tokenizer):
     assert [learned_text(row, tokenizer) for row in rows] == ["Yes.<|im_end|>No.<|im_end|>", "Hello.<|im_end|>"]
     assert all(row["position_ids"] == list(range(len(row["input_ids"]))) for row in rows)
     assert [sorted(row) for row in rows] == [["input_ids", "labels", "position_ids"]] * 2
-    assert not list(tmp_path.glob(".rows.jsonl*"))  # the temporary file was renamed
+    assert not list(tmp_path.glob(".tmp-rows.jsonl*"))  # the temporary file was renamed
     for label in ("examples read / kept", "tokens / learned", "packing fill", "batch fill", "cache", "time",
                   "row 0, document 0", "row 1, document 0", "⟦Hello.<|im_end|>⟧", f"wrote 2 rows to {out}"):
         assert label in err, label
@@ -182,7 +182,7 @@ def test_missing_path_unreadable_files_and_bad_mix_weights_exit_2(tmp_path, caps
             "this is not a parquet file.)",
         f"data.path={tmp_path}/bad.csv": f"{tmp_path}/bad.csv: not UTF-8 text (byte 18: invalid start byte)",
         f"data.mix=[{{path: {tmp_path}/good.parquet, weight: 1}}, {{path: {tmp_path}/good.parquet, weight: -0.2}}]":
-            f"data.mix[1].weight=-0.2: expected a positive number (the share of training examples drawn from "
+            f"data.mix[1].weight=-0.2 (expected > 0: the share of training examples drawn from "
             f"{tmp_path}/good.parquet)",
     }
     for override, message in cases.items():

@@ -2,13 +2,13 @@
 
 import pytest
 
-from ftune.config.compose import expand_sweep, list_recipes, load_run_config
+from ftune.config.compose import expand_sweep, load_run_config, shipped_recipes
 from ftune.config.schema import RunCfg
 from ftune.config.validate import validate
 from ftune.errors import ConfigError
 
 
-@pytest.mark.parametrize("recipe", list_recipes())
+@pytest.mark.parametrize("recipe", shipped_recipes())
 def test_every_shipped_recipe_composes_and_validates(recipe):
     typed, resolved = load_run_config([f"recipe={recipe}"])
     assert isinstance(typed, RunCfg)
@@ -19,7 +19,7 @@ def test_every_shipped_recipe_composes_and_validates(recipe):
 def test_every_recipe_opens_with_the_command_that_runs_it():
     from ftune.config.compose import RECIPES_DIR
 
-    for recipe in list_recipes():
+    for recipe in shipped_recipes():
         head = (RECIPES_DIR / f"{recipe}.yaml").read_text().splitlines()[:4]
         assert any(f"ftune train recipe={recipe}" in line for line in head), recipe
 
@@ -47,10 +47,10 @@ def test_asset_paths_resolve_to_the_package():
         ("optim.lrr=1", "optim.lrr: unknown key (known keys here: name, lr,"),
         ("+foo=1", "foo: unknown key"),
         ("lora.r=-4", "lora.r=-4 is too small (expected >= 1)"),
-        ("trainer.max_steps=abc", "trainer.max_steps: Value 'abc'"),
+        ("trainer.max_steps=abc", "trainer.max_steps: expected a whole number, got 'abc'"),
         ("data.train_on=prompt", "data.train_on='prompt' is not allowed (expected one of: all_assistant,"),
         ("optim=sgd", "no option 'optim/sgd' (available optim: adamw, "),
-        ("recipe=nope", "recipe=nope: no such recipe (available: "),
+        ("recipe=nope", "recipe=nope: no such recipe (shipped: "),
         ("optim.betas=[0.9]", "optim.betas=[0.9] (expected two values in [0, 1))"),
     ],
 )
@@ -73,3 +73,48 @@ def test_sweep_expands_to_the_cartesian_product():
     assert len(jobs) == 4
     assert ["lora.r=4", "optim.lr=0.001", "seed=1"] in jobs
     assert all(job[-1] == "seed=1" for job in jobs)
+
+
+def write(path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+USER_RECIPE = "defaults:\n  - tiny_lora\n  - _self_\noptim:\n  lr: 0.0005\n"
+
+
+@pytest.mark.parametrize("spelling", ["./my.yaml", "my.yaml", "my", "ABSOLUTE"])
+def test_a_user_recipe_file_starts_from_a_shipped_one(tmp_path, monkeypatch, spelling):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path / "my.yaml", USER_RECIPE)
+    typed, _ = load_run_config([f"recipe={path if spelling == 'ABSOLUTE' else spelling}"])
+    assert typed.recipe == "my" and typed.optim.lr == 0.0005  # the user's value
+    assert typed.lora.r == 8 and typed.method.name == "lora"  # the base recipe's
+
+
+def test_user_config_groups_from_the_working_directory_and_config_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = "name_or_path: {}\ndtype: bf16\nattn_implementation: eager\ngradient_checkpointing: false\n"
+    write(tmp_path / "configs" / "model" / "mine.yaml", model.format("/models/mine"))
+    write(tmp_path / "elsewhere" / "model" / "other.yaml", model.format("/models/other"))
+    assert load_run_config(["model=mine"])[0].model.name_or_path == "/models/mine"
+    typed, _ = load_run_config(["model=other"], config_dirs=(str(tmp_path / "elsewhere"),))
+    assert (typed.model.name_or_path, typed.model.attn_implementation) == ("/models/other", "eager")
+
+
+def test_a_missing_user_recipe_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"recipe=\./none\.yaml: no such file"):
+        load_run_config(["recipe=./none.yaml"])
+
+
+@pytest.mark.parametrize("value", ["all-linear", "q_proj"])
+def test_a_scalar_is_taken_as_a_one_element_list(value):
+    typed, _ = load_run_config([f"lora.target_modules={value}"])
+    assert typed.lora.target_modules == [value]
+
+
+def test_a_sweep_over_a_list_field_gives_one_element_lists():
+    jobs = expand_sweep(["lora.target_modules=q_proj,v_proj"])
+    assert [load_run_config(job)[0].lora.target_modules for job in jobs] == [["q_proj"], ["v_proj"]]

@@ -4,13 +4,14 @@ Records are written by hand; the expected canonical records and error messages a
 """
 
 import json
+from pathlib import Path
 
 import datasets
 import pyarrow
 import pyarrow.parquet
 import pytest
 
-from ftune.config.schema import DATA_FORMATS, DataCfg
+from ftune.config.schema import DataCfg
 from ftune.data.formats import (
     FORMATS,
     RecordError,
@@ -59,7 +60,11 @@ def test_each_format_is_detected_and_mapped_exactly(record, expected):
 
 
 def test_the_config_offers_exactly_the_formats_there_are():
-    assert DATA_FORMATS == ("auto", *FORMATS)
+    from dataclasses import fields
+
+    from ftune.config.validate import allowed_values
+
+    assert allowed_values(next(f for f in fields(DataCfg) if f.name == "format")) == ("auto", *FORMATS)
 
 
 def test_detection_names_the_format_and_an_explicit_format_wins():
@@ -237,3 +242,78 @@ def test_load_conversations_reads_any_chat_format_and_load_texts_text(tmp_path):
     assert list(load_texts(text)) == [(f"{text}:1", "one")]
     with pytest.raises(DataError, match="expected conversations, got format text"):
         list(load_conversations(text))
+
+
+def saved_by_windows(text: str) -> bytes:
+    r"""`text` as Windows tools and Excel save it: a UTF-8 byte-order mark, then CRLF line ends."""
+    return b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8")
+
+
+def save(tmp_path, name: str, content: str | bytes) -> Path:
+    """`content` (text: plain UTF-8 with LF; bytes: as given) saved as `name`, plain and Windows files apart."""
+    directory = tmp_path / ("windows" if isinstance(content, bytes) else "plain")
+    directory.mkdir(exist_ok=True)
+    path = directory / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+def read_as(tmp_path, name: str, content: str | bytes) -> list[tuple[str, object]]:
+    """The records of `content` saved as `name`, located relative to its directory."""
+    path = save(tmp_path, name, content)
+    return [(where.removeprefix(f"{path.parent}/"), record) for where, record in read_source(str(path))]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("f.jsonl", '{"text": "a"}\n\n{"prompt": "Hi", "completion": "Hello"}\n',
+         [("f.jsonl:1", {"text": "a"}), ("f.jsonl:3", {"prompt": "Hi", "completion": "Hello"})]),
+        ("f.json", '[\n  {"text": "a"},\n  {"text": "b"}\n]\n',
+         [("f.json[0]", {"text": "a"}), ("f.json[1]", {"text": "b"})]),
+        ("f.json", '{"text": "a"}\n{"text": "b"}\n', [("f.json:1", {"text": "a"}), ("f.json:2", {"text": "b"})]),
+        ("f.csv", 'prompt,completion\nHi,"Hel\nlo"\n2+2=,4\n',
+         [("f.csv:3", {"prompt": "Hi", "completion": "Hel\nlo"}), ("f.csv:4", {"prompt": "2+2=", "completion": "4"})]),
+    ],
+)
+def test_a_file_saved_with_a_byte_order_mark_and_crlf_reads_as_the_plain_file(tmp_path, name, text, expected):
+    assert read_as(tmp_path, name, text) == expected
+    assert read_as(tmp_path, name, saved_by_windows(text)) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("f.jsonl", '{"text": "a"}\n\n{"text": \n', "f.jsonl:3: expected a JSON object, got invalid JSON (Expecting "
+                                                  "value at column 10)"),
+        ("f.json", '[\n  {"text": "a"},\n  {"text" "b"}\n]\n', "f.json:3: expected JSON, got invalid JSON (Expecting "
+                                                            "':' delimiter at column 11)"),
+        ("f.csv", 'prompt,completion\n"Hi\nthere",Hello\n2+2=,4,5\n', "f.csv:4: expected 2 values (the header's "
+                                                                      "columns), got 3"),
+    ],
+)
+def test_line_numbers_in_errors_are_the_same_with_crlf(tmp_path, name, text, message):
+    for content in (text, saved_by_windows(text)):
+        path = save(tmp_path, name, content)
+        try:
+            records = read_source(str(path))
+        except DataError as err:  # a JSON file fails whole
+            assert err.one_line() == f"{path.parent}/{message}"
+        else:
+            bad = [record for _, record in records if isinstance(record, RecordError)]
+            assert [err.one_line() for err in bad] == [f"{path.parent}/{message}"]
+
+
+def test_a_bad_byte_after_a_byte_order_mark_is_named_by_its_offset_in_the_file(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n\xff\n')
+    with pytest.raises(DataError) as err:
+        read_source(str(path))
+    assert err.value.one_line() == f"{path}: not UTF-8 text (byte 17: invalid start byte)"
+
+
+def test_probe_and_evaluation_texts_read_a_windows_file_too(tmp_path):
+    (tmp_path / "text.jsonl").write_bytes(saved_by_windows('{"text": "one"}\n{"text": "two"}\n'))
+    (tmp_path / "chat.csv").write_bytes(saved_by_windows("prompt,completion\nHi,Hello\n"))
+    assert [text for _, text in load_texts(str(tmp_path / "text.jsonl"))] == ["one", "two"]
+    assert [messages for _, messages in load_conversations(str(tmp_path / "chat.csv"))] == [HI_HELLO]

@@ -276,3 +276,12 @@ def test_a_directory_source_rebuilds_when_a_file_is_added(tokenizer, tmp_path):
     write_jsonl(tmp_path / "d" / "b.jsonl", [{"messages": HI_HELLO}])
     split = build_split(directory, tokenizer, cfg(directory))
     assert (split.from_cache, split.stats.kept) == (False, 2)
+
+
+def test_a_jsonl_saved_with_a_byte_order_mark_and_crlf_builds_the_same_rows(tokenizer, tmp_path):
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"messages": HI_HELLO}] * 2)
+    windows = tmp_path / "windows.jsonl"
+    windows.write_bytes(b"\xef\xbb\xbf" + open(plain, "rb").read().replace(b"\n", b"\r\n"))
+    split = build_split(str(windows), tokenizer, cfg(str(windows)))
+    assert split.rows.to_list() == build_split(plain, tokenizer, cfg(plain)).rows.to_list()
+    assert split.rows.to_list() == [{"input_ids": CHAT_IDS, "labels": CHAT_LABELS}] * 2

@@ -1,0 +1,79 @@
+"""What a run leaves for its users once the loop ends: `final/`, `summary.json` and the plots.
+
+`final/` is what people load (a PEFT adapter or a full model, with tokenizer and chat template), written
+atomically; `summary.json` says why the run ended and what it achieved; plots are redrawn from metrics.jsonl.
+"""
+
+import json
+import resource
+import time
+from pathlib import Path
+
+from ftune.atomic import atomic_dir, write_text
+from ftune.model.load import count_parameters
+from ftune.train.loop import TrainRun, epochs_done
+from ftune.train.rundir import ResumeChanges
+
+FINAL_DIR = "final"
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def save_final(run: TrainRun, tokenizer) -> Path:
+    """Write `final/` (adapter or full model, plus tokenizer and chat template) atomically.
+
+    Every rank calls `get_state_dict` (a collective under FSDP/DeepSpeed); only the main one writes.
+    """
+    accelerator = run.accelerator
+    state_dict = accelerator.get_state_dict(run.model)
+    final = run.run_dir / FINAL_DIR
+    if accelerator.is_main_process:
+        with atomic_dir(final) as staging:
+            accelerator.unwrap_model(run.model).save_pretrained(staging, state_dict=state_dict)
+            tokenizer.save_pretrained(staging)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl."""
+    path = run_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def draw_plots(run_dir: Path) -> None:
+    """Redraw plots/ from metrics.jsonl."""
+    from ftune.report.plots import write_plots
+
+    write_plots(read_metrics(run_dir), run_dir / "plots")
+
+
+def write_summary(run: TrainRun, stop_reason: str, final_step: int | None, started: float,
+                  resume: ResumeChanges | None) -> dict:
+    """summary.json: why the run ended, the best evaluation, totals, losses, parameters, time and peak memory."""
+    rows = read_metrics(run.run_dir)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    state = run.state
+    total_params, trainable_params = count_parameters(run.accelerator.unwrap_model(run.model))
+    summary = {
+        "stop_reason": stop_reason,
+        "steps": state.step,
+        "epochs": round(epochs_done(run), 4),
+        "best_step": state.best_step,
+        "best_metric": {run.early_stop.metric: state.best_metric} if state.best_step is not None else None,
+        "final_weights_step": final_step,
+        "tokens": state.tokens,
+        "learned_tokens": state.learned_tokens,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "base_probe_ppl": state.base_probe_ppl,
+        "trainable_params": trainable_params,
+        "total_params": total_params,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if resume is not None:
+        summary["resume_changed"], summary["resume_forced"] = resume.applied, resume.forced
+    write_text(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+    draw_plots(run.run_dir)
+    return summary

@@ -1,0 +1,84 @@
+"""A user's runs: no evaluation data, failed starts that leave nothing, resumes that say what changed, BOM input."""
+
+import json
+
+import pytest
+
+from ftune.cli import main
+
+FAST = ["recipe=tiny_lora", "trainer.micro_batch_size=4", "trainer.eval_every=0", "data.max_length=128"]
+
+
+def rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(run_dir) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_no_eval_data_runs_to_the_end_on_the_probe(tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["train", *FAST, "trainer.max_steps=2", "data.eval_path=null", f"output_dir={run_dir}"]) == 0
+    assert (run_dir / "final" / "adapter_model.safetensors").is_file()
+    assert set(summary(run_dir)["best_metric"]) == {"probe_ppl"}
+    assert "metric: probe_ppl" in (run_dir / "config.yaml").read_text()
+
+
+def test_a_failed_start_leaves_nothing_and_the_retry_just_works(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", *FAST, "trainer.max_steps=1", "model.name_or_path=/no/such/model",
+                 f"output_dir={run_dir}"]) == 2
+    assert "/no/such/model" in capsys.readouterr().err
+    assert not run_dir.exists()
+    assert main(["train", *FAST, "trainer.max_steps=1", f"output_dir={run_dir}"]) == 0
+    assert (run_dir / "final").is_dir()
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["train", *FAST, f"output_dir={tmp_path / 'file' / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"ftune: error: output_dir={tmp_path / 'file' / 'run'}: cannot write to {tmp_path / 'file'} "
+        "(choose a directory you can write)"]
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("resume") / "run"
+    assert main(["train", *FAST, "trainer.max_steps=4", "trainer.save_every=2", f"output_dir={run_dir}"]) == 0
+    return run_dir
+
+
+def test_resume_refuses_a_change_that_breaks_exactness_and_names_it(checkpointed_run, capsys):
+    before = (checkpointed_run / "config.yaml").read_text()
+    args = ["train", *FAST, "trainer.max_steps=6", "trainer.save_every=2", f"output_dir={checkpointed_run}",
+            "resume=auto"]
+    assert main([*args[:-2], "data.max_length=96", *args[-2:]]) == 2
+    assert "data.max_length (128 -> 96)" in capsys.readouterr().err
+    assert (checkpointed_run / "config.yaml").read_text() == before
+
+
+def test_resume_applies_and_records_a_safe_change_then_a_forced_one(checkpointed_run):
+    args = ["train", *FAST, "trainer.save_every=2", f"output_dir={checkpointed_run}", "resume=auto"]
+    assert main([*args, "trainer.max_steps=6"]) == 0
+    assert summary(checkpointed_run)["steps"] == 6
+    event = [r for r in rows(checkpointed_run) if r.get("event") == "resume"][0]
+    assert event == {"step": 4, "event": "resume", "changed": {"trainer.max_steps": [4, 6]}, "forced": {}}
+    assert "max_steps: 6" in (checkpointed_run / "config.yaml").read_text()
+
+    assert main([*args, "trainer.max_steps=7", "optim.lr=0.0001", "resume_force=true"]) == 0
+    assert summary(checkpointed_run)["resume_forced"] == {"optim.lr": [0.001, 0.0001]}
+    assert [r["step"] for r in rows(checkpointed_run) if "loss" in r] == list(range(1, 8))
+
+
+def test_a_jsonl_with_a_byte_order_mark_and_crlf_trains(tmp_path):
+    from ftune.config.compose import ASSETS_DIR
+
+    lines = (ASSETS_DIR / "data" / "chat" / "train.jsonl").read_text().splitlines()[:16]
+    path = tmp_path / "excel.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    run_dir = tmp_path / "run"
+    assert main(["train", *FAST, "trainer.max_steps=1", f"data.path={path}", f"output_dir={run_dir}"]) == 0
+    assert summary(run_dir)["steps"] == 1
