@@ -36,7 +36,8 @@ from ftune.data.templates import TEMPLATES_DIR, ChatTemplate, resolve_template
 from ftune.errors import DataError
 from ftune.report.console import console
 
-ROW_SHAPING_MODULES = ("formats.py", "templates.py", "labels.py", "mask.py", "packing.py", "pipeline.py")
+ROW_SHAPING_MODULES = ("formats.py", "messages.py", "dedup.py", "templates.py", "labels.py", "mask.py", "packing.py",
+                       "pipeline.py")
 """The modules of ftune/data whose code decides the cached rows and statistics; collate.py and sampler.py act
 per batch, on rows already cached, so changing them keeps the cache valid."""
 
