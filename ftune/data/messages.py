@@ -156,10 +156,10 @@ def content_message(turn: dict, role: str, at: str, content_key: str) -> dict:
     """A message from a turn's content (a string or typed parts), reasoning and tool calls."""
     content = turn.get(content_key)
     at_content = f"{at}.{content_key}"
-    if isinstance(content, list):
-        text, reasoning, calls = typed_parts(content, at_content)
-    elif role == "tool" and isinstance(content, dict | list):
+    if role == "tool" and isinstance(content, dict | list) and not is_typed(content):  # a JSON result
         text, reasoning, calls = json.dumps(content, ensure_ascii=False), "", []
+    elif isinstance(content, list):
+        text, reasoning, calls = typed_parts(content, at_content)
     else:
         text, reasoning, calls = content, "", []
     calls = calls + (tool_calls(turn["tool_calls"], f"{at}.tool_calls") if turn.get("tool_calls") else [])
@@ -203,6 +203,12 @@ def split_think(content: str) -> tuple[str, str]:
     before, _, _ = content.partition(THINK_CLOSE)
     reasoning = before.rstrip("\n").split(THINK_OPEN)[-1].lstrip("\n")
     return reasoning, content.split(THINK_CLOSE)[-1].lstrip("\n")
+
+
+def is_typed(content: object) -> bool:
+    """Whether a content is a non-empty list of typed parts (rather than, for a tool, a JSON array result)."""
+    return isinstance(content, list) and bool(content) and all(
+        isinstance(part, dict) and part.get("type") in PART_TYPES for part in content)
 
 
 def typed_parts(parts: list, at: str) -> tuple[str, str, list[dict]]:

@@ -86,6 +86,15 @@ def test_typed_parts_give_content_reasoning_and_tool_calls():
     assert record_features(record, "messages", canonical(record)) == {"typed parts", "reasoning", "tool calls"}
 
 
+def test_a_tool_result_given_as_json_is_written_as_its_json_text():
+    record = {"messages": [{"role": "user", "content": "Top cities?"}, {"role": "assistant", "tool_calls": [CALL]},
+                           {"role": "tool", "content": [{"city": "Oslo"}, {"city": "Lima"}]},
+                           {"role": "tool", "content": [{"type": "text", "text": "done"}]},
+                           {"role": "assistant", "content": "Oslo and Lima."}]}
+    assert [m["content"] for m in canonical(record)["messages"][2:4]] == ['[{"city": "Oslo"}, {"city": "Lima"}]',
+                                                                         "done"]
+
+
 def test_a_bare_list_of_messages_per_line_is_its_own_format():
     record = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert resolve_format([("f.jsonl:1", record)], "f.jsonl", "auto") == "message_list"
