@@ -175,3 +175,32 @@ def test_mistral_moves_its_tool_list_to_the_last_user_turn_so_the_first_turn_is_
     assert first.startswith("<s>[AVAILABLE_TOOLS] [") and first.endswith("[/INST] Checking.</s>")
     assert json.loads(first[first.index("[{"): first.index("[/AVAILABLE_TOOLS]")])[0]["function"]["name"] == \
         "get_weather"
+
+
+# (sample, record, template, train_on_reasoning) -> the learned runs of each example, token by token
+SAMPLE_MASKS = {
+    ("message_list.jsonl", 1, "qwen_tools", True): [["Cold.<|im_end|>"]],
+    ("message_list.jsonl", 1, "llama3.1", True): [["Cold.<|eot_id|>"]],
+    ("message_list.jsonl", 1, "mistral_tools", True): None,  # Mistral drops a system prompt before an answer
+    ("weights.jsonl", 0, "llama3.1", True): [["Chat.<|eot_id|>"]],
+    ("weights.jsonl", 1, "mistral_tools", True): [[" owt</s>"]],
+    ("typed_parts.jsonl", 1, "qwen_tools", True): [["Blueberries.<|im_end|>"]],
+    ("typed_parts.jsonl", 1, "llama3.1", True): [["Blueberries.<|eot_id|>"]],
+    ("typed_parts.jsonl", 0, "qwen_tools", True): None,  # Qwen2.5 prints no reasoning: refused, not dropped
+    ("reasoning.jsonl", 0, "qwen3", True): [["<think>\n42 * 2 = 84.\n</think>\n\n84.<|im_end|>"],
+                                            ["<think>\n12 + 30 = 42.\n</think>\n\n42.<|im_end|>"]],
+    ("reasoning.jsonl", 0, "qwen3", False): [["84.<|im_end|>"], ["42.<|im_end|>"]],
+    ("reasoning.jsonl", 1, "llama3.1", True): None,  # Llama 3.1 prints no reasoning
+}
+
+
+@pytest.mark.parametrize("case", SAMPLE_MASKS, ids=lambda case: "-".join(map(str, case)))
+def test_each_sample_shape_is_masked_exactly_on_several_templates(case, make_tokenizer):
+    name, index, template, reasoning = case
+    if SAMPLE_MASKS[case] is None:
+        with pytest.raises(DataError):
+            label(sample(name, index), template, make_tokenizer, train_on_reasoning=reasoning)
+        return
+    learned, examples, _ = label(sample(name, index), template, make_tokenizer, train_on_reasoning=reasoning)
+    assert learned == SAMPLE_MASKS[case]
+    assert all(len(example.input_ids) == len(example.labels) for example in examples)
