@@ -8,6 +8,7 @@ batches them (padded, or packed with the attention inputs that isolate documents
 
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import random
 from dataclasses import dataclass, field
@@ -336,14 +337,20 @@ def split_fingerprint(sources: list[DataSourceCfg], tokenizer, cfg: DataCfg, see
     return fingerprint(code_fingerprint(), signatures, mixing, tokenizer_state, settings)
 
 
+ROW_SHAPING_LIBRARIES = ("transformers", "tokenizers", "jinja2")
+"""Libraries whose upgrade can change tokens or rendered templates, so their versions are part of the key."""
+
+
 @functools.cache
 def code_fingerprint() -> str:
-    """A hash of the code that shapes rows (see `row_shaping_files`), computed once per process.
+    """A hash of the code and library versions that shape rows, computed once per process.
 
-    It replaces a hand-bumped version number, which a change could forget: then an old cache would be served
-    rows that the new code would build differently.
+    The code is `row_shaping_files`; the libraries tokenize and render templates. It replaces a hand-bumped
+    version number, which a change could forget: then an old cache would be served rows that the new code
+    would build differently.
     """
-    return files_fingerprint(row_shaping_files())
+    versions = {name: importlib.metadata.version(name) for name in ROW_SHAPING_LIBRARIES}
+    return fingerprint(files_fingerprint(row_shaping_files()), versions)
 
 
 def row_shaping_files() -> list[Path]:

@@ -99,7 +99,7 @@ def is_quantized(model) -> bool:
 def prepare_quantized(model):
     """PEFT's k-bit preparation: freeze every base weight and upcast the unquantized ones to fp32.
 
-    Norms and the head left in fp16/bf16 next to 4-bit weights make training unstable (a pitfall QLoRA users report in every peer tool).
+    Norms and the head left in fp16/bf16 next to 4-bit weights make training unstable (a QLoRA pitfall).
     Gradient checkpointing is not switched on here: `model/load.py` does that the same way for every method.
     A model that is not quantized is returned unchanged.
     """

@@ -68,10 +68,11 @@ def fit(run: TrainRun) -> tuple[str, int]:
         for batches in step_batches(run, epochs):
             losses, learned, tokens = forward_backward(run, batches)
             guard_finite(run, losses["loss"])
+            lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on in the step)
             grad_norm = optimizer_step(run)
             state.advance(tokens=int(tokens), learned_tokens=int(learned))
             last = state.step >= run.total_steps
-            row = log_step(run, {k: v / learned.clamp(min=1) for k, v in losses.items()}, grad_norm, clock) \
+            row = log_step(run, {k: v / learned.clamp(min=1) for k, v in losses.items()}, lr, grad_norm, clock) \
                 if due(state.step, cfg.log_every) or last else None
             progress.update(state.step, row)
             verdict = evaluate(run) if due(state.step, cfg.eval_every) or last else None
@@ -156,14 +157,15 @@ def optimizer_step(run: TrainRun) -> torch.Tensor:
     return grad_norm
 
 
-def log_step(run: TrainRun, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor, clock: "Throughput") -> dict:
+def log_step(run: TrainRun, losses: dict[str, torch.Tensor], lr: float, grad_norm: torch.Tensor,
+             clock: "Throughput") -> dict:
     """Write one training row (every `trainer.log_every` steps): its `.item()` calls wait for the device."""
     state = run.state
     row = {
         "step": state.step,
         "epoch": epochs_done(run),
         **{name: value.item() for name, value in losses.items()},
-        "lr": run.scheduler.get_last_lr()[0],
+        "lr": lr,
         "grad_norm": float(grad_norm),
         "tokens": state.tokens,
         "learned_tokens": state.learned_tokens,

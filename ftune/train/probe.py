@@ -7,6 +7,7 @@ For adapter models the base is the same model with its adapters disabled, so no 
 import json
 from contextlib import nullcontext
 
+from ftune.atomic import write_text
 from ftune.cache import cache_dir, file_signature, fingerprint
 from ftune.config.schema import ModelCfg, ProbeCfg
 from ftune.data.collate import PadCollator
@@ -43,7 +44,7 @@ def base_probe_ppl(model, loader, accelerator, model_cfg: ModelCfg, probe_cfg: P
     with unwrapped.disable_adapter() if hasattr(unwrapped, "disable_adapter") else nullcontext():
         ppl = probe_ppl(model, loader, accelerator)
     if accelerator.is_main_process:
-        cached.write_text(json.dumps({"ppl": ppl, "model": model_cfg.name_or_path, "probe": probe_cfg.path}))
+        write_text(cached, json.dumps({"ppl": ppl, "model": model_cfg.name_or_path, "probe": probe_cfg.path}))
     return ppl
 
 

@@ -23,6 +23,8 @@ def test_no_eval_data_runs_to_the_end_on_the_probe(tmp_path):
     assert (run_dir / "final" / "adapter_model.safetensors").is_file()
     assert set(summary(run_dir)["best_metric"]) == {"probe_ppl"}
     assert "metric: probe_ppl" in (run_dir / "config.yaml").read_text()
+    # each row logs the rate its step used: one warm-up step at 0, then the peak (cosine starts there)
+    assert [r["lr"] for r in rows(run_dir) if "loss" in r] == [0.0, 0.001]
 
 
 def test_a_failed_start_leaves_nothing_and_the_retry_just_works(tmp_path, capsys):
@@ -82,3 +84,21 @@ def test_a_jsonl_with_a_byte_order_mark_and_crlf_trains(tmp_path):
     run_dir = tmp_path / "run"
     assert main(["train", *FAST, "trainer.max_steps=1", f"data.path={path}", f"output_dir={run_dir}"]) == 0
     assert summary(run_dir)["steps"] == 1
+
+
+def test_a_full_disk_while_writing_final_is_one_line_and_leaves_no_half_final(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from ftune.config.compose import load_run_config
+    from ftune.model.load import load_tokenizer
+
+    def disk_full(self, directory, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(type(load_tokenizer(load_run_config([])[0].model)), "save_pretrained", disk_full)
+    run_dir = tmp_path / "run"
+    assert main(["train", *FAST, "trainer.max_steps=1", f"output_dir={run_dir}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write" in err[0] and "No space left on device" in err[0], err
+    assert not (run_dir / "final").exists()
+    assert not list(run_dir.glob(".tmp-*"))

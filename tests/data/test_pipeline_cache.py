@@ -101,12 +101,23 @@ def test_a_change_in_the_row_shaping_code_changes_the_cache_key(tmp_path, monkey
     assert pipeline.split_fingerprint(sources, tokenizer, cfg, seed=0) != before
 
 
-def test_the_code_fingerprint_covers_every_module_and_template_that_shapes_rows():
+def test_the_code_fingerprint_covers_every_module_and_template_that_shapes_rows(monkeypatch):
     names = {path.name for path in pipeline.row_shaping_files()}
     assert {"formats.py", "templates.py", "labels.py", "packing.py", "pipeline.py", "mask.py"} <= names
     assert {path.name for path in TEMPLATES_DIR.glob("*.jinja")} <= names
     assert not {"collate.py", "sampler.py"} & names  # they act per batch, on rows already cached
-    assert pipeline.code_fingerprint() == files_fingerprint(pipeline.row_shaping_files())
+    pipeline.code_fingerprint.cache_clear()
+    plain = pipeline.code_fingerprint()
+    monkeypatch.setattr(pipeline, "files_fingerprint", lambda paths: "other code")
+    pipeline.code_fingerprint.cache_clear()
+    assert pipeline.code_fingerprint() != plain  # the code's hash is part of it
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "ROW_SHAPING_LIBRARIES", ("transformers",))
+    pipeline.code_fingerprint.cache_clear()
+    assert pipeline.code_fingerprint() != plain  # so are the tokenizing libraries' versions
+    monkeypatch.undo()
+    pipeline.code_fingerprint.cache_clear()
+    assert pipeline.code_fingerprint() == plain
     pipeline.code_fingerprint()
     assert pipeline.code_fingerprint.cache_info().hits >= 1  # hashed once per process
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from ftune.atomic import staging_path
 from ftune.errors import EXIT_BAD_INPUT, ResourceError
 from ftune.train.checkpoint import (
     CHECKPOINT_DIR,
@@ -101,7 +102,7 @@ def test_an_interrupted_write_is_never_listed_nor_resumed(prepared, tmp_path):
     root = tmp_path / CHECKPOINT_DIR
     (root / "step-6").mkdir()  # killed after the weights, before train_state.json: newer but incomplete
     (root / "step-6" / "model.safetensors").write_bytes(b"half")
-    staging = root / ".tmp-step-8"  # killed in the staging directory, just before the rename
+    staging = staging_path(root / "step-8", shared=True)  # killed in the staging directory, just before the rename
     staging.mkdir()
     TrainState(step=8).save(staging)
 
@@ -117,12 +118,13 @@ def test_saving_over_an_interrupted_write_of_the_same_step_completes_it(prepared
     root = tmp_path / CHECKPOINT_DIR
     (root / "step-3").mkdir(parents=True)
     (root / "step-3" / "junk").write_text("from the killed run")
-    (root / ".tmp-step-3").mkdir()
-    (root / ".tmp-step-3" / "junk").write_text("from the killed run")
+    staging = staging_path(root / "step-3", shared=True)
+    staging.mkdir()
+    (staging / "junk").write_text("from the killed run")
     save_checkpoint(accelerator, tmp_path, TrainState(step=3), keep_last=2)
     assert saved_steps(tmp_path) == [3]
+    assert sorted(p.name for p in root.iterdir()) == ["step-3"]
     assert not (root / "step-3" / "junk").exists()
-    assert not (root / ".tmp-step-3").exists()
 
 
 def test_resume_auto_without_a_checkpoint_names_the_directory(tmp_path):

@@ -4,7 +4,7 @@ The default recipe runs through the CLI in-process from its fixed seed (evaluati
 training path is timed). Any change to data rendering, masking, batching, the loss normalisation, the model or
 the optimizer moves these numbers; an intended change re-pins them (run the test, copy the new losses).
 
-How the tolerances were chosen (2 Xeon AVX-512 cores, torch 2.13.0+cpu, pinned from commit 89eb3ee):
+How the tolerances were chosen (2 Xeon AVX-512 cores, torch 2.13.0+cpu; pinned at 89eb3ee, unchanged at 39b2681):
 
 - Run to run the losses are bitwise identical (3 runs each), and so are 1 and 2 torch threads.
 - What moves them without a bug is a different kernel: 3 threads, or the CPU kernels another machine picks
