@@ -121,6 +121,13 @@ class DataCfg:
     group_by_length: bool = False
     """Without packing, batch examples of similar length (shuffled within windows of 50 batches) so padding
     wastes few slots; measured fastest on CPU for short chat data (scripts/bench.py)."""
+    train_on_reasoning: bool = True
+    """Learn the reasoning (`<think>` block) of assistant turns wherever the chat template renders it. Qwen3's
+    renders it only after the last user query, so ftune learns each earlier turn in an example that ends with
+    it; false keeps the reasoning in the input but out of the loss."""
+    dedup: str = choice("none", "exact", "near")
+    """Remove training examples that duplicate another (exactly, or `near`: MinHash Jaccard >= 0.8 over character
+    5-grams of the conversation without its system turn) or the eval set; `none` only reports them."""
 
 
 @dataclass

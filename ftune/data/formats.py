@@ -14,14 +14,18 @@ is line 1) or `source[INDEX]` (a JSON list, Parquet, `datasets`: 0-based, as `re
 
 Formats (`FORMATS`: the fields that identify each one; `resolve_format` detects the first that fits):
 
-    messages           {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", ...}]}
-    sharegpt           {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", ...}]}
+    messages           {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", ...}], "tools": [...]}
+    sharegpt           {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", ...}], "tools": "[...]"}
     alpaca             {"instruction": "Add", "input": "2 2", "output": "4"}
     prompt_completion  {"prompt": "2+2=", "completion": "4"}
     text               {"text": "A document for continued pre-training."}
+    message_list       [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
-`to_canonical` maps the first four to `{"messages": [...]}` (roles system, user, assistant, tool; non-empty
-string content; at least one assistant turn, or nothing would be learned) and `text` to `{"text": ...}`.
+`to_canonical` maps the chat formats to `{"messages": [...]}` plus `"tools"` when there are any (see
+`ftune.data.messages`: tool calls, tool results, reasoning, typed content parts, per-message `weight`/`train`;
+at least one assistant turn, or nothing would be learned) and `text` to `{"text": ...}`. ShareGPT's
+`function_call` and `observation` turns are the assistant's tool calls and the tool results. The statistics
+name each source's format and what its conversations use (`record_features`).
 A record that does not fit raises `RecordError`, naming where it is, the field and what was expected, with a
 short `reason` under which `data.on_bad_record=skip` counts it. The user's files are only ever read.
 """
@@ -36,11 +40,18 @@ from pathlib import Path
 
 from ftune.cache import file_signature
 from ftune.config.schema import DataCfg
-from ftune.errors import ConfigError, DataError, ResourceError
-
-ROLES = ("system", "user", "assistant", "tool")
-ROLE_NAMES = {role: role for role in ROLES}
-"""The `messages` format names ftune's roles directly."""
+from ftune.data.messages import (
+    EMPTY_CONTENT,
+    INVALID_RECORD,
+    MISSING_FIELD,
+    ROLE_NAMES,
+    SHAREGPT_TOOL_ROLES,
+    RecordError,
+    conversation,
+    features,
+    show,
+)
+from ftune.errors import DataError, ResourceError
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
@@ -48,8 +59,10 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "message_list": (),
 }
-"""Format name -> the fields a record of it must have (alpaca's `input` is optional)."""
+"""Format name -> the fields a record of it must have (alpaca's `input` is optional); a `message_list` record is
+a JSON list of messages rather than an object, so it has no fields and is detected by its type."""
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 TEXT_ENCODING = "utf-8-sig"
@@ -58,23 +71,8 @@ TEXT_ENCODING = "utf-8-sig"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 """What a `datasets` hub id looks like (`name` or `org/name`); other missing paths are just missing."""
 
-INVALID_RECORD = "not a JSON object"
-MISSING_FIELD = "missing field"
-EMPTY_CONTENT = "empty or non-string content"
-UNKNOWN_ROLE = "unknown role"
-NO_ASSISTANT = "no assistant turn"
-"""Reasons under which skipped records are counted."""
-
 Record = tuple[str, object]
 """(where, record): a location such as `train.jsonl:3`, and the parsed value (or the RecordError it gave)."""
-
-
-class RecordError(DataError):
-    """A record that does not fit its format; `reason` names the kind of problem for the skip statistics."""
-
-    def __init__(self, reason: str, message: str, hint: str | None = None):
-        super().__init__(message, hint)
-        self.reason = reason
 
 
 def read_source(source: str) -> list[Record]:
@@ -287,31 +285,33 @@ def source_signature(source: str) -> dict:
 
 
 def resolve_format(records: list[Record], source: str, fmt: str) -> str:
-    """`fmt` (`data.format`), or with `auto` the format detected from the first record that is an object.
+    """`fmt` (`data.format`), or with `auto` the format detected from the first record that is an object or a list.
 
-    Detection takes the first format in `FORMATS` whose fields the record has.
+    A list is a `message_list`; an object takes the first format in `FORMATS` whose fields it has.
 
     Example, fmt "auto": [("f.jsonl:1", {"instruction": "Add", "input": "", "output": "4"})] -> "alpaca"
 
     Raises:
-        DataError: no record is an object, or the first one has no format's fields.
+        DataError: no record is an object or a list, or the first one has no format's fields.
     """
     if fmt != "auto":
         return fmt
-    first = next(((where, r) for where, r in records if isinstance(r, dict)), None)
+    first = next(((where, r) for where, r in records if isinstance(r, dict | list)), None)
     if first is None:
         raise DataError(f"{source}: no record is a JSON object, so its format cannot be detected")
     where, record = first
+    if isinstance(record, list):
+        return "message_list"
     for name, fields in FORMATS.items():
-        if set(fields) <= set(record):
+        if fields and set(fields) <= set(record):
             return name
-    expected = "; ".join(f"{name} ({', '.join(fields)})" for name, fields in FORMATS.items())
+    expected = "; ".join(f"{name} ({', '.join(fields)})" for name, fields in FORMATS.items() if fields)
     raise DataError(f"{where}: cannot tell the format from the fields {sorted(record)} (expected the fields of one "
                     f"of: {expected})", "rename the fields, or set data.format")
 
 
 def to_canonical(record: object, fmt: str, where: str, roles: Mapping[str, str]) -> dict:
-    r"""Map one record of format `fmt` to `{"messages": [...]}` or `{"text": ...}`, checking it.
+    r"""Map one record of format `fmt` to `{"messages": [...]}` (plus `"tools"`) or `{"text": ...}`, checking it.
 
     Examples:
         alpaca {"instruction": "Add", "input": "2 2", "output": "4"}
@@ -322,21 +322,28 @@ def to_canonical(record: object, fmt: str, where: str, roles: Mapping[str, str])
             -> {"messages": [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}]}
         sharegpt {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
             -> {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+        message_list [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+            -> {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 
     Args:
         record: the parsed record (a RecordError from `read_source` is raised as it is).
         fmt: a key of `FORMATS`.
         where: the record's location, for messages.
-        roles: ShareGPT `from` names -> ftune roles (`data.roles`).
+        roles: ShareGPT `from` names -> ftune roles (`data.roles`; `function_call` and `observation` are known).
 
     Returns:
-        The canonical record; message dicts keep only `role` and `content`.
+        The canonical record; messages keep only what `ftune.data.messages` describes.
 
     Raises:
         RecordError: the record lacks a field of its format, or a field is not what it must be.
     """
     if isinstance(record, RecordError):
         raise record
+    if fmt == "message_list":
+        if not isinstance(record, list):
+            raise RecordError(INVALID_RECORD, f"{where}: expected a JSON list of messages, got a "
+                                              f"{type(record).__name__}")
+        return conversation(record, where, "record", ("role", "content"), ROLE_NAMES)
     if not isinstance(record, dict):
         raise RecordError(INVALID_RECORD, f"{where}: expected a JSON object, got a {type(record).__name__}")
     for name in FORMATS[fmt]:
@@ -346,12 +353,26 @@ def to_canonical(record: object, fmt: str, where: str, roles: Mapping[str, str])
     if fmt == "text":
         return {"text": string_field(record, "text", where)}
     if fmt == "messages":
-        return {"messages": check_turns(record["messages"], where, "messages", ("role", "content"), ROLE_NAMES)}
+        return conversation(record["messages"], where, "messages", ("role", "content"), ROLE_NAMES, record)
     if fmt == "sharegpt":
-        return {"messages": check_turns(record["conversations"], where, "conversations", ("from", "value"), roles)}
+        return conversation(record["conversations"], where, "conversations", ("from", "value"),
+                            {**roles, **{k: v for k, v in SHAREGPT_TOOL_ROLES.items() if k not in roles}}, record)
     prompt = alpaca_prompt(record, where) if fmt == "alpaca" else string_field(record, "prompt", where)
     answer = string_field(record, "output" if fmt == "alpaca" else "completion", where)
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+
+def record_features(record: object, fmt: str, canonical: dict) -> set[str]:
+    """What a conversation uses beyond plain turns (tools, tool calls, reasoning, weights, typed parts).
+
+    Example: messages {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, ...]}
+        -> {"typed parts"}
+    """
+    turns = record if fmt == "message_list" else record.get({"messages": "messages", "sharegpt": "conversations"}
+                                                             .get(fmt, ""), [])
+    content_key = "value" if fmt == "sharegpt" else "content"
+    typed = any(isinstance(turn, dict) and isinstance(turn.get(content_key), list) for turn in turns)
+    return features(canonical) | ({"typed parts"} if typed else set())
 
 
 def alpaca_prompt(record: dict, where: str) -> str:
@@ -368,52 +389,6 @@ def string_field(record: dict, name: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise RecordError(EMPTY_CONTENT, f"{where}: {name}: expected a non-empty string, got {show(value)}")
     return value
-
-
-def check_turns(turns: object, where: str, field: str, keys: tuple[str, str], roles: Mapping[str, str]) -> list[dict]:
-    """The turns of a conversation as messages, checked.
-
-    Each turn must be an object with a known role and non-empty string content, and one must be the assistant's.
-
-    Example, ShareGPT (field "conversations", keys ("from", "value"), roles {"human": "user", "gpt": "assistant"}):
-        [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
-        -> [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-
-    Raises:
-        RecordError: the first problem found, naming `field[index].key`.
-    """
-    role_key, content_key = keys
-    if not isinstance(turns, list) or not turns:
-        raise RecordError(MISSING_FIELD, f"{where}: {field}: expected a non-empty list of {{{role_key}, "
-                                         f"{content_key}}} objects, got {show(turns)}")
-    messages = []
-    for index, turn in enumerate(turns):
-        at = f"{where}: {field}[{index}]"
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
-            raise RecordError(MISSING_FIELD, f"{at}: expected an object with {role_key!r} and {content_key!r}, "
-                                             f"got {show(turn)}")
-        name = turn[role_key]
-        role = roles.get(name) if isinstance(name, str) else None
-        if role is None:
-            hint = f"map it with +data.roles.{name}=<{'|'.join(ROLES)}>" if field == "conversations" else None
-            raise RecordError(UNKNOWN_ROLE, f"{at}.{role_key}: unknown role {show(name)} (expected one of "
-                                            f"{', '.join(roles)})", hint)
-        if role not in ROLES:
-            raise ConfigError(f"data.roles.{name}={role!r}: expected one of {', '.join(ROLES)}")
-        content = turn[content_key]
-        if not isinstance(content, str) or not content.strip():
-            raise RecordError(EMPTY_CONTENT, f"{at}.{content_key}: expected a non-empty string, got {show(content)}")
-        messages.append({"role": role, "content": content})
-    if not any(message["role"] == "assistant" for message in messages):
-        raise RecordError(NO_ASSISTANT, f"{where}: {field}: expected an assistant turn (nothing would be learned), "
-                                        f"got roles {[m['role'] for m in messages]}")
-    return messages
-
-
-def show(value: object, width: int = 40) -> str:
-    """A value's repr for an error message, cut to `width` characters."""
-    text = repr(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def load_conversations(path: str, cfg: DataCfg | None = None) -> Iterator[tuple[str, list[dict]]]:

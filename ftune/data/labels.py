@@ -5,16 +5,26 @@ the boundary between template scaffolding and content would shift them: each lea
 character span (what the model writes after its generation prompt, through its end-of-turn marker), and a
 token is learned iff its character range meets such a span. The result is checked by decoding, so a
 tokenizer that merges scaffolding into an answer fails loudly instead of training on the wrong tokens.
+
+Agent and reasoning data: a learned turn includes its tool calls (with their closing markup) and its
+`<think>` block (unless `data.train_on_reasoning=false`); tool results and tool schemas are prompt. Each turn
+is learned where the template renders it as it does when that turn is generated, which for Qwen3 (reasoning
+only after the last user query) means one example per earlier turn. Whatever a record holds but the template
+would not print (schemas, reasoning, tool calls, content beside a call) is refused, never dropped silently.
 """
 
 from dataclasses import dataclass
 
 from ftune.data.mask import IGNORE_INDEX
+from ftune.data.messages import THINK_CLOSE, THINK_OPEN
 from ftune.data.templates import ChatTemplate, render
 from ftune.errors import ConfigError, DataError
 
 TRAIN_ON = ("all_assistant", "last_assistant", "everything")
 """What `data.train_on` may say: every assistant turn, the last one only, or every token."""
+
+TOOL_TEMPLATES = ("qwen3", "qwen_tools", "llama3.1", "mistral_tools")
+"""The registry templates that write tool schemas and tool calls."""
 
 DOCUMENT_SEPARATOR = "<|endoftext|>"
 """Ends each pre-training document where the tokenizer has this token (GPT-2, Qwen, Phi), else EOS does."""
@@ -27,23 +37,37 @@ class TokenizedExample:
     Attributes:
         input_ids: the token ids the model reads.
         labels: the same ids where the model learns them, `IGNORE_INDEX` (-100) where it does not.
+        text: the rendered conversation the ids encode ("" for a document), for `ftune data` to explain them.
     """
 
     input_ids: list[int]
     labels: list[int]
+    text: str = ""
 
 
 def tokenize_conversation(
-    messages: list[dict], tokenizer, template: ChatTemplate, train_on: str = "all_assistant"
-) -> TokenizedExample:
+    messages: list[dict],
+    tokenizer,
+    template: ChatTemplate,
+    train_on: str = "all_assistant",
+    tools: list[dict] | None = None,
+    train_on_reasoning: bool = True,
+) -> list[TokenizedExample]:
     r"""Render a conversation with its chat template, tokenize it, and label the tokens the model learns.
 
-    A learned assistant turn is what the model writes after its generation prompt: the answer as the template
-    renders it (trimmed by some families) through its end-of-turn marker, with the whitespace the template
-    puts around the answer (Llama 2's " answer </s>"), since the model has to emit that to reach the marker.
-    Role headers, "[/INST]", newlines after the marker, system, user and tool turns are never learned. The
-    text is tokenized once, without adding special tokens: the templates already write BOS where the family
-    wants it.
+    A learned assistant turn is what the model writes after its generation prompt: its reasoning block (with
+    `train_on_reasoning`), the answer as the template renders it (trimmed by some families), its tool calls,
+    and its end-of-turn marker, with the whitespace the template puts around them (Llama 2's " answer </s>"),
+    since the model has to emit all of that to reach the marker. Role headers, "[/INST]", newlines after the
+    marker, tool schemas, system, user and tool turns are never learned, nor a message flagged `train: False`.
+    The text is tokenized once per example, without adding special tokens: the templates already write BOS
+    where the family wants it.
+
+    Labels follow what the template renders turn by turn: a turn is learned where the whole conversation
+    renders it as the template renders it when that turn is being generated. Where a template renders an
+    earlier turn differently once later turns follow (Qwen3 drops the reasoning of turns before the last user
+    query; Mistral moves its tool list to the last user turn), that turn is learned in a further example that
+    ends with it, so the result is one example per distinct rendering.
 
     Example (ChatML, a word-level vocabulary for readability), user "Hi" then assistant "Hello":
 
@@ -53,39 +77,56 @@ def tokenize_conversation(
         labels: [-100, -100, -100, -100, -100, -100, -100, -100, -100, 7, 1, -100]
 
     Args:
-        messages: `{"role", "content"}` dicts.
+        messages: canonical messages (`ftune.data.messages`).
         tokenizer: a fast tokenizer (offsets are needed to map characters to tokens).
         template: from `resolve_template(name, tokenizer)`.
         train_on: "all_assistant", "last_assistant" or "everything" (every token, scaffolding included).
+        tools: the conversation's tool schemas (rendered into the prompt, never learned).
+        train_on_reasoning: learn the reasoning block of each learned turn, or keep it out of the loss.
 
     Returns:
-        The ids and labels; all labels are -100 when there is no assistant turn to learn.
+        The examples (one unless the template renders earlier turns differently later); a single example with
+        every label -100 when there is no assistant turn to learn.
 
     Raises:
         ConfigError: unknown `train_on`, or a slow tokenizer.
-        DataError: the template cannot render the conversation, or renders an assistant turn differently
-            once later turns follow (Mistral v0.3's system prompt), or the learned tokens do not decode to
-            exactly the answers and their end-of-turn markers.
+        DataError: the template cannot render the conversation; renders a turn's prompt differently from the
+            conversation up to that turn (Mistral v0.3's system prompt); drops something the record holds (the
+            tool schemas, a turn's reasoning, tool calls or content); or the learned tokens do not decode to
+            exactly the learned text.
     """
     if train_on not in TRAIN_ON:
         raise ConfigError(f"data.train_on: unknown value {train_on!r}", f"expected one of {TRAIN_ON}")
     if not tokenizer.is_fast:
         raise ConfigError("labels need a fast tokenizer, for character offsets", "load it with use_fast=True")
-    text = render(template, messages, tokenizer)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoding["input_ids"]
+    text = render(template, messages, tokenizer, tools=tools)
+    _check_tools_rendered(text, messages, tokenizer, template, tools)
     if train_on == "everything":
-        return TokenizedExample(ids, list(ids))
-    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [TokenizedExample(ids, list(ids), text)]
+    pending = learned_turns(messages, train_on)
+    plans = {turn: _plan_turn(messages, turn, tokenizer, template, tools, train_on_reasoning) for turn in pending}
+    examples = []
+    while True:
+        fits = [turn for turn in pending if text.startswith(plans[turn].rendered)]
+        if fits or not pending:
+            examples.append(_label(text, [plans[turn] for turn in fits], tokenizer))
+        pending = [turn for turn in pending if turn not in fits]
+        if not pending:
+            return examples
+        # the last turn left is rendered as the end of its own conversation, so this rendering fits it
+        text = render(template, messages[: pending[-1] + 1], tokenizer, tools=tools)
+
+
+def learned_turns(messages: list[dict], train_on: str) -> list[int]:
+    """Indices of the assistant turns `train_on` learns, less those flagged `train: False`.
+
+    Example, train_on "all_assistant": [user, assistant, user, assistant (train False)] -> [1]
+    """
+    turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
     if train_on == "last_assistant":
         turns = turns[-1:]
-    spans = [_answer_span(messages, turn, text, tokenizer, template) for turn in turns]
-    labels = [
-        token if any(_overlaps(offset, span) for span in spans) else IGNORE_INDEX
-        for token, offset in zip(ids, encoding["offset_mapping"], strict=True)
-    ]
-    _check_learned_text(ids, labels, [text[start:end] for start, end in spans], tokenizer)
-    return TokenizedExample(ids, labels)
+    return [turn for turn in turns if messages[turn].get("train", True)]
 
 
 def tokenize_text(text: str, tokenizer) -> TokenizedExample:
@@ -126,55 +167,127 @@ def tokenize_text(text: str, tokenizer) -> TokenizedExample:
     return TokenizedExample(ids, list(ids))
 
 
-def _answer_span(
-    messages: list[dict], turn: int, text: str, tokenizer, template: ChatTemplate
-) -> tuple[int, int]:
-    """Character span of assistant turn `turn` in the full rendering `text`.
+@dataclass
+class TurnPlan:
+    """Where one assistant turn is learned, in the conversation rendered up to and including that turn.
 
-    The turn's prompt (earlier turns plus the generation prompt) must be a prefix of the conversation
-    rendered up to this turn, and the learned part must sit at the same place in the full rendering: what
-    the model learns to answer must be the prompt it gets at inference.
+    Attributes:
+        rendered: that rendering, through the turn's end-of-turn marker; a rendering of more turns shows this
+            turn as it is generated exactly when it starts with this text.
+        start: character offset where the learned text begins (after the reasoning block without
+            `train_on_reasoning`).
+        end: character offset where it ends (after the end-of-turn marker).
+    """
+
+    rendered: str
+    start: int
+    end: int
+
+
+def _plan_turn(messages: list[dict], turn: int, tokenizer, template: ChatTemplate, tools: list[dict] | None,
+               train_on_reasoning: bool) -> TurnPlan:
+    """The learned span of assistant turn `turn`, found in the conversation rendered up to it.
+
+    The turn's prompt (earlier turns plus the generation prompt) must be a prefix of that rendering: what the
+    model learns to answer must be the prompt it gets at inference.
     """
     if turn == 0:
         raise DataError("messages[0] is an assistant turn", "open a conversation with a system or user turn")
-    prompt = render(template, messages[:turn], tokenizer, add_generation_prompt=True)
-    upto = render(template, messages[: turn + 1], tokenizer)
+    prompt = render(template, messages[:turn], tokenizer, add_generation_prompt=True, tools=tools)
+    upto = render(template, messages[: turn + 1], tokenizer, tools=tools)
     if not upto.startswith(prompt):
         raise _prefix_error(template, turn)
-    end = len(prompt) + _answer_length(upto[len(prompt) :], messages[turn]["content"], template, turn)
-    if text[:end] != upto[:end]:
-        raise _prefix_error(template, turn)
-    return len(prompt), end
+    reasoning_end, end = _locate_output(upto[len(prompt) :], messages[turn], template, turn)
+    start = len(prompt) + (0 if train_on_reasoning else reasoning_end)
+    return TurnPlan(upto[: len(prompt) + end], start, len(prompt) + end)
 
 
-def _answer_length(segment: str, content: str, template: ChatTemplate, turn: int) -> int:
-    """Length of the answer through its end-of-turn marker in `segment`, the text after its generation prompt.
+def _label(text: str, plans: list[TurnPlan], tokenizer) -> TokenizedExample:
+    """Tokenize `text` and learn the tokens that meet the plans' spans, checked by decoding."""
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoding["input_ids"]
+    spans = [(plan.start, plan.end) for plan in plans]
+    labels = [
+        token if any(_overlaps(offset, span) for span in spans) else IGNORE_INDEX
+        for token, offset in zip(ids, encoding["offset_mapping"], strict=True)
+    ]
+    _check_learned_text(ids, labels, [text[start:end] for start, end in spans], tokenizer)
+    return TokenizedExample(ids, labels, text)
 
-    The answer is found as rendered, verbatim or else trimmed. Only whitespace may come before it (the " "
-    of Llama 2's "[/INST] answer") and between it and its marker (Llama 2's "answer </s>").
+
+def _locate_output(segment: str, message: dict, template: ChatTemplate, turn: int) -> tuple[int, int]:
+    r"""(end of the reasoning block, end of the end-of-turn marker) in `segment`, the text after the prompt.
+
+    The parts are found in the order templates write them: reasoning, content (verbatim or trimmed, after
+    only whitespace), each tool call's function name, then the marker. Only whitespace may separate a plain
+    answer from its marker (Llama 2's "answer </s>"); tool calls end with markup of their own.
+
+    Example (Qwen3): segment "<think>\nSum.\n</think>\n\n4<|im_end|>\n" -> (23, 34)
     """
-    for answer in (content, content.strip()):
-        at = segment.find(answer)
-        if at >= 0 and not segment[:at].strip():
-            break
-    else:
-        raise DataError(
-            f"chat template {template.name!r} does not write messages[{turn}] (assistant) right after its "
-            "generation prompt",
-            "use a template whose generation prompt ends where the answer starts",
-        )
-    answer_end = at + len(answer)
-    marker = segment.find(template.end_of_turn, answer_end)
-    if marker < 0 or segment[answer_end:marker].strip():
+    cursor = reasoning_end = _reasoning_end(segment, message, template, turn)
+    content, calls = message["content"], message.get("tool_calls", [])
+    if content.strip():
+        cursor = _content_end(segment, content, cursor, template, turn, bool(calls))
+    for call in calls:
+        at = segment.find(call["function"]["name"], cursor)
+        if at < 0:
+            raise DataError(f"chat template {template.name!r} does not write the tool calls of messages[{turn}] "
+                            "(assistant)", f"use a template with tool calls: {', '.join(TOOL_TEMPLATES)}")
+        cursor = at + len(call["function"]["name"])
+    marker = segment.find(template.end_of_turn, cursor)
+    if marker < 0 or (not calls and segment[cursor:marker].strip()):
         raise DataError(
             f"chat template {template.name!r} does not end messages[{turn}] (assistant) with its "
             f"end-of-turn marker {template.end_of_turn!r}"
         )
-    return marker + len(template.end_of_turn)
+    return reasoning_end, marker + len(template.end_of_turn)
+
+
+def _reasoning_end(segment: str, message: dict, template: ChatTemplate, turn: int) -> int:
+    """Where the `<think>...</think>` block that opens `segment` ends (with the whitespace after it), else 0.
+
+    A template that renders no block for a turn with reasoning would drop it silently, so that is refused.
+    Qwen3 writes an empty block for a final turn without reasoning; it is part of what the model emits.
+    """
+    lead = len(segment) - len(segment.lstrip())
+    close = segment.find(THINK_CLOSE, lead) if segment.startswith(THINK_OPEN, lead) else -1
+    reasoning = message.get("reasoning_content", "").strip()
+    if reasoning and (close < 0 or reasoning not in segment[lead:close]):
+        raise DataError(f"chat template {template.name!r} does not write the reasoning of messages[{turn}] "
+                        "(assistant), so it would be silently dropped",
+                        "use a template that writes reasoning (qwen3), or leave reasoning_content out")
+    if close < 0:
+        return 0
+    end = close + len(THINK_CLOSE)
+    return end + len(segment[end:]) - len(segment[end:].lstrip())
+
+
+def _content_end(segment: str, content: str, cursor: int, template: ChatTemplate, turn: int, calls: bool) -> int:
+    """End of the answer in `segment`, found verbatim or trimmed after only whitespace from `cursor`."""
+    for answer in (content, content.strip()):
+        at = segment.find(answer, cursor)
+        if at >= 0 and not segment[cursor:at].strip():
+            return at + len(answer)
+    if calls:
+        raise DataError(f"chat template {template.name!r} drops the content of messages[{turn}] (assistant), which "
+                        "also calls tools", "put the text in an assistant turn of its own, or use qwen3 or qwen_tools")
+    raise DataError(
+        f"chat template {template.name!r} does not write messages[{turn}] (assistant) right after its "
+        "generation prompt",
+        "use a template whose generation prompt ends where the answer starts",
+    )
+
+
+def _check_tools_rendered(text: str, messages: list[dict], tokenizer, template: ChatTemplate,
+                          tools: list[dict] | None) -> None:
+    """Refuse tool schemas the template ignores: the model would learn to call tools it was never shown."""
+    if tools and render(template, messages, tokenizer) == text:
+        raise DataError(f"chat template {template.name!r} does not write the tool schemas (tools)",
+                        f"use a template with tools: {', '.join(TOOL_TEMPLATES)}, or the tokenizer's own")
 
 
 def _prefix_error(template: ChatTemplate, turn: int) -> DataError:
-    """The template renders an earlier turn differently once later turns follow, so no span is right."""
+    """The template renders a turn's prompt differently from the conversation up to that turn: no span is right."""
     return DataError(
         f"chat template {template.name!r} renders the prompt of messages[{turn}] (assistant) differently "
         "from the same turns inside the whole conversation, so training would not match inference",

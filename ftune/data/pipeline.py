@@ -20,7 +20,15 @@ from ftune.atomic import atomic_dir
 from ftune.cache import cache_dir, files_fingerprint, fingerprint
 from ftune.config.schema import DataCfg, DataSourceCfg
 from ftune.data.collate import PackedCollator, PadCollator
-from ftune.data.formats import RecordError, read_source, resolve_format, source_signature, to_canonical
+from ftune.data.dedup import deduplicate, held_out_records, merge_reports
+from ftune.data.formats import (
+    RecordError,
+    read_source,
+    record_features,
+    resolve_format,
+    source_signature,
+    to_canonical,
+)
 from ftune.data.labels import TokenizedExample, tokenize_conversation, tokenize_text
 from ftune.data.mask import IGNORE_INDEX
 from ftune.data.packing import pack
@@ -29,7 +37,8 @@ from ftune.data.templates import TEMPLATES_DIR, ChatTemplate, resolve_template
 from ftune.errors import DataError
 from ftune.report.console import console
 
-ROW_SHAPING_MODULES = ("formats.py", "templates.py", "labels.py", "mask.py", "packing.py", "pipeline.py")
+ROW_SHAPING_MODULES = ("formats.py", "messages.py", "dedup.py", "templates.py", "labels.py", "mask.py", "packing.py",
+                       "pipeline.py")
 """The modules of ftune/data whose code decides the cached rows and statistics; collate.py and sampler.py act
 per batch, on rows already cached, so changing them keeps the cache valid."""
 
@@ -59,14 +68,21 @@ class SplitStats:
     truncated_learned: int = 0
     """Truncated examples that lost learned tokens (the end of an answer, or its end-of-turn marker)."""
     dropped: dict[str, int] = field(default_factory=dict)
-    """Reason -> examples: bad records (data.on_bad_record=skip), nothing left to learn, left out by data.mix."""
+    """Reason -> examples: bad records (data.on_bad_record=skip), duplicates removed by data.dedup, nothing left
+    to learn, left out by data.mix."""
+    split_turns: int = 0
+    """Examples beyond one per record: conversations whose template renders earlier turns differently later
+    (Qwen3's reasoning) are learned turn by turn; read + split_turns = kept + the sum of dropped."""
+    dedup: dict = field(default_factory=dict)
+    """Duplicates and eval overlap found, and removed by data.dedup (see ftune.data.dedup.report)."""
     tokens: int = 0
     learned_tokens: int = 0
     rows: int = 0
     row_capacity: int = 0
     """Token slots of the rows (rows x max_length when packed); fill = tokens / row_capacity."""
     sources: list[dict] = field(default_factory=list)
-    """Per source: `path`, `format`, `examples` kept; with data.mix also its `weight` and the examples `drawn`."""
+    """Per source: `path`, `format`, `features` (tools, tool calls, reasoning, ...), `examples` kept; with data.mix
+    also its `weight` and the examples `drawn`."""
 
     def drop(self, reason: str, count: int = 1) -> None:
         if count:
@@ -101,9 +117,11 @@ def count_learned(labels: list[int]) -> int:
 def tokenize_split(path: str, tokenizer, cfg: DataCfg) -> tuple[list[dict], SplitStats]:
     """Tokenize every record of one source, in any format; truncate, and drop (counting) those with nothing to learn.
 
-    Chat records (messages, sharegpt, alpaca, prompt_completion) go through the chat template and learn what
-    `data.train_on` says; `text` records learn every token. With `data.on_bad_record=skip` a record that does
-    not fit its format is dropped and counted under its reason (the first of each reason is printed).
+    Chat records (messages, sharegpt, message_list, alpaca, prompt_completion) go through the chat template and
+    learn what `data.train_on` says; `text` records learn every token. With `data.on_bad_record=skip` a record
+    that does not fit its format is dropped and counted under its reason (the first of each reason is printed).
+    Duplicates, and overlap with `data.eval_path` (unless this source is that eval set), are reported and
+    removed as `data.dedup` says (`ftune.data.dedup`).
 
     Returns:
         The examples (`{"input_ids", "labels"}`, at most `max_length` tokens) and their statistics.
@@ -116,24 +134,40 @@ def tokenize_split(path: str, tokenizer, cfg: DataCfg) -> tuple[list[dict], Spli
     if cfg.format == "auto":
         say(f"data: {path}: format {fmt} (detected from its first record)")
     template = resolve_template(cfg.chat_template, tokenizer) if fmt != "text" else None
-    stats, examples, first_errors = SplitStats(), [], {}
+    stats, examples, first_errors, shape = SplitStats(), [], {}, set()
+    canonical = []
     for where, record in records:
         stats.read += 1
         try:
-            example = tokenize_record(to_canonical(record, fmt, where, cfg.roles), where, tokenizer, template, cfg)
+            canonical.append((where, to_canonical(record, fmt, where, cfg.roles)))
         except RecordError as err:
-            if cfg.on_bad_record == "error":
-                raise
-            stats.drop(err.reason)
-            first_errors.setdefault(err.reason, err.one_line())
+            skip_record(err, cfg, stats, first_errors)
             continue
-        keep_example(example, cfg.max_length, stats, examples)
+        shape |= record_features(record, fmt, canonical[-1][1])
+    held_out = held_out_records(cfg) if cfg.eval_path and path != cfg.eval_path else []
+    for where, record in deduplicate(canonical, held_out, cfg.dedup, stats):
+        try:
+            tokenized = tokenize_record(record, where, tokenizer, template, cfg)
+        except RecordError as err:
+            skip_record(err, cfg, stats, first_errors)
+            continue
+        stats.split_turns += len(tokenized) - 1
+        for example in tokenized:
+            keep_example(example, cfg.max_length, stats, examples)
     for reason, message in first_errors.items():
         say(f"data: {path}: {stats.dropped[reason]} record(s) skipped ({reason}); the first: {message}")
     if not examples:
         raise DataError(f"{path}: no example left to train on (dropped: {stats.dropped})")
-    stats.sources.append({"path": path, "format": fmt, "examples": len(examples)})
+    stats.sources.append({"path": path, "format": fmt, "features": sorted(shape), "examples": len(examples)})
     return examples, stats
+
+
+def skip_record(err: RecordError, cfg: DataCfg, stats: SplitStats, first_errors: dict) -> None:
+    """Count a bad record under its reason (keeping the first message of each), or raise it with `error`."""
+    if cfg.on_bad_record == "error":
+        raise err
+    stats.drop(err.reason)
+    first_errors.setdefault(err.reason, err.one_line())
 
 
 def say(line: str) -> None:
@@ -143,16 +177,17 @@ def say(line: str) -> None:
 
 def tokenize_record(
     record: dict, where: str, tokenizer, template: ChatTemplate | None, cfg: DataCfg
-) -> TokenizedExample:
-    """Ids and labels of one canonical record (see `formats.to_canonical`).
+) -> list[TokenizedExample]:
+    """Ids and labels of one canonical record (see `formats.to_canonical`): one example, or one per rendering.
 
     Raises:
         RecordError: the chat template cannot render the conversation (named by `where`).
     """
     if "text" in record:
-        return tokenize_text(record["text"], tokenizer)
+        return [tokenize_text(record["text"], tokenizer)]
     try:
-        return tokenize_conversation(record["messages"], tokenizer, template, cfg.train_on)
+        return tokenize_conversation(record["messages"], tokenizer, template, cfg.train_on, record.get("tools"),
+                                     cfg.train_on_reasoning)
     except DataError as err:
         raise RecordError(UNRENDERABLE, f"{where}: {err.message}", err.hint) from None
 
@@ -209,6 +244,8 @@ def mix(parts: list[tuple[list[dict], SplitStats]], weights: list[float], seed: 
         stats.read += part.read
         stats.truncated += part.truncated
         stats.truncated_learned += part.truncated_learned
+        stats.split_turns += part.split_turns
+        stats.dedup = merge_reports(stats.dedup, part.dedup)
         for reason, dropped in part.dropped.items():
             stats.drop(reason, dropped)
         stats.drop(LEFT_OUT_BY_MIX, len(examples) - count)
@@ -295,6 +332,7 @@ def split_fingerprint(sources: list[DataSourceCfg], tokenizer, cfg: DataCfg, see
         "special": tokenizer.all_special_tokens,
         "template": tokenizer.chat_template,
     }
+    settings["eval_set"] = eval_set_signature(sources, cfg)  # the overlap check reads it (ftune.data.dedup)
     signatures = [(source_signature(source.path), source.format) for source in sources]
     return fingerprint(code_fingerprint(), signatures, mixing, tokenizer_state, settings)
 
@@ -319,6 +357,13 @@ def row_shaping_files() -> list[Path]:
     """The source files of `ROW_SHAPING_MODULES` and the shipped chat templates they render with, in name order."""
     modules = [Path(__file__).with_name(name) for name in ROW_SHAPING_MODULES]
     return sorted(modules) + sorted(TEMPLATES_DIR.glob("*.jinja"))
+
+
+def eval_set_signature(sources: list[DataSourceCfg], cfg: DataCfg) -> dict | None:
+    """The eval set's signature when these sources are checked against it for overlap (they are not that set)."""
+    if cfg.eval_path and any(source.path != cfg.eval_path for source in sources):
+        return source_signature(cfg.eval_path)
+    return None
 
 
 def build_loader(split: Split, tokenizer, cfg: DataCfg, attn_implementation: str, batch_size: int,

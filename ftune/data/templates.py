@@ -13,7 +13,15 @@ matters for the Jinja sources:
   render no stray newlines as long as every tag strips with `-`;
 - the tokenizer's named special tokens (`bos_token`, `eos_token`, ...) are in the Jinja context, but a token
   the tokenizer lacks is simply undefined and renders as "", so `resolve_template` checks for them;
-- keys whose value is None are dropped from every message before rendering.
+- keys whose value is None are dropped from every message before rendering;
+- the conversation's tool schemas go in as `tools=`, messages as transformers passes them (OpenAI's shape,
+  `ftune.data.messages`), without ftune's own `train` flag.
+
+Four registry entries are the families' official templates verbatim (`qwen3`, `llama3.1`, `mistral_tools`,
+`qwen_tools`: tools, tool calls and reasoning); the others are ftune's rewrites of official templates that
+render the same text and raise where the official one would silently drop a turn. A record a template cannot
+express (tools on a template without tool support, reasoning it does not print) is refused in
+`ftune.data.labels`, which checks that every learned part is rendered.
 """
 
 import dataclasses
@@ -24,7 +32,7 @@ import jinja2
 import jinja2.meta
 import jinja2.nodes
 
-from ftune.data.formats import ROLES
+from ftune.data.messages import ROLES
 from ftune.errors import ConfigError, DataError
 
 EOS_FROM_TOKENIZER = "{{ eos_token }}"
@@ -80,6 +88,20 @@ _REGISTRY: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "qwen": ("<|im_end|>", ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-72B-Instruct")),
     "alpaca": (EOS_FROM_TOKENIZER, ()),  # a prompt format for base models (tatsu-lab/stanford_alpaca)
+    "qwen3": (
+        "<|im_end|>",
+        ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B", "Qwen/Qwen3-8B", "Qwen/Qwen3-14B", "Qwen/Qwen3-32B",
+         "Qwen/Qwen3-30B-A3B"),
+    ),
+    "llama3.1": (
+        "<|eot_id|>",
+        ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-70B-Instruct",
+         "meta-llama/Llama-3.1-405B-Instruct"),
+    ),
+    "mistral_tools": (EOS_FROM_TOKENIZER, ("mistralai/Mistral-7B-Instruct-v0.3",)),
+    "qwen_tools": (
+        "<|im_end|>", ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-72B-Instruct"),
+    ),
 }
 
 TEMPLATES: dict[str, ChatTemplate] = {
@@ -115,15 +137,17 @@ def resolve_template(name: str, tokenizer) -> ChatTemplate:
 
 
 def render(
-    template: ChatTemplate, messages: list[dict], tokenizer, add_generation_prompt: bool = False
+    template: ChatTemplate, messages: list[dict], tokenizer, add_generation_prompt: bool = False,
+    tools: list[dict] | None = None,
 ) -> str:
     """Render a conversation to text exactly as the model family expects it.
 
     Args:
         template: a template from `resolve_template`.
-        messages: `{"role", "content"}` dicts; roles are system, user, assistant or tool.
+        messages: canonical messages (`ftune.data.messages`); roles are system, user, assistant or tool.
         tokenizer: supplies `bos_token`, `eos_token` and the other named special tokens to the template.
         add_generation_prompt: end with the header that asks the model for the next assistant turn.
+        tools: the conversation's tool schemas, passed to the template as `tools=` (None: no tools).
 
     Returns:
         The rendered text, special tokens written out as text (encode it without adding special tokens).
@@ -136,14 +160,15 @@ def render(
     _check_messages(messages)
     try:
         return tokenizer.apply_chat_template(
-            messages,
+            [{key: value for key, value in message.items() if key != "train"} for message in messages],
+            tools=tools or None,
             chat_template=template.jinja,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
         )
     except jinja2.TemplateSyntaxError as err:
         raise ConfigError(f"chat template {template.name!r} is not valid Jinja: {err}") from None
-    except jinja2.TemplateError as err:
+    except (jinja2.TemplateError, TypeError) as err:  # TypeError: a template calling a string method on a list
         roles = "/".join(message["role"] for message in messages)
         raise DataError(
             f"chat template {template.name!r} cannot render a {roles} conversation: {err}",
@@ -160,6 +185,39 @@ def _check_messages(messages: list[dict]) -> None:
             raise DataError(f"messages[{index}] must be a dict with a 'role' in {ROLES}, got {message!r}")
         if not isinstance(message.get("content"), str):
             raise DataError(f"messages[{index}] ({message['role']}) must have string 'content'")
+
+
+def template_for_artefact(tokenizer, data_cfg) -> tuple[str, list[int]]:
+    """The chat template a trained model must carry, and the token ids generation must stop at.
+
+    A model learns the exact text it was trained on, so whatever template the run rendered with (a named one,
+    or the tokenizer's own) has to travel with the weights: set as `tokenizer.chat_template` before
+    `save_pretrained` (transformers writes it to chat_template.jinja, which inference servers read), and the
+    ids as `generation_config.eos_token_id`, so that generation stops where training taught the model to.
+
+    Example, data.chat_template=qwen3 on a base without a template, "<|im_end|>" id 1, EOS "<|endoftext|>" id 2:
+        -> (the text of ftune/assets/chat_templates/qwen3.jinja, [1, 2])
+
+    Args:
+        tokenizer: the run's tokenizer.
+        data_cfg: the run's `DataCfg` (its `chat_template`).
+
+    Returns:
+        (Jinja source, [end-of-turn id, then the tokenizer's EOS id when that is another token]).
+
+    Raises:
+        ConfigError: the template cannot be resolved for this tokenizer (as at the start of training).
+    """
+    template = resolve_template(data_cfg.chat_template, tokenizer)
+    end_of_turn = tokenizer.convert_tokens_to_ids(template.end_of_turn)
+    if end_of_turn is None or tokenizer.convert_ids_to_tokens(end_of_turn) != template.end_of_turn:
+        raise ConfigError(f"chat template {template.name!r} ends turns with {template.end_of_turn!r}, which is no "
+                          "single token of this tokenizer, so generation could not stop there",
+                          "add it as a special token, or pick the model family's template")
+    ids = [end_of_turn]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return template.jinja, ids
 
 
 def _tokenizer_template(tokenizer) -> ChatTemplate:

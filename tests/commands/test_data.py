@@ -9,6 +9,9 @@ import pytest
 from ftune.cli import main
 from ftune.commands.data import render_tokens
 from ftune.data.mask import IGNORE_INDEX
+from ftune.data.templates import TEMPLATES_DIR
+
+ASSETS = TEMPLATES_DIR.parent / "data"
 
 TWO_TURNS = {"messages": [
     {"role": "system", "content": "Answer with one word."},
@@ -23,6 +26,11 @@ ONE_TURN = {"messages": [{"role": "user", "content": "Say hello."}, {"role": "as
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FTUNE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def shapes():
+    return ASSETS / "shapes"
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +89,7 @@ def test_json_report_and_a_second_build_served_from_the_cache(tmp_path, capsys):
     assert second["stats"] == first["stats"]
     stats = first["stats"]
     assert (stats["read"], stats["kept"], stats["rows"], stats["dropped"]) == (3, 3, 3, {})
-    assert stats["sources"] == [{"path": data, "format": "messages", "examples": 3}]
+    assert stats["sources"] == [{"path": data, "format": "messages", "features": [], "examples": 3}]
     assert first["packing_fill"] is None and 0 < first["batch_fill"] < 1
 
 
@@ -118,8 +126,28 @@ BAD_INPUTS = {
         "{p}:1: messages[1].content: expected a non-empty string, got '\\n'",
     ),
     "non-string content": (
+        [{"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "Hello"}]}],
+        "{p}:1: messages[0].content: expected a non-empty string, got 7",
+    ),
+    "untyped content part": (
         [{"messages": [{"role": "user", "content": ["Hi"]}, {"role": "assistant", "content": "Hello"}]}],
-        "{p}:1: messages[0].content: expected a non-empty string, got ['Hi']",
+        "{p}:1: messages[0].content[0]: expected a part with type text or reasoning or tool_call, got 'Hi'",
+    ),
+    "tool call without a name": (
+        [{"messages": [{"role": "user", "content": "Hi"},
+                       {"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}]}],
+        "{p}:1: messages[1].tool_calls[0]: expected a tool call with a function name, got {{'function': "
+        "{{'arguments': {{}}}}}}",
+    ),
+    "tool call arguments not JSON": (
+        [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [
+            {"function": {"name": "w", "arguments": "{city: Oslo}"}}]}]}],
+        "{p}:1: messages[1].tool_calls[0].arguments: expected JSON, got invalid JSON (Expecting property name "
+        "enclosed in double quotes at column 2)",
+    ),
+    "weight other than 0 or 1": (
+        [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "weight": 0.5}]}],
+        "{p}:1: messages[1].weight: expected 0 or 1, got 0.5",
     ),
     "unknown role": (
         [{"messages": [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}],
@@ -180,4 +208,73 @@ def test_render_styles_learned_tokens_green_and_special_tokens_bold(tokenizer):
     ]
     assert render_tokens(ids, labels, tokenizer, marks=True).plain == (
         "<|im_start|>assistant\n⟦Hello.<|im_end|>⟧\n"
+    )
+
+
+SHAPES = {  # sample: (template that can express it, format detected, features named)
+    "sharegpt_tools.jsonl": ("qwen_tools", "sharegpt", ["tool calls", "tools"]),
+    "openai_tools.jsonl": ("qwen_tools", "messages", ["per-message weights", "tool calls", "tools"]),
+    "typed_parts.jsonl": ("qwen3", "messages", ["reasoning", "tool calls", "tools", "typed parts"]),
+    "message_list.jsonl": ("qwen_tools", "message_list", []),
+    "weights.jsonl": ("qwen_tools", "messages", ["per-message weights"]),
+    "reasoning.jsonl": ("qwen3", "messages", ["reasoning"]),
+}
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_each_shape_loads_with_format_auto_and_the_statistics_name_it(name, shapes, capsys):
+    template, fmt, features = SHAPES[name]
+    code, out, _ = run_data(capsys, f"data.path={shapes / name}", "data.format=auto", f"data.chat_template={template}",
+                            "data.eval_path=null", "data.max_length=2048", "--json")
+    assert code == 0
+    [source] = json.loads(out)["stats"]["sources"]
+    assert (source["format"], source["features"]) == (fmt, features)
+
+
+def test_a_tool_conversation_shows_the_call_learned_and_the_result_and_schema_not(shapes, capsys):
+    code, _, out = run_data(capsys, f"data.path={shapes / 'sharegpt_tools.jsonl'}", "data.format=auto",
+                            "data.chat_template=qwen_tools", "data.eval_path=null", "data.max_length=2048", "n=1")
+    assert code == 0
+    assert "(sharegpt: tool calls, tools): 3 examples" in " ".join(out.split())
+    example = out[out.index("row 0, document 0"):]
+    assert "You answer questions with the tools you have.«tools»\n\n# Tools" in example  # schema: not learned
+    assert ('<|im_start|>assistant\n⟦«tool call»<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+            "\n</tool_call><|im_end|>⟧\n") in example  # the call and its end-of-turn marker: learned
+    assert '<tool_response>\n«tool result»{"city": "Oslo", "rain": true, "celsius": 7}\n</tool_response>' in example
+    assert "⟦Yes, it is raining in Oslo, at 7 degrees.<|im_end|>⟧" in example
+    assert example.count("⟦") == 2
+
+
+def test_dedup_near_reports_and_removes_planted_duplicates_and_eval_overlap(capsys):
+    planted = ASSETS / "dedup"
+    args = [f"data.path={planted / 'train.jsonl'}", f"data.eval_path={planted / 'validation.jsonl'}"]
+    code, _, out = run_data(capsys, *args, "data.dedup=near", "n=0")
+    assert code == 0
+    flat = " ".join(out.split())
+    assert "examples read / kept │ 7 / 3" in flat
+    assert "dropped │ 4 (exact duplicate: 1, near duplicate: 1, near eval" in flat
+    assert "│ eval overlap │ 1 exact, 1 near; 2 removed from training │" in flat
+    assert f"near duplicate: {planted / 'train.jsonl'}:4 repeats {planted / 'train.jsonl'}:3 (Jaccard 0.898)" in out
+    assert (f"WARNING: 2 training example(s) overlap the eval set {planted / 'validation.jsonl'} (1 exact, 1 near; "
+            "2 removed by data.dedup=near)") in out
+    stats = json.loads(run_data(capsys, *args, "data.dedup=none", "--json")[1])["stats"]
+    assert (stats["read"], stats["kept"], stats["dropped"]) == (7, 7, {})
+    assert stats["dedup"]["counts"] == {"exact duplicate": 1, "near duplicate": 1, "exact eval overlap": 1,
+                                        "near eval overlap": 1}
+
+
+def test_render_styles_each_kind_bright_where_learned_and_dim_where_not(tokenizer):
+    pieces = [("<|im_start|>user\n", "prompt", False), ("yes", "tool_result", False),
+              ("<|im_end|>\n<|im_start|>assistant\n", "prompt", False), ("Hello.", "tool_call", True),
+              ("<|im_end|>", "end_of_turn", True)]
+    ids, labels, kinds = [], [], []
+    for text, kind, learned in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids, kinds = ids + piece, kinds + [kind] * len(piece)
+        labels += piece if learned else [IGNORE_INDEX] * len(piece)
+    text = render_tokens(ids, labels, tokenizer, kinds=kinds)
+    styles = {text.plain[s.start:s.end]: str(s.style) for s in text.spans}
+    assert (styles["yes"], styles["Hello."], styles["<|im_end|>"]) == ("dim yellow", "cyan", "bold green")
+    assert render_tokens(ids, labels, tokenizer, marks=True, kinds=kinds).plain == (
+        "<|im_start|>user\n«tool result»yes<|im_end|>\n<|im_start|>assistant\n⟦«tool call»Hello.<|im_end|>⟧"
     )

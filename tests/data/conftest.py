@@ -29,12 +29,31 @@ FAMILIES = {
         "<s>",
         "<|endoftext|>",
     ),
+    "qwen3": (
+        ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>", "</tool_call>",
+         "<tool_response>", "</tool_response>"],
+        None,
+        "<|im_end|>",
+    ),
+    "llama3.1": (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+         "<|eom_id|>", "<|python_tag|>"],
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+    ),
+    "mistral_tools": (
+        ["<s>", "</s>", "<unk>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+         "[TOOL_RESULTS]", "[/TOOL_RESULTS]"],
+        "<s>",
+        "</s>",
+    ),
 }
 
 _WORDS = (
     "hi hello there you are terse what is the answer a short reply thanks sure below an instruction that "
     "describes task write response appropriately completes request user assistant system model tool result "
-    "weather sunny rain name colour blue red probe question one two three four"
+    "weather sunny rain name colour blue red probe question one two three four city oslo paris look it up "
+    "checking function arguments parameters description type object string properties required"
 ).split()
 
 
@@ -124,6 +143,10 @@ FAMILY = {
     "gemma": "gemma",
     "phi3": "phi3",
     "alpaca": "llama2",
+    "qwen3": "qwen3",
+    "qwen_tools": "qwen3",
+    "llama3.1": "llama3.1",
+    "mistral_tools": "mistral_tools",
 }
 """The test tokenizer family each template is rendered with (alpaca and mistral_v1 on Llama 2's vocabulary,
 where "[INST]" is plain text as in Mistral's v1 tokenizer)."""

@@ -111,7 +111,8 @@ def test_sharegpt_roles_are_mapped_by_config():
          "missing field", "f.jsonl:1: messages: expected a non-empty list of {role, content} objects, got []"),
         ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello"}]},
          "unknown role", "f.jsonl:1: conversations[1].from: unknown role 'bot' (expected one of system, human, "
-                         "user, gpt, assistant, tool) (map it with +data.roles.bot=<system|user|assistant|tool>)"),
+                         "user, gpt, assistant, tool, function_call, observation) (map it with "
+                             "+data.roles.bot=<system|user|assistant|tool>)"),
         ({"instruction": "Add", "input": 2, "output": "4"},
          "empty or non-string content", "f.jsonl:1: input: expected a string (or no input), got 2"),
         ({"prompt": "Hi", "completion": " "},

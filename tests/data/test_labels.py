@@ -94,7 +94,7 @@ def _same_text(decoded, expected):
 @pytest.mark.parametrize(("name", "options"), CASES)
 def test_all_assistant_learns_each_answer_and_its_end_of_turn(name, options, make_tokenizer):
     tokenizer, template, conversation = _setup(name, options, make_tokenizer)
-    example = tokenize_conversation(conversation, tokenizer, template, "all_assistant")
+    [example] = tokenize_conversation(conversation, tokenizer, template, "all_assistant")
     text = render(template, conversation, tokenizer)
     assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert _same_text(_learned_runs(example, tokenizer), LEARNED[name])
@@ -103,14 +103,14 @@ def test_all_assistant_learns_each_answer_and_its_end_of_turn(name, options, mak
 @pytest.mark.parametrize(("name", "options"), CASES)
 def test_last_assistant_learns_only_the_last_answer(name, options, make_tokenizer):
     tokenizer, template, conversation = _setup(name, options, make_tokenizer)
-    example = tokenize_conversation(conversation, tokenizer, template, "last_assistant")
+    [example] = tokenize_conversation(conversation, tokenizer, template, "last_assistant")
     assert _same_text(_learned_runs(example, tokenizer), LEARNED[name][-1:])
 
 
 @pytest.mark.parametrize(("name", "options"), CASES)
 def test_everything_learns_every_token(name, options, make_tokenizer):
     tokenizer, template, conversation = _setup(name, options, make_tokenizer)
-    example = tokenize_conversation(conversation, tokenizer, template, "everything")
+    [example] = tokenize_conversation(conversation, tokenizer, template, "everything")
     assert example.labels == example.input_ids
     text = render(template, conversation, tokenizer)
     assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -125,7 +125,7 @@ def test_literal_chatml_labels(make_word_tokenizer):
         eos="<|im_end|>",
     )
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    example = tokenize_conversation(conversation, tokenizer, resolve_template("chatml", tokenizer))
+    [example] = tokenize_conversation(conversation, tokenizer, resolve_template("chatml", tokenizer))
     # <|im_start|> user \n Hi <|im_end|> \n <|im_start|> assistant \n Hello <|im_end|> \n
     assert example.input_ids == [0, 5, 3, 6, 1, 3, 0, 4, 3, 7, 1, 3]
     assert example.labels == [-100, -100, -100, -100, -100, -100, -100, -100, -100, 7, 1, -100]
@@ -137,7 +137,7 @@ def test_literal_llama2_labels_learn_the_spaces_around_the_answer(make_word_toke
         ["<s>", "</s>", "[INST]", "[/INST]"], [" ", "Hi", "Hello"], bos="<s>", eos="</s>"
     )
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    example = tokenize_conversation(conversation, tokenizer, resolve_template("llama2", tokenizer))
+    [example] = tokenize_conversation(conversation, tokenizer, resolve_template("llama2", tokenizer))
     # <s> [INST] " " Hi " " [/INST] " " Hello " " </s>
     assert example.input_ids == [0, 2, 4, 5, 4, 3, 4, 6, 4, 1]
     assert example.labels == [-100, -100, -100, -100, -100, -100, 4, 6, 4, 1]
@@ -153,7 +153,7 @@ def test_a_space_ending_the_generation_prompt_is_not_learned(answer, make_tokeni
         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
     )
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}]
-    example = tokenize_conversation(conversation, tokenizer, resolve_template("tokenizer", tokenizer))
+    [example] = tokenize_conversation(conversation, tokenizer, resolve_template("tokenizer", tokenizer))
     assert _learned_runs(example, tokenizer) == [answer + "<|im_end|>"]
 
 
@@ -165,13 +165,13 @@ def test_qwen_tool_results_are_not_learned(make_tokenizer):
         {"role": "tool", "content": "sunny"},
         {"role": "assistant", "content": "Sunny."},
     ]
-    example = tokenize_conversation(conversation, tokenizer, resolve_template("qwen", tokenizer))
+    [example] = tokenize_conversation(conversation, tokenizer, resolve_template("qwen", tokenizer))
     assert _same_text(_learned_runs(example, tokenizer), ["Checking.<|im_end|>", "Sunny.<|im_end|>"])
 
 
 def test_a_conversation_without_an_answer_learns_nothing(make_tokenizer):
     tokenizer = make_tokenizer("chatml")
-    example = tokenize_conversation([SYSTEM, TURNS[0]], tokenizer, resolve_template("chatml", tokenizer))
+    [example] = tokenize_conversation([SYSTEM, TURNS[0]], tokenizer, resolve_template("chatml", tokenizer))
     assert example.input_ids and set(example.labels) == {IGNORE_INDEX}
 
 
@@ -183,7 +183,7 @@ def test_mistral_system_prompt_cannot_be_trained_turn_by_turn(train_on, make_tok
     template = resolve_template("mistral", tokenizer)
     with pytest.raises(DataError, match="differently"):
         tokenize_conversation([SYSTEM, *TURNS], tokenizer, template, train_on)
-    assert tokenize_conversation([SYSTEM, *TURNS], tokenizer, template, "everything").labels
+    assert tokenize_conversation([SYSTEM, *TURNS], tokenizer, template, "everything")[0].labels
 
 
 def test_an_opening_assistant_turn_is_refused(make_tokenizer):

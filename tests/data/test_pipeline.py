@@ -73,7 +73,7 @@ def test_text_records_learn_every_token_and_end_with_the_separator(tokenizer, tm
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "one two"}])
     examples, stats = tokenize_split(path, tokenizer, cfg(path, chat_template="no-such-template"))
     assert examples == [{"input_ids": [10, 4, 11, 2], "labels": [10, 4, 11, 2]}]  # no chat template needed
-    assert stats.sources == [{"path": path, "format": "text", "examples": 1}]
+    assert stats.sources == [{"path": path, "format": "text", "features": [], "examples": 1}]
 
 
 @pytest.mark.parametrize(
@@ -195,6 +195,7 @@ def test_build_train_split_mixes_chat_with_text_replay(tokenizer, tmp_path):
 
 
 def test_a_mix_entry_has_its_own_format(tokenizer, tmp_path):
+    # bad weights and unknown formats are refused before any data loads (tests/config/test_validate_rules.py)
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "one two", "messages": HI_HELLO}])
     data = cfg(text, format="messages", mix=[DataSourceCfg(text, 1.0, "text")])
     assert build_train_split(tokenizer, data, seed=0).rows.to_list() == [

@@ -115,6 +115,33 @@ EXPECTED = {
     ),
 }
 
+EXPECTED["qwen_tools"] = EXPECTED["qwen"]  # Qwen2.5's official template renders the same without tools
+EXPECTED["mistral_tools"] = EXPECTED["mistral"]  # Mistral v0.3's official template renders the same without tools
+QWEN3_TURNS = (
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+    "<|im_start|>user\n What is 2+2? <|im_end|>\n<|im_start|>assistant\n"
+)
+EXPECTED["qwen3"] = (  # the final turn always gets a <think> block, earlier ones none; no default system prompt
+    "<|im_start|>system\nYou are terse.<|im_end|>\n" + QWEN3_TURNS + "<think>\n\n</think>\n\n 4\n<|im_end|>\n",
+    QWEN3_TURNS + "<think>\n\n</think>\n\n 4\n<|im_end|>\n",
+    "<|im_start|>system\nYou are terse.<|im_end|>\n" + QWEN3_TURNS,
+)
+LLAMA31_SYSTEM = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+    "Today Date: 26 Jul 2024\n\n"
+)
+LLAMA31_TURNS = (
+    "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+EXPECTED["llama3.1"] = (  # a system turn always, with the knowledge and fixed "today" dates; contents trimmed
+    LLAMA31_SYSTEM + "You are terse.<|eot_id|>" + LLAMA31_TURNS + "4<|eot_id|>",
+    LLAMA31_SYSTEM + "<|eot_id|>" + LLAMA31_TURNS + "4<|eot_id|>",
+    LLAMA31_SYSTEM + "You are terse.<|eot_id|>" + LLAMA31_TURNS,
+)
+
 CHATML_OWN = (  # Qwen2-7B-Instruct's template, as a tokenizer would ship it
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
