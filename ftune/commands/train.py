@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ftune.config.compose import expand_sweep, load_run_config
 from ftune.config.schema import RunCfg
 from ftune.config.validate import advisories
+from ftune.data.dedup import overlap_warning
 from ftune.data.pipeline import build_loader, build_split, build_train_split
 from ftune.errors import ConfigError, FtuneError
 from ftune.model.load import count_parameters, load_teacher, load_tokenizer, prepare_model
@@ -55,7 +56,7 @@ def run_train(cfg: RunCfg, resolved: DictConfig) -> int:
         final_step = None
         if stop_reason != "interrupted":  # an interrupted run resumes from its checkpoint; final/ comes later
             final_step = restore_best(run)
-            save_final(run, tokenizer)
+            save_final(run, tokenizer, cfg.data)
         if run.accelerator.is_main_process:
             print_table("summary", write_summary(run, stop_reason, final_step, started, resume))
     finally:
@@ -134,6 +135,9 @@ def build_loaders(cfg: RunCfg, tokenizer) -> tuple[dict, dict]:
     """Train, eval and probe loaders (eval and probe None when not configured) and the data statistics."""
     batch = cfg.trainer.micro_batch_size
     train = build_train_split(tokenizer, cfg.data, cfg.seed)
+    warning = overlap_warning(train.stats.dedup, cfg.data.eval_path)
+    if warning:
+        console.print(warning, style="bold red", markup=False, highlight=False, soft_wrap=True)
     held_out = build_split(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
     attn = cfg.model.attn_implementation
     loaders = {

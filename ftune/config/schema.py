@@ -67,6 +67,9 @@ FORMATS_REGISTRY = "ftune.data.formats:FORMATS"
 
 CANONICAL_ROLES = ("system", "user", "assistant", "tool")
 """The roles of ftune's canonical messages; `data.roles` maps a dataset's names onto these."""
+TOOL_CALL_ROLE = "tool_call"
+"""A pseudo-role `data.roles` may map a ShareGPT name to: an assistant turn whose value is its tool call(s)."""
+MAPPABLE_ROLES = (*CANONICAL_ROLES, TOOL_CALL_ROLE)
 
 
 @dataclass

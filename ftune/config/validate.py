@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ftune.config.schema import CANONICAL_ROLES, RunCfg
+from ftune.config.schema import MAPPABLE_ROLES, RunCfg
 
 
 def validate(cfg: RunCfg) -> list[str]:
@@ -189,8 +189,8 @@ def check_data_sources(cfg: RunCfg) -> list[str]:
             problems.append(f"data.mix[{index}].weight={source.weight} (expected > 0: the share of training "
                             f"examples drawn from {source.path})")
         problems += field_problems(source, prefix=f"data.mix[{index}].")
-    problems += [f"data.roles.{name}={role!r} (expected one of: {', '.join(CANONICAL_ROLES)})"
-                 for name, role in cfg.data.roles.items() if role not in CANONICAL_ROLES]
+    problems += [f"data.roles.{name}={role!r} (expected one of: {', '.join(MAPPABLE_ROLES)})"
+                 for name, role in cfg.data.roles.items() if role not in MAPPABLE_ROLES]
     return problems
 
 

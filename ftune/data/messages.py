@@ -32,14 +32,13 @@ which opens the conversation unless a system turn already does.
 import json
 from collections.abc import Mapping
 
+from ftune.config.schema import CANONICAL_ROLES, MAPPABLE_ROLES, TOOL_CALL_ROLE
 from ftune.errors import ConfigError, DataError
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = CANONICAL_ROLES
 ROLE_NAMES = {role: role for role in ROLES}
 """The `messages` format names ftune's roles directly."""
 
-TOOL_CALL_ROLE = "tool_call"
-"""A pseudo-role that `data.roles` may map a ShareGPT name to: an assistant turn whose value is its tool call(s)."""
 
 SHAREGPT_TOOL_ROLES = {"function_call": TOOL_CALL_ROLE, "observation": "tool"}
 """ShareGPT's tool turns (LLaMA-Factory, glaive); `data.roles` entries take precedence."""
@@ -147,8 +146,8 @@ def message_role(name: object, at: str, role_key: str, roles: Mapping[str, str],
         hint = f"map it with +data.roles.{name}=<{'|'.join(ROLES)}>" if field == "conversations" else None
         raise RecordError(UNKNOWN_ROLE, f"{at}.{role_key}: unknown role {show(name)} (expected one of "
                                         f"{', '.join(roles)})", hint)
-    if role not in (*ROLES, TOOL_CALL_ROLE):
-        raise ConfigError(f"data.roles.{name}={role!r}: expected one of {', '.join((*ROLES, TOOL_CALL_ROLE))}")
+    if role not in MAPPABLE_ROLES:
+        raise ConfigError(f"data.roles.{name}={role!r}: expected one of {', '.join(MAPPABLE_ROLES)}")
     return role
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 
 from ftune.atomic import atomic_dir
 from ftune.config.commands import MergeCfg
@@ -23,6 +23,8 @@ from ftune.config.schema import ModelCfg
 from ftune.errors import ConfigError, ResourceError
 from ftune.model.adapters import can_merge
 from ftune.model.load import from_pretrained, load_base_model
+
+GENERATION_CONFIG = "generation_config.json"
 
 ADAPTER_CONFIG = "adapter_config.json"
 MERGE_INFO = "ftune_merge.json"
@@ -99,9 +101,19 @@ def merge(cfg: MergeCfg) -> MergeResult:
         else:
             diff, tolerance = None, None
             model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)  # from the adapter's directory: the chat template it was trained with
+        carry_generation_config(dirs[0], staging)
         write_merge_info(staging, cfg, base, dirs, diff)
     return MergeResult(out, base, "model" if cfg.merge else "adapter", diff, tolerance, effect)
+
+
+def carry_generation_config(adapter_dir: str, out: Path) -> None:
+    """Keep the adapter's generation settings (an ftune run's stop at its template's end-of-turn token).
+
+    The merged model would otherwise carry the base's, which may stop only at EOS and so run past the turn.
+    """
+    if (Path(adapter_dir) / GENERATION_CONFIG).is_file():
+        GenerationConfig.from_pretrained(adapter_dir).save_pretrained(out)
 
 
 def check_inputs(cfg: MergeCfg) -> tuple[list[str], str]:

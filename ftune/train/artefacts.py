@@ -4,12 +4,17 @@
 atomically; `summary.json` says why the run ended and what it achieved; plots are redrawn from metrics.jsonl.
 """
 
+import copy
 import json
 import resource
 import time
 from pathlib import Path
 
+from transformers import GenerationConfig
+
 from ftune.atomic import atomic_dir, write_text
+from ftune.config.schema import DataCfg
+from ftune.data.templates import template_for_artefact
 from ftune.model.load import count_parameters
 from ftune.train.loop import TrainRun, epochs_done
 from ftune.train.rundir import ResumeChanges
@@ -19,20 +24,35 @@ SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-def save_final(run: TrainRun, tokenizer) -> Path:
-    """Write `final/` (adapter or full model, plus tokenizer and chat template) atomically.
+def save_final(run: TrainRun, tokenizer, data_cfg: DataCfg) -> Path:
+    """Write `final/` (adapter or full model, tokenizer, chat template, generation stop ids) atomically.
 
+    The template the run rendered with travels with the weights (`chat_template.jinja`), and
+    `generation_config.json` stops at its end-of-turn token, so `apply_chat_template` and generation on the
+    artefact reproduce what training saw, also for a named template on a base that has none.
     Every rank calls `get_state_dict` (a collective under FSDP/DeepSpeed); only the main one writes.
     """
     accelerator = run.accelerator
     state_dict = accelerator.get_state_dict(run.model)
     final = run.run_dir / FINAL_DIR
     if accelerator.is_main_process:
+        model = accelerator.unwrap_model(run.model)
+        template, stop_ids = template_for_artefact(tokenizer, data_cfg)
         with atomic_dir(final) as staging:
-            accelerator.unwrap_model(run.model).save_pretrained(staging, state_dict=state_dict)
+            model.save_pretrained(staging, state_dict=state_dict)
+            tokenizer.chat_template = template
             tokenizer.save_pretrained(staging)
+            generation = copy.deepcopy(base_generation_config(model))
+            generation.eos_token_id = stop_ids
+            generation.save_pretrained(staging)
     accelerator.wait_for_everyone()
     return final
+
+
+def base_generation_config(model) -> GenerationConfig:
+    """The generation settings of the model under any PEFT wrapper (a fresh default when it has none)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, "generation_config", None) or GenerationConfig()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
