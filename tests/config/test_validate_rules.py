@@ -45,11 +45,13 @@ def test_mix_weights_must_be_positive_finite_shares(weight):
 
 
 def test_mix_formats_and_roles_are_checked():
+    from ftune.data.formats import FORMATS
+
     assert problems("data.mix=[{path: a, format: csv}]") == (
-        "data.mix[0].format='csv' is not allowed (expected one of: auto, messages, sharegpt, alpaca, "
-        "prompt_completion, text)")
-    assert "data.roles.bot='robot' (expected one of: system, user, assistant, tool)" in problems(
+        f"data.mix[0].format='csv' is not allowed (expected one of: {', '.join(('auto', *FORMATS))})")
+    assert "data.roles.bot='robot' (expected one of: system, user, assistant, tool, tool_call)" in problems(
         "+data.roles.bot=robot")
+    assert load_run_config(["+data.roles.fn=tool_call"])[0].data.roles["fn"] == "tool_call"
 
 
 def test_deepspeed_with_accumulation_is_refused(monkeypatch):
