@@ -14,8 +14,7 @@ here: this only names what the text is, found in the rendered text the labels we
 import json
 import re
 
-from ftune.data.labels import TokenizedExample
-from ftune.data.mask import IGNORE_INDEX
+from ftune.data.labels import TokenizedExample, learned_runs
 from ftune.data.messages import THINK_CLOSE, THINK_OPEN
 from ftune.data.templates import ChatTemplate, render
 
@@ -43,18 +42,6 @@ def token_kinds(example: TokenizedExample, record: dict, tokenizer, template: Ch
     for start, end in learned:
         mark_learned(kinds, text, start, end, record, template)
     return [kinds[start] if start < len(kinds) else "prompt" for start, _ in offsets]
-
-
-def learned_runs(labels: list[int]) -> list[tuple[int, int]]:
-    """[start, end) token ranges of consecutive learned labels: [-100, 7, 1, -100, 9] -> [(1, 3), (4, 5)]."""
-    runs, start = [], None
-    for index, label in enumerate([*labels, IGNORE_INDEX]):
-        if label != IGNORE_INDEX and start is None:
-            start = index
-        elif label == IGNORE_INDEX and start is not None:
-            runs.append((start, index))
-            start = None
-    return runs
 
 
 def mark_tools(kinds: list[str], text: str, record: dict, tokenizer, template: ChatTemplate) -> None:

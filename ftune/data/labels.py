@@ -317,7 +317,7 @@ def _check_learned_text(ids: list[int], labels: list[int], expected: list[str], 
     """
     runs = [
         tokenizer.decode(ids[start:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        for start, end in _learned_runs(labels)
+        for start, end in learned_runs(labels)
     ]
     if len(runs) != len(expected) or any(
         run not in (span, " " + span, span.removeprefix(" "))
@@ -330,7 +330,7 @@ def _check_learned_text(ids: list[int], labels: list[int], expected: list[str], 
         )
 
 
-def _learned_runs(labels: list[int]) -> list[tuple[int, int]]:
+def learned_runs(labels: list[int]) -> list[tuple[int, int]]:
     """[start, end) ranges of consecutive learned labels: [-100, 7, 1, -100, 9] -> [(1, 3), (4, 5)]."""
     runs, start = [], None
     for index, label in enumerate([*labels, IGNORE_INDEX]):

@@ -13,6 +13,8 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from ftune.data.mask import IGNORE_INDEX
+
 # family: (special tokens, bos, eos), as the family's real tokenizer sets them
 FAMILIES = {
     "chatml": (["<|im_start|>", "<|im_end|>", "<|endoftext|>"], None, "<|im_end|>"),
@@ -150,3 +152,22 @@ FAMILY = {
 }
 """The test tokenizer family each template is rendered with (alpaca and mistral_v1 on Llama 2's vocabulary,
 where "[INST]" is plain text as in Mistral's v1 tokenizer)."""
+
+
+def decode_learned(example, tokenizer) -> list[str]:
+    """The decoded runs of consecutive learned tokens, each learned label checked to be its own input id."""
+    runs, current = [], []
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        if label == IGNORE_INDEX:
+            runs, current = (runs + [current] if current else runs), []
+        else:
+            assert label == token
+            current.append(token)
+    runs += [current] if current else []
+    return [tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False) for run in runs]
+
+
+@pytest.fixture(scope="session")
+def learned_texts():
+    """`decode_learned`: what an example teaches, as text (tests compare it with what the template renders)."""
+    return decode_learned

@@ -70,21 +70,6 @@ def _setup(name, options, make_tokenizer):
     return tokenizer, resolve_template(name, tokenizer), conversation
 
 
-def _learned_runs(example, tokenizer):
-    """Decoded runs of consecutive learned tokens, each checked to carry its own input id."""
-    runs, current = [], []
-    for token, label in zip(example.input_ids, [*example.labels], strict=True):
-        if label == IGNORE_INDEX:
-            runs, current = (runs + [current] if current else runs), []
-        else:
-            assert label == token
-            current.append(token)
-    runs += [current] if current else []
-    return [
-        tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False) for run in runs
-    ]
-
-
 def _same_text(decoded, expected):
     return len(decoded) == len(expected) and all(
         text in (want, want.removeprefix(" ")) for text, want in zip(decoded, expected, strict=True)
@@ -92,19 +77,19 @@ def _same_text(decoded, expected):
 
 
 @pytest.mark.parametrize(("name", "options"), CASES)
-def test_all_assistant_learns_each_answer_and_its_end_of_turn(name, options, make_tokenizer):
+def test_all_assistant_learns_each_answer_and_its_end_of_turn(name, options, make_tokenizer, learned_texts):
     tokenizer, template, conversation = _setup(name, options, make_tokenizer)
     [example] = tokenize_conversation(conversation, tokenizer, template, "all_assistant")
     text = render(template, conversation, tokenizer)
     assert example.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert _same_text(_learned_runs(example, tokenizer), LEARNED[name])
+    assert _same_text(learned_texts(example, tokenizer), LEARNED[name])
 
 
 @pytest.mark.parametrize(("name", "options"), CASES)
-def test_last_assistant_learns_only_the_last_answer(name, options, make_tokenizer):
+def test_last_assistant_learns_only_the_last_answer(name, options, make_tokenizer, learned_texts):
     tokenizer, template, conversation = _setup(name, options, make_tokenizer)
     [example] = tokenize_conversation(conversation, tokenizer, template, "last_assistant")
-    assert _same_text(_learned_runs(example, tokenizer), LEARNED[name][-1:])
+    assert _same_text(learned_texts(example, tokenizer), LEARNED[name][-1:])
 
 
 @pytest.mark.parametrize(("name", "options"), CASES)
@@ -144,7 +129,7 @@ def test_literal_llama2_labels_learn_the_spaces_around_the_answer(make_word_toke
 
 
 @pytest.mark.parametrize("answer", ["Hello", "\nHello"])
-def test_a_space_ending_the_generation_prompt_is_not_learned(answer, make_tokenizer):
+def test_a_space_ending_the_generation_prompt_is_not_learned(answer, make_tokenizer, learned_texts):
     # GPT-2-style offset trimming gives the lone space token "Ġ" after "assistant:" an empty range; it
     # belongs to the prompt, whether the answer starts with a word or a newline
     tokenizer = make_tokenizer("chatml", trim_offsets=True)
@@ -154,10 +139,10 @@ def test_a_space_ending_the_generation_prompt_is_not_learned(answer, make_tokeni
     )
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answer}]
     [example] = tokenize_conversation(conversation, tokenizer, resolve_template("tokenizer", tokenizer))
-    assert _learned_runs(example, tokenizer) == [answer + "<|im_end|>"]
+    assert learned_texts(example, tokenizer) == [answer + "<|im_end|>"]
 
 
-def test_qwen_tool_results_are_not_learned(make_tokenizer):
+def test_qwen_tool_results_are_not_learned(make_tokenizer, learned_texts):
     tokenizer = make_tokenizer("chatml")
     conversation = [
         {"role": "user", "content": "Weather?"},
@@ -166,7 +151,7 @@ def test_qwen_tool_results_are_not_learned(make_tokenizer):
         {"role": "assistant", "content": "Sunny."},
     ]
     [example] = tokenize_conversation(conversation, tokenizer, resolve_template("qwen", tokenizer))
-    assert _same_text(_learned_runs(example, tokenizer), ["Checking.<|im_end|>", "Sunny.<|im_end|>"])
+    assert _same_text(learned_texts(example, tokenizer), ["Checking.<|im_end|>", "Sunny.<|im_end|>"])
 
 
 def test_a_conversation_without_an_answer_learns_nothing(make_tokenizer):

@@ -38,24 +38,18 @@ def sample(name: str, index: int = 0) -> dict:
     return to_canonical(record, fmt, where, DataCfg().roles)
 
 
-def learned_texts(example, tokenizer) -> list[str]:
-    """The decoded runs of learned tokens, each learned label checked to be its own input id."""
-    runs, current = [], []
-    for token, label in zip(example.input_ids, example.labels, strict=True):
-        if label == IGNORE_INDEX:
-            runs, current = (runs + [current] if current else runs), []
-        else:
-            assert label == token
-            current.append(token)
-    runs += [current] if current else []
-    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs]
+@pytest.fixture
+def label(make_tokenizer, learned_texts):
+    """A function: (record, template name, **options) -> (learned texts per example, examples, tokenizer)."""
 
+    def tokenize(record: dict, name: str, **options):
+        tokenizer = make_tokenizer(name)
+        template = resolve_template(name, tokenizer)
+        examples = tokenize_conversation(record["messages"], tokenizer, template, tools=record.get("tools"),
+                                         **options)
+        return [learned_texts(example, tokenizer) for example in examples], examples, tokenizer
 
-def label(record: dict, name: str, make_tokenizer, **options):
-    tokenizer = make_tokenizer(name)
-    template = resolve_template(name, tokenizer)
-    examples = tokenize_conversation(record["messages"], tokenizer, template, tools=record.get("tools"), **options)
-    return [learned_texts(example, tokenizer) for example in examples], examples, tokenizer
+    return tokenize
 
 
 SHAREGPT_CALL = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
@@ -72,20 +66,20 @@ SHAREGPT_LEARNED = {
 
 
 @pytest.mark.parametrize("name", SHAREGPT_LEARNED)
-def test_tool_calls_and_end_of_turn_are_learned_and_results_and_schemas_are_not(name, make_tokenizer):
-    learned, examples, tokenizer = label(sample("sharegpt_tools.jsonl"), name, make_tokenizer)
+def test_tool_calls_and_end_of_turn_are_learned_and_results_and_schemas_are_not(name, label):
+    learned, examples, tokenizer = label(sample("sharegpt_tools.jsonl"), name)
     assert learned == SHAREGPT_LEARNED[name]
     text = tokenizer.decode(examples[0].input_ids, skip_special_tokens=False)
     assert "celsius" in text and "Current weather in a city" in text  # result and schema read, not learned
     assert not any("celsius" in run or "Current weather" in run for runs in learned for run in runs)
 
 
-def test_openai_weights_leave_a_weight_0_turn_out_of_the_loss_on_two_templates(make_tokenizer):
+def test_openai_weights_leave_a_weight_0_turn_out_of_the_loss_on_two_templates(label):
     record = sample("openai_tools.jsonl", 1)
     call = '{"name": "get_weather", "arguments": {"city": "Lima"}}'
-    assert label(record, "qwen_tools", make_tokenizer)[0] == [[
+    assert label(record, "qwen_tools")[0] == [[
         f"<tool_call>\n{call}\n</tool_call><|im_end|>", "Lima is dry today, at 18 degrees.<|im_end|>"]]
-    learned = label(record, "mistral_tools", make_tokenizer)[0]
+    learned = label(record, "mistral_tools")[0]
     assert learned == [[
         '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Lima"}, "id": "call00002"}]</s>',
         " Lima is dry today, at 18 degrees.</s>"]]
@@ -93,8 +87,8 @@ def test_openai_weights_leave_a_weight_0_turn_out_of_the_loss_on_two_templates(m
 
 @pytest.mark.parametrize(("train_on", "expected"), [("all_assistant", [["Chat.<|im_end|>"], ["owt<|im_end|>"]]),
                                                     ("last_assistant", [["Chat.<|im_end|>"], []])])
-def test_weight_and_train_flags_combine_with_train_on(train_on, expected, make_tokenizer):
-    learned = [label(sample("weights.jsonl", index), "qwen_tools", make_tokenizer, train_on=train_on)[0][0]
+def test_weight_and_train_flags_combine_with_train_on(train_on, expected, label):
+    learned = [label(sample("weights.jsonl", index), "qwen_tools", train_on=train_on)[0][0]
                for index in (0, 1)]
     assert learned == expected
 
@@ -139,8 +133,8 @@ def test_literal_qwen_tool_call_labels(make_word_tokenizer):
     ]
 
 
-def test_typed_parts_with_reasoning_learn_the_think_blocks_on_qwen3(make_tokenizer):
-    learned = label(sample("typed_parts.jsonl"), "qwen3", make_tokenizer)[0]
+def test_typed_parts_with_reasoning_learn_the_think_blocks_on_qwen3(label):
+    learned = label(sample("typed_parts.jsonl"), "qwen3")[0]
     call = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
     assert learned == [[f"<think>\nI need the current temperature.\n</think>\n\n<tool_call>\n{call}\n</tool_call>"
                         "<|im_end|>", "<think>\n-3 degrees is cold.\n</think>\n\nYes, it is -3 degrees in Oslo."
@@ -166,10 +160,10 @@ def test_what_a_template_cannot_express_is_refused_with_the_reason(name, message
         tokenize_conversation(messages, tokenizer, resolve_template(name, tokenizer), tools=tools)
 
 
-def test_mistral_moves_its_tool_list_to_the_last_user_turn_so_the_first_turn_is_its_own_example(make_tokenizer):
+def test_mistral_moves_its_tool_list_to_the_last_user_turn_so_the_first_turn_is_its_own_example(label):
     messages = [*TOOL_TURNS[:1], {"role": "assistant", "content": "Checking."},
                 {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "Welcome."}]
-    learned, examples, tokenizer = label({"messages": messages, "tools": TOOLS}, "mistral_tools", make_tokenizer)
+    learned, examples, tokenizer = label({"messages": messages, "tools": TOOLS}, "mistral_tools")
     assert learned == [[" Welcome.</s>"], [" Checking.</s>"]]
     first = tokenizer.decode(examples[1].input_ids, skip_special_tokens=False)
     assert first.startswith("<s>[AVAILABLE_TOOLS] [") and first.endswith("[/INST] Checking.</s>")
@@ -195,12 +189,12 @@ SAMPLE_MASKS = {
 
 
 @pytest.mark.parametrize("case", SAMPLE_MASKS, ids=lambda case: "-".join(map(str, case)))
-def test_each_sample_shape_is_masked_exactly_on_several_templates(case, make_tokenizer):
+def test_each_sample_shape_is_masked_exactly_on_several_templates(case, label):
     name, index, template, reasoning = case
     if SAMPLE_MASKS[case] is None:
         with pytest.raises(DataError):
-            label(sample(name, index), template, make_tokenizer, train_on_reasoning=reasoning)
+            label(sample(name, index), template, train_on_reasoning=reasoning)
         return
-    learned, examples, _ = label(sample(name, index), template, make_tokenizer, train_on_reasoning=reasoning)
+    learned, examples, _ = label(sample(name, index), template, train_on_reasoning=reasoning)
     assert learned == SAMPLE_MASKS[case]
     assert all(len(example.input_ids) == len(example.labels) for example in examples)

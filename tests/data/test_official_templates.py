@@ -15,7 +15,6 @@ import pytest
 from ftune.config.schema import DataCfg
 from ftune.data.formats import to_canonical
 from ftune.data.labels import tokenize_conversation
-from ftune.data.mask import IGNORE_INDEX
 from ftune.data.templates import TEMPLATES, render, resolve_template
 from ftune.errors import DataError
 
@@ -110,19 +109,6 @@ QWEN3_FIRST_TURN = (
 )
 
 
-def learned_texts(example, tokenizer) -> list[str]:
-    """The decoded runs of learned tokens, each learned label checked to be its own input id."""
-    runs, current = [], []
-    for token, label in zip(example.input_ids, example.labels, strict=True):
-        if label == IGNORE_INDEX:
-            runs, current = (runs + [current] if current else runs), []
-        else:
-            assert label == token
-            current.append(token)
-    runs += [current] if current else []
-    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs]
-
-
 def test_qwen3_renders_multi_turn_reasoning_as_the_official_template(make_tokenizer):
     tokenizer = make_tokenizer("qwen3")
     messages = canonical({"messages": REASONING}, "messages")["messages"]
@@ -130,7 +116,7 @@ def test_qwen3_renders_multi_turn_reasoning_as_the_official_template(make_tokeni
     assert tokenizer.apply_chat_template(REASONING, chat_template=official("qwen3"), tokenize=False) == QWEN3_REASONING
 
 
-def test_qwen3_labels_follow_the_official_rendering_turn_by_turn(make_tokenizer):
+def test_qwen3_labels_follow_the_official_rendering_turn_by_turn(make_tokenizer, learned_texts):
     tokenizer = make_tokenizer("qwen3")
     messages = canonical({"messages": REASONING}, "messages")["messages"]
     last, first = tokenize_conversation(messages, tokenizer, resolve_template("qwen3", tokenizer))
@@ -140,7 +126,7 @@ def test_qwen3_labels_follow_the_official_rendering_turn_by_turn(make_tokenizer)
     assert learned_texts(first, tokenizer) == ["<think>\n12 + 30 = 42.\n</think>\n\n42.<|im_end|>"]
 
 
-def test_without_train_on_reasoning_the_think_block_is_read_but_not_learned(make_tokenizer):
+def test_without_train_on_reasoning_the_think_block_is_read_but_not_learned(make_tokenizer, learned_texts):
     tokenizer = make_tokenizer("qwen3")
     messages = canonical({"messages": REASONING}, "messages")["messages"]
     examples = tokenize_conversation(messages, tokenizer, resolve_template("qwen3", tokenizer),
@@ -148,7 +134,7 @@ def test_without_train_on_reasoning_the_think_block_is_read_but_not_learned(make
     assert [learned_texts(example, tokenizer) for example in examples] == [["84.<|im_end|>"], ["42.<|im_end|>"]]
 
 
-def test_qwen3_keeps_reasoning_across_tool_steps_after_the_last_query_in_one_example(make_tokenizer):
+def test_qwen3_keeps_reasoning_across_tool_steps_after_the_last_query_in_one_example(make_tokenizer, learned_texts):
     tokenizer = make_tokenizer("qwen3")
     messages = [
         {"role": "user", "content": "Rain in Oslo?"},
