@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ftune.config.architecture import NO_SDPA, is_mixture_of_experts, packing_problem, read_model_config
 from ftune.config.schema import CANONICAL_ROLES, RunCfg
 
 
@@ -214,6 +215,30 @@ def check_probe(cfg: RunCfg) -> list[str]:
     return []
 
 
+def check_architecture(cfg: RunCfg) -> list[str]:
+    """Family/feature combinations that cannot work, read from the model's (and teacher's) config.json.
+
+    Only configs found without loading anything (a local directory or ftune/configs/hub) are checked; see
+    `config/architecture.py` for the facts and the README's list of refusals.
+    """
+    problems = []
+    for key, name in (("model.name_or_path", cfg.model.name_or_path), ("distill.teacher", cfg.distill.teacher)):
+        config = read_model_config(name) if name else None
+        model_type = config.get("model_type") if config else None
+        if model_type in NO_SDPA and cfg.model.attn_implementation == "sdpa":
+            problems.append(f"model.attn_implementation=sdpa with {key}={name} (expected eager: "
+                            f"{NO_SDPA[model_type]})")
+        if config and cfg.data.packing and (why := packing_problem(config)):
+            problems.append(f"data.packing=true with {key}={name}: {why}")
+    config = read_model_config(cfg.model.name_or_path)
+    lora_on_experts = cfg.method.name == "lora" and cfg.lora.target_modules == ["all-linear"]
+    if config and is_mixture_of_experts(config) and lora_on_experts and cfg.lora.dropout:
+        problems.append(f"lora.dropout={cfg.lora.dropout} with the mixture-of-experts model.name_or_path="
+                        f"{cfg.model.name_or_path} (expected 0: all-linear adapts the fused expert weights through "
+                        "PEFT's target_parameters, which has no dropout)")
+    return problems
+
+
 CROSS_FIELD_RULES: list[Callable[[RunCfg], list[str]]] = [
     check_quantization,
     check_optimizer,
@@ -230,6 +255,7 @@ CROSS_FIELD_RULES: list[Callable[[RunCfg], list[str]]] = [
     check_early_stop,
     check_data_sources,
     check_deepspeed_accumulation,
+    check_architecture,
 ]
 
 

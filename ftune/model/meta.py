@@ -61,7 +61,7 @@ def build_meta_model(cfg: RunCfg) -> tuple[torch.nn.Module, dict[int, int]]:
     with warnings.catch_warnings():  # transformers 5 deprecates a call PEFT makes; nothing a user can act on
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         # low_cpu_mem_usage: PEFT creates the adapter weights on the meta device too (no memory, no init time).
-        return get_peft_model(model, peft_config(cfg.method, cfg.lora), low_cpu_mem_usage=True), quantized
+        return get_peft_model(model, peft_config(cfg.method, cfg.lora, model), low_cpu_mem_usage=True), quantized
 
 
 def meta_model(config: PretrainedConfig, dtype: str) -> torch.nn.Module:

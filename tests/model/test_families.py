@@ -1,0 +1,206 @@
+"""The model matrix: ftune's promises on tiny random copies of today's architectures (pytest -m models).
+
+Each family is built from its shipped official config.json by scripts/tiny_arch.py with every architectural
+feature kept (see that script). Per family: LoRA (all-linear), full fine-tuning and QLoRA lower the loss; packed
+loss equals unpacked loss on every CPU attention kernel the family allows, with documents longer than the
+sliding window; merged logits equal adapter logits and tied embeddings stay tied; `ftune plan`'s counts equal
+the instantiated model's; all-linear adapts every attention and MLP linear map (MoE experts included) and never
+the router or the head.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ftune.config.architecture import NO_SDPA
+from ftune.config.compose import load_run_config
+from ftune.config.validate import validate
+from ftune.data.collate import PackedCollator
+from ftune.data.mask import IGNORE_INDEX
+from ftune.data.packing import concatenate
+from ftune.errors import ConfigError
+from ftune.model.adapters import expert_parameters
+from ftune.model.load import count_parameters, load_base_model, load_tokenizer, prepare_model
+from ftune.model.meta import build_meta_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # scripts/ is not a package
+import tiny_arch  # noqa: E402
+
+pytestmark = pytest.mark.models
+FAMILIES = list(tiny_arch.families())
+MOE = ("qwen3-30b-a3b", "mixtral-8x7b")
+PACKED_TOLERANCE = 1e-5
+"""Relative gap allowed between packed and unpacked loss (fp32)."""
+MERGE_TOLERANCE = 1e-4
+"""Largest |merged - adapter| logit, relative to the largest logit (fp32)."""
+TEXTS = ("Leo has sold the new cup, and he is drinking the milk now.",
+         "Put this in the present perfect: Jack drank the milk.",
+         "Answer with the sentence only.")
+
+
+def attention_kernels(family: str) -> list[str]:
+    """The CPU attention implementations the family allows (Gemma 2: eager only, for its soft-capping)."""
+    model_type = tiny_arch.official_config(tiny_arch.families()[family]["hub"])["model_type"]
+    return ["eager"] if model_type in NO_SDPA else ["eager", "sdpa"]
+
+
+def run_cfg(path: Path, family: str, *overrides: str):
+    attn = attention_kernels(family)[-1]
+    cfg = load_run_config([f"model.name_or_path={path}", f"model.attn_implementation={attn}", "lora.dropout=0",
+                           *overrides])[0]
+    assert validate(cfg) == []
+    return cfg
+
+
+def token_batch(tokenizer) -> torch.Tensor:
+    """The texts as one batch of equal-length rows (cut to the shortest)."""
+    ids = [tokenizer.encode(text, add_special_tokens=False) for text in TEXTS]
+    width = min(map(len, ids))
+    return torch.tensor([row[:width] for row in ids])
+
+
+def mean_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def train_losses(model, ids: torch.Tensor, lr: float, steps: int = 8) -> list[float]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = mean_loss(model, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,lr", [("lora", 1e-2), ("full", 1e-3), ("qlora", 1e-2)])
+def test_training_lowers_the_loss(tiny_arch, family, method, lr):
+    path = tiny_arch(family)
+    args = ["method.name=lora", "quant.bits=4", "quant.compute_dtype=fp32"] if method == "qlora" else \
+        [f"method.name={method}"]
+    cfg = run_cfg(path, family, *args)
+    torch.manual_seed(0)
+    model = prepare_model(cfg)
+    losses = train_losses(model, token_batch(load_tokenizer(cfg.model)), lr)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_linear_adapts_every_attention_and_mlp_map_but_never_the_router_or_head(tiny_arch, family):
+    cfg = run_cfg(tiny_arch(family), family)
+    experts = expert_parameters(load_base_model(cfg.model))
+    model = prepare_model(cfg)
+    layer = model.get_base_model().model.layers[0]
+    wrapped = {name.removesuffix(".base_layer") for name, _ in layer.named_modules() if name.endswith("base_layer")}
+    linear = {name.removesuffix(".base_layer") for name, module in layer.named_modules()
+              if isinstance(module, torch.nn.Linear) and "lora_" not in name}
+    assert linear <= wrapped, linear - wrapped
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in name for name in trainable)
+    assert not [name for name in trainable if "lm_head" in name or ".gate." in name or "router" in name]
+    if family in MOE:
+        assert experts == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+        assert "mlp.experts" in wrapped and "mlp.experts.base_layer" in wrapped  # both fused weights adapted
+    else:
+        assert experts == []
+
+
+def documents(tokenizer) -> list[dict]:
+    """Three documents, two longer than the sliding window (8), each learned in full after its first token."""
+    ids = [tokenizer.encode(text, add_special_tokens=False) for text in TEXTS]
+    assert max(map(len, ids)) > tiny_arch.SLIDING_WINDOW
+    return [{"input_ids": row, "labels": list(row)} for row in ids]
+
+
+def loss_sum(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    logits = model(**inputs).logits.float()
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_loss_equals_unpacked_loss_on_every_cpu_kernel(tiny_arch, family):
+    path = tiny_arch(family)
+    for attn in attention_kernels(family):
+        cfg = run_cfg(path, family, f"model.attn_implementation={attn}")
+        tokenizer, model = load_tokenizer(cfg.model), load_base_model(cfg.model).eval()
+        docs = documents(tokenizer)
+        with torch.no_grad():
+            alone = sum(loss_sum(model, {"input_ids": torch.tensor([d["input_ids"]])}, torch.tensor([d["labels"]]))
+                        for d in docs)
+            batch = PackedCollator(tokenizer.pad_token_id, attn, pad_to_multiple_of=8)([concatenate(docs)])
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+            packed = loss_sum(model, inputs, batch["labels"])
+        assert abs(packed - alone) / alone < PACKED_TOLERANCE, (attn, packed.item(), alone.item())
+
+
+@pytest.mark.parametrize("family", ["mistral-7b-v0.1", "gemma2-2b-it", "gemma3-1b-it", "phi3-mini-4k-instruct"])
+def test_without_narrowing_the_block_mask_sliding_layers_would_see_the_whole_document(tiny_arch, family):
+    """What `model/attention.py` prevents: transformers uses a 4D mask as it is, in sliding layers too."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = run_cfg(tiny_arch(family), family, "model.attn_implementation=eager")
+    tokenizer = load_tokenizer(cfg.model)
+    plain = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, attn_implementation="eager").eval()
+    docs = documents(tokenizer)
+    with torch.no_grad():
+        alone = sum(loss_sum(plain, {"input_ids": torch.tensor([d["input_ids"]])}, torch.tensor([d["labels"]]))
+                    for d in docs)
+        batch = PackedCollator(tokenizer.pad_token_id, "eager")([concatenate(docs)])
+        packed = loss_sum(plain, {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")},
+                          batch["labels"])
+    assert abs(packed - alone) / alone > 100 * PACKED_TOLERANCE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_logits_equal_adapter_logits_and_tied_embeddings_stay_tied(tiny_arch, family):
+    cfg = run_cfg(tiny_arch(family), family)
+    torch.manual_seed(0)
+    model = prepare_model(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)  # a trained-looking adapter: zero B would merge to nothing
+    ids = token_batch(load_tokenizer(cfg.model))
+    with torch.no_grad():
+        adapter = model(input_ids=ids).logits
+        with model.disable_adapter():
+            assert (model(input_ids=ids).logits - adapter).abs().max() > 1e-3  # the adapter changes the output
+        merged_model = model.merge_and_unload()
+        merged = merged_model(input_ids=ids).logits
+    assert (merged - adapter).abs().max() <= MERGE_TOLERANCE * adapter.abs().max()
+    tied = merged_model.config.get_text_config().tie_word_embeddings
+    assert (merged_model.get_output_embeddings().weight is merged_model.get_input_embeddings().weight) == tied
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_plan_counts_equal_the_instantiated_model(tiny_arch, family, method):
+    cfg = run_cfg(tiny_arch(family), family, f"method.name={method}")
+    meta, _ = build_meta_model(cfg)
+    assert count_parameters(meta) == count_parameters(prepare_model(cfg))
+
+
+def test_gemma2_with_sdpa_is_refused_at_validation(tiny_arch):
+    path = tiny_arch("gemma2-2b-it")
+    with pytest.raises(ConfigError) as err:
+        load_run_config([f"model.name_or_path={path}", "model.attn_implementation=sdpa"])
+    assert str(err.value) == (f"model.attn_implementation=sdpa with model.name_or_path={path} (expected eager: "
+                              "sdpa drops Gemma 2's attention logit soft-capping (transformers refuses it))")
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_lora_dropout_on_moe_experts_is_refused_at_validation(tiny_arch, family):
+    path = tiny_arch(family)
+    with pytest.raises(ConfigError) as err:
+        load_run_config([f"model.name_or_path={path}", "lora.dropout=0.05"])
+    assert str(err.value) == (f"lora.dropout=0.05 with the mixture-of-experts model.name_or_path={path} (expected 0: "
+                              "all-linear adapts the fused expert weights through PEFT's target_parameters, which "
+                              "has no dropout)")
