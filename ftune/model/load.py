@@ -18,6 +18,7 @@ from ftune.errors import ConfigError, ResourceError
 from ftune.model.adapters import add_adapter
 from ftune.model.attention import isolate_sliding_windows
 from ftune.model.dtypes import DTYPES
+from ftune.model.moe import record_router_logits
 from ftune.model.quant import (
     disable_cpu_inference_repacking,
     prepare_quantized,
@@ -85,6 +86,7 @@ def prepare_model(cfg: RunCfg) -> PreTrainedModel:
     """Load the base (quantized for QLoRA) and make the right weights trainable for `cfg.method`."""
     model = prepare_quantized(load_base_model(cfg.model, **student_load_kwargs(cfg)))
     model.config.use_cache = False  # the KV cache is useless in training and wastes memory
+    record_router_logits(model)  # MoE: the router's balancing loss joins the loss (model/moe.py)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method.name == "full":

@@ -8,12 +8,14 @@ the instantiated model's; all-linear adapts every attention and MLP linear map (
 the router or the head.
 """
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from ftune.config.architecture import NO_SDPA
 from ftune.config.compose import load_run_config
@@ -41,9 +43,14 @@ TEXTS = ("Leo has sold the new cup, and he is drinking the milk now.",
          "Answer with the sentence only.")
 
 
+def tiny_arch_module_config(family: str) -> dict:
+    """The official config.json the family's tiny model was built from."""
+    return tiny_arch.official_config(tiny_arch.families()[family]["hub"])
+
+
 def attention_kernels(family: str) -> list[str]:
     """The CPU attention implementations the family allows (Gemma 2: eager only, for its soft-capping)."""
-    model_type = tiny_arch.official_config(tiny_arch.families()[family]["hub"])["model_type"]
+    model_type = tiny_arch_module_config(family)["model_type"]
     return ["eager"] if model_type in NO_SDPA else ["eager", "sdpa"]
 
 
@@ -204,3 +211,37 @@ def test_lora_dropout_on_moe_experts_is_refused_at_validation(tiny_arch, family)
     assert str(err.value) == (f"lora.dropout=0.05 with the mixture-of-experts model.name_or_path={path} (expected 0: "
                               "all-linear adapts the fused expert weights through PEFT's target_parameters, which "
                               "has no dropout)")
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_router_balancing_loss_is_added_with_the_configs_coefficient(tiny_arch, family):
+    from ftune.model.moe import add_router_loss
+
+    cfg = run_cfg(tiny_arch(family), family)
+    model = prepare_model(cfg)
+    ids = token_batch(load_tokenizer(cfg.model))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        reference = model(**batch, output_router_logits=True).aux_loss  # transformers' own computation
+        parts = add_router_loss(model, batch, {"loss": torch.tensor(10.0)}, torch.tensor(7))
+    coefficient = tiny_arch_module_config(family)["router_aux_loss_coef"]  # Mixtral 0.02, Qwen3-MoE 0.001
+    assert model.config.router_aux_loss_coef == coefficient
+    torch.testing.assert_close(parts["router_loss"], 7 * reference)
+    torch.testing.assert_close(parts["loss"], 10.0 + coefficient * 7 * reference)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_moe_lora_trains_expert_weights_and_logs_the_router_loss(tiny_arch, family, tmp_path):
+    from ftune.cli import main
+
+    path, run_dir = tiny_arch(family), tmp_path / "run"
+    assert main(["train", f"model.name_or_path={path}", "lora.dropout=0", "data.train_on=everything",
+                 "trainer.max_steps=3", "trainer.micro_batch_size=4", "trainer.mixed_precision=no",
+                 "trainer.eval_every=0", "probe.path=null", "data.eval_path=null", "data.max_length=64",
+                 "optim.lr=1e-2", f"output_dir={run_dir}"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "loss" in row]
+    assert len(steps) == 3 and all(row["router_loss"] > 0 for row in steps)
+    weights = load_file(run_dir / "final" / "adapter_model.safetensors")
+    experts = {name: tensor.numel() for name, tensor in weights.items() if "experts" in name}
+    assert experts and not [name for name in weights if ".gate." in name or "lm_head" in name]
