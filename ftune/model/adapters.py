@@ -83,8 +83,10 @@ def lora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoraConfig:
     `expert_parameters`), and the linear layers are listed by name instead of PEFT's preset: for Mixtral and
     Qwen2-MoE, PEFT 0.21 turns `all-linear` into transformers-4 names that include the router (`gate.weight`,
     an nn.Linear in transformers 4), and a LoRA on the router would change which experts each token reaches.
+    On a model with tied embeddings, PEFT keeps the head tied to a trained embedding (`ensure_weight_tying`).
     """
     experts = expert_parameters(model) if model is not None and cfg.target_modules == [ALL_LINEAR] else []
+    tied = model is not None and bool(model.config.get_text_config().tie_word_embeddings)
     return LoraConfig(
         task_type=TASK_TYPE,
         r=cfg.r,
@@ -96,6 +98,9 @@ def lora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoraConfig:
         modules_to_save=list(cfg.modules_to_save) or None,
         init_lora_weights=LORA_INIT[cfg.init],
         target_parameters=experts or None,
+        # A tied model with `embed_tokens` in modules_to_save would otherwise train a copy of the embedding that
+        # the head does not use; the merged model, re-tied on loading, then answers differently (tested).
+        ensure_weight_tying=tied,
     )
 
 

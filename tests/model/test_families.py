@@ -245,3 +245,59 @@ def test_moe_lora_trains_expert_weights_and_logs_the_router_loss(tiny_arch, fami
     weights = load_file(run_dir / "final" / "adapter_model.safetensors")
     experts = {name: tensor.numel() for name, tensor in weights.items() if "experts" in name}
     assert experts and not [name for name in weights if ".gate." in name or "lm_head" in name]
+
+
+TIED = [name for name in FAMILIES if tiny_arch_module_config(name).get("tie_word_embeddings", True)]
+
+
+@pytest.mark.parametrize("family", TIED)
+def test_tied_embeddings_stay_tied_through_modules_to_save_merge_and_reload(tiny_arch, family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = run_cfg(tiny_arch(family), family, "lora.modules_to_save=[embed_tokens]")
+    model = prepare_model(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)  # a trained embedding copy and adapter
+    ids = token_batch(load_tokenizer(cfg.model))
+    with torch.no_grad():
+        adapter = model(input_ids=ids).logits
+        merged = model.merge_and_unload()
+        assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+        merged.save_pretrained(tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=cfg.model.attn_implementation)
+        assert (reloaded(input_ids=ids).logits - adapter).abs().max() <= MERGE_TOLERANCE * adapter.abs().max()
+
+
+def test_padded_embedding_rows_are_never_generated(tiny_arch):
+    """Qwen2.5-7B: 24 rows past the tokenizer here (399 in the real model); made the likeliest, still skipped."""
+    from ftune.data.templates import resolve_template
+    from ftune.train.generation import greedy_answer, padding_rows
+
+    cfg = run_cfg(tiny_arch("qwen2.5-7b-instruct"), "qwen2.5-7b-instruct")
+    tokenizer, model = load_tokenizer(cfg.model), load_base_model(cfg.model).eval()
+    rows = padding_rows(model, tokenizer)
+    assert rows == list(range(len(tokenizer), len(tokenizer) + 24))
+    with torch.no_grad():
+        model.get_output_embeddings().weight[rows] *= 100  # the padding rows now win every argmax
+    seen = []
+    model.register_forward_hook(lambda module, args, output: seen.append(output.logits[0, -1].argmax().item()))
+    answer, new_tokens = greedy_answer(model, tokenizer, resolve_template("qwen", tokenizer),
+                                  [{"role": "user", "content": "Answer with the sentence only."}], 4)
+    assert new_tokens == 4 and all(token >= len(tokenizer) for token in seen)  # unsuppressed, they would win
+    assert answer  # padding rows decode to nothing: the tokens generated are real ones
+
+
+@pytest.mark.parametrize("family,pad", [("llama3.1-8b-instruct", "<|finetune_right_pad_id|>"),
+                                        ("mistral-7b-v0.3", "</s>"), ("qwen2.5-0.5b", "<|endoftext|>")])
+def test_a_missing_pad_token_gets_a_reserved_one_else_the_eos_which_stays_learned(tiny_arch, family, pad):
+    from ftune.data.collate import PadCollator
+
+    tokenizer = load_tokenizer(run_cfg(tiny_arch(family), family).model)
+    assert tokenizer.pad_token == pad
+    eos = tokenizer.eos_token_id
+    batch = PadCollator(tokenizer.pad_token_id)([{"input_ids": [5, 6, eos], "labels": [-100, 6, eos]},
+                                                 {"input_ids": [7], "labels": [7]}])
+    assert batch["labels"][0].tolist() == [-100, 6, eos]  # the EOS ending a learned turn keeps its label
+    assert batch["labels"][1].tolist() == [7, -100, -100]  # padding is masked by position, whatever its id
