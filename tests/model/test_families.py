@@ -257,7 +257,7 @@ def test_tied_embeddings_stay_tied_through_modules_to_save_merge_and_reload(tiny
     cfg = run_cfg(tiny_arch(family), family, "lora.modules_to_save=[embed_tokens]")
     model = prepare_model(cfg).eval()
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.05)  # a trained embedding copy and adapter
     ids = token_batch(load_tokenizer(cfg.model))
