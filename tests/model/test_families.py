@@ -14,88 +14,31 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ftune.config.architecture import NO_SDPA
 from ftune.config.compose import load_run_config
-from ftune.config.validate import validate
-from ftune.data.collate import PackedCollator
-from ftune.data.mask import IGNORE_INDEX
-from ftune.data.packing import concatenate
 from ftune.errors import ConfigError
 from ftune.model.adapters import expert_parameters
-from ftune.model.load import count_parameters, load_base_model, load_tokenizer, prepare_model
-from ftune.model.meta import build_meta_model
+from ftune.model.load import load_base_model, load_tokenizer, prepare_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # scripts/ is not a package
-import tiny_arch  # noqa: E402
+import model_matrix as mm  # noqa: E402
+import tiny_arch as builder  # noqa: E402
 
 pytestmark = pytest.mark.models
-FAMILIES = list(tiny_arch.families())
+FAMILIES = list(builder.families())
 MOE = ("qwen3-30b-a3b", "mixtral-8x7b")
 PACKED_TOLERANCE = 1e-5
 """Relative gap allowed between packed and unpacked loss (fp32)."""
 MERGE_TOLERANCE = 1e-4
 """Largest |merged - adapter| logit, relative to the largest logit (fp32)."""
-TEXTS = ("Leo has sold the new cup, and he is drinking the milk now.",
-         "Put this in the present perfect: Jack drank the milk.",
-         "Answer with the sentence only.")
-
-
-def tiny_arch_module_config(family: str) -> dict:
-    """The official config.json the family's tiny model was built from."""
-    return tiny_arch.official_config(tiny_arch.families()[family]["hub"])
-
-
-def attention_kernels(family: str) -> list[str]:
-    """The CPU attention implementations the family allows (Gemma 2: eager only, for its soft-capping)."""
-    model_type = tiny_arch_module_config(family)["model_type"]
-    return ["eager"] if model_type in NO_SDPA else ["eager", "sdpa"]
-
-
-def run_cfg(path: Path, family: str, *overrides: str):
-    attn = attention_kernels(family)[-1]
-    cfg = load_run_config([f"model.name_or_path={path}", f"model.attn_implementation={attn}", "lora.dropout=0",
-                           *overrides])[0]
-    assert validate(cfg) == []
-    return cfg
-
-
-def token_batch(tokenizer) -> torch.Tensor:
-    """The texts as one batch of equal-length rows (cut to the shortest)."""
-    ids = [tokenizer.encode(text, add_special_tokens=False) for text in TEXTS]
-    width = min(map(len, ids))
-    return torch.tensor([row[:width] for row in ids])
-
-
-def mean_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=ids).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-def train_losses(model, ids: torch.Tensor, lr: float, steps: int = 8) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = mean_loss(model, ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+run_cfg, token_batch = mm.run_cfg, mm.token_batch
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method,lr", [("lora", 1e-2), ("full", 1e-3), ("qlora", 1e-2)])
-def test_training_lowers_the_loss(tiny_arch, family, method, lr):
-    path = tiny_arch(family)
-    args = ["method.name=lora", "quant.bits=4", "quant.compute_dtype=fp32"] if method == "qlora" else \
-        [f"method.name={method}"]
-    cfg = run_cfg(path, family, *args)
-    torch.manual_seed(0)
-    model = prepare_model(cfg)
-    losses = train_losses(model, token_batch(load_tokenizer(cfg.model)), lr)
+@pytest.mark.parametrize("method", list(mm.METHODS))
+def test_training_lowers_the_loss(tiny_arch, family, method):
+    losses = mm.training_losses(tiny_arch(family), family, method)
     assert losses[-1] < 0.9 * losses[0], losses
 
 
@@ -119,33 +62,12 @@ def test_all_linear_adapts_every_attention_and_mlp_map_but_never_the_router_or_h
         assert experts == []
 
 
-def documents(tokenizer) -> list[dict]:
-    """Three documents, two longer than the sliding window (8), each learned in full after its first token."""
-    ids = [tokenizer.encode(text, add_special_tokens=False) for text in TEXTS]
-    assert max(map(len, ids)) > tiny_arch.SLIDING_WINDOW
-    return [{"input_ids": row, "labels": list(row)} for row in ids]
-
-
-def loss_sum(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-    logits = model(**inputs).logits.float()
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_loss_equals_unpacked_loss_on_every_cpu_kernel(tiny_arch, family):
-    path = tiny_arch(family)
-    for attn in attention_kernels(family):
-        cfg = run_cfg(path, family, f"model.attn_implementation={attn}")
-        tokenizer, model = load_tokenizer(cfg.model), load_base_model(cfg.model).eval()
-        docs = documents(tokenizer)
-        with torch.no_grad():
-            alone = sum(loss_sum(model, {"input_ids": torch.tensor([d["input_ids"]])}, torch.tensor([d["labels"]]))
-                        for d in docs)
-            batch = PackedCollator(tokenizer.pad_token_id, attn, pad_to_multiple_of=8)([concatenate(docs)])
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-            packed = loss_sum(model, inputs, batch["labels"])
-        assert abs(packed - alone) / alone < PACKED_TOLERANCE, (attn, packed.item(), alone.item())
+    assert len(mm.documents(load_tokenizer(run_cfg(tiny_arch(family), family).model))[0]["input_ids"]) > \
+        builder.SLIDING_WINDOW  # a document longer than the window: sliding layers must really slide
+    for attn in mm.attention_kernels(family):
+        assert mm.packed_gap(tiny_arch(family), family, attn) < PACKED_TOLERANCE, attn
 
 
 @pytest.mark.parametrize("family", ["mistral-7b-v0.1", "gemma2-2b-it", "gemma3-1b-it", "phi3-mini-4k-instruct"])
@@ -154,45 +76,21 @@ def test_without_narrowing_the_block_mask_sliding_layers_would_see_the_whole_doc
     from transformers import AutoModelForCausalLM
 
     cfg = run_cfg(tiny_arch(family), family, "model.attn_implementation=eager")
-    tokenizer = load_tokenizer(cfg.model)
     plain = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, attn_implementation="eager").eval()
-    docs = documents(tokenizer)
-    with torch.no_grad():
-        alone = sum(loss_sum(plain, {"input_ids": torch.tensor([d["input_ids"]])}, torch.tensor([d["labels"]]))
-                    for d in docs)
-        batch = PackedCollator(tokenizer.pad_token_id, "eager")([concatenate(docs)])
-        packed = loss_sum(plain, {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")},
-                          batch["labels"])
+    packed, alone = mm.packed_and_unpacked(plain, load_tokenizer(cfg.model), "eager")
     assert abs(packed - alone) / alone > 100 * PACKED_TOLERANCE
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_merged_logits_equal_adapter_logits_and_tied_embeddings_stay_tied(tiny_arch, family):
-    cfg = run_cfg(tiny_arch(family), family)
-    torch.manual_seed(0)
-    model = prepare_model(cfg).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)  # a trained-looking adapter: zero B would merge to nothing
-    ids = token_batch(load_tokenizer(cfg.model))
-    with torch.no_grad():
-        adapter = model(input_ids=ids).logits
-        with model.disable_adapter():
-            assert (model(input_ids=ids).logits - adapter).abs().max() > 1e-3  # the adapter changes the output
-        merged_model = model.merge_and_unload()
-        merged = merged_model(input_ids=ids).logits
-    assert (merged - adapter).abs().max() <= MERGE_TOLERANCE * adapter.abs().max()
-    tied = merged_model.config.get_text_config().tie_word_embeddings
-    assert (merged_model.get_output_embeddings().weight is merged_model.get_input_embeddings().weight) == tied
+def test_merged_logits_equal_adapter_logits(tiny_arch, family):
+    assert mm.merge_gap(tiny_arch(family), family) <= MERGE_TOLERANCE
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_plan_counts_equal_the_instantiated_model(tiny_arch, family, method):
-    cfg = run_cfg(tiny_arch(family), family, f"method.name={method}")
-    meta, _ = build_meta_model(cfg)
-    assert count_parameters(meta) == count_parameters(prepare_model(cfg))
+    planned, instantiated = mm.plan_and_model_counts(tiny_arch(family), family, method)
+    assert planned == instantiated
 
 
 def test_gemma2_with_sdpa_is_refused_at_validation(tiny_arch):
@@ -224,7 +122,7 @@ def test_router_balancing_loss_is_added_with_the_configs_coefficient(tiny_arch, 
     with torch.no_grad():
         reference = model(**batch, output_router_logits=True).aux_loss  # transformers' own computation
         parts = add_router_loss(model, batch, {"loss": torch.tensor(10.0)}, torch.tensor(7))
-    coefficient = tiny_arch_module_config(family)["router_aux_loss_coef"]  # Mixtral 0.02, Qwen3-MoE 0.001
+    coefficient = mm.official(family)["router_aux_loss_coef"]  # Mixtral 0.02, Qwen3-MoE 0.001
     assert model.config.router_aux_loss_coef == coefficient
     torch.testing.assert_close(parts["router_loss"], 7 * reference)
     torch.testing.assert_close(parts["loss"], 10.0 + coefficient * 7 * reference)
@@ -247,7 +145,7 @@ def test_moe_lora_trains_expert_weights_and_logs_the_router_loss(tiny_arch, fami
     assert experts and not [name for name in weights if ".gate." in name or "lm_head" in name]
 
 
-TIED = [name for name in FAMILIES if tiny_arch_module_config(name).get("tie_word_embeddings", True)]
+TIED = [name for name in FAMILIES if mm.official(name).get("tie_word_embeddings", True)]
 
 
 @pytest.mark.parametrize("family", TIED)
@@ -301,3 +199,15 @@ def test_a_missing_pad_token_gets_a_reserved_one_else_the_eos_which_stays_learne
                                                  {"input_ids": [7], "labels": [7]}])
     assert batch["labels"][0].tolist() == [-100, 6, eos]  # the EOS ending a learned turn keeps its label
     assert batch["labels"][1].tolist() == [7, -100, -100]  # padding is masked by position, whatever its id
+
+
+def test_a_same_tokenizer_teacher_with_differently_padded_embeddings_is_accepted(tiny_arch):
+    """Qwen2.5-7B-Instruct (+24 rows here, +399 real) teaches Qwen2.5-0.5B-Instruct (+16, +271 real)."""
+    from ftune.model.load import check_same_vocabulary, load_teacher, shared_vocab_size
+
+    student, teacher = tiny_arch("qwen2.5-0.5b-instruct"), tiny_arch("qwen2.5-7b-instruct")
+    check_same_vocabulary(str(student), str(teacher))
+    cfg = run_cfg(student, "qwen2.5-0.5b-instruct", "method.name=full", f"distill.teacher={teacher}")
+    rows = load_teacher(cfg).get_output_embeddings().weight.shape[0]
+    shared = shared_vocab_size(load_tokenizer(cfg.model))
+    assert rows - shared == 24 and prepare_model(cfg).get_output_embeddings().weight.shape[0] - shared == 16
