@@ -116,6 +116,28 @@ def packed_gap(path: Path, family: str, attn: str) -> float:
     return abs(packed - alone) / alone
 
 
+def unnarrowed_gap(path: Path, family: str) -> float:
+    """The packed/unpacked gap of eager attention if the block mask reached sliding layers as it is."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    packed, alone = packed_and_unpacked(plain, load_tokenizer(run_cfg(path, family).model), "eager")
+    return abs(packed - alone) / alone
+
+
+def router_aux_loss(path: Path, family: str) -> float:
+    """The router's balancing loss ftune adds (before its coefficient) on one batch of the LoRA model."""
+    from ftune.model.moe import add_router_loss
+
+    cfg = run_cfg(path, family)
+    model = prepare_model(cfg)
+    ids = token_batch(load_tokenizer(cfg.model))
+    with torch.no_grad():
+        model(input_ids=ids)
+        parts = add_router_loss(model, {"labels": ids}, {"loss": torch.tensor(0.0)}, torch.tensor(1))
+    return parts["router_loss"].item()
+
+
 def merge_gap(path: Path, family: str) -> float:
     """|merged - adapter| logits over the largest logit, for a LoRA whose B matrices are non-zero."""
     cfg = run_cfg(path, family)
@@ -183,7 +205,10 @@ def measure(family: str, path: Path) -> dict:
     row["packed"] = {attn: packed_gap(path, family, attn) for attn in attention_kernels(family)}
     row["merge"] = merge_gap(path, family)
     row["plan"] = all(a == b for a, b in (plan_and_model_counts(path, family, m) for m in ("lora", "full")))
-    row["experts"] = expert_lora_parameters(path, family) if is_mixture_of_experts(official(family)) else 0
+    moe = is_mixture_of_experts(official(family))
+    row["experts"] = expert_lora_parameters(path, family) if moe else 0
+    row["router"] = router_aux_loss(path, family) if moe else None
+    row["unnarrowed"] = unnarrowed_gap(path, family) if sliding_layers(official(family)) else None
     return row
 
 
@@ -193,20 +218,28 @@ def markdown(rows: list[dict], seconds: float) -> str:
         "# The model matrix", "",
         f"`python scripts/model_matrix.py` ({seconds:.0f} s on this machine; the same checks run as "
         "`pytest -m models`). Each family is a tiny random-weight copy of the official config.json shipped under "
-        "`ftune/configs/hub/`, every architectural feature kept (scripts/tiny_arch.py). Losses: first -> last of "
+        "`ftune/configs/hub/`, every architectural feature kept (scripts/tiny_arch.py); features are the official "
+        "config's (the tiny copy keeps each switch at tiny sizes: 4 experts top-2, a window of 8). Losses: first -> "
+        "last of "
         f"{STEPS} steps on one batch. Packed: |packed - unpacked| / unpacked summed loss, documents longer than "
         "the sliding window (8). Merge: max |merged - adapter| logit / max |logit|. Plan: `ftune plan`'s total and "
-        "trainable counts equal the instantiated model's (LoRA and full).", "",
-        "| family | features | params | LoRA | full | QLoRA | packed eager | packed sdpa | merge | plan "
-        "| expert LoRA |",
-        "|---|---|---:|---|---|---|---:|---:|---:|---|---:|",
+        "trainable counts equal the instantiated model's (LoRA and full). Unnarrowed: the eager packed gap if the "
+        "block mask reached sliding layers as it is (what `ftune/model/attention.py` prevents). Expert LoRA: "
+        "trainable LoRA parameters on the fused expert weights (r=8); router aux: the balancing loss added with "
+        "the config's coefficient and logged as `router_loss`.", "",
+        "| family | features | params | LoRA | full | QLoRA | packed eager | packed sdpa | unnarrowed | merge "
+        "| plan | expert LoRA | router aux |",
+        "|---|---|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         losses = [f"{r[m][0]:.3f} -> {r[m][1]:.3f}" for m in METHODS]
         sdpa = f"{r['packed']['sdpa']:.1e}" if "sdpa" in r["packed"] else "refused (soft-capping)"
-        lines.append(f"| {r['family']} (`{r['hub']}`) | {r['features']} | {r['params']:,} | {' | '.join(losses)} | "
-                     f"{r['packed']['eager']:.1e} | {sdpa} | {r['merge']:.1e} | {'equal' if r['plan'] else 'DIFFER'}"
-                     f" | {r['experts'] or '–'} |")
+        unnarrowed = f"{r['unnarrowed']:.1e}" if r["unnarrowed"] is not None else "–"
+        router = f"{r['router']:.3f}" if r["router"] is not None else "–"
+        features_cell = r["features"].replace("|", "\\|")  # pad tokens such as <|endoftext|>
+        lines.append(f"| {r['family']} (`{r['hub']}`) | {features_cell} | {r['params']:,} | {' | '.join(losses)} | "
+                     f"{r['packed']['eager']:.1e} | {sdpa} | {unnarrowed} | {r['merge']:.1e} | "
+                     f"{'equal' if r['plan'] else 'DIFFER'} | {r['experts'] or '–'} | {router} |")
     lines += ["", REFUSALS]
     return "\n".join(lines) + "\n"
 
