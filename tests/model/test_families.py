@@ -211,3 +211,17 @@ def test_a_same_tokenizer_teacher_with_differently_padded_embeddings_is_accepted
     rows = load_teacher(cfg).get_output_embeddings().weight.shape[0]
     shared = shared_vocab_size(load_tokenizer(cfg.model))
     assert rows - shared == 24 and prepare_model(cfg).get_output_embeddings().weight.shape[0] - shared == 16
+
+
+@pytest.mark.xfail(strict=True, reason="the distillation loss compares the shared tokenizer vocabulary only once "
+                   "issue 18's change to ftune/train/losses.py lands; then remove this mark")
+def test_a_differently_padded_same_tokenizer_pair_distils_end_to_end(tiny_arch, tmp_path):
+    from ftune.cli import main
+
+    student, teacher, run_dir = tiny_arch("qwen2.5-0.5b-instruct"), tiny_arch("qwen2.5-7b-instruct"), tmp_path / "run"
+    assert main(["train", "recipe=tiny_distill", f"model.name_or_path={student}", f"distill.teacher={teacher}",
+                 "trainer.max_steps=2", "trainer.micro_batch_size=4", "trainer.mixed_precision=no",
+                 "trainer.eval_every=0", "probe.path=null", "data.eval_path=null", "data.max_length=256",
+                 f"output_dir={run_dir}"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "kd_loss" in row] == [1, 2]
