@@ -9,11 +9,12 @@ from pathlib import Path
 
 HUB_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "hub"
 """config.json of public models, at hub/<org>/<name>/config.json (the same folder `model/meta.py` reads)."""
-MASKS_BY_LAYER_TYPE = frozenset({"gemma2", "gemma3_text", "qwen2", "qwen3", "cohere2", "olmo3"})
+MASKS_BY_LAYER_TYPE = frozenset({"gemma2", "gemma3_text", "qwen2", "qwen3"})
 """model_types whose decoder takes `attention_mask` as a dict {layer type: 4D mask} (transformers 5), so
 sliding and global layers can get different masks inside one packed row."""
-ONE_MASK_SLIDING = frozenset({"mistral", "mixtral", "phi3", "qwen3_moe", "qwen2_moe", "starcoder2"})
-"""model_types that slide every layer when `sliding_window` is set, with one mask for all layers."""
+ONE_MASK_SLIDING = frozenset({"mistral", "mixtral", "phi3", "qwen3_moe"})
+"""model_types that slide every layer when `sliding_window` is set, with one mask for all layers. Both sets
+list only what was checked against transformers 5.24's modelling code and the model matrix (pytest -m models)."""
 NO_SDPA = {"gemma2": "sdpa drops Gemma 2's attention logit soft-capping (transformers refuses it)"}
 """model_type -> why `attn_implementation=sdpa` cannot run it faithfully."""
 
@@ -27,7 +28,7 @@ def read_model_config(name_or_path: str) -> dict | None:
         path = candidate / "config.json"
         if path.is_file():
             config = json.loads(path.read_text())
-            return config.get("text_config", config) if "text_config" in config else config
+            return config.get("text_config") or config  # multimodal checkpoints nest the decoder's config
     return None
 
 
