@@ -199,13 +199,16 @@ def measure(family: str, path: Path) -> dict:
     """Every cell of the family's row."""
     row = {"family": family, "hub": tiny_arch.families()[family]["hub"], "features": features(family),
            "params": sum(p.numel() for p in load_base_model(run_cfg(path, family).model).parameters())}
+    moe = is_mixture_of_experts(official(family))
     for method in METHODS:
+        if method == "qlora" and moe:
+            row[method] = None  # refused at validation: the fused experts cannot be quantized
+            continue
         losses = training_losses(path, family, method)
         row[method] = (losses[0], losses[-1])
     row["packed"] = {attn: packed_gap(path, family, attn) for attn in attention_kernels(family)}
     row["merge"] = merge_gap(path, family)
     row["plan"] = all(a == b for a, b in (plan_and_model_counts(path, family, m) for m in ("lora", "full")))
-    moe = is_mixture_of_experts(official(family))
     row["experts"] = expert_lora_parameters(path, family) if moe else 0
     row["router"] = router_aux_loss(path, family) if moe else None
     row["unnarrowed"] = unnarrowed_gap(path, family) if sliding_layers(official(family)) else None
@@ -232,7 +235,7 @@ def markdown(rows: list[dict], seconds: float) -> str:
         "|---|---|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
-        losses = [f"{r[m][0]:.3f} -> {r[m][1]:.3f}" for m in METHODS]
+        losses = [f"{r[m][0]:.3f} -> {r[m][1]:.3f}" if r[m] else "refused (experts)" for m in METHODS]
         sdpa = f"{r['packed']['sdpa']:.1e}" if "sdpa" in r["packed"] else "refused (soft-capping)"
         unnarrowed = f"{r['unnarrowed']:.1e}" if r["unnarrowed"] is not None else "–"
         router = f"{r['router']:.3f}" if r["router"] is not None else "–"
@@ -250,6 +253,9 @@ REFUSALS = """## Refused at validation (one line, exit code 2, before anything l
   it too); use `eager`.
 - `lora.dropout` > 0 with `all-linear` LoRA on a mixture-of-experts model: the fused expert weights are adapted
   through PEFT's `target_parameters`, which has no dropout; set `lora.dropout=0`.
+- `quant.bits` on a mixture-of-experts model: bitsandbytes quantizes linear layers only, so the fused experts
+  (most of the weights) would stay unquantized and k-bit preparation would upcast them to fp32; use LoRA on a
+  16-bit base.
 - `data.packing=true` on a sliding-window architecture whose per-layer masks ftune does not know
   (`ftune/config/architecture.py`); every family above is known.
 """

@@ -231,11 +231,22 @@ def check_architecture(cfg: RunCfg) -> list[str]:
         if config and cfg.data.packing and (why := packing_problem(config)):
             problems.append(f"data.packing=true with {key}={name}: {why}")
     config = read_model_config(cfg.model.name_or_path)
-    lora_on_experts = cfg.method.name == "lora" and cfg.lora.target_modules == ["all-linear"]
-    if config and is_mixture_of_experts(config) and lora_on_experts and cfg.lora.dropout:
-        problems.append(f"lora.dropout={cfg.lora.dropout} with the mixture-of-experts model.name_or_path="
-                        f"{cfg.model.name_or_path} (expected 0: all-linear adapts the fused expert weights through "
-                        "PEFT's target_parameters, which has no dropout)")
+    if config and is_mixture_of_experts(config):
+        problems += mixture_of_experts_problems(cfg)
+    return problems
+
+
+def mixture_of_experts_problems(cfg: RunCfg) -> list[str]:
+    """What cannot work on a mixture-of-experts model (fused 3-D expert weights, transformers 5)."""
+    name, problems = cfg.model.name_or_path, []
+    if cfg.method.name == "lora" and cfg.lora.target_modules == ["all-linear"] and cfg.lora.dropout:
+        problems.append(f"lora.dropout={cfg.lora.dropout} with the mixture-of-experts model.name_or_path={name} "
+                        "(expected 0: all-linear adapts the fused expert weights through PEFT's target_parameters, "
+                        "which has no dropout)")
+    if cfg.quant.bits:
+        problems.append(f"quant.bits={cfg.quant.bits} with the mixture-of-experts model.name_or_path={name} "
+                        "(expected 0: bitsandbytes quantizes linear layers only, so the fused experts, most of the "
+                        "weights, would stay unquantized and k-bit preparation would upcast them to fp32)")
     return problems
 
 

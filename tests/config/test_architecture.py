@@ -34,7 +34,7 @@ def test_mixtures_of_experts_are_recognised_by_their_expert_counts():
 def test_validation_refuses_what_cannot_work_for_the_family():
     import dataclasses
 
-    from ftune.config.schema import LoraCfg, ModelCfg, RunCfg
+    from ftune.config.schema import LoraCfg, ModelCfg, QuantCfg, RunCfg
     from ftune.config.validate import check_architecture
 
     gemma2 = RunCfg(model=ModelCfg(name_or_path="google/gemma-2-2b-it", attn_implementation="sdpa"))
@@ -48,3 +48,8 @@ def test_validation_refuses_what_cannot_work_for_the_family():
         "lora.dropout=0.05 with the mixture-of-experts model.name_or_path=mistralai/Mixtral-8x7B-v0.1 (expected 0: "
         "all-linear adapts the fused expert weights through PEFT's target_parameters, which has no dropout)"]
     assert check_architecture(dataclasses.replace(mixtral, lora=LoraCfg(dropout=0.0))) == []
+    qlora = dataclasses.replace(mixtral, lora=LoraCfg(dropout=0.0), quant=QuantCfg(bits=4))
+    assert check_architecture(qlora) == [
+        "quant.bits=4 with the mixture-of-experts model.name_or_path=mistralai/Mixtral-8x7B-v0.1 (expected 0: "
+        "bitsandbytes quantizes linear layers only, so the fused experts, most of the weights, would stay "
+        "unquantized and k-bit preparation would upcast them to fp32)"]

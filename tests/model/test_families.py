@@ -38,6 +38,10 @@ run_cfg, token_batch = mm.run_cfg, mm.token_batch
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", list(mm.METHODS))
 def test_training_lowers_the_loss(tiny_arch, family, method):
+    if method == "qlora" and family in MOE:
+        with pytest.raises(ConfigError, match="^quant.bits=4 with the mixture-of-experts model.name_or_path="):
+            mm.training_losses(tiny_arch(family), family, method)
+        return
     losses = mm.training_losses(tiny_arch(family), family, method)
     assert losses[-1] < 0.9 * losses[0], losses
 
