@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ftune.config.architecture import NO_SDPA, is_mixture_of_experts, packing_problem, read_model_config
 from ftune.config.schema import MAPPABLE_ROLES, RunCfg
 
 
@@ -214,6 +215,41 @@ def check_probe(cfg: RunCfg) -> list[str]:
     return []
 
 
+def check_architecture(cfg: RunCfg) -> list[str]:
+    """Family/feature combinations that cannot work, read from the model's (and teacher's) config.json.
+
+    Only configs found without loading anything (a local directory or ftune/configs/hub) are checked; see
+    `config/architecture.py` for the facts and the README's list of refusals.
+    """
+    problems = []
+    for key, name in (("model.name_or_path", cfg.model.name_or_path), ("distill.teacher", cfg.distill.teacher)):
+        config = read_model_config(name) if name else None
+        model_type = config.get("model_type") if config else None
+        if model_type in NO_SDPA and cfg.model.attn_implementation == "sdpa":
+            problems.append(f"model.attn_implementation=sdpa with {key}={name} (expected eager: "
+                            f"{NO_SDPA[model_type]})")
+        if config and cfg.data.packing and (why := packing_problem(config)):
+            problems.append(f"data.packing=true with {key}={name}: {why}")
+    config = read_model_config(cfg.model.name_or_path)
+    if config and is_mixture_of_experts(config):
+        problems += mixture_of_experts_problems(cfg)
+    return problems
+
+
+def mixture_of_experts_problems(cfg: RunCfg) -> list[str]:
+    """What cannot work on a mixture-of-experts model (fused 3-D expert weights, transformers 5)."""
+    name, problems = cfg.model.name_or_path, []
+    if cfg.method.name == "lora" and cfg.lora.target_modules == ["all-linear"] and cfg.lora.dropout:
+        problems.append(f"lora.dropout={cfg.lora.dropout} with the mixture-of-experts model.name_or_path={name} "
+                        "(expected 0: all-linear adapts the fused expert weights through PEFT's target_parameters, "
+                        "which has no dropout)")
+    if cfg.quant.bits:
+        problems.append(f"quant.bits={cfg.quant.bits} with the mixture-of-experts model.name_or_path={name} "
+                        "(expected 0: bitsandbytes quantizes linear layers only, so the fused experts, most of the "
+                        "weights, would stay unquantized and k-bit preparation would upcast them to fp32)")
+    return problems
+
+
 CROSS_FIELD_RULES: list[Callable[[RunCfg], list[str]]] = [
     check_quantization,
     check_optimizer,
@@ -230,6 +266,7 @@ CROSS_FIELD_RULES: list[Callable[[RunCfg], list[str]]] = [
     check_early_stop,
     check_data_sources,
     check_deepspeed_accumulation,
+    check_architecture,
 ]
 
 

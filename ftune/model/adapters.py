@@ -6,6 +6,7 @@ loads with `PeftModel.from_pretrained` alone.
 
 from collections.abc import Callable
 
+import torch
 from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 from ftune.config.schema import LoraCfg, MethodCfg
@@ -19,6 +20,8 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
 """Names in `lora.target_modules` that stand for several modules (Llama-style projection names)."""
 LORA_INIT: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 """`lora.init` -> PEFT's `init_lora_weights` (True: Kaiming-uniform A and zero B)."""
+EXPERT_DIMS = 3
+"""Fused MoE expert weights are (experts, out_features, in_features)."""
 MERGEABLE = frozenset({"lora", "ia3"})
 """Methods whose adapters fold into the base weights; prompt and prefix tuning add inputs, not weight deltas."""
 
@@ -48,27 +51,65 @@ def resolve_targets(names: list[str]) -> str | list[str]:
     return list(dict.fromkeys(expanded))  # drop repeats, keep the order
 
 
-def lora_config(method: MethodCfg, cfg: LoraCfg) -> LoraConfig:
-    """PEFT's LoraConfig: targets, rank-stabilised scaling (rsLoRA), DoRA, fully trained modules, init."""
+def expert_parameters(model) -> list[str]:
+    """Suffixes (`mlp.experts.gate_up_proj`) of the fused 3-D expert weights of a mixture-of-experts model.
+
+    transformers 5 stores each MoE layer's experts as one (experts, out, in) nn.Parameter, not as nn.Linear
+    modules, so PEFT's `all-linear` preset never sees them (peft#3009); PEFT reaches them through
+    `target_parameters`. The router is a 2-D weight and the head a Linear PEFT excludes: neither is listed.
+
+    Returns:
+        Sorted suffixes of the last two module names and the parameter name; empty for dense models.
+    """
+    found = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.dim() == EXPERT_DIMS and "lora_" not in module_name:
+                found.add(".".join([*module_name.split(".")[-2:], param_name]))
+    return sorted(found)
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the model's nn.Linear modules but the output head: what PEFT's `all-linear` would adapt."""
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not head})
+
+
+def lora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoraConfig:
+    """PEFT's LoraConfig: targets, rank-stabilised scaling (rsLoRA), DoRA, fully trained modules, init.
+
+    With `all-linear` on a mixture-of-experts `model`, the fused expert weights are targeted too (see
+    `expert_parameters`), and the linear layers are listed by name instead of PEFT's preset: for Mixtral and
+    Qwen2-MoE, PEFT 0.21 turns `all-linear` into transformers-4 names that include the router (`gate.weight`,
+    an nn.Linear in transformers 4), and a LoRA on the router would change which experts each token reaches.
+    On a model with tied embeddings, PEFT keeps the head tied to a trained embedding (`ensure_weight_tying`).
+    """
+    experts = expert_parameters(model) if model is not None and cfg.target_modules == [ALL_LINEAR] else []
+    tied = model is not None and bool(model.config.get_text_config().tie_word_embeddings)
     return LoraConfig(
         task_type=TASK_TYPE,
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=resolve_targets(cfg.target_modules),
+        target_modules=linear_module_names(model) if experts else resolve_targets(cfg.target_modules),
         use_rslora=cfg.rslora,
         use_dora=cfg.dora,
         modules_to_save=list(cfg.modules_to_save) or None,
         init_lora_weights=LORA_INIT[cfg.init],
+        target_parameters=experts or None,
+        # A tied model with `embed_tokens` in modules_to_save would otherwise train a copy of the embedding that
+        # the head does not use; the merged model, re-tied on loading, then answers differently (tested).
+        ensure_weight_tying=tied,
     )
 
 
-def ia3_config(method: MethodCfg, cfg: LoraCfg) -> IA3Config:
+def ia3_config(method: MethodCfg, cfg: LoraCfg, model=None) -> IA3Config:
     """PEFT's IA3Config with its per-architecture default targets (Llama: k, v and down projections)."""
     return IA3Config(task_type=TASK_TYPE)
 
 
-def prompt_tuning_config(method: MethodCfg, cfg: LoraCfg) -> PromptTuningConfig:
+def prompt_tuning_config(method: MethodCfg, cfg: LoraCfg, model=None) -> PromptTuningConfig:
     """Learned virtual-token embeddings prepended to the input.
 
     They start as embeddings of randomly drawn vocabulary tokens: PEFT's `RANDOM` init draws from N(0, 1),
@@ -78,12 +119,12 @@ def prompt_tuning_config(method: MethodCfg, cfg: LoraCfg) -> PromptTuningConfig:
                               prompt_tuning_init="SAMPLE_VOCAB")
 
 
-def prefix_tuning_config(method: MethodCfg, cfg: LoraCfg) -> PrefixTuningConfig:
+def prefix_tuning_config(method: MethodCfg, cfg: LoraCfg, model=None) -> PrefixTuningConfig:
     """Learned keys and values of virtual tokens prepended in every attention layer."""
     return PrefixTuningConfig(task_type=TASK_TYPE, num_virtual_tokens=method.num_virtual_tokens)
 
 
-PEFT_CONFIGS: dict[str, Callable[[MethodCfg, LoraCfg], PeftConfig]] = {
+PEFT_CONFIGS: dict[str, Callable[..., PeftConfig]] = {
     "lora": lora_config,
     "ia3": ia3_config,
     "prompt_tuning": prompt_tuning_config,
@@ -92,9 +133,9 @@ PEFT_CONFIGS: dict[str, Callable[[MethodCfg, LoraCfg], PeftConfig]] = {
 """`method.name` -> builder of its PEFT config; `full` is not here: it trains the model itself."""
 
 
-def peft_config(method: MethodCfg, lora: LoraCfg) -> PeftConfig:
-    """The PEFT config of `method.name` (one of `PEFT_CONFIGS`)."""
-    return PEFT_CONFIGS[method.name](method, lora)
+def peft_config(method: MethodCfg, lora: LoraCfg, model=None) -> PeftConfig:
+    """The PEFT config of `method.name` (one of `PEFT_CONFIGS`) for `model` (its MoE experts, if any)."""
+    return PEFT_CONFIGS[method.name](method, lora, model)
 
 
 def add_adapter(model, method: MethodCfg, lora: LoraCfg, gradient_checkpointing: bool):
@@ -112,4 +153,4 @@ def add_adapter(model, method: MethodCfg, lora: LoraCfg, gradient_checkpointing:
     if gradient_checkpointing:
         # With a frozen embedding no input requires grad, and checkpointed blocks would get no gradient.
         model.enable_input_require_grads()
-    return get_peft_model(model, peft_config(method, lora))
+    return get_peft_model(model, peft_config(method, lora, model))

@@ -16,7 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from ftune.config.schema import ModelCfg, RunCfg
 from ftune.errors import ConfigError, ResourceError
 from ftune.model.adapters import add_adapter
+from ftune.model.attention import isolate_sliding_windows
 from ftune.model.dtypes import DTYPES
+from ftune.model.moe import record_router_logits
 from ftune.model.quant import (
     disable_cpu_inference_repacking,
     prepare_quantized,
@@ -25,14 +27,34 @@ from ftune.model.quant import (
 )
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+RESERVED_PADS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>")
+"""Tokens some vocabularies reserve for padding without declaring a pad token (Llama 3.1's
+`<|finetune_right_pad_id|>`): used before falling back to the EOS."""
 
 
 def load_tokenizer(cfg: ModelCfg, key: str = "model.name_or_path"):
-    """The model's tokenizer, with a pad token (the EOS when the tokenizer defines none)."""
+    """The model's tokenizer, with a pad token.
+
+    Tokenizers without one (Llama 3, Mistral, Mixtral) get a reserved padding token of their own vocabulary
+    when it has one (`RESERVED_PADS`), else the EOS. Padding with the EOS never unlearns it: ftune's labels come
+    from the rendered assistant spans and padding is masked by position (the collators' -100 after each
+    row's end), never by comparing ids with the pad id, so the EOS that ends a learned turn keeps its label.
+    """
     tokenizer = from_pretrained(AutoTokenizer, cfg.name_or_path, key)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        vocab = tokenizer.get_vocab()
+        tokenizer.pad_token = next((token for token in RESERVED_PADS if token in vocab), tokenizer.eos_token)
     return tokenizer
+
+
+def shared_vocab_size(tokenizer) -> int:
+    """Token ids the tokenizer can produce: `len(tokenizer)`, base vocabulary plus added tokens.
+
+    Embedding matrices are often padded beyond it (Qwen2.5: 151,665 tokens in 151,936 or 152,064 rows), and
+    the padding rows differ between sizes of one family, so models that share a tokenizer compare distributions
+    over these first ids only.
+    """
+    return len(tokenizer)
 
 
 def load_base_model(cfg: ModelCfg, key: str = "model.name_or_path", **kwargs) -> PreTrainedModel:
@@ -45,7 +67,7 @@ def load_base_model(cfg: ModelCfg, key: str = "model.name_or_path", **kwargs) ->
         attn_implementation=cfg.attn_implementation,
         **kwargs,
     )
-    return disable_cpu_inference_repacking(model)
+    return isolate_sliding_windows(disable_cpu_inference_repacking(model))
 
 
 def from_pretrained(auto_class, name_or_path: str, key: str = "model.name_or_path", **kwargs):
@@ -64,6 +86,7 @@ def prepare_model(cfg: RunCfg) -> PreTrainedModel:
     """Load the base (quantized for QLoRA) and make the right weights trainable for `cfg.method`."""
     model = prepare_quantized(load_base_model(cfg.model, **student_load_kwargs(cfg)))
     model.config.use_cache = False  # the KV cache is useless in training and wastes memory
+    record_router_logits(model)  # MoE: the router's balancing loss joins the loss (model/moe.py)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method.name == "full":
@@ -112,15 +135,20 @@ def load_teacher(cfg: RunCfg) -> PreTrainedModel | None:
 
 
 def check_same_vocabulary(student: str, teacher: str) -> None:
-    """Distillation compares distributions token by token, so both models need one vocabulary.
+    """Distillation compares distributions token by token, so both models need one tokenizer.
+
+    Their embedding matrices may be padded differently (Qwen2.5-7B: 152,064 rows, 0.5B: 151,936, for the same
+    151,665 tokens): distributions are compared over the shared tokenizer vocabulary (`shared_vocab_size`), so
+    only rows the tokenizer cannot reach may differ.
 
     Raises:
-        ConfigError: the tokenizers' vocabularies or special tokens differ, or the models' vocabulary sizes.
+        ConfigError: the tokenizers' vocabularies or special tokens differ, or a model has fewer embedding rows
+            than the tokenizer has tokens.
     """
     student_tok = load_tokenizer(ModelCfg(name_or_path=student))
     teacher_tok = load_tokenizer(ModelCfg(name_or_path=teacher), "distill.teacher")
-    student_size = from_pretrained(AutoConfig, student).vocab_size
-    teacher_size = from_pretrained(AutoConfig, teacher, "distill.teacher").vocab_size
+    student_size = from_pretrained(AutoConfig, student).get_text_config().vocab_size
+    teacher_size = from_pretrained(AutoConfig, teacher, "distill.teacher").get_text_config().vocab_size
     if problems := vocabulary_differences(student_tok, teacher_tok, student_size, teacher_size):
         raise ConfigError(
             f"distill.teacher={teacher} and model.name_or_path={student} do not share a vocabulary: "
@@ -130,10 +158,11 @@ def check_same_vocabulary(student: str, teacher: str) -> None:
 
 
 def vocabulary_differences(student_tok, teacher_tok, student_size: int, teacher_size: int) -> list[str]:
-    """What differs between the two vocabularies (empty when they are the same)."""
+    """What differs between the two vocabularies (empty when they are the same; padding rows may differ)."""
     problems = []
-    if student_size != teacher_size:
-        problems.append(f"vocab_size {student_size} (student) vs {teacher_size} (teacher)")
+    for role, size in (("student", student_size), ("teacher", teacher_size)):
+        if size < shared_vocab_size(student_tok):
+            problems.append(f"the {role} has {size} embedding rows for {shared_vocab_size(student_tok)} tokens")
     student_vocab, teacher_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
     if student_vocab != teacher_vocab:
         differing = set(student_vocab.items()) ^ set(teacher_vocab.items())

@@ -13,16 +13,13 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.quantizers.base import get_keys_to_not_convert
 
-from ftune.config.compose import CONFIGS_DIR
+from ftune.config.architecture import HUB_CONFIGS
 from ftune.config.schema import RunCfg
 from ftune.errors import ResourceError
 from ftune.model import memory
 from ftune.model.adapters import peft_config
 from ftune.model.dtypes import DTYPES
 from ftune.model.load import freeze_matching
-
-HUB_CONFIGS = CONFIGS_DIR / "hub"
-"""config.json of public models, at hub/<org>/<name>/config.json."""
 
 
 def load_model_config(name_or_path: str, key: str = "model.name_or_path") -> PretrainedConfig:
@@ -61,7 +58,7 @@ def build_meta_model(cfg: RunCfg) -> tuple[torch.nn.Module, dict[int, int]]:
     with warnings.catch_warnings():  # transformers 5 deprecates a call PEFT makes; nothing a user can act on
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         # low_cpu_mem_usage: PEFT creates the adapter weights on the meta device too (no memory, no init time).
-        return get_peft_model(model, peft_config(cfg.method, cfg.lora), low_cpu_mem_usage=True), quantized
+        return get_peft_model(model, peft_config(cfg.method, cfg.lora, model), low_cpu_mem_usage=True), quantized
 
 
 def meta_model(config: PretrainedConfig, dtype: str) -> torch.nn.Module:

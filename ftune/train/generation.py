@@ -66,6 +66,16 @@ def stop_token_ids(template: ChatTemplate, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def padding_rows(model, tokenizer) -> list[int]:
+    """Embedding rows no token maps to (Qwen2.5: ids 151,665 to 152,063): never generated.
+
+    A padded row has a logit like any other; if greedy decoding picked one, the tokenizer would decode it to
+    nothing and the answer would silently lose a token.
+    """
+    rows = model.get_output_embeddings().weight.shape[0]
+    return list(range(len(tokenizer), rows))
+
+
 @torch.no_grad()
 def greedy_answer(model, tokenizer, template: ChatTemplate, prompt: list[dict], max_new_tokens: int) -> tuple[str, int]:
     """The model's greedy continuation of the rendered prompt, up to a stop token; returns (text, new tokens)."""
@@ -74,7 +84,8 @@ def greedy_answer(model, tokenizer, template: ChatTemplate, prompt: list[dict], 
     text = render(template, prompt, tokenizer, add_generation_prompt=True)
     input_ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=model.device)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                              eos_token_id=stop_token_ids(template, tokenizer), pad_token_id=tokenizer.pad_token_id)
+                              eos_token_id=stop_token_ids(template, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                              suppress_tokens=padding_rows(model, tokenizer) or None)
     output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
     new = output[0, input_ids.size(1):]
     answer = tokenizer.decode(new, skip_special_tokens=True)

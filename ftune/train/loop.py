@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from ftune.config.schema import DistillCfg, EarlyStopCfg, ProbeCfg, TrainerCfg
 from ftune.errors import GuardStop
+from ftune.model.moe import add_router_loss
 from ftune.report.console import TrainProgress, print_table
 from ftune.report.metrics import MetricsLog, NullLog
 from ftune.train.checkpoint import best_checkpoint, save_checkpoint
@@ -127,6 +128,8 @@ def forward_backward(run: TrainRun, batches: list[dict]) -> tuple[dict[str, torc
         with nullcontext() if last else acc.no_sync(model):
             inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
             parts = step_loss(model, batch, inputs, run.teacher, run.distill)
+            parts = add_router_loss(acc.unwrap_model(model), batch, parts,  # MoE only (model/moe.py)
+                                    learned_token_count(batch["labels"]))
             acc.backward(parts["loss"] * scale)
         for key, value in parts.items():
             sums[key] = sums.get(key, 0) + value.detach()

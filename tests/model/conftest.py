@@ -23,3 +23,22 @@ def save_llama(random_llama, tmp_path):
         return path
 
     return save
+
+
+@pytest.fixture(scope="session")
+def tiny_arch(tmp_path_factory):
+    """A factory of tiny random models of real families (scripts/tiny_arch.py), each built once per session."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # scripts/ is not a package
+    import tiny_arch as builder
+
+    out, built, base = tmp_path_factory.mktemp("archs"), {}, builder.base_tokenizer()
+
+    def build(name: str) -> Path:
+        if name not in built:
+            built[name] = builder.build(name, out, base)
+        return built[name]
+
+    return build

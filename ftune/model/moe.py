@@ -1,0 +1,86 @@
+"""Mixture-of-experts training: the router's load-balancing loss joins ftune's loss with the model's coefficient.
+
+transformers adds `router_aux_loss_coef * aux_loss` only when it computes the loss itself from `labels`, and
+its `load_balancing_loss_func` reads a 2D padding mask (a packed row's 4D mask breaks it). ftune computes its own
+token-summed loss, so without this module an MoE model would train with no balancing term at all and its
+routers could collapse onto a few experts. The router logits are recorded by forward hooks on the router
+modules (the classes the model itself declares for `output_router_logits`), cleared at the start of each
+forward of the decoder, and turned into the Switch-Transformer balancing loss by transformers' own function.
+"""
+
+import torch
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+from transformers.utils.output_capturing import OutputRecorder
+
+RECORD_ATTRIBUTE = "ftune_router_logits"
+"""Where `record_router_logits` leaves its record on the model (PEFT and accelerate wrappers forward to it)."""
+
+
+class RouterLogits:
+    """The router logits of the latest forward of one model, one (tokens, experts) tensor per MoE layer."""
+
+    def __init__(self):
+        self.logits: list[torch.Tensor] = []
+
+
+def router_class(model) -> tuple[type, int] | None:
+    """The router module class of `model` and which output of it holds the logits; None for dense models."""
+    spec = getattr(model, "_can_record_outputs", None) or {}
+    spec = spec.get("router_logits")
+    if spec is None:
+        return None
+    return (spec.target_class, spec.index) if isinstance(spec, OutputRecorder) else (spec, 0)
+
+
+def record_router_logits(model) -> RouterLogits | None:
+    """Hook the routers of an MoE `model` so each forward's router logits can be read; None for dense models."""
+    found = router_class(model)
+    if found is None:
+        return None
+    target, index = found
+    record = RouterLogits()
+
+    def keep(module, args, output):
+        record.logits.append(output[index])
+
+    def clear(module, args, kwargs):
+        record.logits.clear()
+        return args, kwargs
+
+    for module in model.modules():
+        if isinstance(module, target):
+            module.register_forward_hook(keep)
+    model.get_decoder().register_forward_pre_hook(clear, with_kwargs=True)
+    setattr(model, RECORD_ATTRIBUTE, record)
+    return record
+
+
+def add_router_loss(model, batch: dict, parts: dict[str, torch.Tensor], learned: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+    """`parts` (summed loss terms of one micro-batch) with the router's balancing loss added, for MoE models.
+
+    The balancing loss is a mean over the micro-batch's tokens; ftune's terms are sums that the loop divides by
+    the step's learned tokens, so it enters as `coef * aux * learned tokens of this micro-batch`: after the
+    division, `coef` times the token-weighted mean of `aux` over the step, as transformers and TRL add it per
+    batch. `router_loss` (logged) is `aux` before its coefficient. A padded batch's 2D mask keeps padding out
+    of the statistics; a packed row's padding (a few tokens at its end) is counted.
+
+    Args:
+        model: the (unwrapped) model the micro-batch just ran through.
+        batch: the micro-batch (labels, attention mask).
+        parts: the loss terms of that forward (`loss`, and distillation's `ce_loss`/`kd_loss`).
+        learned: the micro-batch's learned tokens (the count the loop normalises by).
+
+    Returns:
+        `parts` unchanged for dense models; else with `router_loss` added and folded into `loss`.
+    """
+    record = getattr(model, RECORD_ATTRIBUTE, None)
+    if record is None or not record.logits:
+        return parts
+    config = model.config.get_text_config()
+    experts = getattr(config, "num_local_experts", None) or config.num_experts
+    mask = batch.get("attention_mask")
+    mask = mask if mask is not None and mask.dim() == 2 else None
+    aux = load_balancing_loss_func(tuple(record.logits), experts, config.num_experts_per_tok, mask)
+    router = aux * learned
+    return parts | {"loss": parts["loss"] + config.router_aux_loss_coef * router, "router_loss": router}
