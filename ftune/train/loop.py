@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
-from ftune.config.schema import DistillCfg, EarlyStopCfg, ProbeCfg, TrainerCfg
+from ftune.config.schema import EarlyStopCfg, ProbeCfg, TrainerCfg
 from ftune.errors import GuardStop
 from ftune.report.console import TrainProgress, print_table
 from ftune.report.metrics import MetricsLog, NullLog
@@ -26,7 +26,7 @@ from ftune.train.checkpoint import best_checkpoint, save_checkpoint
 from ftune.train.early_stop import judge
 from ftune.train.evaluate import evaluate_loss
 from ftune.train.interrupt import StopSignals
-from ftune.train.losses import MODEL_INPUTS, learned_token_count, step_loss
+from ftune.train.losses import StepLoss, learned_token_count
 from ftune.train.probe import probe_ppl
 from ftune.train.state import TrainState
 
@@ -50,12 +50,10 @@ class TrainRun:
     run_dir: Path
     log: MetricsLog | NullLog
     state: TrainState
+    loss: StepLoss
+    """The micro-batch's loss (plain or distillation, chunked or not), built once at setup."""
     on_checkpoint: Callable[[], None] | None = None
     """Called on the main process after each checkpoint (e.g. to redraw plots)."""
-    teacher: torch.nn.Module | None = None
-    """Frozen teacher for distillation (with `distill`), else None."""
-    distill: DistillCfg | None = None
-    """The distillation settings when distilling."""
 
 
 def fit(run: TrainRun) -> tuple[str, int]:
@@ -125,8 +123,7 @@ def forward_backward(run: TrainRun, batches: list[dict]) -> tuple[dict[str, torc
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         with nullcontext() if last else acc.no_sync(model):
-            inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-            parts = step_loss(model, batch, inputs, run.teacher, run.distill)
+            parts = run.loss(model, batch)
             acc.backward(parts["loss"] * scale)
         for key, value in parts.items():
             sums[key] = sums.get(key, 0) + value.detach()
@@ -180,10 +177,11 @@ def evaluate(run: TrainRun):
     """Validation loss, forgetting probe and the early-stopping verdict; logs one row and prints it."""
     row = {"step": run.state.step}
     if run.eval_loader is not None:
-        result = evaluate_loss(run.model, run.eval_loader, run.accelerator, run.cfg.eval_batches)
+        result = evaluate_loss(run.model, run.eval_loader, run.accelerator, run.cfg.eval_batches,
+                               run.loss.without_teacher())
         row |= {"eval_loss": result["loss"], "eval_ppl": result["ppl"]}
     if run.probe_loader is not None:
-        ppl = probe_ppl(run.model, run.probe_loader, run.accelerator)
+        ppl = probe_ppl(run.model, run.probe_loader, run.accelerator, run.loss.without_teacher())
         row |= {"probe_ppl": ppl, "probe_drift": ppl / run.state.base_probe_ppl - 1.0}
     verdict = judge(run.state, row, run.early_stop, run.probe.max_drift) if len(row) > 1 else None
     run.log.log(row)
