@@ -229,10 +229,10 @@ class TrainerCfg:
     -7% to +10% after warm-up: meant for GPUs and long runs."""
     nan_guard: bool = True
     """Stop with exit code 3 (after saving the last good state) when a step's loss is not finite."""
-    loss_chunk_size: int = bounded(1024, 0)
+    loss_chunk_size: int = bounded(256, 0)
     """Tokens per chunk of the loss: the head and the loss run this many tokens at a time from the last hidden
-    states, so the [tokens, vocab] logits never exist (one chunk's: 1024 x 128,256 fp32 = 0.5 GB). 0 computes
-    the full logits (the unfused loss)."""
+    states, so the [tokens, vocab] logits never exist (one chunk's: 256 x 128,256 fp32 = 131 MB). 256 and 1024
+    measured the same speed on CPU (scripts/bench.py --only headloss). 0 computes the full logits (unfused)."""
     loss_recompute: bool = False
     """Chunked loss only: recompute each chunk's logits in the backward instead of computing their gradient in
     the forward pass (one more head matmul per step, no gradient buffers held until the backward)."""
