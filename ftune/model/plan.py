@@ -199,11 +199,20 @@ def logits_estimate(model: torch.nn.Module, quantized: dict[int, int], cfg: RunC
     shape = model_shape(model)
     prec = precision(model, cfg, sharding, device, four_bit=bool(quantized) and cfg.quant.bits == 4)
     distill, trains = cfg.distill.teacher is not None, head_trains(model)
-    chunk = cfg.trainer.loss_chunk_size
+    chunk = loss_chunk(cfg, sharding)
     chunked = act.logits_bytes(shape, prec, tokens, chunk, distill, trains)
     unfused = act.logits_bytes(shape, prec, tokens, 0, distill, trains)
     how = f"chunks of {chunk} tokens (unfused: {unfused / GIB:.2f} GiB)" if chunk else "unfused (full logits)"
     return chunked, how
+
+
+def loss_chunk(cfg: RunCfg, sharding: str) -> int:
+    """The loss's chunk size this run will use: 0 (full logits) where ZeRO-3 or FSDP shard the head's weight.
+
+    The chunked loss reads the head's weight outside the model's forward, where only a shard of it exists
+    (`train/head.py` falls back to the unfused loss there).
+    """
+    return 0 if sharding in ("zero3", "fsdp") else cfg.trainer.loss_chunk_size
 
 
 def head_trains(model: torch.nn.Module) -> bool:
@@ -221,7 +230,7 @@ def activation_estimate(
     decoder = decoder_of(model)
     layers = [layer_training(layer) for layer in decoder.layers]
     head = act.head_token_bytes(shape, prec, head_trains(model), decoder.norm.weight.requires_grad,
-                                cfg.distill.teacher is not None, cfg.trainer.loss_chunk_size > 0)
+                                cfg.distill.teacher is not None, loss_chunk(cfg, sharding) > 0)
     eager = cfg.model.attn_implementation == "eager"
     total = act.activation_bytes(shape, prec, layers, head, cfg.trainer.micro_batch_size * seq_len, seq_len,
                                  eager, cfg.model.gradient_checkpointing)
