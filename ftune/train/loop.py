@@ -133,7 +133,7 @@ def forward_backward(run: TrainRun, batches: list[dict]) -> tuple[dict[str, torc
     return {k: acc.reduce(v, "sum") for k, v in sums.items()}, learned, tokens
 
 
-def to_host(values: dict[str, torch.Tensor]) -> dict[str, float]:
+def to_host(values: dict[str, torch.Tensor | float | None]) -> dict[str, float]:
     """The step's figures (loss sums, token counts, gradient norm) read from the device in one transfer.
 
     Each `.item()` or `int()` of a device tensor makes the host wait for the device to drain its queue, so the
@@ -141,7 +141,11 @@ def to_host(values: dict[str, torch.Tensor]) -> dict[str, float]:
     step instead of one per figure. The NaN guard needs the loss before the optimizer steps, which is why one
     remains. Counts are exact in float64 (below 2^53).
     """
-    stacked = torch.stack([v.detach().to(torch.float64).reshape(()) for v in values.values()])
+    device = values["loss"].device
+    stacked = torch.stack([  # DeepSpeed's clipping returns a float, or None before its first step
+        torch.as_tensor(math.nan if v is None else v, dtype=torch.float64, device=device).detach().reshape(())
+        for v in values.values()
+    ])
     return dict(zip(values, stacked.tolist(), strict=True))
 
 
