@@ -500,9 +500,9 @@ def ensure_long_texts(cache: Path, documents: int = 64, words: int = 1600) -> Pa
     if not path.is_file():
         turns = [m["content"] for line in CHAT_TRAIN.read_text().splitlines() for m in json.loads(line)["messages"]]
         stream = " ".join(turns).split()
+        texts = [" ".join(stream[(i * words + j) % len(stream)] for j in range(words)) for i in range(documents)]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"text": " ".join(stream[i * words:(i + 1) * words])}) + "\n"
-                                for i in range(documents)))
+        path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))  # wraps around the turns
     return path
 
 
