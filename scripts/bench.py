@@ -163,12 +163,11 @@ def summarize_worker(log: StepLog, started: float, model: "Model", extra: dict) 
 
 def run_ftune(config: Config, model: Model, out: Path, started: float) -> dict:
     """Train with `ftune train` in this process, counting the batches its collators produce."""
-    import ftune.data.pipeline as pipeline
-    from ftune.commands.train import run_train
+    import ftune.commands.train as train_command
     from ftune.config.compose import load_run_config
     from ftune.train.artefacts import read_metrics
 
-    log, build_loader = StepLog(), pipeline.build_loader
+    log, build_loader = StepLog(), train_command.build_loader
 
     def counted_loader(*args, **kwargs):
         loader = build_loader(*args, **kwargs)
@@ -177,7 +176,7 @@ def run_ftune(config: Config, model: Model, out: Path, started: float) -> dict:
             loader.collate_fn = lambda rows: log.count(collate(rows))
         return loader
 
-    pipeline.build_loader = counted_loader
+    train_command.build_loader = counted_loader  # where `ftune train` looks it up
     overrides = [
         f"model.name_or_path={model.path}", f"data.path={model.data}", "data.eval_path=null", "probe.path=null",
         "data.train_on=everything", f"data.max_length={config.row_length or model.max_length}",
@@ -190,7 +189,7 @@ def run_ftune(config: Config, model: Model, out: Path, started: float) -> dict:
         f"optim.warmup_ratio={WARMUP_RATIO}", f"optim.weight_decay={WEIGHT_DECAY}", f"seed={SEED}",
         *[f"lora.{key}={value}" for key, value in LORA.items()], f"output_dir={out / 'run'}", *config.overrides,
     ]
-    run_train(*load_run_config(overrides))
+    train_command.run_train(*load_run_config(overrides))
     rows = [row for row in read_metrics(out / "run") if "loss" in row]
     log.step_end, log.loss = [row["time"] for row in rows], [row["loss"] for row in rows]
     return summarize_worker(log, started, model, {"mixed_precision": "bf16" if config.bf16 else "no"})
