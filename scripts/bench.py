@@ -27,6 +27,7 @@ is reported, marked as not isolated; ftune's packing isolates documents with a b
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -56,10 +57,11 @@ class Config:
     tool: str  # "ftune" or "trl"
     batching: str  # "padded", "grouped" (length-grouped, padded) or "packed"
     bf16: bool = True
-    row_length: int = MAX_LENGTH  # packed rows hold this many tokens
+    row_length: int | None = None  # packed rows hold this many tokens (None: the model's sequence length)
     compile: bool = False
     gradient_checkpointing: bool | None = None  # None: the tool's default (TRL: on, ftune: off)
     base_dtype: str = "fp32"  # frozen base weights in fp32, or bf16 (LoRA weights and optimizer state stay fp32)
+    overrides: tuple[str, ...] = ()  # further ftune overrides
     note: str = ""
 
 
@@ -88,7 +90,18 @@ FP32_CONFIGS = [
     Config("ftune_grouped_fp32", "ftune", "grouped", bf16=False, note="trainer.mixed_precision=no"),
 ]
 
-ALL_CONFIGS = CONFIGS + BF16_BASE_CONFIGS + COMPILED_CONFIGS + FP32_CONFIGS
+BIG_VOCAB_CONFIGS = [
+    Config("trl_bigvocab", "trl", "padded", gradient_checkpointing=False,
+           note="gradient_checkpointing=False, no packing (TRL's fastest)"),
+    Config("ftune_bigvocab", "ftune", "padded", note="defaults: chunked loss, trainer.loss_chunk_size=256"),
+    Config("ftune_bigvocab_unfused", "ftune", "padded", overrides=("trainer.loss_chunk_size=0",),
+           note="trainer.loss_chunk_size=0: the full logits (with --unfused)"),
+]
+
+ALL_CONFIGS = CONFIGS + BF16_BASE_CONFIGS + COMPILED_CONFIGS + FP32_CONFIGS + BIG_VOCAB_CONFIGS
+BIG_VOCAB = {"vocab_size": 128_256, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}
+"""Llama-3's vocabulary on a random 2-layer model: the head and the loss are most of the step."""
 
 
 @dataclass
@@ -100,6 +113,9 @@ class Model:
     warmup: int
     timed: int
     params: int = 0
+    max_length: int = MAX_LENGTH
+    grad_accum: int = GRAD_ACCUM
+    data: Path = CHAT_TRAIN
 
 
 @dataclass
@@ -127,10 +143,10 @@ class StepLog:
         return batch
 
 
-def summarize_worker(log: StepLog, started: float, warmup: int, extra: dict) -> dict:
-    """Throughput over the timed steps (after `warmup`), from per-batch token counts and step end times."""
-    steps = len(log.step_end)
-    window = slice(warmup * GRAD_ACCUM, steps * GRAD_ACCUM)
+def summarize_worker(log: StepLog, started: float, model: "Model", extra: dict) -> dict:
+    """Throughput over the timed steps (after the warm-up), from per-batch token counts and step end times."""
+    steps, warmup = len(log.step_end), model.warmup
+    window = slice(warmup * model.grad_accum, steps * model.grad_accum)
     seconds = log.step_end[-1] - log.step_end[warmup - 1]
     real, learned = sum(log.real[window]), sum(log.learned[window])
     return {
@@ -147,11 +163,11 @@ def summarize_worker(log: StepLog, started: float, warmup: int, extra: dict) -> 
 
 def run_ftune(config: Config, model: Model, out: Path, started: float) -> dict:
     """Train with `ftune train` in this process, counting the batches its collators produce."""
-    import ftune.data.pipeline as pipeline
-    from ftune.commands.train import read_metrics, run_train
+    import ftune.commands.train as train_command
     from ftune.config.compose import load_run_config
+    from ftune.train.artefacts import read_metrics
 
-    log, build_loader = StepLog(), pipeline.build_loader
+    log, build_loader = StepLog(), train_command.build_loader
 
     def counted_loader(*args, **kwargs):
         loader = build_loader(*args, **kwargs)
@@ -160,23 +176,23 @@ def run_ftune(config: Config, model: Model, out: Path, started: float) -> dict:
             loader.collate_fn = lambda rows: log.count(collate(rows))
         return loader
 
-    pipeline.build_loader = counted_loader
+    train_command.build_loader = counted_loader  # where `ftune train` looks it up
     overrides = [
-        f"model.name_or_path={model.path}", f"data.path={CHAT_TRAIN}", "data.eval_path=null", "probe.path=null",
-        "data.train_on=everything", f"data.max_length={config.row_length}",
+        f"model.name_or_path={model.path}", f"data.path={model.data}", "data.eval_path=null", "probe.path=null",
+        "data.train_on=everything", f"data.max_length={config.row_length or model.max_length}",
         f"data.packing={config.batching == 'packed'}", f"data.group_by_length={config.batching == 'grouped'}",
         f"trainer.max_steps={model.warmup + model.timed}",
-        f"trainer.micro_batch_size={MICRO_BATCH}", f"trainer.grad_accum={GRAD_ACCUM}", "trainer.eval_every=0",
+        f"trainer.micro_batch_size={MICRO_BATCH}", f"trainer.grad_accum={model.grad_accum}", "trainer.eval_every=0",
         "trainer.save_every=0", "trainer.log_every=1", "trainer.final_weights=last",
         f"trainer.mixed_precision={'bf16' if config.bf16 else 'no'}", f"trainer.compile={config.compile}",
         f"model.dtype={config.base_dtype}", f"optim.lr={LR}",
         f"optim.warmup_ratio={WARMUP_RATIO}", f"optim.weight_decay={WEIGHT_DECAY}", f"seed={SEED}",
-        *[f"lora.{key}={value}" for key, value in LORA.items()], f"output_dir={out / 'run'}",
+        *[f"lora.{key}={value}" for key, value in LORA.items()], f"output_dir={out / 'run'}", *config.overrides,
     ]
-    run_train(*load_run_config(overrides))
+    train_command.run_train(*load_run_config(overrides))
     rows = [row for row in read_metrics(out / "run") if "loss" in row]
     log.step_end, log.loss = [row["time"] for row in rows], [row["loss"] for row in rows]
-    return summarize_worker(log, started, model.warmup, {"mixed_precision": "bf16" if config.bf16 else "no"})
+    return summarize_worker(log, started, model, {"mixed_precision": "bf16" if config.bf16 else "no"})
 
 
 def run_trl(config: Config, model: Model, out: Path, started: float) -> dict:
@@ -200,16 +216,16 @@ def run_trl(config: Config, model: Model, out: Path, started: float) -> dict:
         options["gradient_checkpointing"] = config.gradient_checkpointing
     args = SFTConfig(
         output_dir=str(out / "run"), max_steps=model.warmup + model.timed, per_device_train_batch_size=MICRO_BATCH,
-        gradient_accumulation_steps=GRAD_ACCUM, learning_rate=LR, lr_scheduler_type="cosine",
+        gradient_accumulation_steps=model.grad_accum, learning_rate=LR, lr_scheduler_type="cosine",
         warmup_steps=WARMUP_RATIO,  # transformers 5: a value below 1 is a fraction of the steps
-        weight_decay=WEIGHT_DECAY, max_grad_norm=1.0, max_length=MAX_LENGTH,
+        weight_decay=WEIGHT_DECAY, max_grad_norm=1.0, max_length=model.max_length,
         logging_steps=1, save_strategy="no", report_to="none", seed=SEED, data_seed=SEED, use_cpu=not cuda_available(),
         **options,
     )
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(model.path, dtype=getattr(torch, DTYPES[config.base_dtype])),
         args=args,
-        train_dataset=load_dataset("json", data_files=str(CHAT_TRAIN), split="train"),
+        train_dataset=load_dataset("json", data_files=str(model.data), split="train"),
         processing_class=AutoTokenizer.from_pretrained(model.path),
         peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                target_modules="all-linear", task_type="CAUSAL_LM"),
@@ -219,7 +235,7 @@ def run_trl(config: Config, model: Model, out: Path, started: float) -> dict:
     trainer.data_collator = lambda rows: log.count(collate(rows))
     trainer.train()
     log.loss = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return summarize_worker(log, started, model.warmup, {"mixed_precision": trainer.accelerator.mixed_precision})
+    return summarize_worker(log, started, model, {"mixed_precision": trainer.accelerator.mixed_precision})
 
 
 def cuda_available() -> bool:
@@ -232,7 +248,8 @@ def cuda_available() -> bool:
 def worker(args: argparse.Namespace) -> None:
     """Run one configuration and print its figures as one JSON line (the last line of stdout)."""
     config = next(c for c in ALL_CONFIGS if c.name == args.worker)
-    model = Model(args.model_name, Path(args.model_path), args.warmup, args.timed)
+    model = Model(args.model_name, Path(args.model_path), args.warmup, args.timed, max_length=args.max_length,
+                  grad_accum=args.grad_accum, data=Path(args.data))
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["FTUNE_CACHE"] = str(Path(tmp) / "cache")  # time data preparation, not a cache hit
         started = time.time()
@@ -243,22 +260,43 @@ def worker(args: argparse.Namespace) -> None:
 def run_config(config: Config, model: Model) -> dict:
     """One configuration in a fresh process."""
     command = [sys.executable, __file__, "--worker", config.name, "--model-name", model.name,
-               "--model-path", str(model.path), "--warmup", str(model.warmup), "--timed", str(model.timed)]
+               "--model-path", str(model.path), "--warmup", str(model.warmup), "--timed", str(model.timed),
+               "--max-length", str(model.max_length), "--grad-accum", str(model.grad_accum), "--data", str(model.data)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         sys.exit(f"bench: {config.name} on {model.name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def gemm_rate(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
-    """This machine's matmul throughput in FLOP/s for one dtype (n x n x n, best of `repeats` after a warm-up)."""
+GEMM_SIZES, GEMM_SECONDS = (1024, 2048, 4096), 2.0
+
+
+def gemm_rates() -> dict:
+    """This machine's sustained matmul rate per dtype: the best over sizes and thread counts.
+
+    Each (dtype, n, threads) multiplies two n x n matrices for at least GEMM_SECONDS after a warm-up; its rate
+    is the median call's. A single best call overstates a shared machine; one size or one thread count can
+    understate it (small sizes do not fill the cores, large ones spill the caches), hence the sweep.
+    """
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "no": torch.float32}[dtype_name]
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = min(timed_call(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best
+    threads_before = torch.get_num_threads()
+    table, best = [], {}
+    for name, dtype in (("bf16", torch.bfloat16), ("no", torch.float32)):
+        for n in GEMM_SIZES:
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            for threads in sorted({1, threads_before, os.cpu_count() or 1}):
+                torch.set_num_threads(threads)
+                a @ b
+                times, spent = [], 0.0
+                while spent < GEMM_SECONDS:
+                    times.append(timed_call(lambda: a @ b))  # noqa: B023 (called at once, in this iteration)
+                    spent += times[-1]
+                rate = 2 * n**3 / statistics.median(times)
+                table.append({"dtype": name, "n": n, "threads": threads, "flops": rate})
+                best[name] = max(best.get(name, 0.0), rate)
+    torch.set_num_threads(threads_before)
+    return {"best": best, "table": table}
 
 
 def timed_call(function) -> float:
@@ -278,12 +316,15 @@ def ensure_small_model(cache: Path) -> Path:
 
 
 def count_params(path: Path) -> int:
-    """Parameters of a saved model, from the meta device (no weights loaded)."""
+    """Parameters that take part in matmuls (all but untied input embeddings, a lookup), on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).parameters())
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    lookup = 0 if embedding is head else embedding.numel()
+    return sum(p.numel() for p in model.parameters()) - lookup
 
 
 def median_results(runs: list[dict]) -> dict:
@@ -343,6 +384,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration on the tiny model")
     parser.add_argument("--quick", action="store_true", help="tiny model, one repeat, 3 + 5 steps")
+    parser.add_argument("--unfused", action="store_true", help="bigvocab: also ftune with the full logits")
+    parser.add_argument("--only", choices=("all", "bigvocab", "headloss"), default="all",
+                        help="bigvocab: the 128,256-row vocabulary against TRL; headloss: the loss variants alone")
     parser.add_argument("--fp32", action="store_true", help="also run the fp32 pair (ftune grouped, TRL default)")
     parser.add_argument("--bf16-base", action="store_true", help="also run ftune and TRL with a bf16 frozen base")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ftune-bench")
@@ -351,6 +395,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--timed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help=argparse.SUPPRESS)
+    parser.add_argument("--grad-accum", type=int, default=GRAD_ACCUM, help=argparse.SUPPRESS)
+    parser.add_argument("--data", default=str(CHAT_TRAIN), help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -359,37 +406,153 @@ def main() -> None:
     if args.worker:
         return worker(args)
     started = time.time()
-    models = [Model("tiny", TINY_MODEL, warmup=3, timed=5 if args.quick else 12)]  # ~20 min in all on 2 cores
-    if not args.quick:
-        models.append(Model("small", ensure_small_model(args.cache), warmup=1, timed=4))
-    configs = (CONFIGS + ([] if args.quick else COMPILED_CONFIGS) + (BF16_BASE_CONFIGS if args.bf16_base else [])
-               + (FP32_CONFIGS if args.fp32 else []))
-    rates = {"bf16": gemm_rate("bf16"), "no": gemm_rate("no")}
-    report = {"date": date.today().isoformat(), "machine": machine(), "gemm_flops": rates, "models": {}}
-    for model in models:
-        model.params = count_params(model.path)
-        repeats = 1 if args.quick else (args.repeats if model.name == "tiny" else max(1, args.repeats - 1))
-        chosen = [c for c in configs if not (c.compile and model.name != "tiny")]  # compiling a 64M model: minutes
-        runs: dict[str, list[dict]] = {c.name: [] for c in chosen}
-        for repeat in range(repeats):
-            for config in chosen[repeat % len(chosen):] + chosen[: repeat % len(chosen)]:  # rotate the order
-                runs[config.name].append(run_config(config, model))
-                print(f"{model.name} repeat {repeat + 1}/{repeats} {config.name}: "
-                      f"{runs[config.name][-1]['real_tokens_per_s']:.0f} real tok/s", flush=True)
-        results = {name: median_results(r) for name, r in runs.items()}
-        for result in results.values():
-            add_mfu(result, model.params, rates)
-        head = headline(results)
-        print_table(model, results, head)
-        report["models"][model.name] = {"params": model.params, "warmup_steps": model.warmup,
-                                        "timed_steps": model.timed, "repeats": repeats, "results": results,
-                                        "runs": runs, **head}
-    report |= {k: report["models"]["tiny"][k] for k in headline_keys()}
+    report = {"date": date.today().isoformat(), "machine": machine(), "load_average_start": os.getloadavg()}
+    gemm = gemm_rates()
+    rates = gemm["best"]
+    report["gemm"] = gemm
+    print(f"GEMM (best sustained): bf16 {rates['bf16'] / 1e9:.0f}, fp32 {rates['no'] / 1e9:.0f} GFLOP/s", flush=True)
+    if args.only == "headloss":
+        report["head_loss"] = bench_head_loss()
+    elif args.only == "bigvocab":
+        model = Model("bigvocab", ensure_big_vocab_model(args.cache), warmup=1, timed=2, max_length=1024,
+                      grad_accum=1, data=ensure_long_texts(args.cache))
+        configs = BIG_VOCAB_CONFIGS if args.unfused else BIG_VOCAB_CONFIGS[:2]
+        report["models"] = {"bigvocab": bench_model(model, configs, args.repeats, rates, big_vocab_headline)}
+    else:
+        models = [Model("tiny", TINY_MODEL, warmup=3, timed=5 if args.quick else 12)]  # ~20 min in all on 2 cores
+        if not args.quick:
+            models.append(Model("small", ensure_small_model(args.cache), warmup=1, timed=4))
+        configs = (CONFIGS + ([] if args.quick else COMPILED_CONFIGS) + (BF16_BASE_CONFIGS if args.bf16_base else [])
+                   + (FP32_CONFIGS if args.fp32 else []))
+        report["models"] = {}
+        for model in models:
+            repeats = 1 if args.quick else (args.repeats if model.name == "tiny" else max(1, args.repeats - 1))
+            chosen = [c for c in configs if not (c.compile and model.name != "tiny")]  # compiling 64M: minutes
+            report["models"][model.name] = bench_model(model, chosen, repeats, rates, headline)
+        report |= {k: report["models"]["tiny"][k] for k in headline_keys()}
+    report["load_average_end"] = os.getloadavg()
     report["wall_s"] = round(time.time() - started, 1)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"done in {report['wall_s']:.0f}s")
+        write_report(args.json, report, args.only)
+    print(f"done in {report['wall_s']:.0f}s; load average {report['load_average_end'][0]:.1f} at the end")
+
+
+def bench_model(model: Model, configs: list[Config], repeats: int, rates: dict, head_of) -> dict:
+    """Every configuration on one model, `repeats` times with the order rotated; medians, MFU and headline."""
+    model.params = count_params(model.path)
+    runs: dict[str, list[dict]] = {c.name: [] for c in configs}
+    for repeat in range(repeats):
+        for config in configs[repeat % len(configs):] + configs[: repeat % len(configs)]:  # rotate the order
+            runs[config.name].append(run_config(config, model))
+            print(f"{model.name} repeat {repeat + 1}/{repeats} {config.name}: "
+                  f"{runs[config.name][-1]['real_tokens_per_s']:.0f} real tok/s, "
+                  f"peak RSS {runs[config.name][-1]['peak_rss_mb']:.0f} MB", flush=True)
+    results = {name: median_results(r) for name, r in runs.items()}
+    for result in results.values():
+        add_mfu(result, model.params, rates)
+    head = head_of(results)
+    print_table(model, results, head)
+    return {"params": model.params, "warmup_steps": model.warmup, "timed_steps": model.timed, "repeats": repeats,
+            "results": results, "runs": runs, **head}
+
+
+def big_vocab_headline(results: dict[str, dict]) -> dict:
+    """The large-vocabulary targets: ftune's peak RSS at most 0.6x TRL's, its tokens/s at least 2x."""
+    ftune, trl = results["ftune_bigvocab"], results["trl_bigvocab"]
+    rss = ftune["peak_rss_mb"] / trl["peak_rss_mb"]
+    speed = ftune["real_tokens_per_s"] / trl["real_tokens_per_s"]
+    head = {"rss_ratio_vs_trl": rss, "speed_ratio_vs_trl": speed, "rss_target_met": rss <= 0.6,
+            "speed_target_met": speed >= 2.0}
+    if unfused := results.get("ftune_bigvocab_unfused"):
+        head["unfused_rss_ratio_vs_trl"] = unfused["peak_rss_mb"] / trl["peak_rss_mb"]
+    return head
+
+
+def write_report(path: Path, report: dict, only: str) -> None:
+    """Write the report; a partial run (`--only`) updates its own sections of an existing file."""
+    existing = json.loads(path.read_text()) if path.is_file() and only != "all" else {}
+    if only != "all":
+        models = existing.get("models", {}) | report.pop("models", {})
+        report = existing | {f"{k}_{only}" if k.startswith("load_average") or k in ("date", "wall_s") else k: v
+                             for k, v in report.items()} | ({"models": models} if models else {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def ensure_big_vocab_model(cache: Path) -> Path:
+    """A random 2-layer Llama with Llama-3's 128,256-row vocabulary, with the embedded model's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = cache / "bigvocab"
+    if not (path / "config.json").is_file():
+        import torch
+
+        torch.manual_seed(SEED)
+        LlamaForCausalLM(LlamaConfig(**BIG_VOCAB)).save_pretrained(path)
+        AutoTokenizer.from_pretrained(TINY_MODEL).save_pretrained(path)
+    return path
+
+
+def ensure_long_texts(cache: Path, documents: int = 64, words: int = 1600) -> Path:
+    """`text` documents longer than 1,024 tokens (the shipped chat turns, concatenated), so every row is full."""
+    path = cache / "long_texts.jsonl"
+    if not path.is_file():
+        turns = [m["content"] for line in CHAT_TRAIN.read_text().splitlines() for m in json.loads(line)["messages"]]
+        stream = " ".join(turns).split()
+        texts = [" ".join(stream[(i * words + j) % len(stream)] for j in range(words)) for i in range(documents)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))  # wraps around the turns
+    return path
+
+
+def bench_head_loss(tokens: int = 1024, repeats: int = 2) -> dict:
+    """Forward + backward of the head and loss alone at the large-vocabulary shape (bf16 matmuls, frozen head).
+
+    The unfused loss against the chunked one, gradient precomputed in the forward or recomputed in the backward.
+    Seconds are the best of `repeats`; peak is the process's resident high-water mark during the call.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ftune.train.chunked import ChunkSpec, LinearHead, chunked_loss
+
+    torch.manual_seed(SEED)
+    hidden = torch.randn(tokens, BIG_VOCAB["hidden_size"], requires_grad=True)
+    weight = torch.randn(BIG_VOCAB["vocab_size"], BIG_VOCAB["hidden_size"]) * 0.02
+    targets = torch.randint(0, BIG_VOCAB["vocab_size"], (tokens,))
+
+    def unfused():
+        logits = (hidden.to(torch.bfloat16) @ weight.to(torch.bfloat16).T).float()
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+    def chunked(size: int, recompute: bool):
+        head = LinearHead((hidden,), (weight,), None, torch.bfloat16)
+        return lambda: chunked_loss(head, targets, ChunkSpec(size, recompute))["loss"]
+
+    cases = {"unfused": unfused, "precomputed_256": chunked(256, False), "recompute_256": chunked(256, True),
+             "precomputed_1024": chunked(1024, False), "recompute_1024": chunked(1024, True)}
+    results: dict[str, dict] = {name: {"seconds": math.inf, "peak_rss_mb": 0.0} for name in cases}
+    for _ in range(repeats):
+        for name, loss in cases.items():
+            hidden.grad = None
+            reset_peak_rss()
+            seconds = timed_call(lambda: loss().backward())  # noqa: B023 (called at once)
+            results[name] = {"seconds": min(results[name]["seconds"], seconds),
+                             "peak_rss_mb": max(results[name]["peak_rss_mb"], peak_rss_mb())}
+    for name, r in results.items():
+        print(f"head loss {name}: {r['seconds']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    return {"tokens": tokens, "shape": BIG_VOCAB, "results": results}
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's resident high-water mark (Linux: VmHWM) to its current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    """This process's resident high-water mark since the last reset, in MB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def headline_keys() -> tuple[str, ...]:

@@ -27,6 +27,7 @@ from ftune.report.metrics import MetricsLog, NullLog
 from ftune.train.artefacts import METRICS_FILE, draw_plots, save_final, write_summary
 from ftune.train.checkpoint import load_checkpoint, resolve_resume, save_trainable_weights_only
 from ftune.train.loop import TrainRun, fit, restore_best
+from ftune.train.losses import build_step_loss
 from ftune.train.optim import build_optimizer, build_scheduler, optimizer_steps
 from ftune.train.probe import base_probe_ppl, build_probe_loader
 from ftune.train.rundir import ResumeChanges, check_fresh_output_dir, compare_with_checkpoint_config, write_run_config
@@ -100,7 +101,8 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
         train_loader=loaders["train"], eval_loader=loaders.get("eval"), probe_loader=loaders.get("probe"),
         cfg=cfg.trainer, early_stop=cfg.early_stop, probe=cfg.probe, max_grad_norm=cfg.optim.max_grad_norm,
         total_steps=total_steps, run_dir=run_dir, log=open_log(cfg, resolved, accelerator, run_dir), state=state,
-        on_checkpoint=lambda: draw_plots(run_dir), teacher=teacher, distill=cfg.distill if teacher else None,
+        on_checkpoint=lambda: draw_plots(run_dir),
+        loss=build_step_loss(accelerator.unwrap_model(model), cfg.trainer, teacher, cfg.distill, len(tokenizer)),
     )
     if resume is not None:
         run.log.log(resume.as_row(state.step))

@@ -25,9 +25,13 @@ residual stream (the embeddings' dtype):
 - IA3 keeps what it rescales: the fp32-upcast input of a feed-forward projection (4·n), else the projection's
   output (e·n_out).
 Per forward, not per token: under autocast, a 16-bit copy of every floating weight not already in that dtype
-(autocast's weight cache, kept until the backward). Head: the final norm, lm_head's input if it trains, and
-the fp32 log-probabilities of the loss: 4·V (three such tensors when distilling: CE, and the student's and the
-teacher's tempered log-softmax of the KL term).
+(autocast's weight cache, kept until the backward). Head: the final norm, then
+- with the chunked loss (`trainer.loss_chunk_size` > 0, `train/chunked.py`): one w·h tensor per token, the
+  loss's gradient with respect to the hidden states computed in the forward (or, with `loss_recompute`, the
+  hidden states kept to recompute the logits from);
+- with the unfused loss: lm_head's input if it trains, and the fp32 log-probabilities of the loss: 4·V (three
+  such tensors when distilling: CE, and the student's and the teacher's tempered log-softmax of the KL term).
+The logits themselves are transient, counted apart by `logits_bytes`.
 
 With gradient checkpointing only each layer's input is kept (w·h per layer and token), plus, during the
 backward, one layer's working set as above.
@@ -151,13 +155,33 @@ def lora_bytes(shape: Shape, prec: Precision, sites: tuple[LoraSite, ...]) -> fl
     return total
 
 
-def head_token_bytes(shape: Shape, prec: Precision, head_trains: bool, norm_trains: bool, distill: bool) -> float:
-    """Bytes per token kept by the final norm, the output head and the loss."""
+def head_token_bytes(shape: Shape, prec: Precision, head_trains: bool, norm_trains: bool, distill: bool,
+                     chunked: bool) -> float:
+    """Bytes per token kept by the final norm, the output head and the loss (see the module docstring)."""
     h = shape.hidden
     norm = FP32 * h + FP32 + (prec.residual * h if norm_trains else 0)
+    if chunked:
+        return norm + prec.residual * h
     head_input = (prec.act if prec.autocast else prec.residual) * h if head_trains else 0
     log_probs = (3 if distill else 1) * FP32 * shape.vocab
     return norm + head_input + log_probs
+
+
+def logits_bytes(shape: Shape, prec: Precision, tokens: int, chunk: int, distill: bool, head_trains: bool) -> float:
+    """The loss's transient logits at their largest: the whole micro-batch's, or one chunk's.
+
+    Unfused: the head's output in the matmul dtype and its fp32 upcast (the saved log-probabilities are
+    activations). Chunked, per token of a chunk: the fp32 logits and logsumexp's fp32 temporary, plus under
+    autocast the 16-bit matmul output and the 16-bit gradient fed to the backward matmuls; distillation adds
+    the teacher's logits and the two tempered log-softmaxes and the teacher's probabilities (4 fp32 tensors).
+    With a trainable head the chunked loss also accumulates the head's weight gradient in fp32 (V·h·4).
+    """
+    cast = prec.act if prec.act != FP32 else 0
+    if chunk == 0:
+        return tokens * shape.vocab * (cast + FP32) * (2 if distill else 1)
+    per_element = 2 * FP32 + 2 * cast + (4 * FP32 if distill else 0)
+    weight_grad = FP32 * shape.vocab * shape.hidden if head_trains else 0
+    return min(chunk, tokens) * shape.vocab * per_element + weight_grad
 
 
 def activation_bytes(

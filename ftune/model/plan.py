@@ -6,6 +6,7 @@ it exactly as training does, and the counts and dtypes are read off its tensors.
 - gradients: the trainable tensors at their dtype;
 - optimizer state: by `optim.name` (`model/memory.py`);
 - activations: one micro-batch of `data.max_length` tokens (`model/activations.py`);
+- logits: the loss's transient logits, one chunk's (`trainer.loss_chunk_size`) or, unfused, the micro-batch's;
 - the distillation teacher's weights;
 divided by the distribution (`gpus=N sharding=none|zero2|zero3|fsdp`, see `memory.per_gpu`).
 """
@@ -55,10 +56,12 @@ class Memory:
     optimizer: float
     activations: float
     teacher: float = 0.0
+    logits: float = 0.0
+    """The loss's transient logits: one chunk's with the chunked loss, the micro-batch's without."""
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.teacher
+        return self.weights + self.grads + self.optimizer + self.activations + self.teacher + self.logits
 
 
 @dataclass
@@ -110,6 +113,7 @@ def plan_run(cfg: RunCfg, gpus: int = 1, sharding: str = "none", device: str = "
     notes["activations"] = f"{activation_total / tokens / 1024:.1f} KiB x {tokens} tokens"
     if model.config.model_type in LLAMA_LIKE:
         notes["activations"] += f" ({LLAMA_LIKE[model.config.model_type]})"
+    logits, notes["logits"] = logits_estimate(model, quantized, cfg, sharding, device, tokens)
     for part, how in sharding_notes(sharding, gpus).items():
         notes[part] += how
     total, trainable = count_parameters(model)
@@ -118,7 +122,7 @@ def plan_run(cfg: RunCfg, gpus: int = 1, sharding: str = "none", device: str = "
         gpus=gpus, sharding=sharding, micro_batch_size=cfg.trainer.micro_batch_size, seq_len=seq_len,
         grad_accum=cfg.trainer.grad_accum, effective_batch=effective_batch(cfg.trainer, gpus),
         gradient_checkpointing=cfg.model.gradient_checkpointing, total_params=total, trainable_params=trainable,
-        memory=Memory(weights, grads, optimizer, activation_total, teacher_bytes(cfg)), notes=notes,
+        memory=Memory(weights, grads, optimizer, activation_total, teacher_bytes(cfg), logits), notes=notes,
     )
 
 
@@ -186,24 +190,55 @@ def max_layer_bytes(model: torch.nn.Module, quantized: dict[int, int], cfg: RunC
     return max(memory.weights_bytes(unique_parameters(layer), quantized, cast) for layer in layers)
 
 
-def activation_estimate(
-    model: torch.nn.Module, quantized: dict[int, int], cfg: RunCfg, sharding: str, device: str
-) -> tuple[float, int]:
-    """Activation bytes of one micro-batch (plus autocast's weight copies), and the sequence length used."""
+def model_shape(model: torch.nn.Module) -> act.Shape:
+    """The decoder's dimensions that activations scale with."""
     config = decoder_of(model).config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    shape = act.Shape(
+    return act.Shape(
         hidden=config.hidden_size, intermediate=config.intermediate_size,
         q_dim=config.num_attention_heads * head_dim, kv_dim=config.num_key_value_heads * head_dim,
         heads=config.num_attention_heads, vocab=config.vocab_size,
     )
+
+
+def logits_estimate(model: torch.nn.Module, quantized: dict[int, int], cfg: RunCfg, sharding: str, device: str,
+                    tokens: int) -> tuple[float, str]:
+    """The loss's transient logits for this run, and the note comparing chunked with unfused."""
+    shape = model_shape(model)
+    prec = precision(model, cfg, sharding, device, four_bit=bool(quantized) and cfg.quant.bits == 4)
+    distill, trains = cfg.distill.teacher is not None, head_trains(model)
+    chunk = loss_chunk(cfg, sharding)
+    chunked = act.logits_bytes(shape, prec, tokens, chunk, distill, trains)
+    unfused = act.logits_bytes(shape, prec, tokens, 0, distill, trains)
+    how = f"chunks of {chunk} tokens (unfused: {unfused / GIB:.2f} GiB)" if chunk else "unfused (full logits)"
+    return chunked, how
+
+
+def loss_chunk(cfg: RunCfg, sharding: str) -> int:
+    """The loss's chunk size this run will use: 0 (full logits) where ZeRO-3 or FSDP shard the head's weight.
+
+    The chunked loss reads the head's weight outside the model's forward, where only a shard of it exists
+    (`train/head.py` falls back to the unfused loss there).
+    """
+    return 0 if sharding in ("zero3", "fsdp") else cfg.trainer.loss_chunk_size
+
+
+def head_trains(model: torch.nn.Module) -> bool:
+    """Whether the output head has a trainable weight (full fine-tuning, LoRA on it, modules_to_save)."""
+    return any(p.requires_grad for p in model.get_output_embeddings().parameters())
+
+
+def activation_estimate(
+    model: torch.nn.Module, quantized: dict[int, int], cfg: RunCfg, sharding: str, device: str
+) -> tuple[float, int]:
+    """Activation bytes of one micro-batch (plus autocast's weight copies), and the sequence length used."""
+    shape = model_shape(model)
     prec = precision(model, cfg, sharding, device, four_bit=bool(quantized) and cfg.quant.bits == 4)
     seq_len = cfg.data.max_length + (cfg.method.num_virtual_tokens if cfg.method.name == "prompt_tuning" else 0)
     decoder = decoder_of(model)
     layers = [layer_training(layer) for layer in decoder.layers]
-    head_trains = any(p.requires_grad for p in model.get_output_embeddings().parameters())
-    head = act.head_token_bytes(shape, prec, head_trains, decoder.norm.weight.requires_grad,
-                                cfg.distill.teacher is not None)
+    head = act.head_token_bytes(shape, prec, head_trains(model), decoder.norm.weight.requires_grad,
+                                cfg.distill.teacher is not None, loss_chunk(cfg, sharding) > 0)
     eager = cfg.model.attn_implementation == "eager"
     total = act.activation_bytes(shape, prec, layers, head, cfg.trainer.micro_batch_size * seq_len, seq_len,
                                  eager, cfg.model.gradient_checkpointing)
@@ -352,6 +387,7 @@ def plan_rows(plan: Plan) -> dict[str, str]:
         "gradients": f"{mem.grads / GIB:.2f} GiB   {plan.notes.get('gradients', '')}",
         "optimizer state": f"{mem.optimizer / GIB:.2f} GiB   {plan.notes.get('optimizer', '')}",
         "activations": f"{mem.activations / GIB:.2f} GiB   {plan.notes.get('activations', '')}",
+        "logits": f"{mem.logits / GIB:.2f} GiB   {plan.notes.get('logits', '')}",
     }
     if mem.teacher:
         rows["teacher weights"] = f"{mem.teacher / GIB:.2f} GiB"

@@ -10,6 +10,7 @@ import resource
 import time
 from pathlib import Path
 
+import torch
 from transformers import GenerationConfig
 
 from ftune.atomic import atomic_dir, write_text
@@ -68,6 +69,16 @@ def draw_plots(run_dir: Path) -> None:
     write_plots(read_metrics(run_dir), run_dir / "plots")
 
 
+def peak_accelerator_memory(device: torch.device) -> dict[str, float]:
+    """`peak_accelerator_mb`: the most memory torch's allocator held on a CUDA device during the run; {} on CPU.
+
+    RSS says nothing about GPU memory, and this is the figure `ftune plan` estimates.
+    """
+    if device.type != "cuda":
+        return {}
+    return {"peak_accelerator_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+
+
 def write_summary(run: TrainRun, stop_reason: str, final_step: int | None, started: float,
                   resume: ResumeChanges | None) -> dict:
     """summary.json: why the run ended, the best evaluation, totals, losses, parameters, time and peak memory."""
@@ -91,6 +102,7 @@ def write_summary(run: TrainRun, stop_reason: str, final_step: int | None, start
         "total_params": total_params,
         "wall_time_s": round(time.perf_counter() - started, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **peak_accelerator_memory(run.accelerator.device),
     }
     if resume is not None:
         summary["resume_changed"], summary["resume_forced"] = resume.applied, resume.forced

@@ -4,12 +4,15 @@ import math
 
 import torch
 
-from ftune.train.losses import MODEL_INPUTS, cross_entropy_sum, learned_token_count
+from ftune.train.losses import UNFUSED, StepLoss, learned_token_count
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, accelerator, max_batches: int = -1) -> dict[str, float]:
-    """Mean loss per learned token over the loader (all processes), and its perplexity."""
+def evaluate_loss(model, loader, accelerator, max_batches: int = -1, loss: StepLoss = UNFUSED) -> dict[str, float]:
+    """Mean loss per learned token over the loader (all processes), and its perplexity.
+
+    Training passes its own (chunked) cross-entropy as `loss`, so evaluation holds no full logits either.
+    """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -17,8 +20,7 @@ def evaluate_loss(model, loader, accelerator, max_batches: int = -1) -> dict[str
     for index, batch in enumerate(loader):
         if index == max_batches:
             break
-        logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
-        loss_sum += cross_entropy_sum(logits, batch["labels"])
+        loss_sum += loss(model, batch)["loss"]
         count += learned_token_count(batch["labels"])
     model.train(was_training)
     loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")

@@ -1,7 +1,8 @@
 """The training loop: one loop for every method (LoRA, QLoRA, full), readable top to bottom.
 
-Each optimizer step, in order: take the step's micro-batches -> forward and backward each -> guard against
-a non-finite loss -> clip, step, schedule, zero -> log -> evaluate (loss, forgetting probe, early stopping)
+Each optimizer step, in order: take the step's micro-batches -> forward and backward each -> clip -> read
+the step's figures from the device (once) -> guard against a non-finite loss -> step, schedule, zero -> log
+-> evaluate (loss, forgetting probe, early stopping)
 -> checkpoint -> stop check. accelerate only places tensors, autocasts and synchronises gradients.
 """
 
@@ -18,7 +19,7 @@ from accelerate import Accelerator
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
-from ftune.config.schema import DistillCfg, EarlyStopCfg, ProbeCfg, TrainerCfg
+from ftune.config.schema import EarlyStopCfg, ProbeCfg, TrainerCfg
 from ftune.errors import GuardStop
 from ftune.model.moe import add_router_loss
 from ftune.report.console import TrainProgress, print_table
@@ -27,7 +28,7 @@ from ftune.train.checkpoint import best_checkpoint, save_checkpoint
 from ftune.train.early_stop import judge
 from ftune.train.evaluate import evaluate_loss
 from ftune.train.interrupt import StopSignals
-from ftune.train.losses import MODEL_INPUTS, learned_token_count, step_loss
+from ftune.train.losses import StepLoss, learned_token_count
 from ftune.train.probe import probe_ppl
 from ftune.train.state import TrainState
 
@@ -51,12 +52,10 @@ class TrainRun:
     run_dir: Path
     log: MetricsLog | NullLog
     state: TrainState
+    loss: StepLoss
+    """The micro-batch's loss (plain or distillation, chunked or not), built once at setup."""
     on_checkpoint: Callable[[], None] | None = None
     """Called on the main process after each checkpoint (e.g. to redraw plots)."""
-    teacher: torch.nn.Module | None = None
-    """Frozen teacher for distillation (with `distill`), else None."""
-    distill: DistillCfg | None = None
-    """The distillation settings when distilling."""
 
 
 def fit(run: TrainRun) -> tuple[str, int]:
@@ -68,13 +67,15 @@ def fit(run: TrainRun) -> tuple[str, int]:
     with progress_bar as progress, StopSignals() as signals:
         for batches in step_batches(run, epochs):
             losses, learned, tokens = forward_backward(run, batches)
-            guard_finite(run, losses["loss"])
             lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on in the step)
-            grad_norm = optimizer_step(run)
-            state.advance(tokens=int(tokens), learned_tokens=int(learned))
+            grad_norm = clip_gradients(run)
+            values = to_host(losses | {"learned": learned, "tokens": tokens, "grad_norm": grad_norm})
+            guard_finite(run, values["loss"])
+            optimizer_step(run)
+            state.advance(tokens=int(values["tokens"]), learned_tokens=int(values["learned"]))
             last = state.step >= run.total_steps
-            row = log_step(run, {k: v / learned.clamp(min=1) for k, v in losses.items()}, lr, grad_norm, clock) \
-                if due(state.step, cfg.log_every) or last else None
+            row = log_step(run, {k: values[k] / max(values["learned"], 1) for k in losses}, lr, values["grad_norm"],
+                           clock) if due(state.step, cfg.log_every) or last else None
             progress.update(state.step, row)
             verdict = evaluate(run) if due(state.step, cfg.eval_every) or last else None
             keep_best = verdict and verdict.improved and cfg.final_weights == "best"  # final/ will reload it
@@ -126,8 +127,7 @@ def forward_backward(run: TrainRun, batches: list[dict]) -> tuple[dict[str, torc
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         with nullcontext() if last else acc.no_sync(model):
-            inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-            parts = step_loss(model, batch, inputs, run.teacher, run.distill)
+            parts = run.loss(model, batch)
             parts = add_router_loss(acc.unwrap_model(model), batch, parts,  # MoE only (model/moe.py)
                                     learned_token_count(batch["labels"]))
             acc.backward(parts["loss"] * scale)
@@ -136,40 +136,58 @@ def forward_backward(run: TrainRun, batches: list[dict]) -> tuple[dict[str, torc
     return {k: acc.reduce(v, "sum") for k, v in sums.items()}, learned, tokens
 
 
-def guard_finite(run: TrainRun, loss_sum: torch.Tensor) -> None:
+def to_host(values: dict[str, torch.Tensor | float | None]) -> dict[str, float]:
+    """The step's figures (loss sums, token counts, gradient norm) read from the device in one transfer.
+
+    Each `.item()` or `int()` of a device tensor makes the host wait for the device to drain its queue, so the
+    step reads everything it needs at once, after the backward and the clipping norm are queued: one wait per
+    step instead of one per figure. The NaN guard needs the loss before the optimizer steps, which is why one
+    remains. Counts are exact in float64 (below 2^53).
+    """
+    device = values["loss"].device
+    stacked = torch.stack([  # DeepSpeed's clipping returns a float, or None before its first step
+        torch.as_tensor(math.nan if v is None else v, dtype=torch.float64, device=device).detach().reshape(())
+        for v in values.values()
+    ])
+    return dict(zip(values, stacked.tolist(), strict=True))
+
+
+def guard_finite(run: TrainRun, loss_sum: float) -> None:
     """With `trainer.nan_guard`, stop before a non-finite loss reaches the weights (exit code 3).
 
     The optimizer has not stepped yet, so the checkpoint saved here holds the last good weights.
     """
-    if run.cfg.nan_guard and not torch.isfinite(loss_sum).item():
+    if run.cfg.nan_guard and not math.isfinite(loss_sum):
         step = run.state.step + 1
         run.optimizer.zero_grad(set_to_none=True)
         checkpoint(run)
-        run.log.log({"step": step, "event": "nan_guard", "loss": float(loss_sum)})
-        raise GuardStop(f"step {step}: the loss is {float(loss_sum)}", "the last good state is checkpointed; "
+        run.log.log({"step": step, "event": "nan_guard", "loss": loss_sum})
+        raise GuardStop(f"step {step}: the loss is {loss_sum}", "the last good state is checkpointed; "
                         "lower optim.lr or check the data, then resume=auto")
 
 
-def optimizer_step(run: TrainRun) -> torch.Tensor:
-    """Clip (an infinite bound when clipping is off, to still measure the norm), step, schedule, zero."""
+def clip_gradients(run: TrainRun) -> torch.Tensor:
+    """Clip to `optim.max_grad_norm` (an infinite bound when clipping is off, to still measure the norm)."""
     max_norm = run.max_grad_norm if run.max_grad_norm > 0 else math.inf
-    grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
+    return run.accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
+
+
+def optimizer_step(run: TrainRun) -> None:
+    """Step, schedule, zero."""
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return grad_norm
 
 
-def log_step(run: TrainRun, losses: dict[str, torch.Tensor], lr: float, grad_norm: torch.Tensor,
-             clock: "Throughput") -> dict:
-    """Write one training row (every `trainer.log_every` steps): its `.item()` calls wait for the device."""
+def log_step(run: TrainRun, losses: dict[str, float], lr: float, grad_norm: float, clock: "Throughput") -> dict:
+    """Write one training row (every `trainer.log_every` steps), from values already on the host."""
     state = run.state
     row = {
         "step": state.step,
         "epoch": epochs_done(run),
-        **{name: value.item() for name, value in losses.items()},
+        **losses,
         "lr": lr,
-        "grad_norm": float(grad_norm),
+        "grad_norm": grad_norm,
         "tokens": state.tokens,
         "learned_tokens": state.learned_tokens,
         "tokens_per_s": clock.rate(),
@@ -183,10 +201,11 @@ def evaluate(run: TrainRun):
     """Validation loss, forgetting probe and the early-stopping verdict; logs one row and prints it."""
     row = {"step": run.state.step}
     if run.eval_loader is not None:
-        result = evaluate_loss(run.model, run.eval_loader, run.accelerator, run.cfg.eval_batches)
+        result = evaluate_loss(run.model, run.eval_loader, run.accelerator, run.cfg.eval_batches,
+                               run.loss.without_teacher())
         row |= {"eval_loss": result["loss"], "eval_ppl": result["ppl"]}
     if run.probe_loader is not None:
-        ppl = probe_ppl(run.model, run.probe_loader, run.accelerator)
+        ppl = probe_ppl(run.model, run.probe_loader, run.accelerator, run.loss.without_teacher())
         row |= {"probe_ppl": ppl, "probe_drift": ppl / run.state.base_probe_ppl - 1.0}
     verdict = judge(run.state, row, run.early_stop, run.probe.max_drift) if len(row) > 1 else None
     run.log.log(row)

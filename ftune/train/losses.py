@@ -1,14 +1,25 @@
-"""Token-level losses: cross-entropy, and distillation from a teacher.
+"""Token-level losses: cross-entropy, and distillation from a teacher; the step's loss function, built once.
 
 They return sums, not means: the loop divides by the learned tokens of the whole optimizer step, so every
 token weighs the same whatever micro-batch or rank it lands on.
+
+By default (`trainer.loss_chunk_size` > 0) the step's loss never materialises the `[tokens, vocab]` logits:
+the head and the loss run chunk by chunk over the last hidden states (`train/chunked.py`, `train/head.py`).
+The functions on logits below are the unfused definition, used with `trainer.loss_chunk_size=0`, for heads
+the chunked path cannot take apart, and by `ftune eval`.
 """
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ftune.config.schema import DistillCfg
+from ftune.config.schema import DistillCfg, TrainerCfg
 from ftune.data.mask import IGNORE_INDEX
+from ftune.model.dtypes import DTYPES
+from ftune.train.chunked import ChunkSpec, chunked_loss
+from ftune.train.head import captured_head_input, linear_head, unsupported_reason
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 """Batch keys the model reads; packed batches carry position_ids (and a 4D mask, or none for flash-attn)."""
@@ -41,13 +52,14 @@ def learned_token_count(labels: torch.Tensor) -> torch.Tensor:
 
 
 def distillation_sums(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, cfg: DistillCfg
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, cfg: DistillCfg,
+    vocab: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Distillation loss terms summed over the learned tokens (shifted label not IGNORE_INDEX).
 
     Per token, with temperature T and weight alpha:
         ce_loss = CE(student, label)
-        kd_loss = T^2 * KL(softmax(teacher / T) || softmax(student / T))
+        kd_loss = T^2 * KL(softmax(teacher[:vocab] / T) || softmax(student[:vocab] / T))
         loss    = alpha * ce_loss + (1 - alpha) * kd_loss
     T^2 keeps the KL gradients' scale independent of T (Hinton et al., 2015). Only learned tokens are kept
     before the fp32 upcast, so prompts and padding cost no memory here.
@@ -57,6 +69,8 @@ def distillation_sums(
         teacher_logits: (batch, length, vocab) for the same inputs.
         labels: (batch, length) with IGNORE_INDEX where nothing is learned.
         cfg: alpha and temperature.
+        vocab: the KL compares the first `vocab` logits of both (the tokenizer's vocabulary: embedding rows
+            past it are padding, and the two models may pad differently); None compares the common width.
 
     Returns:
         `loss`, `ce_loss` and `kd_loss`, each a sum over the learned tokens.
@@ -67,9 +81,10 @@ def distillation_sums(
     student, teacher, targets = student[learned].float(), teacher[learned].float(), flat_labels[learned]
     temperature = cfg.temperature
     ce = F.cross_entropy(student, targets, reduction="sum")
+    vocab = vocab or min(student.size(-1), teacher.size(-1))
     kl = F.kl_div(
-        F.log_softmax(student / temperature, dim=-1),
-        F.log_softmax(teacher / temperature, dim=-1),
+        F.log_softmax(student[:, :vocab] / temperature, dim=-1),
+        F.log_softmax(teacher[:, :vocab] / temperature, dim=-1),
         reduction="sum",
         log_target=True,
     )
@@ -77,15 +92,111 @@ def distillation_sums(
     return {"loss": cfg.alpha * ce + (1 - cfg.alpha) * kd, "ce_loss": ce, "kd_loss": kd}
 
 
-def step_loss(model, batch: dict, model_inputs: dict, teacher=None, distill=None) -> dict[str, torch.Tensor]:
-    """Summed loss terms of one micro-batch; `loss` is what is backpropagated.
+def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """The batch tensors the model reads (not labels or token counts)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
-    Plain fine-tuning has only `loss` (the cross-entropy). Distillation (a teacher and `DistillCfg`) adds
-    `ce_loss` and `kd_loss`, each summed over the learned tokens, so the loop normalises all terms alike.
+
+@dataclass(frozen=True)
+class StepLoss:
+    """The loss of one micro-batch, `loss(model, batch) -> sums`, built once at setup by `build_step_loss`.
+
+    `loss` is what is backpropagated. Plain fine-tuning returns only `loss` (the cross-entropy); distillation
+    adds `ce_loss` and `kd_loss`, each summed over the learned tokens, so the loop normalises all terms alike.
     """
-    logits = model(**model_inputs).logits
-    if teacher is None:
-        return {"loss": cross_entropy_sum(logits, batch["labels"])}
-    with torch.no_grad():  # the teacher only supplies targets: no graph, no activations kept
-        teacher_logits = teacher(**model_inputs).logits
-    return distillation_sums(logits, teacher_logits, batch["labels"], distill)
+
+    head: torch.nn.Module | None
+    """The student's output head (unwrapped) when the loss is chunked; None computes the full logits."""
+    spec: ChunkSpec
+    dtype: torch.dtype | None = None
+    """The head's matmul dtype: the autocast dtype under mixed precision (the loss runs outside autocast)."""
+    teacher: torch.nn.Module | None = None
+    distill: DistillCfg | None = None
+    vocab: int | None = None
+    """The tokenizer's vocabulary size: the KL compares the heads' first `vocab` rows."""
+
+    def __call__(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        inputs, labels = model_inputs(batch), batch["labels"]
+        if self.head is None:
+            return self.unfused(model, inputs, labels)
+        hidden = head_input(model, self.head, inputs)
+        rows, targets, learned = shifted_rows(hidden, labels)
+        teacher = None
+        if self.teacher is not None:
+            with torch.no_grad():  # the teacher only supplies targets: no graph, no activations kept
+                teacher_rows = shifted_rows(head_input(self.teacher, output_head(self.teacher), inputs), labels,
+                                            learned)[0]
+            teacher = linear_head(output_head(self.teacher), teacher_rows, None)
+        return chunked_loss(linear_head(self.head, rows, self.dtype), targets, self.spec, teacher)
+
+    def unfused(self, model, inputs: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss from the full logits."""
+        logits = model(**inputs).logits
+        if self.teacher is None:
+            return {"loss": cross_entropy_sum(logits, labels)}
+        with torch.no_grad():
+            teacher_logits = self.teacher(**inputs).logits
+        return distillation_sums(logits, teacher_logits, labels, self.distill, self.vocab)
+
+    def without_teacher(self) -> "StepLoss":
+        """The plain cross-entropy computed the same way: what evaluation measures."""
+        return dataclasses.replace(self, spec=dataclasses.replace(self.spec, alpha=1.0), teacher=None, distill=None)
+
+
+UNFUSED = StepLoss(None, ChunkSpec(0))
+"""The plain cross-entropy from the full logits (`ftune eval`, and tests that compare against it)."""
+
+
+def build_step_loss(model, trainer: TrainerCfg, teacher=None, distill: DistillCfg | None = None,
+                    vocab: int | None = None) -> StepLoss:
+    """The step's loss function for this run: chunked over the head unless it is off or cannot be.
+
+    Args:
+        model: the student, unwrapped (its head is taken apart by `train/head.py`).
+        trainer: `loss_chunk_size`, `loss_recompute` and `mixed_precision`.
+        teacher: the frozen distillation teacher, or None.
+        distill: alpha and temperature (with a teacher).
+        vocab: the tokenizer's vocabulary size (distillation compares that many rows of both heads).
+
+    Returns:
+        The loss; with a head the chunked path cannot take apart, or `loss_chunk_size=0`, the unfused one.
+    """
+    head = output_head(model)
+    chunked = trainer.loss_chunk_size > 0 and unsupported_reason(head) is None \
+        and (teacher is None or unsupported_reason(output_head(teacher)) is None)
+    spec = ChunkSpec(trainer.loss_chunk_size, trainer.loss_recompute)
+    if teacher is not None:
+        spec = dataclasses.replace(spec, alpha=distill.alpha, temperature=distill.temperature, vocab=vocab)
+    dtype = DTYPES.get(trainer.mixed_precision)  # None for "no"
+    return StepLoss(head if chunked else None, spec, dtype, teacher, distill if teacher is not None else None, vocab)
+
+
+def output_head(model) -> torch.nn.Module:
+    """The model's output layer (through PEFT's wrappers, which forward `get_output_embeddings`)."""
+    return model.get_output_embeddings()
+
+
+def head_input(model, head: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """Run `model` on `inputs` without computing its logits; returns the last hidden states (the head's input)."""
+    with captured_head_input(head) as captured:
+        model(**inputs)
+    return captured[-1]
+
+
+def shifted_rows(
+    hidden: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Hidden rows aligned with their next-token targets, as (tokens, hidden) and (tokens,).
+
+    Prompt tuning's leading virtual positions are dropped (`text_logits`). On CPU only the learned rows are
+    kept (`keep`, or computed here and returned for the teacher): the head then does no work on prompts and
+    padding. On accelerators every row goes through (ignored ones masked), because selecting them would make
+    the host wait for the device to learn how many there are.
+    """
+    hidden = text_logits(hidden, labels)
+    rows, targets = hidden[:, :-1].reshape(-1, hidden.size(-1)), labels[:, 1:].reshape(-1)
+    if keep is None and hidden.device.type == "cpu":
+        keep = targets != IGNORE_INDEX
+    if keep is None:
+        return rows, targets, None
+    return rows[keep], targets[keep], keep

@@ -15,6 +15,7 @@ from ftune.data.formats import load_texts
 from ftune.data.labels import tokenize_text
 from ftune.data.pipeline import private_generator
 from ftune.train.evaluate import evaluate_loss
+from ftune.train.losses import UNFUSED, StepLoss
 
 
 def build_probe_loader(cfg: ProbeCfg, tokenizer, batch_size: int):
@@ -29,9 +30,9 @@ def build_probe_loader(cfg: ProbeCfg, tokenizer, batch_size: int):
                       generator=private_generator())
 
 
-def probe_ppl(model, loader, accelerator) -> float:
-    """Perplexity of `model` on the probe loader."""
-    return evaluate_loss(model, loader, accelerator)["ppl"]
+def probe_ppl(model, loader, accelerator, loss: StepLoss = UNFUSED) -> float:
+    """Perplexity of `model` on the probe loader (`loss`: the training run's cross-entropy, see evaluate_loss)."""
+    return evaluate_loss(model, loader, accelerator, loss=loss)["ppl"]
 
 
 def base_probe_ppl(model, loader, accelerator, model_cfg: ModelCfg, probe_cfg: ProbeCfg) -> float:

@@ -14,7 +14,11 @@ The plan (estimated for CPU: dropout masks are float there) must agree within 15
 import collections
 import contextlib
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,12 +29,13 @@ from ftune.model import memory
 from ftune.model.load import count_parameters, prepare_model
 from ftune.model.meta import decoder_of
 from ftune.model.plan import GIB, distribution_from_env, plan_run
-from ftune.train.losses import cross_entropy_sum
+from ftune.train.losses import build_step_loss
 from ftune.train.optim import build_optimizer
 
 TOLERANCE = 0.15
 SHORT = ["data.max_length=256", "trainer.micro_batch_size=4"]
 VOCAB = 4096
+BIG_VOCAB = 128_256
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +48,19 @@ def tiny_dir(tmp_path_factory):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=True)
     path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def big_vocab_dir(tmp_path_factory):
+    """A random 2-layer Llama with Llama-3's vocabulary (128,256 rows): the head dominates the step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=BIG_VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    path = tmp_path_factory.mktemp("bigvocab")
     LlamaForCausalLM(config).save_pretrained(path)
     return path
 
@@ -83,13 +101,14 @@ def measure_step(cfg) -> tuple[dict[str, int], dict, torch.nn.Module]:
             saved.setdefault(key, (layer[0], tensor.untyped_storage().nbytes()))
         return tensor
 
-    ids = torch.randint(0, VOCAB, (cfg.trainer.micro_batch_size, cfg.data.max_length))
+    loss_fn = build_step_loss(model, cfg.trainer)
+    ids = torch.randint(0, model.config.vocab_size, (cfg.trainer.micro_batch_size, cfg.data.max_length))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.trainer.mixed_precision == "bf16" \
         else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with autocast:  # accelerate autocasts the model's forward only, not the loss
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-        loss = cross_entropy_sum(logits, ids)
+        with autocast:  # accelerate autocasts only the model's forward; the loss picks the same matmul dtype
+            loss = loss_fn(model, batch)["loss"]
     loss.backward()
     optimizer.step()
     by_layer = collections.Counter()
@@ -153,6 +172,61 @@ def test_cuda_estimate_counts_bool_dropout_masks(tiny_dir):
     cpu, cuda = plan_run(cfg, device="cpu").memory, plan_run(cfg, device="cuda").memory
     tokens, fan_ins = 4 * 256, 6 * 256 + 688  # 7 LoRA sites per layer: q, k, v, o, gate, up (256 in), down (688)
     assert cpu.activations - cuda.activations == (4 - 1) * fan_ins * 6 * tokens  # fp32 masks vs bool, 6 layers
+
+
+@pytest.mark.parametrize("chunk", [256, 0], ids=["chunked", "unfused"])
+def test_large_vocabulary_activations_match_a_measured_step(big_vocab_dir, chunk):
+    cfg = run_config(big_vocab_dir, "recipe=tiny_lora", f"trainer.loss_chunk_size={chunk}")
+    measured, _, _ = measure_step(cfg)
+    plan = plan_run(cfg, device="cpu").memory
+    for part in ("weights", "grads", "optimizer"):
+        assert getattr(plan, part) == measured[part], part
+    assert abs(plan.activations / measured["activations"] - 1) < TOLERANCE
+
+
+PEAK_SCRIPT = """
+import json, sys, torch
+from ftune.config.compose import load_run_config
+from ftune.model.load import prepare_model
+from ftune.train.losses import build_step_loss
+from ftune.train.optim import build_optimizer
+
+def status(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+
+cfg = load_run_config(sys.argv[1:])[0]
+baseline = status("VmRSS:")
+model = prepare_model(cfg)
+model.train()
+optimizer, loss_fn = build_optimizer(model, cfg.optim), build_step_loss(model, cfg.trainer)
+ids = torch.randint(0, model.config.vocab_size, (cfg.trainer.micro_batch_size, cfg.data.max_length))
+batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+for step in range(2):  # the second step: optimizer state exists, as in every step after the first
+    if step:
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(model, batch)["loss"]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+print(json.dumps({"peak": status("VmHWM:") - baseline}))
+"""
+
+
+@pytest.mark.parametrize("chunk", [256, 0], ids=["chunked", "unfused"])
+def test_large_vocabulary_plan_matches_the_measured_peak(big_vocab_dir, chunk):
+    """The plan's total against the peak resident memory of a real CPU step, above the process's baseline.
+
+    Run in a fresh process with glibc's mmap threshold fixed at 64 KiB, so every tensor of any size is
+    returned to the system when freed and the resident high-water mark follows the live tensors.
+    """
+    overrides = ["recipe=tiny_lora", f"model.name_or_path={big_vocab_dir}", *SHORT, f"trainer.loss_chunk_size={chunk}"]
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *overrides], capture_output=True, text=True, env=env,
+                          check=True)
+    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak"]
+    plan = plan_run(load_run_config(overrides)[0], device="cpu").memory
+    assert abs(plan.total / peak - 1) < TOLERANCE, (plan, peak)
 
 
 # Hand arithmetic on the shipped public configs (configs/hub): what a README can show.
@@ -241,9 +315,16 @@ def test_lora_7b_activations_by_hand():
     # lora_A's bf16 input and output
     layer = 2 * (4 * h + 4) + 2 * 4 * h + 4 * heads + 3 * 2 * inter \
         + 6 * (h * (1 + 2) + 2 * r) + (inter * (1 + 2) + 2 * r)
-    head = 4 * h + 4 + 4 * vocab  # final norm, fp32 log-probabilities of the loss
+    head = 4 * h + 4 + 2 * h  # final norm; the chunked loss's bf16 gradient of the hidden states (no log-probs)
     lora_copies = 2 * r * (4 * 2 * h + 3 * (h + inter))  # autocast's bf16 copies of one layer's fp32 LoRA weights
-    assert plan_run(cfg).memory.activations == tokens * (kept + layer + head) + lora_copies
+    plan = plan_run(cfg).memory
+    assert plan.activations == tokens * (kept + layer + head) + lora_copies
+    chunk = cfg.trainer.loss_chunk_size
+    # one chunk's logits: fp32 logits and logsumexp's fp32 temporary, the bf16 matmul output and bf16 gradient
+    assert plan.logits == chunk * vocab * (4 + 4 + 2 + 2)
+    unfused = plan_run(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, loss_chunk_size=0)))
+    assert unfused.memory.logits == tokens * vocab * (2 + 4)  # the bf16 logits and their fp32 upcast
+    assert unfused.memory.activations - plan.activations == tokens * (4 * vocab - 2 * h)  # + fp32 log-probs
 
 
 def test_bad_distribution_and_unknown_model(tiny_dir):

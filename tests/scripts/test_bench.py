@@ -31,7 +31,8 @@ def test_counts_real_slots_and_learned_tokens_of_padded_packed_and_padding_free_
 def test_throughput_skips_the_warm_up_steps_batches_and_seconds():
     log = bench.StepLog(real=[100] * 2 + [10] * 4, slots=[200] * 6, learned=[50] * 2 + [5] * 4,
                         step_end=[1000.0, 1002.0, 1003.0], loss=[3.0, 2.0, 1.0])
-    result = bench.summarize_worker(log, started=990.0, warmup=1, extra={"mixed_precision": "bf16"})
+    model = bench.Model("m", Path("m"), warmup=1, timed=2, grad_accum=2)
+    result = bench.summarize_worker(log, started=990.0, model=model, extra={"mixed_precision": "bf16"})
     assert result["real_tokens_per_s"] == pytest.approx(40 / 3)  # steps 2-3: 4 micro-batches in 3 s
     assert result["learned_tokens_per_s"] == pytest.approx(20 / 3)
     assert result["first_step_s"] == pytest.approx(10.0)

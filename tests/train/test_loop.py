@@ -5,9 +5,11 @@ from types import SimpleNamespace
 import torch
 from accelerate import Accelerator
 
+from ftune.config.schema import TrainerCfg
 from ftune.data.collate import PadCollator
 from ftune.data.mask import IGNORE_INDEX
-from ftune.train.loop import due, forward_backward
+from ftune.train.loop import due, forward_backward, to_host
+from ftune.train.losses import build_step_loss
 
 
 def ragged_examples(n: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -26,7 +28,8 @@ def step_gradient(model, examples: list[dict], micro_batch: int) -> dict[str, to
     model.zero_grad(set_to_none=True)
     collate = PadCollator(pad_token_id=0, pad_to_multiple_of=1)
     batches = [collate(examples[i:i + micro_batch]) for i in range(0, len(examples), micro_batch)]
-    run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, teacher=None, distill=None)
+    loss = build_step_loss(model, TrainerCfg(loss_chunk_size=5))  # chunks that split micro-batches unevenly
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, loss=loss)
     forward_backward(run, batches)
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -61,3 +64,11 @@ def test_step_gradient_equals_mean_token_loss_gradient(random_llama):
 def test_due():
     assert [s for s in range(1, 11) if due(s, 4)] == [4, 8]
     assert not any(due(s, 0) for s in range(1, 11))
+
+
+def test_step_figures_come_back_exact_in_one_read():
+    """Loss sums, token counts (exact as float64) and the gradient norm (a tensor, a float, or None)."""
+    figures = to_host({"loss": torch.tensor(2.5), "learned": torch.tensor(2**40 + 1), "tokens": torch.tensor(9),
+                       "grad_norm": 1.5, "unknown": None})
+    assert figures == {"loss": 2.5, "learned": 2**40 + 1, "tokens": 9, "grad_norm": 1.5, "unknown": figures["unknown"]}
+    assert figures["unknown"] != figures["unknown"]  # NaN

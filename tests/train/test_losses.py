@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from ftune.config.schema import DistillCfg
+from ftune.config.schema import DistillCfg, TrainerCfg
 from ftune.data.mask import IGNORE_INDEX as X
-from ftune.train.losses import cross_entropy_sum, distillation_sums, step_loss
+from ftune.train.losses import build_step_loss, cross_entropy_sum, distillation_sums
 
 # One row of 4 positions over a vocabulary of 3. After the shift, positions 0 and 2 predict the learned
 # labels 1 and 2; position 1 predicts an ignored label and position 3 predicts nothing.
@@ -83,11 +83,12 @@ def test_step_loss_runs_the_teacher_without_a_graph(random_llama):
     ids = torch.randint(1, 64, (2, 6))
     labels = ids.clone()
     labels[:, :2] = X
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    parts = step_loss(student, {"labels": labels}, inputs, teacher, DistillCfg(teacher="t", alpha=0.5))
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    distill = build_step_loss(student, TrainerCfg(), teacher.requires_grad_(False), DistillCfg(teacher="t", alpha=0.5))
+    parts = distill(student, data)
     assert set(parts) == {"loss", "ce_loss", "kd_loss"}
     parts["loss"].backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
-    plain = step_loss(student, {"labels": labels}, inputs)
+    plain = distill.without_teacher()(student, data)
     assert set(plain) == {"loss"} and plain["loss"].item() == pytest.approx(parts["ce_loss"].item(), rel=1e-5)
