@@ -217,8 +217,6 @@ def test_a_same_tokenizer_teacher_with_differently_padded_embeddings_is_accepted
     assert rows - shared == 24 and prepare_model(cfg).get_output_embeddings().weight.shape[0] - shared == 16
 
 
-@pytest.mark.xfail(strict=True, reason="the distillation loss compares the shared tokenizer vocabulary only once "
-                   "issue 18's change to ftune/train/losses.py lands; then remove this mark")
 def test_a_differently_padded_same_tokenizer_pair_distils_end_to_end(tiny_arch, tmp_path):
     from ftune.cli import main
 
