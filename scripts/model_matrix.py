@@ -186,7 +186,8 @@ def features(family: str) -> str:
         experts = config.get("num_local_experts") or config["num_experts"]
         found.append(f"MoE {experts} experts top-{config['num_experts_per_tok']}, aux coef "
                      f"{config['router_aux_loss_coef']}")
-    rope = (config.get("rope_scaling") or {}).get("rope_type")
+    scaling = config.get("rope_scaling") or {}
+    rope = scaling.get("rope_type") or scaling.get("type")  # Phi-3.5's config still spells it `type`
     if rope:
         found.append(f"rope {rope}")
     if facts["extra_rows"]:

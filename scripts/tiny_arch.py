@@ -79,11 +79,21 @@ def scale_config(config: dict, vocab_rows: int, ids: dict[str, int | None]) -> d
         tiny["num_experts_per_tok"] = EXPERTS_PER_TOKEN
     if "moe_intermediate_size" in config:
         tiny["moe_intermediate_size"] = EXPERT_INTERMEDIATE
+    scaling = config.get("rope_scaling") or {}
+    if isinstance(scaling.get("long_factor"), list):  # LongRoPE (Phi-3.5): one factor per rotary frequency
+        rotary_half = tiny.get("head_dim", HIDDEN // HEADS) // 2
+        tiny["rope_scaling"] = scaling | {key: resample(scaling[key], rotary_half)
+                                          for key in ("long_factor", "short_factor")}
     for role in ("bos", "eos", "pad"):
         key = f"{role}_token_id"
         if key in config or ids.get(role) is not None:
             tiny[key] = ids.get(role)
     return tiny
+
+
+def resample(factors: list[float], size: int) -> list[float]:
+    """`size` evenly spaced entries of a per-frequency list, first and last kept: [1, 2, 3, 4, 5], 3 -> [1, 3, 5]."""
+    return [factors[round(i * (len(factors) - 1) / max(size - 1, 1))] for i in range(size)]
 
 
 def base_tokenizer() -> Tokenizer:

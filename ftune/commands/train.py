@@ -93,6 +93,7 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
     state = load_checkpoint(accelerator, checkpoint) if checkpoint else TrainState()
     if loaders.get("probe") is not None and state.base_probe_ppl is None:
         state.base_probe_ppl = base_probe_ppl(model, loaders["probe"], accelerator, cfg.model, cfg.probe)
+    step_loss = build_step_loss(accelerator.unwrap_model(model), cfg.trainer, teacher, cfg.distill, len(tokenizer))
 
     if accelerator.is_main_process:  # setup succeeded: the run directory is written from here on
         write_run_config(run_dir, resolved)
@@ -101,8 +102,7 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
         train_loader=loaders["train"], eval_loader=loaders.get("eval"), probe_loader=loaders.get("probe"),
         cfg=cfg.trainer, early_stop=cfg.early_stop, probe=cfg.probe, max_grad_norm=cfg.optim.max_grad_norm,
         total_steps=total_steps, run_dir=run_dir, log=open_log(cfg, resolved, accelerator, run_dir), state=state,
-        on_checkpoint=lambda: draw_plots(run_dir),
-        loss=build_step_loss(accelerator.unwrap_model(model), cfg.trainer, teacher, cfg.distill, len(tokenizer)),
+        on_checkpoint=lambda: draw_plots(run_dir), loss=step_loss,
     )
     if resume is not None:
         run.log.log(resume.as_row(state.step))
