@@ -10,16 +10,17 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ftune.commands.train import build_run, save_final
+from ftune.commands.train import build_run
 from ftune.config.compose import load_run_config
+from ftune.train.artefacts import save_final
 from ftune.train.loop import fit
 
 
 def main(overrides: list[str]) -> None:
     cfg, resolved = load_run_config(overrides)
-    run, tokenizer = build_run(cfg, resolved)
+    run, tokenizer, _ = build_run(cfg, resolved)
     fit(run)
-    save_final(run.accelerator, run.model, tokenizer, run.run_dir)
+    save_final(run, tokenizer, cfg.data)
     run.log.close()
     model = run.accelerator.unwrap_model(run.model)
     weights = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
