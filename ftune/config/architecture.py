@@ -24,12 +24,16 @@ def read_model_config(name_or_path: str) -> dict | None:
 
     A hub id that is only in the hub cache is not read here: validation then checks nothing about it.
     """
-    for candidate in (Path(name_or_path), HUB_CONFIGS / name_or_path):
-        path = candidate / "config.json"
-        if path.is_file():
-            config = json.loads(path.read_text())
-            return config.get("text_config") or config  # multimodal checkpoints nest the decoder's config
-    return None
+    directory = config_dir(name_or_path)
+    if directory is None:
+        return None
+    config = json.loads((directory / "config.json").read_text())
+    return config.get("text_config") or config  # multimodal checkpoints nest the decoder's config
+
+
+def config_dir(name_or_path: str) -> Path | None:
+    """The directory holding `name_or_path`'s config.json: the local directory itself, else the shipped copy."""
+    return next((d for d in (Path(name_or_path), HUB_CONFIGS / name_or_path) if (d / "config.json").is_file()), None)
 
 
 def sliding_layers(config: dict) -> bool:

@@ -6,14 +6,13 @@ network), or from the hub cache.
 """
 
 import warnings
-from pathlib import Path
 
 import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.quantizers.base import get_keys_to_not_convert
 
-from ftune.config.architecture import HUB_CONFIGS
+from ftune.config.architecture import HUB_CONFIGS, config_dir
 from ftune.config.schema import RunCfg
 from ftune.errors import ResourceError
 from ftune.model import memory
@@ -28,9 +27,9 @@ def load_model_config(name_or_path: str, key: str = "model.name_or_path") -> Pre
     Raises:
         ResourceError: none of them has a config.json for `name_or_path`.
     """
-    for candidate in (Path(name_or_path), HUB_CONFIGS / name_or_path):
-        if (candidate / "config.json").is_file():
-            return AutoConfig.from_pretrained(candidate)
+    directory = config_dir(name_or_path)
+    if directory is not None:
+        return AutoConfig.from_pretrained(directory)
     try:
         return AutoConfig.from_pretrained(name_or_path, local_files_only=True)
     except (OSError, ValueError) as err:
