@@ -47,6 +47,8 @@ LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
 MAX_LENGTH, MICRO_BATCH, GRAD_ACCUM, LR, WARMUP_RATIO, WEIGHT_DECAY, SEED = 512, 4, 2, 1e-3, 0.1, 0.0, 0
 LAST_LOSSES = 5
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+AUTOCAST = {True: "bf16", False: "no", None: "auto"}
+"""Config.bf16 -> ftune's trainer.mixed_precision."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class Config:
     name: str
     tool: str  # "ftune" or "trl"
     batching: str  # "padded", "grouped" (length-grouped, padded) or "packed"
-    bf16: bool = True
+    bf16: bool | None = True  # None: ftune's `trainer.mixed_precision=auto` (what the CPU computes natively)
     row_length: int | None = None  # packed rows hold this many tokens (None: the model's sequence length)
     compile: bool = False
     gradient_checkpointing: bool | None = None  # None: the tool's default (TRL: on, ftune: off)
@@ -90,6 +92,18 @@ FP32_CONFIGS = [
     Config("ftune_grouped_fp32", "ftune", "grouped", bf16=False, note="trainer.mixed_precision=no"),
 ]
 
+BASE_CONFIGS = [
+    Config("trl_grouped_no_gc", "trl", "grouped", gradient_checkpointing=False,
+           note="group_by_length, gradient_checkpointing=False, bf16 (TRL's fastest on the 64M model)"),
+    Config("trl_grouped_no_gc_fp32", "trl", "grouped", bf16=False, gradient_checkpointing=False,
+           note="the same with bf16=False (faster on a CPU without bf16 instructions)"),
+    Config("ftune_default", "ftune", "grouped", bf16=None,
+           note="ftune's CPU defaults: length-grouped, mixed_precision=auto, sparse LoRA dropout"),
+    Config("ftune_default_no_dropout", "ftune", "grouped", bf16=None, overrides=("lora.dropout=0.0",),
+           note="and lora.dropout=0: what LoRA dropout still costs"),
+]
+"""The ~100M model: ftune's defaults against TRL's fastest options (checkpointing off, either dtype)."""
+
 BIG_VOCAB_CONFIGS = [
     Config("trl_bigvocab", "trl", "padded", gradient_checkpointing=False,
            note="gradient_checkpointing=False, no packing (TRL's fastest)"),
@@ -98,7 +112,7 @@ BIG_VOCAB_CONFIGS = [
            note="trainer.loss_chunk_size=0: the full logits (with --unfused)"),
 ]
 
-ALL_CONFIGS = CONFIGS + BF16_BASE_CONFIGS + COMPILED_CONFIGS + FP32_CONFIGS + BIG_VOCAB_CONFIGS
+ALL_CONFIGS = CONFIGS + BF16_BASE_CONFIGS + COMPILED_CONFIGS + FP32_CONFIGS + BASE_CONFIGS + BIG_VOCAB_CONFIGS
 BIG_VOCAB = {"vocab_size": 128_256, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}
 """Llama-3's vocabulary on a random 2-layer model: the head and the loss are most of the step."""
@@ -163,6 +177,8 @@ def summarize_worker(log: StepLog, started: float, model: "Model", extra: dict) 
 
 def run_ftune(config: Config, model: Model, out: Path, started: float) -> dict:
     """Train with `ftune train` in this process, counting the batches its collators produce."""
+    from omegaconf import OmegaConf
+
     import ftune.commands.train as train_command
     from ftune.config.compose import load_run_config
     from ftune.train.artefacts import read_metrics
@@ -184,7 +200,7 @@ def run_ftune(config: Config, model: Model, out: Path, started: float) -> dict:
         f"trainer.max_steps={model.warmup + model.timed}",
         f"trainer.micro_batch_size={MICRO_BATCH}", f"trainer.grad_accum={model.grad_accum}", "trainer.eval_every=0",
         "trainer.save_every=0", "trainer.log_every=1", "trainer.final_weights=last",
-        f"trainer.mixed_precision={'bf16' if config.bf16 else 'no'}", f"trainer.compile={config.compile}",
+        f"trainer.mixed_precision={AUTOCAST[config.bf16]}", f"trainer.compile={config.compile}",
         f"model.dtype={config.base_dtype}", f"optim.lr={LR}",
         f"optim.warmup_ratio={WARMUP_RATIO}", f"optim.weight_decay={WEIGHT_DECAY}", f"seed={SEED}",
         *[f"lora.{key}={value}" for key, value in LORA.items()], f"output_dir={out / 'run'}", *config.overrides,
@@ -192,7 +208,8 @@ def run_ftune(config: Config, model: Model, out: Path, started: float) -> dict:
     train_command.run_train(*load_run_config(overrides))
     rows = [row for row in read_metrics(out / "run") if "loss" in row]
     log.step_end, log.loss = [row["time"] for row in rows], [row["loss"] for row in rows]
-    return summarize_worker(log, started, model, {"mixed_precision": "bf16" if config.bf16 else "no"})
+    ran = OmegaConf.load(out / "run" / "config.yaml").trainer.mixed_precision  # `auto` as resolved
+    return summarize_worker(log, started, model, {"mixed_precision": ran})
 
 
 def run_trl(config: Config, model: Model, out: Path, started: float) -> dict:
@@ -306,12 +323,16 @@ def timed_call(function) -> float:
     return time.perf_counter() - start
 
 
-def ensure_small_model(cache: Path) -> Path:
-    """The ~64M-parameter model, built once by build_tiny_model.py (a few pretraining steps: weights barely matter)."""
-    path = cache / "small"
+def ensure_preset_model(cache: Path, preset: str) -> Path:
+    """A build_tiny_model.py preset (`small`: ~64M, `base`: ~100M parameters), built once.
+
+    A few pretraining steps only: speed does not depend on the weights.
+    """
+    path = cache / preset
     if not (path / "config.json").is_file():
-        subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_model.py"), "--preset", "small",
-                        "--tokens", "8192", "--out", str(path)], check=True, cwd=REPO, capture_output=True)
+        subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_model.py"), "--preset", preset,
+                        "--tokens", "8192", "--out", str(path)],
+                       check=True, cwd=REPO, capture_output=True)
     return path
 
 
@@ -385,8 +406,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration on the tiny model")
     parser.add_argument("--quick", action="store_true", help="tiny model, one repeat, 3 + 5 steps")
     parser.add_argument("--unfused", action="store_true", help="bigvocab: also ftune with the full logits")
-    parser.add_argument("--only", choices=("all", "bigvocab", "headloss"), default="all",
-                        help="bigvocab: the 128,256-row vocabulary against TRL; headloss: the loss variants alone")
+    parser.add_argument("--only", choices=("all", "base100m", "profile", "bigvocab", "headloss"), default="all",
+                        help="base100m: ftune's defaults against TRL's fastest on ~100M parameters; profile: where "
+                             "ftune's step goes on that model; bigvocab: the 128,256-row vocabulary against TRL; "
+                             "headloss: the loss variants alone")
     parser.add_argument("--fp32", action="store_true", help="also run the fp32 pair (ftune grouped, TRL default)")
     parser.add_argument("--bf16-base", action="store_true", help="also run ftune and TRL with a bf16 frozen base")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ftune-bench")
@@ -413,6 +436,11 @@ def main() -> None:
     print(f"GEMM (best sustained): bf16 {rates['bf16'] / 1e9:.0f}, fp32 {rates['no'] / 1e9:.0f} GFLOP/s", flush=True)
     if args.only == "headloss":
         report["head_loss"] = bench_head_loss()
+    elif args.only == "base100m":
+        model = Model("base100m", ensure_preset_model(args.cache, "base"), warmup=1, timed=3)
+        report["models"] = {"base100m": bench_model(model, BASE_CONFIGS, args.repeats, rates, base_headline)}
+    elif args.only == "profile":
+        report["profile"] = profile_step(Model("base100m", ensure_preset_model(args.cache, "base"), warmup=1, timed=2))
     elif args.only == "bigvocab":
         model = Model("bigvocab", ensure_big_vocab_model(args.cache), warmup=1, timed=2, max_length=1024,
                       grad_accum=1, data=ensure_long_texts(args.cache))
@@ -421,7 +449,7 @@ def main() -> None:
     else:
         models = [Model("tiny", TINY_MODEL, warmup=3, timed=5 if args.quick else 12)]  # ~20 min in all on 2 cores
         if not args.quick:
-            models.append(Model("small", ensure_small_model(args.cache), warmup=1, timed=4))
+            models.append(Model("small", ensure_preset_model(args.cache, "small"), warmup=1, timed=4))
         configs = (CONFIGS + ([] if args.quick else COMPILED_CONFIGS) + (BF16_BASE_CONFIGS if args.bf16_base else [])
                    + (FP32_CONFIGS if args.fp32 else []))
         report["models"] = {}
@@ -454,6 +482,38 @@ def bench_model(model: Model, configs: list[Config], repeats: int, rates: dict, 
     print_table(model, results, head)
     return {"params": model.params, "warmup_steps": model.warmup, "timed_steps": model.timed, "repeats": repeats,
             "results": results, "runs": runs, **head}
+
+
+def base_headline(results: dict[str, dict]) -> dict:
+    """The ~100M target: ftune's defaults at least 1.3x TRL's fastest configuration in real tokens/s."""
+    trl_best = max((n for n in results if n.startswith("trl")), key=lambda n: results[n]["real_tokens_per_s"])
+    ratio = results["ftune_default"]["real_tokens_per_s"] / results[trl_best]["real_tokens_per_s"]
+    dropout = results["ftune_default_no_dropout"]["real_tokens_per_s"] / results["ftune_default"]["real_tokens_per_s"]
+    return {"trl_best": trl_best, "ratio_vs_trl_best": ratio, "speed_target_met": ratio >= 1.3,
+            "no_dropout_over_default": dropout}
+
+
+PROFILE_ROWS = 15
+
+
+def profile_step(model: Model) -> dict:
+    """The operators taking the most self CPU time in a run of ftune's default configuration on `model`.
+
+    Profiled in this process over the whole run (setup included, so data preparation shows too).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    config = next(c for c in BASE_CONFIGS if c.name == "ftune_default")
+    with tempfile.TemporaryDirectory() as tmp, profile(activities=[ProfilerActivity.CPU]) as prof:
+        os.environ["FTUNE_CACHE"] = str(Path(tmp) / "cache")
+        run_ftune(config, model, Path(tmp), time.time())
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in events[:PROFILE_ROWS]]
+    for row in rows:
+        print(f"{row['op']:<48} {row['self_s']:8.2f} s {row['share']:6.1%} {row['calls']:>8}", flush=True)
+    return {"model": model.name, "total_self_s": total / 1e6, "top": rows}
 
 
 def big_vocab_headline(results: dict[str, dict]) -> dict:

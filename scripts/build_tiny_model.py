@@ -73,6 +73,7 @@ PRESETS = {
     "tiny": Preset(256, 6, 4, 2, 688, tokens=3_000_000, lr=2e-3),
     "micro": Preset(128, 2, 4, 2, 512, tokens=2_000_000, lr=3e-3),
     "small": Preset(768, 10, 12, 4, 2048, tokens=2_000_000, lr=6e-4),
+    "base": Preset(768, 16, 12, 4, 2048, tokens=2_000_000, lr=6e-4),  # ~100M: the bench's speed target
 }
 
 

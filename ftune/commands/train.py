@@ -20,6 +20,7 @@ from ftune.config.validate import advisories
 from ftune.data.dedup import overlap_warning
 from ftune.data.pipeline import build_loader, build_split, build_train_split
 from ftune.errors import ConfigError, FtuneError
+from ftune.model.dtypes import native_mixed_precision
 from ftune.model.load import count_parameters, load_teacher, load_tokenizer, prepare_model
 from ftune.model.plan import distribution_from_env, plan_rows, plan_run
 from ftune.report.console import console, print_table
@@ -68,6 +69,7 @@ def run_train(cfg: RunCfg, resolved: DictConfig) -> int:
 
 def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, ResumeChanges | None]:
     """Build everything the loop needs, then (and only then) write the run directory."""
+    resolve_precision(cfg, resolved)
     run_dir = Path(cfg.output_dir)
     checkpoint = resolve_resume(cfg.resume, run_dir) if cfg.resume is not None else None
     resume = compare_with_checkpoint_config(checkpoint, resolved, cfg.resume_force) if checkpoint else None
@@ -109,6 +111,15 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
     if accelerator.is_main_process:
         print_table(f"ftune train: {cfg.recipe} -> {run_dir}", describe_run(run, stats))
     return run, tokenizer, resume
+
+
+def resolve_precision(cfg: RunCfg, resolved: DictConfig) -> None:
+    """Turn `trainer.mixed_precision=auto` into this machine's native autocast dtype.
+
+    Both in the typed config and in what config.yaml records, so a resume on the same machine compares equal.
+    """
+    if cfg.trainer.mixed_precision == "auto":
+        cfg.trainer.mixed_precision = resolved.trainer.mixed_precision = native_mixed_precision()
 
 
 def make_accelerator(cfg: RunCfg) -> Accelerator:

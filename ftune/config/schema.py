@@ -222,8 +222,10 @@ class TrainerCfg:
     """Examples per forward/backward pass on each process."""
     grad_accum: int = bounded(1, 1)
     """Micro-batches per optimizer step; the loss is averaged over every learned token of the step."""
-    mixed_precision: str = choice("no", "bf16", "fp16")
-    """Autocast dtype for the forward pass (accelerate); master weights stay in model.dtype."""
+    mixed_precision: str = choice("auto", "no", "bf16", "fp16")
+    """Autocast dtype for the forward pass (accelerate); master weights stay in model.dtype. `auto`: what the
+    device computes natively (bf16 on recent GPUs, fp16 on older ones, bf16 on CPUs with bf16 instructions, else
+    none); config.yaml records the choice, and `ftune plan` resolves it for the device it plans for."""
     eval_every: int = bounded(50, 0)
     """Evaluate every this many optimizer steps (0: only at the end)."""
     eval_batches: int = bounded(-1, -1)

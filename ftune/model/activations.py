@@ -18,10 +18,11 @@ residual stream (the embeddings' dtype):
 - trainable base linears (full fine-tuning): each weight's gradient needs its input: q/k/v share one, gate/up
   share one (each linear casts its own copy under autocast: 3 and 2 copies), o_proj reuses the attention
   output, down_proj keeps the gated product: (1|3)·h + (1|2)·h in w (or e), + e·I.
-- LoRA on a linear of fan-in n, rank r: dropout keeps its mask (bool on CUDA: 1 byte; on CPU a float tensor
-  in the adapter dtype) and lora_A its input (in e under autocast, else in the fp32 adapter dtype): n·(m + e'),
-  plus lora_A's output e'·r. Without dropout, lora_A's input is shared by modules reading the same tensor
-  unless it had to be cast.
+- LoRA on a linear of fan-in n, rank r: dropout keeps its mask, m' bytes per element (bool on CUDA: 1 byte; on
+  CPU ftune's SparseDropout keeps the int64 positions of the dropped elements, 8p; torch's CPU dropout, used
+  above p = 0.25, a float mask in the adapter dtype) and lora_A its input (in e under autocast, else in the
+  fp32 adapter dtype): n·(m' + e'), plus lora_A's output e'·r. Without dropout, lora_A's input is shared by
+  modules reading the same tensor unless it had to be cast.
 - IA3 keeps what it rescales: the fp32-upcast input of a feed-forward projection (4·n), else the projection's
   output (e·n_out).
 Per forward, not per token: under autocast, a 16-bit copy of every floating weight not already in that dtype
@@ -82,8 +83,6 @@ class Precision:
     """The residual stream between layers (the embeddings' dtype)."""
     adapter: int
     """What LoRA's matmuls read: the autocast dtype, or the adapters' own (fp32) dtype."""
-    dropout_mask: int
-    """A dropout mask: 1 (bool) on CUDA; on CPU the dropout multiplies by a float tensor of the adapter dtype."""
     autocast: bool
 
 
@@ -94,7 +93,8 @@ class LoraSite:
     name: str
     fan_in: int
     rank: int
-    dropout: bool
+    dropout_mask: float
+    """Bytes per input element the LoRA dropout keeps for the backward (0: no dropout)."""
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,8 @@ def lora_bytes(shape: Shape, prec: Precision, sites: tuple[LoraSite, ...]) -> fl
     uncast = not prec.autocast and prec.adapter == prec.residual
     for site in sites:
         total += prec.adapter * site.rank
-        if site.dropout:
-            total += site.fan_in * (prec.dropout_mask + prec.adapter)
+        if site.dropout_mask:
+            total += site.fan_in * (site.dropout_mask + prec.adapter)
             continue
         group = INPUT_GROUPS.get(site.name, site.name)
         if uncast and (group in shared or group in SAVED_ELSEWHERE):

@@ -1,5 +1,41 @@
-"""Config dtype names and the torch dtypes they stand for, shared by model loading and quantization."""
+"""Config dtype names and the torch dtypes they stand for, and what `trainer.mixed_precision=auto` means here.
+
+The names are shared by model loading and quantization.
+"""
+
+import os
+from pathlib import Path
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+"""/proc/cpuinfo flags of CPUs with bf16 matmul instructions (x86 AVX512-BF16 and AMX; Arm's `bf16` feature)."""
+
+
+def native_mixed_precision(device: str | None = None) -> str:
+    """The autocast dtype `trainer.mixed_precision=auto` resolves to: the fastest one `device` computes.
+
+    CUDA: bf16 where the GPU has it (Ampere and later; assumed when planning for a GPU this machine lacks),
+    else fp16. CPU: bf16 only with native bf16 matmul instructions. Without them torch emulates bf16, and a
+    bf16 matmul measured 3-4.5x slower than an fp32 one on this project's 2-core CI machines (`scripts/bench.py`
+    GEMM sweep), so autocast would only slow the run. `device` None: the one a run here would use.
+    """
+    if device is None:
+        cpu_forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        device = "cuda" if torch.cuda.is_available() and not cpu_forced else "cpu"
+    if device == "cuda":
+        return "fp16" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bf16"
+    return "bf16" if cpu_flags() & NATIVE_BF16_CPU_FLAGS else "no"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (`flags` on x86, `Features` on Arm); empty where there is none."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()

@@ -12,7 +12,7 @@ divided by the distribution (`gpus=N sharding=none|zero2|zero3|fsdp`, see `memor
 """
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from peft.tuners.ia3 import IA3Layer
@@ -22,6 +22,8 @@ from ftune.config.schema import RunCfg, TrainerCfg
 from ftune.errors import ConfigError
 from ftune.model import activations as act
 from ftune.model import memory
+from ftune.model.dropout import SPARSE_UP_TO
+from ftune.model.dtypes import native_mixed_precision
 from ftune.model.load import count_parameters
 from ftune.model.meta import (
     build_meta_model,
@@ -93,7 +95,8 @@ def plan_run(cfg: RunCfg, gpus: int = 1, sharding: str = "none", device: str = "
         cfg: a validated run config.
         gpus: processes (GPUs) the run is launched on.
         sharding: none (one GPU or DDP), zero2, zero3 or fsdp.
-        device: `cuda`, or `cpu` to estimate a CPU run (dropout keeps float masks there, not bool ones).
+        device: `cuda`, or `cpu` to estimate a CPU run (other dropout masks; `trainer.mixed_precision=auto`
+            resolved for that device).
 
     Returns:
         The plan; nothing is downloaded and no weight is allocated.
@@ -103,6 +106,8 @@ def plan_run(cfg: RunCfg, gpus: int = 1, sharding: str = "none", device: str = "
         ResourceError: no config.json for the model or the teacher.
     """
     check_distribution(gpus, sharding)
+    if cfg.trainer.mixed_precision == "auto":
+        cfg = replace(cfg, trainer=replace(cfg.trainer, mixed_precision=native_mixed_precision(device)))
     model, quantized = build_meta_model(cfg)
     check_architecture(model.config.model_type, cfg.model.name_or_path)
     weights, grads, optimizer, notes = replica_bytes(model, quantized, cfg, sharding)
@@ -236,7 +241,7 @@ def activation_estimate(
     prec = precision(model, cfg, sharding, device, four_bit=bool(quantized) and cfg.quant.bits == 4)
     seq_len = cfg.data.max_length + (cfg.method.num_virtual_tokens if cfg.method.name == "prompt_tuning" else 0)
     decoder = decoder_of(model)
-    layers = [layer_training(layer) for layer in decoder.layers]
+    layers = [layer_training(layer, device) for layer in decoder.layers]
     head = act.head_token_bytes(shape, prec, head_trains(model), decoder.norm.weight.requires_grad,
                                 cfg.distill.teacher is not None, loss_chunk(cfg, sharding) > 0)
     eager = cfg.model.attn_implementation == "eager"
@@ -254,23 +259,22 @@ def precision(model: torch.nn.Module, cfg: RunCfg, sharding: str, device: str, f
     """
     lora = [p for n, p in model.named_parameters() if "lora_A" in n]
     adapter = lora[0].element_size() if lora else act.FP32
-    mask = 1 if device == "cuda" else adapter
     mixed = cfg.trainer.mixed_precision != "no"
     if mixed and sharding != "none":
-        return act.Precision(AUTOCAST_BYTES, AUTOCAST_BYTES, AUTOCAST_BYTES, AUTOCAST_BYTES, mask, autocast=False)
+        return act.Precision(AUTOCAST_BYTES, AUTOCAST_BYTES, AUTOCAST_BYTES, AUTOCAST_BYTES, autocast=False)
     decoder = decoder_of(model)
     residual = decoder.embed_tokens.weight.element_size()
     if not mixed:
-        return act.Precision(residual, residual, residual, adapter, mask, autocast=False)
+        return act.Precision(residual, residual, residual, adapter, autocast=False)
     mlp = max(residual, decoder.norm.weight.element_size()) if four_bit else AUTOCAST_BYTES
-    return act.Precision(AUTOCAST_BYTES, mlp, residual, AUTOCAST_BYTES, mask, autocast=True)
+    return act.Precision(AUTOCAST_BYTES, mlp, residual, AUTOCAST_BYTES, autocast=True)
 
 
-def layer_training(layer: torch.nn.Module) -> act.LayerTraining:
+def layer_training(layer: torch.nn.Module, device: str) -> act.LayerTraining:
     """What trains in one decoder layer: base projections, norms, LoRA or IA3 adapters."""
     loras = tuple(
         act.LoraSite(name.rsplit(".", 1)[-1], module.in_features, module.r[adapter],
-                     isinstance(module.lora_dropout[adapter], torch.nn.Dropout))
+                     dropout_mask_bytes(module.lora_dropout[adapter], module.lora_A[adapter].weight, device))
         for name, module in layer.named_modules() if isinstance(module, LoraLayer)
         for adapter in module.active_adapters
     )
@@ -282,6 +286,20 @@ def layer_training(layer: torch.nn.Module) -> act.LayerTraining:
     )
     norms = any(p.requires_grad for n, p in layer.named_parameters() if "norm" in n)
     return act.LayerTraining(linears=linears, norms=norms, loras=loras, ia3=ia3)
+
+
+def dropout_mask_bytes(dropout: torch.nn.Module, lora_a: torch.Tensor, device: str) -> float:
+    """Bytes per input element a LoRA dropout keeps for the backward.
+
+    A bool mask on CUDA; on CPU the int64 positions of the dropped share p (ftune's SparseDropout, which
+    `add_adapter` installs), or torch's float mask in the adapter dtype above SPARSE_UP_TO. PEFT uses an
+    Identity when p = 0: nothing kept.
+    """
+    if not isinstance(dropout, torch.nn.Dropout) or dropout.p == 0:
+        return 0.0
+    if device == "cuda":
+        return 1.0
+    return 8 * dropout.p if dropout.p <= SPARSE_UP_TO else float(lora_a.element_size())
 
 
 def autocast_copy_bytes(model: torch.nn.Module, quantized: dict[int, int], prec: act.Precision,

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftune.cli import main
+from ftune.model.dtypes import native_mixed_precision
 
 SHORT_RUN = ["trainer.max_steps=24", "trainer.eval_every=12", "trainer.micro_batch_size=8"]
 
@@ -28,6 +29,7 @@ def test_run_directory_contract(lora_run):
                  "final/adapter_config.json", "final/adapter_model.safetensors", "final/tokenizer.json"):
         assert (lora_run / name).is_file(), name
     assert "lr: 0.003" in (lora_run / "config.yaml").read_text()
+    assert f"mixed_precision: {native_mixed_precision()}\n" in (lora_run / "config.yaml").read_text()  # auto, decided
     summary = json.loads((lora_run / "summary.json").read_text())
     assert summary["stop_reason"] == "max_steps" and summary["steps"] == 24
     adapter = load_file(lora_run / "final" / "adapter_model.safetensors")

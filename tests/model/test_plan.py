@@ -140,7 +140,7 @@ def test_embedded_model_counts(recipe):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["recipe=tiny_lora"],  # fp32 base, bf16 autocast, LoRA with dropout
+    ["recipe=tiny_lora", "trainer.mixed_precision=bf16"],  # fp32 base, bf16 autocast, LoRA with (sparse) dropout
     ["recipe=tiny_lora", "trainer.mixed_precision=no", "lora.dropout=0.0"],
     ["recipe=tiny_full"],
     ["recipe=tiny_full", "model.dtype=bf16", "trainer.mixed_precision=no", "optim.name=adamw_8bit"],
@@ -167,11 +167,13 @@ def test_checkpointed_activations_are_layer_inputs_plus_one_recomputed_layer(tin
     assert abs(plan_run(cfg, device="cpu").memory.activations / measured - 1) < TOLERANCE
 
 
-def test_cuda_estimate_counts_bool_dropout_masks(tiny_dir):
-    cfg = run_config(tiny_dir, "recipe=tiny_lora")
+@pytest.mark.parametrize("p, cpu_mask", [(0.05, 8 * 0.05), (0.5, 4)], ids=["sparse", "torch"])
+def test_dropout_masks_per_device(tiny_dir, p, cpu_mask):
+    """CUDA keeps bool masks; on CPU SparseDropout keeps int64 dropped positions, torch's dropout an fp32 mask."""
+    cfg = run_config(tiny_dir, "recipe=tiny_lora", f"lora.dropout={p}", "trainer.mixed_precision=bf16")
     cpu, cuda = plan_run(cfg, device="cpu").memory, plan_run(cfg, device="cuda").memory
     tokens, fan_ins = 4 * 256, 6 * 256 + 688  # 7 LoRA sites per layer: q, k, v, o, gate, up (256 in), down (688)
-    assert cpu.activations - cuda.activations == (4 - 1) * fan_ins * 6 * tokens  # fp32 masks vs bool, 6 layers
+    assert cpu.activations - cuda.activations == pytest.approx((cpu_mask - 1) * fan_ins * 6 * tokens)  # 6 layers
 
 
 @pytest.mark.parametrize("chunk", [256, 0], ids=["chunked", "unfused"])
@@ -220,7 +222,8 @@ def test_large_vocabulary_plan_matches_the_measured_peak(big_vocab_dir, chunk):
     Run in a fresh process with glibc's mmap threshold fixed at 64 KiB, so every tensor of any size is
     returned to the system when freed and the resident high-water mark follows the live tensors.
     """
-    overrides = ["recipe=tiny_lora", f"model.name_or_path={big_vocab_dir}", *SHORT, f"trainer.loss_chunk_size={chunk}"]
+    overrides = ["recipe=tiny_lora", f"model.name_or_path={big_vocab_dir}", *SHORT, f"trainer.loss_chunk_size={chunk}",
+                 "trainer.mixed_precision=bf16"]  # what PEAK_SCRIPT runs
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *overrides], capture_output=True, text=True, env=env,
                           check=True)
