@@ -1,0 +1,187 @@
+"""Read a GGUF back with llama.cpp (through llama-cpp-python) and compare it with the trained model.
+
+Four checks, each in the parity report:
+- tokenization: llama.cpp encodes every probe text (special tokens included) to the ids transformers does;
+- next-token log-probabilities over the probe, all positions and the whole vocabulary, within the `quant`'s
+  tolerance (`LOGPROB_TOLERANCE`);
+- greedy generations for a few prompts: identical, except that a divergence at a near tie (the trained
+  model's two candidates closer in log-probability than the tolerance) is excused and reported as such;
+- the chat template in the file's metadata, rendered by llama-cpp-python's own formatter for a two-turn
+  conversation, equals what the trained model's tokenizer renders.
+"""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ftune.errors import ResourceError
+from ftune.export.parity import PROBE_CONVERSATION, identical, within
+
+LOGPROB_TOLERANCE = {"f16": 0.05, "bf16": 0.25, "q8_0": 0.25}
+"""Largest |log p(gguf) - log p(transformers)| accepted over the probe (nats, every position and token).
+
+Measured on the embedded model after a tiny_lora run (export_report.json has the figures): f16 rounds each
+weight to 11 significant bits, bf16 to 8 and q8_0 to 8 bits per block of 32 with an f16 scale, so the
+tolerances are a few times the measured worst case of each.
+"""
+GENERATION_PROMPTS = ("Tell me a short story.", "What is the capital of France?", "Say walked in the present.")
+MAX_NEW_TOKENS = 24
+CONTEXT = 1024
+"""llama.cpp context of the check: the probe and every prompt with its generation fit in it."""
+
+
+def load_llama(path):
+    """The GGUF at `path` in llama-cpp-python, keeping the logits of every position (`logits_all`).
+
+    Raises:
+        ResourceError: llama-cpp-python is not installed (the `ftune[gguf]` extra).
+    """
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise ResourceError("format=gguf needs llama-cpp-python to check the file against the trained model",
+                            "pip install 'ftune[gguf]'") from None
+    return Llama(model_path=str(path), n_ctx=CONTEXT, logits_all=True, n_threads=torch.get_num_threads(),
+                 verbose=False, seed=0)
+
+
+def gguf_parity(path, model_dir, tokenizer, batch: list[torch.Tensor], reference: torch.Tensor, quant: str) -> dict:
+    """Compare the GGUF at `path` with the trained model.
+
+    Args:
+        path: the GGUF file.
+        model_dir: the standalone (merged) model it was converted from, for greedy generation in transformers.
+        tokenizer: the trained model's tokenizer.
+        batch: the probe sequences (token ids, one per tensor) that `reference` was computed on.
+        reference: the trained model's fp32 logits on `batch`, positions concatenated.
+        quant: the file's encoding (a key of `LOGPROB_TOLERANCE`).
+
+    Returns:
+        The parity report (`ftune.export.parity`).
+    """
+    import llama_cpp
+
+    llm = load_llama(path)
+    tolerance = LOGPROB_TOLERANCE[quant]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    logprob_diff = (gguf_logits(llm, batch).log_softmax(-1) - reference.log_softmax(-1)).abs().max().item()
+    checks = {
+        "tokenization of the probe": identical([llm.tokenize(text.encode(), add_bos=True, special=True)
+                                               for text in probe_texts(tokenizer, batch)],
+                                              [ids[0].tolist() for ids in batch]),
+        "next-token log-probs, max |diff| (nats)": within(logprob_diff, tolerance),
+        "greedy generations": compare_generations(llm, model, tokenizer, tolerance),
+        "chat template via llama-cpp-python, two-turn conversation": template_check(llm, tokenizer),
+    }
+    return {"runtime": f"llama-cpp-python {llama_cpp.__version__}", "quant": quant, "checks": checks}
+
+
+def probe_texts(tokenizer, batch: list[torch.Tensor]) -> list[str]:
+    """The probe's texts, decoded with special tokens kept (so both tokenizers see the same characters)."""
+    return [tokenizer.decode(ids[0], skip_special_tokens=False) for ids in batch]
+
+
+def gguf_logits(llm, batch: list[torch.Tensor]) -> torch.Tensor:
+    """llama.cpp's logits at every position of every probe sequence, concatenated like `probe_logits`."""
+    rows = []
+    for ids in batch:
+        llm.reset()
+        llm.eval(ids[0].tolist())
+        rows.append(torch.from_numpy(llm.scores[: llm.n_tokens].copy()))
+    return torch.cat(rows).float()
+
+
+def generation_prompts(tokenizer) -> list[list[int]]:
+    """`GENERATION_PROMPTS` as the chat template asks for an answer (plain text when there is no template)."""
+    if tokenizer.chat_template is None:
+        return [tokenizer.encode(prompt) for prompt in GENERATION_PROMPTS]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False) for prompt in GENERATION_PROMPTS]
+
+
+def compare_generations(llm, model, tokenizer, tolerance: float) -> dict:
+    """Greedy continuations of each prompt in llama.cpp and transformers, stopping at the same stop ids.
+
+    A divergence passes only at a near tie: where the trained model prefers its token over llama.cpp's by no
+    more than `tolerance` nats, which the quantization error allows to flip.
+    """
+    stop_ids = generation_stop_ids(model.generation_config)
+    results = []
+    for prompt in generation_prompts(tokenizer):
+        expected = transformers_greedy(model, prompt, stop_ids)
+        actual = llama_greedy(llm, prompt, stop_ids)
+        results.append(divergence(model, prompt, expected, actual))
+    diverged = [result for result in results if result["first_difference"] is not None]
+    passed = all(result["margin"] <= tolerance for result in diverged)
+    value = "identical" if not diverged else f"{len(diverged)} of {len(results)} diverged at a near tie"
+    return {"value": value if passed else "different", "tolerance": None, "passed": passed, "prompts": results}
+
+
+def generation_stop_ids(generation_config) -> set[int]:
+    """The ids generation stops at (ftune writes the template's end-of-turn token and EOS)."""
+    ids = generation_config.eos_token_id
+    return set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
+
+
+@torch.no_grad()
+def transformers_greedy(model, prompt: list[int], stop_ids: set[int]) -> list[int]:
+    """The trained model's greedy continuation of `prompt`, up to and including a stop id."""
+    output = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
+                            eos_token_id=sorted(stop_ids) or None)
+    return cut_at_stop(output[0, len(prompt):].tolist(), stop_ids)
+
+
+def llama_greedy(llm, prompt: list[int], stop_ids: set[int]) -> list[int]:
+    """llama.cpp's greedy continuation (its own sampler at temperature 0, no repetition penalty)."""
+    tokens = []
+    for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
+        tokens.append(token)
+        if token in stop_ids or len(tokens) == MAX_NEW_TOKENS:
+            break
+    return tokens
+
+
+def cut_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    """`tokens` up to and including the first stop id."""
+    for index, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: index + 1]
+    return tokens
+
+
+@torch.no_grad()
+def divergence(model, prompt: list[int], expected: list[int], actual: list[int]) -> dict:
+    """Where two continuations first differ, and by how much the trained model preferred its own token there."""
+    first = next((i for i, (a, b) in enumerate(zip(expected, actual, strict=False)) if a != b), None)
+    if first is None and len(expected) != len(actual):
+        first = min(len(expected), len(actual))
+    result = {"transformers": expected, "llama.cpp": actual, "first_difference": first, "margin": 0.0}
+    if first is not None and first < min(len(expected), len(actual)):
+        logprobs = model(torch.tensor([prompt + expected[:first]])).logits[0, -1].float().log_softmax(-1)
+        result["margin"] = (logprobs[expected[first]] - logprobs[actual[first]]).item()
+    elif first is not None:
+        result["margin"] = float("inf")  # one side stopped, the other went on: not a tie of two tokens
+    return result
+
+
+def template_check(llm, tokenizer) -> dict:
+    """The file's chat template through llama-cpp-python's formatter vs the trained tokenizer's rendering.
+
+    The formatter is built as `Llama` builds its chat handler (from `tokenizer.chat_template` in the metadata,
+    asking for the next assistant turn), and given the conversation up to the last user turn, which is what a
+    server renders before generating the second answer.
+    """
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if template is None or tokenizer.chat_template is None:
+        return identical(template, tokenizer.chat_template)
+    messages = PROBE_CONVERSATION[:-1]
+    formatter = Jinja2ChatFormatter(template=template, eos_token=token_text(llm, llm.token_eos()),
+                                    bos_token=token_text(llm, llm.token_bos()))
+    served = formatter(messages=messages).prompt
+    return identical(served, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def token_text(llm, token_id: int) -> str:
+    """A token's text as llama.cpp stores it (what its chat handler passes as `eos_token`/`bos_token`)."""
+    return llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
