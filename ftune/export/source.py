@@ -47,11 +47,11 @@ def resolve_source(cfg: ExportCfg) -> ExportSource:
     key, directory = source_directory(cfg, run_dir)
     if (directory / ADAPTER_CONFIG).is_file() or key == "adapter":
         peft_config = read_adapter_config(str(directory), key)
-        base = canonical_base(cfg.base) if cfg.base is not None else shared_base([peft_config], [str(directory)])
         if cfg.format != "adapter" and not can_merge(peft_config.peft_type.value.lower()):
             raise ConfigError(f"{key}={directory}: a {peft_config.peft_type.value} adapter adds virtual tokens "
                               f"instead of changing weights, so format={cfg.format} cannot merge it",
                               "use format=adapter")
+        base = canonical_base(cfg.base) if cfg.base is not None else shared_base([peft_config], [str(directory)])
         source = ExportSource(directory, base, peft_config, run_dir)
     elif (directory / "config.json").is_file():
         source = ExportSource(directory, None, None, run_dir)
