@@ -6,6 +6,7 @@ every check passed add `export_report.json` and the model card and rename the di
 (`ftune.atomic`). A failed check raises `ParityError` and leaves nothing behind; a push comes last.
 """
 
+import importlib.util
 import json
 import tempfile
 from dataclasses import dataclass
@@ -14,9 +15,8 @@ from pathlib import Path
 from ftune.atomic import STAGING_PREFIX, atomic_dir
 from ftune.config.architecture import config_dir
 from ftune.config.commands import ExportCfg
+from ftune.errors import ResourceError
 from ftune.export.adapter import server_warnings, write_adapter
-from ftune.export.gguf_file import check_convertible, read_json, write_gguf
-from ftune.export.gguf_parity import gguf_parity
 from ftune.export.hf import save_standalone, write_hf
 from ftune.export.parity import require_passed
 from ftune.export.push import push_export
@@ -68,16 +68,31 @@ def export(cfg: ExportCfg) -> ExportResult:
 
 
 def check_gguf_source(source: ExportSource) -> None:
-    """Refuse an architecture, RoPE or tokenizer the GGUF converter cannot map, before any weights load.
+    """Refuse, before any weights load, a missing `ftune[gguf]` extra or what the GGUF converter cannot map.
 
     The config is the model's own or the adapter base's (local, or ftune's shipped copy of a hub config); the
     tokenizer is the one saved with the source. When either is not at hand, `write_gguf` checks the merged
     model instead.
+
+    Raises:
+        ResourceError: gguf or llama-cpp-python is not installed.
+        ConfigError: what the converter cannot map (`gguf_file.check_convertible`).
     """
+    require_module("gguf")
+    from ftune.export.gguf_file import check_convertible, read_json
+
     model = config_dir(str(source.directory) if not source.is_adapter else source.base)
     tokenizer = source.directory / "tokenizer.json"
     if model is not None and tokenizer.is_file():
         check_convertible(read_json(model / "config.json"), read_json(tokenizer))
+    require_module("llama_cpp")
+
+
+def require_module(name: str) -> None:
+    """Raise a one-line `ResourceError` when `name` (a module of the `ftune[gguf]` extra) is not installed."""
+    if importlib.util.find_spec(name) is None:
+        raise ResourceError(f"format=gguf needs the {name} module (to write the file and check it with llama.cpp)",
+                            "pip install 'ftune[gguf]'")
 
 
 def write_gguf_export(cfg: ExportCfg, source: ExportSource, to: Path) -> dict:
@@ -86,6 +101,9 @@ def write_gguf_export(cfg: ExportCfg, source: ExportSource, to: Path) -> dict:
     Returns:
         The parity report: the merge check, then llama.cpp's checks against the trained model.
     """
+    from ftune.export.gguf_file import write_gguf
+    from ftune.export.gguf_parity import gguf_parity
+
     with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=to.parent) as scratch:
         saved = save_standalone(source, "fp32", Path(scratch))
         path = to / f"{Path(cfg.out).name}-{cfg.quant}.gguf"

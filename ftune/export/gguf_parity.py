@@ -13,7 +13,6 @@ Four checks, each in the parity report:
 import torch
 from transformers import AutoModelForCausalLM
 
-from ftune.errors import ResourceError
 from ftune.export.parity import PROBE_CONVERSATION, identical, within
 
 LOGPROB_TOLERANCE = {"f16": 0.05, "bf16": 0.25, "q8_0": 0.25}
@@ -30,16 +29,9 @@ CONTEXT = 1024
 
 
 def load_llama(path):
-    """The GGUF at `path` in llama-cpp-python, keeping the logits of every position (`logits_all`).
+    """The GGUF at `path` in llama-cpp-python, keeping the logits of every position (`logits_all`)."""
+    from llama_cpp import Llama
 
-    Raises:
-        ResourceError: llama-cpp-python is not installed (the `ftune[gguf]` extra).
-    """
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise ResourceError("format=gguf needs llama-cpp-python to check the file against the trained model",
-                            "pip install 'ftune[gguf]'") from None
     return Llama(model_path=str(path), n_ctx=CONTEXT, logits_all=True, n_threads=torch.get_num_threads(),
                  verbose=False, seed=0)
 

@@ -36,6 +36,9 @@ class CardFacts:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     hardware: str | None = None
     wall_time_s: float | None = None
+    """The whole run, setup included (summary.json); unknown while `final/` is written, just before the summary."""
+    logged_time_s: float | None = None
+    """From the first to the last logged training step (metrics.jsonl): what `final/`'s card can state."""
     license: str = "unknown"
     tags: list[str] = field(default_factory=list)
     parity: dict | None = None
@@ -83,6 +86,7 @@ def training_rows(facts: CardFacts) -> dict[str, str]:
         "stopped by": facts.stop_reason,
         "hardware": facts.hardware,
         "wall time": None if facts.wall_time_s is None else f"{facts.wall_time_s:.0f} s",
+        "time from first to last step": None if facts.logged_time_s is None else f"{facts.logged_time_s:.0f} s",
         "ftune version": ftune.__version__,
     }
     return {key: str(value) for key, value in rows.items() if value not in (None, "")}

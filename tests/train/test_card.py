@@ -46,7 +46,8 @@ def test_facts_come_from_config_metrics_and_data(run_dir):
         "batch": 8, "mixed_precision": "bf16", "seed": 7}
     assert facts.data_sources == [(str(run_dir.parent / "train.jsonl"), 3), ("org/chat-data", None)]
     assert facts.datasets == ["org/chat-data"]
-    assert (facts.max_length, facts.steps, facts.epochs, facts.wall_time_s) == (256, 2, 1.0, 60.0)
+    assert (facts.max_length, facts.steps, facts.epochs, facts.logged_time_s) == (256, 2, 1.0, 60.0)
+    assert facts.wall_time_s is None  # known only once summary.json is written
     assert facts.eval_metrics == {"eval_loss": 1.25, "eval_ppl": 3.49, "probe_ppl": 6.1, "probe_drift": 0.02}
     assert facts.hardware == "1 x GPU" and facts.stop_reason is None
 
@@ -70,7 +71,7 @@ def test_the_card_has_hub_front_matter_and_every_fact(run_dir):
                                      "pipeline_tag": "text-generation"}
     for text in ("| method | qlora |", "lora.r=8", "quant.type=nf4", "(3 records)", "`org/chat-data` (? records)",
                  "| sequence length | 256 |", "| steps | 2 |", "| epochs | 1.0 |", "| hardware | 1 x GPU |",
-                 "| wall time | 60 s |", "| ftune version | 0.1.0 |", "| probe_drift | 0.02 |",
+                 "| time from first to last step | 60 s |", "| ftune version | 0.1.0 |", "| probe_drift | 0.02 |",
                  "| log-probs | 0.012 (tolerance 0.05): pass |", "| template | identical: pass |"):
         assert text in body, text
 
