@@ -108,7 +108,7 @@ def write_gguf_export(cfg: ExportCfg, source: ExportSource, to: Path) -> dict:
         saved = save_standalone(source, "fp32", Path(scratch))
         path = to / f"{Path(cfg.out).name}-{cfg.quant}.gguf"
         write_gguf(Path(scratch), path, cfg.quant, name=Path(cfg.out).name)
-        parity = gguf_parity(path, scratch, saved.tokenizer, saved.batch, saved.reference, cfg.quant)
+        parity = gguf_parity(path, saved, cfg.quant)
     return parity | {"checks": saved.checks | parity["checks"]}
 
 

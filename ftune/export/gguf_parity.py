@@ -2,25 +2,31 @@
 
 Four checks, each in the parity report:
 - tokenization: llama.cpp encodes every probe text (special tokens included) to the ids transformers does;
-- next-token log-probabilities over the probe, all positions and the whole vocabulary, within the `quant`'s
-  tolerance (`LOGPROB_TOLERANCE`);
+- next-token log-probabilities over the probe, all positions and the whole vocabulary: the largest gap and the
+  mean KL divergence, each within the `quant`'s tolerance (`LOGPROB_TOLERANCE`, `KL_TOLERANCE`);
 - greedy generations for a few prompts: identical, except that a divergence at a near tie (the trained
   model's two candidates closer in log-probability than the tolerance) is excused and reported as such;
 - the chat template in the file's metadata, rendered by llama-cpp-python's own formatter for a two-turn
   conversation, equals what the trained model's tokenizer renders.
 """
 
+from contextlib import closing
+
 import torch
 from transformers import AutoModelForCausalLM
 
 from ftune.export.parity import PROBE_CONVERSATION, identical, within
 
-LOGPROB_TOLERANCE = {"f16": 0.05, "bf16": 0.25, "q8_0": 0.25}
-"""Largest |log p(gguf) - log p(transformers)| accepted over the probe (nats, every position and token).
+LOGPROB_TOLERANCE = {"f16": 0.05, "bf16": 0.3, "q8_0": 1.0}
+"""Largest |log p(gguf) - log p(transformers)| accepted over the probe (nats, every position and token)."""
+KL_TOLERANCE = {"f16": 1e-5, "bf16": 2e-4, "q8_0": 3e-3}
+"""Largest mean KL(transformers || gguf) of the next-token distributions over the probe (nats).
 
-Measured on the embedded model after a tiny_lora run (export_report.json has the figures): f16 rounds each
-weight to 11 significant bits, bf16 to 8 and q8_0 to 8 bits per block of 32 with an f16 scale, so the
-tolerances are a few times the measured worst case of each.
+Both measured on the embedded model after a tiny_lora run (147 probe positions; README, "Export"): f16 0.013
+and 4e-7, bf16 0.095 and 2e-5, q8_0 0.42 and 3e-4 (99.3% of positions keep their top token). Each tolerance
+is 3-4x the worst log-prob gap and ~10x the mean KL: f16 rounds weights to 11 significant bits, bf16 to 8, q8_0
+to 8-bit integers per block of 32 with an f16 scale, and a 256-wide model averages that error over few terms.
+A conversion that gets the tensor layout wrong misses by whole nats.
 """
 GENERATION_PROMPTS = ("Tell me a short story.", "What is the capital of France?", "Say walked in the present.")
 MAX_NEW_TOKENS = 24
@@ -36,15 +42,13 @@ def load_llama(path):
                  verbose=False, seed=0)
 
 
-def gguf_parity(path, model_dir, tokenizer, batch: list[torch.Tensor], reference: torch.Tensor, quant: str) -> dict:
+def gguf_parity(path, saved, quant: str) -> dict:
     """Compare the GGUF at `path` with the trained model.
 
     Args:
         path: the GGUF file.
-        model_dir: the standalone (merged) model it was converted from, for greedy generation in transformers.
-        tokenizer: the trained model's tokenizer.
-        batch: the probe sequences (token ids, one per tensor) that `reference` was computed on.
-        reference: the trained model's fp32 logits on `batch`, positions concatenated.
+        saved: the full-precision standalone model it was converted from (`hf.Standalone`: its directory is
+            `saved.directory`), with the trained model's tokenizer, probe and fp32 logits on the probe.
         quant: the file's encoding (a key of `LOGPROB_TOLERANCE`).
 
     Returns:
@@ -52,24 +56,32 @@ def gguf_parity(path, model_dir, tokenizer, batch: list[torch.Tensor], reference
     """
     import llama_cpp
 
-    llm = load_llama(path)
-    tolerance = LOGPROB_TOLERANCE[quant]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    logprob_diff = (gguf_logits(llm, batch).log_softmax(-1) - reference.log_softmax(-1)).abs().max().item()
-    checks = {
-        "tokenization of the probe": identical([llm.tokenize(text.encode(), add_bos=True, special=True)
-                                               for text in probe_texts(tokenizer, batch)],
-                                              [ids[0].tolist() for ids in batch]),
-        "next-token log-probs, max |diff| (nats)": within(logprob_diff, tolerance),
-        "greedy generations": compare_generations(llm, model, tokenizer, tolerance),
-        "chat template via llama-cpp-python, two-turn conversation": template_check(llm, tokenizer),
-    }
+    model = AutoModelForCausalLM.from_pretrained(saved.directory, dtype=torch.float32).eval()
+    with closing(load_llama(path)) as llm:  # freed here, not by llama-cpp-python's __del__ at interpreter exit
+        checks = {"tokenization of the probe": identical(
+            [llm.tokenize(text.encode(), add_bos=False, special=True) for text in saved.texts],
+            [ids[0].tolist() for ids in saved.batch])}
+        checks |= distribution_checks(gguf_logits(llm, saved.batch), saved.reference, quant)
+        checks["greedy generations"] = compare_generations(llm, model, saved.tokenizer, LOGPROB_TOLERANCE[quant])
+        checks["chat template via llama-cpp-python, two-turn conversation"] = template_check(llm, saved.tokenizer)
     return {"runtime": f"llama-cpp-python {llama_cpp.__version__}", "quant": quant, "checks": checks}
 
 
-def probe_texts(tokenizer, batch: list[torch.Tensor]) -> list[str]:
-    """The probe's texts, decoded with special tokens kept (so both tokenizers see the same characters)."""
-    return [tokenizer.decode(ids[0], skip_special_tokens=False) for ids in batch]
+def distribution_checks(served_logits: torch.Tensor, trained_logits: torch.Tensor, quant: str) -> dict:
+    """The next-token distributions of the file against the trained model's: largest log-prob gap, mean KL."""
+    served, trained = served_logits.log_softmax(-1), trained_logits.log_softmax(-1)
+    kl = (trained.exp() * (trained - served)).sum(-1)
+    return {
+        "next-token log-probs, max |diff| (nats)": within((served - trained).abs().max().item(),
+                                                          LOGPROB_TOLERANCE[quant]),
+        "next-token KL divergence, mean (nats)": within(kl.mean().item(), KL_TOLERANCE[quant],
+                                                        top_token_agreement=top_token_agreement(served, trained)),
+    }
+
+
+def top_token_agreement(served: torch.Tensor, trained: torch.Tensor) -> float:
+    """Share of probe positions where both models put the same token first."""
+    return (served.argmax(-1) == trained.argmax(-1)).float().mean().item()
 
 
 def gguf_logits(llm, batch: list[torch.Tensor]) -> torch.Tensor:

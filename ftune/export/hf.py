@@ -18,12 +18,12 @@ from ftune.export.source import ExportSource
 from ftune.model.dtypes import DTYPES
 from ftune.model.load import from_pretrained
 from ftune.model.merge import (
+    PROBE_TEXTS,
     carry_generation_config,
     load_adapted,
     load_full_precision,
     logit_difference,
     merge_checked,
-    probe_batch,
     probe_logits,
     tokenizer_source,
 )
@@ -37,8 +37,11 @@ TEMPLATE_CHECK = "chat template, two-turn conversation"
 class Standalone:
     """A standalone model saved by `save_standalone`, and what the trained model computed on the probe."""
 
+    directory: Path
     tokenizer: object
+    texts: list[str]
     batch: list[torch.Tensor]
+    """`texts` as token ids, one sequence each."""
     reference: torch.Tensor
     """fp32 logits of the trained model (base+adapter unmerged, or the model itself) on `batch`."""
     checks: dict
@@ -68,7 +71,8 @@ def save_standalone(source: ExportSource, dtype: str, to: Path, max_shard_size: 
     directory = str(source.directory)
     tokenizer_dir = tokenizer_source(directory, source.base) if source.is_adapter else directory
     tokenizer = from_pretrained(AutoTokenizer, tokenizer_dir, "tokenizer")
-    batch = export_probe(tokenizer)
+    texts = probe_texts(tokenizer)
+    batch = [torch.tensor([tokenizer.encode(text, add_special_tokens=False)]) for text in texts]
     checks = {}
     if source.is_adapter:
         model = load_adapted(source.base, directory, dtype)
@@ -81,15 +85,16 @@ def save_standalone(source: ExportSource, dtype: str, to: Path, max_shard_size: 
         model.save_pretrained(to, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(to)  # the trained model's own: the chat template training rendered with
     carry_generation_config(directory, to)
-    return Standalone(tokenizer, batch, reference, checks)
+    return Standalone(to, tokenizer, texts, batch, reference, checks)
 
 
-def export_probe(tokenizer) -> list[torch.Tensor]:
-    """The probe texts of `ftune merge`, plus the probe conversation as the chat template renders it."""
-    batch = probe_batch(tokenizer)
-    if tokenizer.chat_template is not None:
-        batch.append(torch.tensor([tokenizer.encode(render_conversation(tokenizer), add_special_tokens=False)]))
-    return batch
+def probe_texts(tokenizer) -> list[str]:
+    """The probe texts of `ftune merge`, plus the probe conversation as the chat template renders it.
+
+    Encoded without added special tokens: the rendered conversation spells its special tokens out, and a
+    runtime is then compared on exactly the ids the trained model saw.
+    """
+    return [*PROBE_TEXTS, *([render_conversation(tokenizer)] if tokenizer.chat_template is not None else [])]
 
 
 def render_conversation(tokenizer) -> str | None:

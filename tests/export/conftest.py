@@ -1,4 +1,4 @@
-"""Runs to export: the shipped tiny recipes cut to a couple of steps (one evaluation at the end)."""
+"""Runs to export: the shipped tiny recipes cut to 2 steps, one evaluation batch and a 16-document probe."""
 
 import pytest
 
@@ -10,24 +10,35 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
 """Two turns, as a user's chat data has them (a different conversation from the export's own probe)."""
 
 
-def train(run_dir, recipe: str) -> None:
-    """`ftune train recipe=<recipe>` for 2 steps on the embedded model, evaluated once on one batch."""
-    assert main(["train", f"recipe={recipe}", "trainer.max_steps=2", "trainer.eval_every=0", "trainer.eval_batches=1",
-                 f"output_dir={run_dir}"]) == 0
+@pytest.fixture(scope="session")
+def train(tmp_path_factory, tiny_model_path):
+    """`ftune train recipe=NAME` for 2 steps on the embedded model, evaluated once at the end.
+
+    The evaluation gives the card its metrics and the forgetting probe's drift; it reads one batch and 16 probe
+    documents, since a QLoRA forward is slow on CPU.
+    """
+    root = tmp_path_factory.mktemp("runs")
+    probe = root / "probe.jsonl"
+    lines = (tiny_model_path.parents[1] / "data" / "probe" / "general.jsonl").read_text().splitlines()
+    probe.write_text("\n".join(lines[:16]) + "\n")
+
+    def run(recipe: str):
+        run_dir = root / recipe
+        assert main(["train", f"recipe={recipe}", "trainer.max_steps=2", "trainer.eval_every=0",
+                     "trainer.eval_batches=1", f"probe.path={probe}", f"output_dir={run_dir}"]) == 0
+        return run_dir
+
+    return run
 
 
 @pytest.fixture(scope="session")
-def lora_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny_lora"
-    train(run_dir, "tiny_lora")
-    return run_dir
+def lora_run(train):
+    return train("tiny_lora")
 
 
 @pytest.fixture(scope="session")
-def qlora_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny_qlora"
-    train(run_dir, "tiny_qlora")
-    return run_dir
+def qlora_run(train):
+    return train("tiny_qlora")
 
 
 @pytest.fixture(scope="session")

@@ -85,6 +85,7 @@ def test_gguf_of_the_embedded_model_matches_transformers(llama_cpp, tiny_model_p
     text = "<|im_start|>user\nIt's 33 degrees, isn't it?<|im_end|>\n"
     assert llm.tokenize(text.encode(), add_bos=True, special=True) == AutoTokenizer.from_pretrained(
         tiny_model_path).encode(text)
+    llm.close()
 
 
 def test_a_wrong_conversion_fails_parity_and_writes_nothing(llama_cpp, tiny_model_path, tmp_path, capsys,
@@ -98,3 +99,48 @@ def test_a_wrong_conversion_fails_parity_and_writes_nothing(llama_cpp, tiny_mode
     err = capsys.readouterr().err
     assert "format=gguf failed its parity check against the trained model" in err and "next-token log-probs" in err
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_gguf_from_a_lora_run_computes_and_chats_as_the_trained_model(llama_cpp, lora_run, tiny_model_path, tmp_path,
+                                                                      quant, conversation, training_render):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from peft import PeftModel
+
+    from ftune.export.gguf_parity import LOGPROB_TOLERANCE
+
+    out = tmp_path / quant
+    assert main(["export", f"run={lora_run}", "format=gguf", f"quant={quant}", f"out={out}"]) == 0
+    llm = load(gguf_file(out))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    trained = PeftModel.from_pretrained(base, lora_run / "final").eval()
+    for ids in IDS:
+        with torch.no_grad():
+            expected = trained(torch.tensor([ids])).logits[0].log_softmax(-1)
+        assert (gguf_logprobs(llm, ids) - expected).abs().max() <= LOGPROB_TOLERANCE[quant]
+
+    tokenizer = AutoTokenizer.from_pretrained(lora_run / "final")
+    stop_ids = trained.generation_config.eos_token_id
+    for prompt in PROMPTS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        with torch.no_grad():
+            expected = trained.generate(input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=16,
+                                        eos_token_id=stop_ids)[0, len(ids):].tolist()
+        served = []
+        for token in llm.generate(ids, temp=0.0, repeat_penalty=1.0):
+            served.append(token)
+            if token in stop_ids or len(served) == 16:
+                break
+        assert served == expected, prompt
+
+    assert llm.chat_format == "chat_template.default"  # llama-cpp-python serves the file's template, not a guess
+    eos, bos = (llm.detokenize([token], special=True).decode() for token in (llm.token_eos(), llm.token_bos()))
+    formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token=eos, bos_token=bos)
+    prompt = conversation[:-1]  # two user turns, the second still to be answered
+    assert formatter(messages=prompt).prompt == training_render(prompt, add_generation_prompt=True)
+    llm.close()
+
+    card = (out / "README.md").read_text()
+    assert "library_name: gguf" in card and f"- {quant}" in card and "next-token KL divergence, mean" in card
