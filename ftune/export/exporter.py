@@ -109,7 +109,7 @@ def write_gguf_export(cfg: ExportCfg, source: ExportSource, to: Path) -> dict:
         path = to / f"{Path(cfg.out).name}-{cfg.quant}.gguf"
         write_gguf(Path(scratch), path, cfg.quant, name=Path(cfg.out).name)
         parity = gguf_parity(path, saved, cfg.quant)
-    return parity | {"checks": saved.checks | parity["checks"]}
+    return parity | {"checks": saved.checks | parity["checks"], "figures": saved.figures}
 
 
 WRITERS = {"hf": write_hf, "gguf": write_gguf_export, "adapter": write_adapter}

@@ -13,10 +13,11 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftune.config.commands import ExportCfg
+from ftune.config.schema import ModelCfg
 from ftune.export.parity import PROBE_CONVERSATION, identical, within
 from ftune.export.source import ExportSource
 from ftune.model.dtypes import DTYPES
-from ftune.model.load import from_pretrained
+from ftune.model.load import from_pretrained, load_base_model
 from ftune.model.merge import (
     PROBE_TEXTS,
     carry_generation_config,
@@ -27,8 +28,10 @@ from ftune.model.merge import (
     probe_logits,
     tokenizer_source,
 )
+from ftune.model.quant import load_kwargs
 
 MERGE_CHECK = "merged vs base+adapter, max |logit diff|"
+QUANTIZED_BASE_GAP = "adapter on the quantized base it trained on vs on the full-precision base, max |logit diff|"
 READ_BACK_CHECK = "read back by transformers vs trained, max |logit diff|"
 TEMPLATE_CHECK = "chat template, two-turn conversation"
 
@@ -43,8 +46,10 @@ class Standalone:
     batch: list[torch.Tensor]
     """`texts` as token ids, one sequence each."""
     reference: torch.Tensor
-    """fp32 logits of the trained model (base+adapter unmerged, or the model itself) on `batch`."""
+    """Logits of the trained model (base+adapter unmerged, or the model itself) on `batch`."""
     checks: dict
+    figures: dict
+    """Measured, not checked: for a QLoRA adapter, how far the full-precision base moves its logits."""
 
 
 def write_hf(cfg: ExportCfg, source: ExportSource, to: Path) -> dict:
@@ -59,7 +64,8 @@ def write_hf(cfg: ExportCfg, source: ExportSource, to: Path) -> dict:
     checks = saved.checks | {READ_BACK_CHECK: within(diff, tolerance),
                              TEMPLATE_CHECK: identical(render_conversation(AutoTokenizer.from_pretrained(to)),
                                                        render_conversation(saved.tokenizer))}
-    return {"runtime": f"transformers {transformers.__version__}", "dtype": cfg.dtype, "checks": checks}
+    return {"runtime": f"transformers {transformers.__version__}", "dtype": cfg.dtype, "checks": checks,
+            "figures": saved.figures}
 
 
 def save_standalone(source: ExportSource, dtype: str, to: Path, max_shard_size: str = "5GB") -> Standalone:
@@ -73,10 +79,12 @@ def save_standalone(source: ExportSource, dtype: str, to: Path, max_shard_size: 
     tokenizer = from_pretrained(AutoTokenizer, tokenizer_dir, "tokenizer")
     texts = probe_texts(tokenizer)
     batch = [torch.tensor([tokenizer.encode(text, add_special_tokens=False)]) for text in texts]
-    checks = {}
+    checks, figures = {}, {}
     if source.is_adapter:
         model = load_adapted(source.base, directory, dtype)
         reference = probe_logits(model, batch)
+        if source.quant is not None:
+            figures[QUANTIZED_BASE_GAP] = quantized_base_gap(source, batch, reference)
         diff, tolerance = merge_checked(model, batch, dtype, max_shard_size=max_shard_size, to=to)
         checks[MERGE_CHECK] = within(diff, tolerance)
     else:
@@ -85,7 +93,22 @@ def save_standalone(source: ExportSource, dtype: str, to: Path, max_shard_size: 
         model.save_pretrained(to, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(to)  # the trained model's own: the chat template training rendered with
     carry_generation_config(directory, to)
-    return Standalone(to, tokenizer, texts, batch, reference, checks)
+    return Standalone(to, tokenizer, texts, batch, reference, checks, figures)
+
+
+def quantized_base_gap(source: ExportSource, batch: list[torch.Tensor], reference: torch.Tensor) -> float:
+    """Largest |logit| change when a QLoRA adapter moves from the quantized base it trained on to the full one.
+
+    The export merges into the full-precision base (merging into 4-bit weights would add their rounding to every
+    merged weight); the adapter, though, learned to correct the quantized base, so the two differ. Reported,
+    not checked, so that a user sees the size of the trade (PITFALLS, "Serving"; huggingface/peft#2105).
+    """
+    from peft import PeftModel
+
+    kwargs = load_kwargs(source.quant, source.quant.bits, "quant.bits")
+    base = load_base_model(ModelCfg(name_or_path=source.base, dtype="fp32"), "base", **kwargs)
+    adapted = PeftModel.from_pretrained(base, str(source.directory)).eval()
+    return (probe_logits(adapted, batch) - reference.float()).abs().max().item()
 
 
 def probe_texts(tokenizer) -> list[str]:

@@ -7,7 +7,10 @@ Every check that needs no weights runs here, before anything loads: the director
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from ftune.config.commands import ExportCfg
+from ftune.config.schema import QuantCfg
 from ftune.errors import ConfigError, ResourceError
 from ftune.model.adapters import can_merge
 from ftune.model.merge import ADAPTER_CONFIG, canonical_base, check_output_dir, read_adapter_config, shared_base
@@ -27,6 +30,8 @@ class ExportSource:
     peft_config: object | None
     """The adapter's PEFT config; None for a standalone model."""
     run_dir: Path | None
+    quant: QuantCfg | None = None
+    """How the run quantized the base it trained the adapter on (QLoRA); None for full precision or unknown."""
 
     @property
     def is_adapter(self) -> bool:
@@ -52,7 +57,7 @@ def resolve_source(cfg: ExportCfg) -> ExportSource:
                               f"instead of changing weights, so format={cfg.format} cannot merge it",
                               "use format=adapter")
         base = canonical_base(cfg.base) if cfg.base is not None else shared_base([peft_config], [str(directory)])
-        source = ExportSource(directory, base, peft_config, run_dir)
+        source = ExportSource(directory, base, peft_config, run_dir, training_quant(run_dir))
     elif (directory / "config.json").is_file():
         source = ExportSource(directory, None, None, run_dir)
     else:
@@ -80,3 +85,11 @@ def source_directory(cfg: ExportCfg, run_dir: Path | None) -> tuple[str, Path]:
     if not Path(path).is_dir():
         raise ResourceError(f"{key}={path}: no such directory", f"expected a local {key} directory")
     return key, Path(path)
+
+
+def training_quant(run_dir: Path | None) -> QuantCfg | None:
+    """The run's `quant` settings when it trained on a quantized base (read from its config.yaml)."""
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return None
+    quant = yaml.safe_load((run_dir / "config.yaml").read_text()).get("quant") or {}
+    return QuantCfg(**quant) if quant.get("bits") else None

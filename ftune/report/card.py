@@ -93,14 +93,19 @@ def training_rows(facts: CardFacts) -> dict[str, str]:
 
 
 def parity_rows(parity: dict) -> dict[str, str]:
-    """Each parity check as `figure (tolerance)` with its verdict."""
+    """Each parity check as `figure (tolerance)` with its verdict, then the figures measured without a check."""
     rows = {"runtime": parity.get("runtime", "")}
     for name, check in parity.get("checks", {}).items():
         tolerance = f" (tolerance {check['tolerance']:.3g})" if check.get("tolerance") is not None else ""
-        value = check.get("value")
-        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
-        rows[name] = f"{shown}{tolerance}: {'pass' if check['passed'] else 'FAIL'}"
+        rows[name] = f"{shown(check.get('value'))}{tolerance}: {'pass' if check['passed'] else 'FAIL'}"
+    for name, value in parity.get("figures", {}).items():
+        rows[name] = f"{shown(value)} (measured, not checked)"
     return rows
+
+
+def shown(value) -> str:
+    """A figure as the card prints it: 3 significant digits for floats."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def table(title: str, rows: dict[str, str]) -> str:

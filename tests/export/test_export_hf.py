@@ -47,10 +47,13 @@ def test_hf_from_a_qlora_run_equals_the_adapter_on_the_full_precision_base(qlora
 
     report = json.loads((out / "export_report.json").read_text())
     assert all(check["passed"] for check in report["parity"]["checks"].values())
+    (gap,) = report["parity"]["figures"].values()  # the adapter trained on 4-bit weights, merged into full ones
+    assert gap > 1e-4
     front, body = read_card(out)
     assert front["library_name"] == "transformers" and front["tags"] == ["ftune", "qlora", "hf"]
     for text in ("| method | qlora |", "quant.type=nf4", "(400 records)", "| sequence length | 512 |", "| steps | 2 |",
-                 "| hardware | CPU", "| wall time |", "| probe_drift |", "read back by transformers vs trained"):
+                 "| hardware | CPU", "| wall time |", "| probe_drift |", "read back by transformers vs trained",
+                 "quantized base it trained on vs on the full-precision base"):
         assert text in body, text
 
 
