@@ -112,5 +112,10 @@ def table(title: str, rows: dict[str, str]) -> str:
     """A two-column Markdown table under a heading; empty when there are no rows."""
     if not rows:
         return ""
-    body = "\n".join(f"| {key} | {str(value).replace('|', '/')} |" for key, value in rows.items())
+    body = "\n".join(f"| {escape_pipes(key)} | {escape_pipes(value)} |" for key, value in rows.items())
     return f"## {title}\n\n| | |\n| --- | --- |\n{body}\n"
+
+
+def escape_pipes(text) -> str:
+    """`text` with its `|` escaped, so that a figure such as max |logit diff| stays inside its table cell."""
+    return str(text).replace("|", "\\|")

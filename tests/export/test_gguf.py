@@ -133,7 +133,16 @@ def test_gguf_from_a_lora_run_computes_and_chats_as_the_trained_model(llama_cpp,
             served.append(token)
             if token in stop_ids or len(served) == 16:
                 break
-        assert served == expected, prompt
+        if quant == "f16" or served == expected:
+            assert served == expected, prompt
+            continue
+        # q8_0 may flip a near tie: where the continuations part, the trained model's preference for its own
+        # token over llama.cpp's must lie within the quant's log-prob tolerance
+        first = next(i for i, (a, b) in enumerate(zip(served, expected, strict=False)) if a != b)
+        with torch.no_grad():
+            logprobs = trained(torch.tensor([ids + expected[:first]])).logits[0, -1].log_softmax(-1)
+        margin = (logprobs[expected[first]] - logprobs[served[first]]).item()
+        assert 0 <= margin <= LOGPROB_TOLERANCE[quant], (prompt, margin)
 
     assert llm.chat_format == "chat_template.default"  # llama-cpp-python serves the file's template, not a guess
     eos, bos = (llm.detokenize([token], special=True).decode() for token in (llm.token_eos(), llm.token_bos()))

@@ -62,7 +62,7 @@ def test_a_finished_run_takes_totals_and_hardware_from_its_summary(run_dir):
 def test_the_card_has_hub_front_matter_and_every_fact(run_dir):
     facts = run_card_facts(run_dir, hardware="1 x GPU")
     facts.parity = {"runtime": "llama-cpp-python 0.3", "checks": {
-        "log-probs": {"value": 0.012, "tolerance": 0.05, "passed": True},
+        "log-probs, max |diff|": {"value": 0.012, "tolerance": 0.05, "passed": True},
         "template": {"value": "identical", "tolerance": None, "passed": True}}}
     card = render_card(facts)
     _, front, body = card.split("---\n", 2)
@@ -72,7 +72,7 @@ def test_the_card_has_hub_front_matter_and_every_fact(run_dir):
     for text in ("| method | qlora |", "lora.r=8", "quant.type=nf4", "(3 records)", "`org/chat-data` (? records)",
                  "| sequence length | 256 |", "| steps | 2 |", "| epochs | 1.0 |", "| hardware | 1 x GPU |",
                  "| time from first to last step | 60 s |", "| ftune version | 0.1.0 |", "| probe_drift | 0.02 |",
-                 "| log-probs | 0.012 (tolerance 0.05): pass |", "| template | identical: pass |"):
+                 "| log-probs, max \\|diff\\| | 0.012 (tolerance 0.05): pass |", "| template | identical: pass |"):
         assert text in body, text
 
 
