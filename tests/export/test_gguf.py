@@ -60,7 +60,7 @@ def llama_cpp():
 def load(path):
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=torch.get_num_threads())
+    return Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1, n_threads_batch=1)
 
 
 def gguf_logprobs(llm, ids) -> torch.Tensor:
