@@ -32,7 +32,8 @@ def read_card(out) -> tuple[dict, str]:
 def test_hf_from_a_qlora_run_equals_the_adapter_on_the_full_precision_base(qlora_run, tiny_model_path, tmp_path,
                                                                           conversation, training_render):
     out = tmp_path / "hf"
-    assert main(["export", f"run={qlora_run}", "format=hf", f"out={out}"]) == 0
+    assert main(["export", f"run={qlora_run}", "format=hf", "max_shard_size=8MB", f"out={out}"]) == 0
+    assert len(list(out.glob("model-*.safetensors"))) == 3  # 19 MB of fp32 weights, read back from the shards
     expected = adapter_on_full_precision_base(tiny_model_path, qlora_run / "final")
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)(IDS).logits
