@@ -69,6 +69,7 @@ def gguf_logprobs(llm, ids) -> torch.Tensor:
     return torch.from_numpy(llm.scores[: len(ids)].copy()).log_softmax(-1)
 
 
+@pytest.mark.slow
 def test_gguf_of_the_embedded_model_matches_transformers(llama_cpp, tiny_model_path, tmp_path):
     from ftune.export.gguf_parity import LOGPROB_TOLERANCE
 
