@@ -6,7 +6,7 @@ The `gguf` package (maintained in llama.cpp's repository) writes the container, 
 and not an installable module, is the per-architecture mapping: which hyperparameters become which keys, the
 Q/K row permutation of Llama-style attention, which tensors stay f32, and the token list with its types. Only
 that mapping is written here, following `conversion/llama.py` and `conversion/base.py` of llama.cpp at commit
-0c1e570 (the one vendored by llama-cpp-python 0.3.x), for the architectures listed in `ARCHITECTURES`.
+0c1e570 (the one llama-cpp-python 0.3.36 vendors), for the architectures listed in `ARCHITECTURES`.
 """
 
 import json
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from ftune.config.architecture import sliding_layers
 from ftune.errors import ConfigError
 
 QUANT_TYPES = {
@@ -68,6 +69,9 @@ def check_convertible(config: dict, tokenizer: dict) -> None:
     if hf_arch not in ARCHITECTURES:
         raise ConfigError(f"format=gguf: architecture {hf_arch} is not supported (supported: "
                           f"{', '.join(ARCHITECTURES)})", way_out)
+    if sliding_layers(config):
+        raise ConfigError("format=gguf: sliding-window attention is not mapped (llama.cpp's `llama` graph attends "
+                          "to the whole context)", way_out)
     rope_type = rope_parameters(config).get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
         raise ConfigError(f"format=gguf: RoPE type {rope_type!r} is not supported (supported: "

@@ -48,6 +48,8 @@ def bad_inputs(adapter, tmp_path, tiny_model_path, random_llama):
     qwen = model_dir_with(tmp_path, tiny_model_path, "qwen", {"architectures": ["Qwen2ForCausalLM"]})
     llama3_rope = model_dir_with(tmp_path, tiny_model_path, "llama3_rope",
                                  {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}})
+    sliding = model_dir_with(tmp_path, tiny_model_path, "sliding", {"architectures": ["MistralForCausalLM"],
+                                                                     "sliding_window": 4096})
     metaspace = model_dir_with(tmp_path, tiny_model_path, "metaspace", None, {"pre_tokenizer": {"type": "Metaspace"}})
     return {
         "no source": ([], "run / adapter / model: give exactly one (got none"),
@@ -67,6 +69,7 @@ def bad_inputs(adapter, tmp_path, tiny_model_path, random_llama):
         "gguf of another architecture": ([f"model={qwen}", "format=gguf"],
                                          "architecture Qwen2ForCausalLM is not supported"),
         "gguf of llama3 rope": ([f"model={llama3_rope}", "format=gguf"], "RoPE type 'llama3' is not supported"),
+        "gguf with a sliding window": ([f"model={sliding}", "format=gguf"], "sliding-window attention is not mapped"),
         "gguf of another tokenizer": ([f"model={metaspace}", "format=gguf"],
                                       "only byte-level BPE tokenizers with GPT-2's pre-tokenizer"),
     }
@@ -75,7 +78,7 @@ def bad_inputs(adapter, tmp_path, tiny_model_path, random_llama):
 CASES = ["no source", "two sources", "quant without gguf", "bad format", "bad quant", "unknown key", "no out",
          "push without repo", "adapter of a model", "missing run", "unfinished run", "missing adapter",
          "out inside the adapter", "prompt tuning merged", "gguf of another architecture", "gguf of llama3 rope",
-         "gguf of another tokenizer"]
+         "gguf with a sliding window", "gguf of another tokenizer"]
 
 
 @pytest.mark.parametrize("case", CASES)
