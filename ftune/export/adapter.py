@@ -10,10 +10,10 @@ import shutil
 from pathlib import Path
 
 import peft
-import torch
+from transformers import AutoTokenizer
 
 from ftune.config.commands import ExportCfg
-from ftune.export.hf import probe_texts
+from ftune.export.hf import encode_probe
 from ftune.export.parity import within
 from ftune.export.source import ExportSource
 from ftune.model.load import from_pretrained
@@ -36,10 +36,8 @@ def write_adapter(cfg: ExportCfg, source: ExportSource, to: Path) -> dict:
     for path in source.directory.iterdir():
         if path.is_file() and path.name != "README.md":
             shutil.copy2(path, to / path.name)
-    from transformers import AutoTokenizer
-
     tokenizer = from_pretrained(AutoTokenizer, tokenizer_source(str(source.directory), source.base), "tokenizer")
-    batch = [torch.tensor([tokenizer.encode(text, add_special_tokens=False)]) for text in probe_texts(tokenizer)]
+    _, batch = encode_probe(tokenizer)
     model = peft.PeftModel.from_pretrained(load_full_precision(source.base, "fp32"), str(source.directory),
                                            adapter_name="source")
     model.load_adapter(str(to), adapter_name="exported")

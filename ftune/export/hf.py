@@ -77,8 +77,7 @@ def save_standalone(source: ExportSource, dtype: str, to: Path, max_shard_size: 
     directory = str(source.directory)
     tokenizer_dir = tokenizer_source(directory, source.base) if source.is_adapter else directory
     tokenizer = from_pretrained(AutoTokenizer, tokenizer_dir, "tokenizer")
-    texts = probe_texts(tokenizer)
-    batch = [torch.tensor([tokenizer.encode(text, add_special_tokens=False)]) for text in texts]
+    texts, batch = encode_probe(tokenizer)
     checks, figures = {}, {}
     if source.is_adapter:
         model = load_adapted(source.base, directory, dtype)
@@ -111,13 +110,17 @@ def quantized_base_gap(source: ExportSource, batch: list[torch.Tensor], referenc
     return (probe_logits(adapted, batch) - reference.float()).abs().max().item()
 
 
-def probe_texts(tokenizer) -> list[str]:
-    """The probe texts of `ftune merge`, plus the probe conversation as the chat template renders it.
+def encode_probe(tokenizer) -> tuple[list[str], list[torch.Tensor]]:
+    """The probe texts of `ftune merge` plus the probe conversation as the chat template renders it, and their ids.
 
     Encoded without added special tokens: the rendered conversation spells its special tokens out, and a
     runtime is then compared on exactly the ids the trained model saw.
+
+    Returns:
+        (the texts, one tensor of token ids of shape (1, length) per text).
     """
-    return [*PROBE_TEXTS, *([render_conversation(tokenizer)] if tokenizer.chat_template is not None else [])]
+    texts = [*PROBE_TEXTS, *([render_conversation(tokenizer)] if tokenizer.chat_template is not None else [])]
+    return texts, [torch.tensor([tokenizer.encode(text, add_special_tokens=False)]) for text in texts]
 
 
 def render_conversation(tokenizer) -> str | None:
