@@ -105,7 +105,8 @@ def test_a_wrong_conversion_fails_parity_and_writes_nothing(llama_cpp, tiny_mode
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_gguf_from_a_lora_run_computes_and_chats_as_the_trained_model(llama_cpp, lora_run, tiny_model_path, tmp_path,
-                                                                      quant, conversation, training_render):
+                                                                      quant, conversation, training_render,
+                                                                      monkeypatch):
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from peft import PeftModel
 
@@ -149,7 +150,14 @@ def test_gguf_from_a_lora_run_computes_and_chats_as_the_trained_model(llama_cpp,
     eos, bos = (llm.detokenize([token], special=True).decode() for token in (llm.token_eos(), llm.token_bos()))
     formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token=eos, bos_token=bos)
     prompt = conversation[:-1]  # two user turns, the second still to be answered
-    assert formatter(messages=prompt).prompt == training_render(prompt, add_generation_prompt=True)
+    trained_prompt = training_render(prompt, add_generation_prompt=True)
+    assert formatter(messages=prompt).prompt == trained_prompt
+    # and through the chat handler itself: the token ids it hands to the completion are training's
+    completion, handed = llm.create_completion, []
+    monkeypatch.setattr(llm, "create_completion", lambda prompt, **kwargs: handed.append(prompt) or completion(
+        prompt=prompt, **kwargs))
+    llm.create_chat_completion(messages=prompt, max_tokens=1, temperature=0.0)
+    assert handed == [tokenizer.encode(trained_prompt, add_special_tokens=False)]
     llm.close()
 
     card = (out / "README.md").read_text()
