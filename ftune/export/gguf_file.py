@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
+from transformers import AutoTokenizer, GenerationConfig
 
 from ftune.config.architecture import sliding_layers
 from ftune.errors import ConfigError
@@ -91,6 +92,9 @@ def write_gguf(model_dir: Path, path: Path, quant: str, name: str) -> None:
         path: the file to write.
         quant: a key of `QUANT_TYPES`.
         name: the model's name in the file's metadata (`general.name`).
+
+    Raises:
+        ConfigError: what this converter cannot map (`check_convertible`), or a tensor without a GGUF name.
     """
     config = read_json(model_dir / "config.json")
     check_convertible(config, read_json(model_dir / "tokenizer.json"))
@@ -156,8 +160,6 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> 
     from the tokenizer and the generation config, so llama.cpp parses `<|im_end|>` in text as one control
     token and stops generating at it, as transformers does.
     """
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens, types = token_list(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
@@ -167,9 +169,10 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> 
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
     special.add_to_gguf(writer, quiet=True)
     writer.add_add_bos_token(adds_bos(tokenizer))
-    end_of_turn = generation_stop_ids(model_dir)
-    if end_of_turn:
-        writer.add_eot_token_id(end_of_turn[0])
+    if (model_dir / "generation_config.json").is_file():
+        end_of_turn = generation_stop_ids(GenerationConfig.from_pretrained(model_dir))
+        if end_of_turn:
+            writer.add_eot_token_id(end_of_turn[0])
 
 
 def token_list(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
@@ -200,10 +203,9 @@ def adds_bos(tokenizer) -> bool:
     return tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
 
 
-def generation_stop_ids(model_dir: Path) -> list[int]:
-    """generation_config.json's `eos_token_id` as a list: ftune puts the template's end-of-turn token first."""
-    path = model_dir / "generation_config.json"
-    ids = read_json(path).get("eos_token_id") if path.is_file() else None
+def generation_stop_ids(generation_config) -> list[int]:
+    """The ids generation stops at, as a list: ftune puts the template's end-of-turn token first, then EOS."""
+    ids = generation_config.eos_token_id
     return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
 
 

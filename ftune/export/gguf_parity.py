@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from ftune.export.gguf_file import generation_stop_ids
 from ftune.export.parity import PROBE_CONVERSATION, identical, within
 
 LOGPROB_TOLERANCE = {"f16": 0.05, "bf16": 0.3, "q8_0": 1.0}
@@ -114,7 +115,7 @@ def compare_generations(llm, model, tokenizer, tolerance: float) -> dict:
     A divergence passes only at a near tie: where the trained model prefers its token over llama.cpp's by no
     more than `tolerance` nats, which the quantization error allows to flip.
     """
-    stop_ids = generation_stop_ids(model.generation_config)
+    stop_ids = set(generation_stop_ids(model.generation_config))
     results = []
     for prompt in generation_prompts(tokenizer):
         expected = transformers_greedy(model, prompt, stop_ids)
@@ -124,12 +125,6 @@ def compare_generations(llm, model, tokenizer, tolerance: float) -> dict:
     passed = all(result["margin"] <= tolerance for result in diverged)
     value = "identical" if not diverged else f"{len(diverged)} of {len(results)} diverged at a near tie"
     return {"value": value if passed else "different", "tolerance": None, "passed": passed, "prompts": results}
-
-
-def generation_stop_ids(generation_config) -> set[int]:
-    """The ids generation stops at (ftune writes the template's end-of-turn token and EOS)."""
-    ids = generation_config.eos_token_id
-    return set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
 
 
 @torch.no_grad()
