@@ -44,6 +44,8 @@ COMMANDS: dict[str, Command] = {
                     ("cfg", "multirun", "json", "config_dir"), True),
     "merge": Command("fold an adapter (or a weighted combination of adapters) into a standalone model", ("cfg",)),
     "eval": Command("compare models on held-out loss, the forgetting probe and generations", ("cfg", "json")),
+    "export": Command("write a run, adapter or model as hf, gguf or adapter, checked against the trained model",
+                      ("cfg",)),
     "init": Command("write a commented starting recipe into the working directory (never overwrites)"),
 }
 """Subcommand name -> what it is; the code lives in `ftune.commands.<name>.run`."""

@@ -45,6 +45,10 @@ class ResourceError(FtuneError):
     exit_code = EXIT_BAD_INPUT
 
 
+class ParityError(FtuneError):
+    """An export that does not compute what the trained model does (`ftune export`); nothing was written; exit 1."""
+
+
 class GuardStop(FtuneError):
     """A run stopped by a guard the user asked for (e.g. non-finite loss), after saving; exit 3."""
 

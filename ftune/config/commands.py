@@ -1,4 +1,4 @@
-"""Typed options of the commands that take no recipe: `ftune merge` and `ftune eval`.
+"""Typed options of the commands that take no recipe: `ftune merge`, `ftune eval` and `ftune export`.
 
 `load_command_config` parses `key=value` arguments into these dataclasses (an unknown key or a badly typed
 value is a one-line error) and checks each field's `choices`/`min`/`max`; the rules that relate several
@@ -76,6 +76,38 @@ class EvalCfg:
     """Write the results as JSON here: `{model_name: {eval_loss, eval_ppl, probe_ppl, ...}}`."""
 
 
+@dataclass
+class ExportCfg:
+    """`ftune export`: write a trained model in a serving format, read it back with its runtime, compare."""
+
+    run: str | None = None
+    """A run directory; its `final/` (an adapter or a full model) is exported and its records fill the model card."""
+    adapter: str | None = None
+    """A PEFT adapter directory (with adapter_config.json), instead of `run`."""
+    model: str | None = None
+    """A standalone model directory (a merged or fully fine-tuned model), instead of `run`."""
+    format: str = choice("hf", "gguf", "adapter")
+    """hf: a merged standalone model; gguf: one llama.cpp file; adapter: the PEFT adapter alone."""
+    quant: str = choice("f16", "bf16", "q8_0")
+    """format=gguf: the weights' encoding (norms stay f32); each has its own parity tolerance."""
+    base: str | None = None
+    """Base model of an adapter (hub id or directory); null reads `base_model_name_or_path` from adapter_config.json."""
+    dtype: str = choice("fp32", "bf16", "fp16")
+    """format=hf: precision the merged model is saved in (the base is always merged in full precision)."""
+    out: str | None = None
+    """Directory to write (the export, `export_report.json`, `README.md`); it must not exist or be empty."""
+    overwrite: bool = False
+    """Replace an existing non-empty `out`."""
+    max_shard_size: str = "5GB"
+    """format=hf: largest safetensors file written; larger models are sharded with an index."""
+    push: bool = False
+    """Upload `out` to the Hugging Face Hub as `repo_id` once parity passed."""
+    repo_id: str | None = None
+    """push=true: the Hub repository to create or update, `user/name`."""
+    private: bool = True
+    """push=true: create the repository private (an existing repository keeps its visibility)."""
+
+
 def merge_problems(cfg: MergeCfg) -> list[str]:
     """Every problem with how `cfg`'s fields fit together, each naming its key; empty when valid."""
     problems = []
@@ -101,4 +133,24 @@ def eval_problems(cfg: EvalCfg) -> list[str]:
         problems.append("model: missing (expected model=PATH_OR_ID, or models=[A,B,...])")
     if cfg.data is None and cfg.probe is None:
         problems.append("data=null and probe=null (expected at least one of them: there is nothing to measure)")
+    return problems
+
+
+def export_problems(cfg: ExportCfg) -> list[str]:
+    """Every problem with how `cfg`'s fields fit together, each naming its key; empty when valid."""
+    problems = []
+    sources = [key for key in ("run", "adapter", "model") if getattr(cfg, key) is not None]
+    if len(sources) != 1:
+        problems.append(f"run / adapter / model: give exactly one (got {', '.join(sources) or 'none'}; expected "
+                        "run=DIR, adapter=DIR or model=DIR)")
+    if cfg.format == "adapter" and cfg.model is not None:
+        problems.append("format=adapter with model= (expected run= or adapter=: a standalone model has no adapter)")
+    if cfg.quant != "f16" and cfg.format != "gguf":
+        problems.append(f"quant={cfg.quant} with format={cfg.format} (expected format=gguf: quant is its encoding)")
+    if cfg.base is not None and cfg.model is not None:
+        problems.append("base= with model= (expected run= or adapter=: a standalone model has no base to merge into)")
+    if cfg.out is None:
+        problems.append("out: missing (expected the directory to write, out=DIR)")
+    if cfg.push and not cfg.repo_id:
+        problems.append("push=true without repo_id (expected repo_id=USER/NAME)")
     return problems

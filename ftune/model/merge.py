@@ -334,14 +334,22 @@ def merge_checked(model, batch: list[torch.Tensor], dtype: str, max_shard_size: 
     """
     reference = probe_logits(model, batch)
     merged = model.merge_and_unload()
-    diff = (probe_logits(merged, batch) - reference).abs().max().item()
-    tolerance = LOGIT_TOLERANCE[dtype] * max(1.0, reference.abs().max().item())
+    diff, tolerance = logit_difference(probe_logits(merged, batch), reference, dtype)
     if not diff <= tolerance:  # also catches NaN
         raise ConfigError(f"merge check failed: merged logits differ from base+adapter by {diff:.3g} "
                           f"(tolerance {tolerance:.3g} for dtype={dtype}); nothing was written",
                           "try dtype=fp32, or report the adapter")
     merged.save_pretrained(to, max_shard_size=max_shard_size)
     return diff, tolerance
+
+
+def logit_difference(logits: torch.Tensor, reference: torch.Tensor, dtype: str) -> tuple[float, float]:
+    """Largest |logits - reference| and the tolerance it is held to: `LOGIT_TOLERANCE[dtype]` of the logit scale.
+
+    Shared by the merge check and every export's read-back check, so both accept the same rounding.
+    """
+    diff = (logits - reference).abs().max().item()
+    return diff, LOGIT_TOLERANCE[dtype] * max(1.0, reference.abs().max().item())
 
 
 def write_merge_info(directory: Path, cfg: MergeCfg, base: str, dirs: list[str], diff: float | None) -> None:

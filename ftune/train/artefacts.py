@@ -1,7 +1,7 @@
 """What a run leaves for its users once the loop ends: `final/`, `summary.json` and the plots.
 
-`final/` is what people load (a PEFT adapter or a full model, with tokenizer and chat template), written
-atomically; `summary.json` says why the run ended and what it achieved; plots are redrawn from metrics.jsonl.
+`final/` is what people load (a PEFT adapter or a full model, with tokenizer, chat template and model card),
+written atomically; `summary.json` says why the run ended and what it achieved; plots are redrawn from metrics.jsonl.
 """
 
 import copy
@@ -17,6 +17,8 @@ from ftune.atomic import atomic_dir, write_text
 from ftune.config.schema import DataCfg
 from ftune.data.templates import template_for_artefact
 from ftune.model.load import count_parameters
+from ftune.report.card import render_card
+from ftune.train.card import describe_hardware, run_card_facts
 from ftune.train.loop import TrainRun, epochs_done
 from ftune.train.rundir import ResumeChanges
 
@@ -26,11 +28,12 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def save_final(run: TrainRun, tokenizer, data_cfg: DataCfg) -> Path:
-    """Write `final/` (adapter or full model, tokenizer, chat template, generation stop ids) atomically.
+    """Write `final/` (adapter or full model, tokenizer, chat template, generation stop ids, card) atomically.
 
     The template the run rendered with travels with the weights (`chat_template.jinja`), and
     `generation_config.json` stops at its end-of-turn token, so `apply_chat_template` and generation on the
-    artefact reproduce what training saw, also for a named template on a base that has none.
+    artefact reproduce what training saw, also for a named template on a base that has none. `README.md` is
+    ftune's model card (replacing the empty template PEFT writes).
     Every rank calls `get_state_dict` (a collective under FSDP/DeepSpeed); only the main one writes.
     """
     accelerator = run.accelerator
@@ -46,6 +49,8 @@ def save_final(run: TrainRun, tokenizer, data_cfg: DataCfg) -> Path:
             generation = copy.deepcopy(base_generation_config(model))
             generation.eos_token_id = stop_ids
             generation.save_pretrained(staging)
+            hardware = describe_hardware(accelerator.device, accelerator.num_processes)
+            write_text(staging / "README.md", render_card(run_card_facts(run.run_dir, hardware)))
     accelerator.wait_for_everyone()
     return final
 
@@ -102,6 +107,7 @@ def write_summary(run: TrainRun, stop_reason: str, final_step: int | None, start
         "total_params": total_params,
         "wall_time_s": round(time.perf_counter() - started, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "hardware": describe_hardware(run.accelerator.device, run.accelerator.num_processes),
         **peak_accelerator_memory(run.accelerator.device),
     }
     if resume is not None:

@@ -1,0 +1,1 @@
+"""`ftune export`: serving formats (hf, gguf, adapter), each read back by its runtime and checked; model cards."""
