@@ -16,7 +16,7 @@ COLUMNS = ("eval_loss", "eval_ppl", "probe_ppl", "probe_drift", "exact_match", "
 def run(args) -> int:
     """Parse `key=value` options, evaluate every model, print the table (or JSON with --json), write `out`."""
     from ftune.config.commands import EvalCfg, eval_problems
-    from ftune.model.evaluate_models import evaluate_models
+    from ftune.eval.compare import evaluate_models
 
     cfg = command_config(EvalCfg, args, eval_problems)
     if cfg is None:

@@ -21,15 +21,15 @@ from torch.utils.data import DataLoader
 
 from ftune.config.schema import EarlyStopCfg, ProbeCfg, TrainerCfg
 from ftune.errors import GuardStop
+from ftune.eval.loss import evaluate_loss, learned_token_count
+from ftune.eval.probe import probe_ppl
 from ftune.model.moe import add_router_loss
 from ftune.report.console import TrainProgress, print_table
 from ftune.report.metrics import MetricsLog, NullLog
 from ftune.train.checkpoint import best_checkpoint, save_checkpoint
 from ftune.train.early_stop import judge
-from ftune.train.evaluate import evaluate_loss
 from ftune.train.interrupt import StopSignals
-from ftune.train.losses import StepLoss, learned_token_count
-from ftune.train.probe import probe_ppl
+from ftune.train.losses import StepLoss
 from ftune.train.state import TrainState
 
 
@@ -201,11 +201,10 @@ def evaluate(run: TrainRun):
     """Validation loss, forgetting probe and the early-stopping verdict; logs one row and prints it."""
     row = {"step": run.state.step}
     if run.eval_loader is not None:
-        result = evaluate_loss(run.model, run.eval_loader, run.accelerator, run.cfg.eval_batches,
-                               run.loss.without_teacher())
+        result = evaluate_loss(run.model, run.eval_loader, run.cfg.eval_batches, run.loss.without_teacher())
         row |= {"eval_loss": result["loss"], "eval_ppl": result["ppl"]}
     if run.probe_loader is not None:
-        ppl = probe_ppl(run.model, run.probe_loader, run.accelerator, run.loss.without_teacher())
+        ppl = probe_ppl(run.model, run.probe_loader, run.loss.without_teacher())
         row |= {"probe_ppl": ppl, "probe_drift": ppl / run.state.base_probe_ppl - 1.0}
     verdict = judge(run.state, row, run.early_stop, run.probe.max_drift) if len(row) > 1 else None
     run.log.log(row)

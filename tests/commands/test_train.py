@@ -38,20 +38,19 @@ def test_run_directory_contract(lora_run):
 
 def base_eval_loss(model_path) -> float:
     """The untrained model's loss on the shipped validation set, through ftune's own eval pipeline."""
-    from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
     from ftune.config.compose import load_run_config
     from ftune.data.pipeline import build_loader, build_split
+    from ftune.eval.loss import evaluate_loss
     from ftune.model.load import load_tokenizer
-    from ftune.train.evaluate import evaluate_loss
 
     cfg, _ = load_run_config([])
     tokenizer = load_tokenizer(cfg.model)
     loader = build_loader(build_split(cfg.data.eval_path, tokenizer, cfg.data), tokenizer, cfg.data, "sdpa", 8,
                           shuffle=False)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    return evaluate_loss(model, loader, Accelerator(cpu=True))["loss"]
+    return evaluate_loss(model, loader)["loss"]
 
 
 def test_metrics_rows_and_falling_loss(lora_run, tiny_model_path):

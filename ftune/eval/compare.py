@@ -17,6 +17,9 @@ from pathlib import Path
 from ftune.config.commands import EvalCfg
 from ftune.config.schema import DataCfg, ModelCfg, ProbeCfg
 from ftune.errors import ResourceError
+from ftune.eval.generation import score_generations, summarize
+from ftune.eval.loss import evaluate_loss, on_this_process
+from ftune.eval.probe import build_probe_loader, probe_ppl
 from ftune.model.load import load_base_model, load_tokenizer
 from ftune.model.merge import (
     ADAPTER_CONFIG,
@@ -110,17 +113,16 @@ def evaluate_models(cfg: EvalCfg) -> dict[str, dict]:
         `{model name: {kind, base, eval_loss, eval_ppl, probe_ppl, probe_drift, exact_match, f1, ...}}`, the
         reference base first; metrics whose data is switched off (data=null, probe=null, generate=0) are absent.
     """
-    from accelerate import Accelerator
+    from accelerate import PartialState
 
-    accelerator = Accelerator()
+    device = PartialState().device
     refs = model_refs(cfg)
     conversations = held_out_conversations(cfg)
     rows: dict[str, dict] = {}
     for ref in refs:
         model, tokenizer = load_model(ref, cfg.dtype)
-        model.to(accelerator.device)
-        rows[ref.name] = {"kind": ref.kind, "base": ref.base,
-                          **evaluate_model(model, tokenizer, cfg, conversations, accelerator)}
+        model.to(device)
+        rows[ref.name] = {"kind": ref.kind, "base": ref.base, **evaluate_model(model, tokenizer, cfg, conversations)}
         del model
         gc.collect()
     add_probe_drift(rows)
@@ -138,13 +140,10 @@ def held_out_conversations(cfg: EvalCfg) -> list[list[dict]]:
     return [messages for _, messages in itertools.islice(conversations, stop)]
 
 
-def evaluate_model(model, tokenizer, cfg: EvalCfg, conversations: list[list[dict]], accelerator) -> dict:
+def evaluate_model(model, tokenizer, cfg: EvalCfg, conversations: list[list[dict]]) -> dict:
     """Held-out loss and perplexity, probe perplexity and generation scores of one loaded model."""
     from ftune.data.pipeline import build_loader, build_split
     from ftune.data.templates import resolve_template
-    from ftune.train.evaluate import evaluate_loss
-    from ftune.train.generation import score_generations, summarize
-    from ftune.train.probe import build_probe_loader, probe_ppl
 
     row = {}
     if cfg.data is not None:
@@ -152,12 +151,12 @@ def evaluate_model(model, tokenizer, cfg: EvalCfg, conversations: list[list[dict
         # every model here is loaded with ModelCfg's default attention kernel, so packed rows get its mask
         loader = build_loader(build_split(cfg.data, tokenizer, data_cfg), tokenizer, data_cfg,
                               ModelCfg().attn_implementation, cfg.batch_size, shuffle=False)
-        result = evaluate_loss(model, accelerator.prepare_data_loader(loader), accelerator)
+        result = evaluate_loss(model, on_this_process(loader))
         row |= {"eval_loss": result["loss"], "eval_ppl": result["ppl"], "eval_tokens": result["tokens"]}
     if cfg.probe is not None:
         probe_cfg = ProbeCfg(path=cfg.probe, max_length=cfg.probe_max_length)
         loader = build_probe_loader(probe_cfg, tokenizer, cfg.batch_size)
-        row["probe_ppl"] = probe_ppl(model, accelerator.prepare_data_loader(loader), accelerator)
+        row["probe_ppl"] = probe_ppl(model, on_this_process(loader))
     if conversations:
         template = resolve_template(cfg.chat_template, tokenizer)
         row |= summarize(score_generations(model, tokenizer, template, conversations, cfg.max_new_tokens))
