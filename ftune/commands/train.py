@@ -21,8 +21,11 @@ from ftune.config.schema import RunCfg
 from ftune.config.validate import advisories
 from ftune.data.dedup import overlap_warning
 from ftune.data.pipeline import build_loader, build_split, build_train_split
+from ftune.data.templates import resolve_template
 from ftune.errors import ConfigError, FtuneError
+from ftune.eval.generation import GENERATIONS_FILE, Sampler, held_out_conversations
 from ftune.eval.probe import base_probe_ppl, build_probe_loader
+from ftune.eval.tasks import TaskProbe, load_tasks
 from ftune.model.load import count_parameters, load_teacher, load_tokenizer, prepare_model
 from ftune.model.plan import distribution_from_env, plan_rows, plan_run
 from ftune.report.console import console, print_table
@@ -117,6 +120,7 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
     tokenizer = load_tokenizer(cfg.model)
     with accelerator.main_process_first():  # rank 0 fills the data cache, the others read it
         loaders, stats = build_loaders(cfg, tokenizer)
+    probe_tasks = load_tasks(cfg.probe.tasks, cfg.probe.task_dir, "probe.tasks") if cfg.probe.tasks else None
     teacher = load_teacher(cfg)  # None unless distilling; checks the vocabularies match first
     model = prepare_model(cfg)
     optimizer = build_optimizer(model, cfg.optim)
@@ -129,6 +133,7 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
     state = load_checkpoint(accelerator, checkpoint) if checkpoint else TrainState()
     if loaders.get("probe") is not None and state.base_probe_ppl is None:
         state.base_probe_ppl = base_probe_ppl(model, loaders["probe"], cfg.model, cfg.probe)
+    task_probe = build_task_probe(cfg, probe_tasks, tokenizer, accelerator.unwrap_model(model), state)
     step_loss = build_step_loss(accelerator.unwrap_model(model), cfg.trainer, teacher, cfg.distill, len(tokenizer))
 
     if accelerator.is_main_process:  # setup succeeded: the run directory is written from here on
@@ -138,7 +143,8 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
         train_loader=loaders["train"], eval_loader=loaders.get("eval"), probe_loader=loaders.get("probe"),
         cfg=cfg.trainer, early_stop=cfg.early_stop, probe=cfg.probe, max_grad_norm=cfg.optim.max_grad_norm,
         total_steps=total_steps, run_dir=run_dir, log=open_log(cfg, resolved, accelerator, run_dir), state=state,
-        on_checkpoint=lambda: draw_plots(run_dir), loss=step_loss,
+        on_checkpoint=lambda: draw_plots(run_dir), loss=step_loss, task_probe=task_probe,
+        sampler=build_sampler(cfg, tokenizer, run_dir),
     )
     if resume is not None:
         run.log.log(resume.as_row(state.step))
@@ -183,6 +189,27 @@ def build_loaders(cfg: RunCfg, tokenizer) -> tuple[dict, dict]:
         "probe": build_probe_loader(cfg.probe, tokenizer, batch) if cfg.probe.path else None,
     }
     return loaders, {"train": train.stats, "eval": held_out.stats if held_out else None}
+
+
+def build_task_probe(cfg: RunCfg, tasks: dict | None, tokenizer, model, state: TrainState) -> TaskProbe | None:
+    """The lm-eval tasks of `probe.tasks`, with the base model's scores (measured now, or from the resumed state)."""
+    if tasks is None:
+        return None
+    probe = TaskProbe(tasks, cfg.probe.tasks, tokenizer, cfg.probe.limit, cfg.trainer.micro_batch_size)
+    if state.base_task_scores is None:
+        probe.measure_base(model)
+        state.base_task_scores = probe.base
+    probe.base = state.base_task_scores
+    return probe
+
+
+def build_sampler(cfg: RunCfg, tokenizer, run_dir: Path) -> Sampler | None:
+    """With `trainer.sample_every`, the first `trainer.sample_prompts` held-out conversations to answer."""
+    if not cfg.trainer.sample_every:
+        return None
+    conversations = held_out_conversations(cfg.data.eval_path, cfg.data, cfg.trainer.sample_prompts)
+    return Sampler(conversations, tokenizer, resolve_template(cfg.data.chat_template, tokenizer),
+                   run_dir / GENERATIONS_FILE)
 
 
 def open_log(cfg: RunCfg, resolved: DictConfig, accelerator: Accelerator, run_dir: Path) -> MetricsLog | NullLog:

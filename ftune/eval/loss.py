@@ -94,3 +94,23 @@ def on_this_process(loader):
     state = PartialState()
     return prepare_data_loader(loader, device=state.device, num_processes=state.num_processes,
                                process_index=state.process_index, put_on_device=True)
+
+
+def autocast_forward(model, mixed_precision: str) -> None:
+    """Run `model`'s forward under autocast with fp32 outputs, as accelerate prepares a model for training.
+
+    A training run with `trainer.mixed_precision=bf16` evaluates under autocast; this makes `ftune eval` measure
+    a model the same way (the wrapper is on this model object only). "no" leaves the model as it is.
+    """
+    from accelerate.utils import convert_outputs_to_fp32
+
+    if mixed_precision == "no":
+        return
+    forward, device_type = model.forward, model.device.type
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+
+    def forward_under_autocast(*args, **kwargs):
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            return forward(*args, **kwargs)
+
+    model.forward = convert_outputs_to_fp32(forward_under_autocast)

@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory, small_data):
 
 
 def eval_args(small_data, *extra: str) -> list[str]:
-    return ["eval", f"data={small_data['data']}", f"probe={small_data['probe']}", *extra]
+    return ["eval", f"data.eval_path={small_data['data']}", f"probe.path={small_data['probe']}", *extra]
 
 
 def test_base_adapter_and_merged_side_by_side(run_dir, small_data, tmp_path, capsys):
@@ -61,7 +61,7 @@ def test_packed_and_unpacked_evaluation_give_the_same_loss(tiny_model_path, smal
     losses = []
     for packing in ("false", "true"):
         out = tmp_path / f"packing-{packing}.json"
-        args = eval_args(small_data, f"model={tiny_model_path}", "probe=null", "generate=0", f"packing={packing}",
+        args = eval_args(small_data, f"model={tiny_model_path}", "probe.path=null", "generate=0", f"data.packing={packing}",
                          f"out={out}")
         assert main(args) == 0
         (row,) = json.loads(out.read_text()).values()
@@ -96,7 +96,7 @@ def test_bad_input_is_one_line(bad_models, small_data, tmp_path, capsys, case):
     argument, expected = bad_models[case]
     out = tmp_path / "eval.json"
     capsys.readouterr()
-    assert main(eval_args(small_data, argument, "probe=null", "generate=0", f"out={out}")) == 2
+    assert main(eval_args(small_data, argument, "probe.path=null", "generate=0", f"out={out}")) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("ftune: error: ")]
     assert len(errors) == 1 and expected in errors[0] and err.strip().endswith(errors[0]), err
