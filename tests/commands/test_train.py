@@ -86,3 +86,20 @@ def test_final_adapter_loads_with_peft_and_only_lora_weights_changed(lora_run, t
 def test_existing_run_dir_is_refused_without_resume(lora_run, capsys):
     assert main(["train", *SHORT_RUN, f"output_dir={lora_run}"]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_eval_on_start_logs_the_base_and_sampling_writes_the_same_prompts_each_time(tmp_path):
+    run_dir = tmp_path / "sampled"
+    assert main(["train", "recipe=tiny_lora", "trainer.max_steps=4", "trainer.eval_every=2", "optim.lr=0.003",
+                 "trainer.eval_on_start=true", "trainer.sample_every=2", "trainer.sample_prompts=2",
+                 "probe.path=null", f"output_dir={run_dir}"]) == 0
+    evals = [r for r in read_rows(run_dir) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_step"] == 4  # the base's row at step 0 is logged, never judged: it has no checkpoint
+    records = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 0, 2, 2, 4, 4]
+    assert records[0]["prompt"] == records[2]["prompt"] == records[4]["prompt"] != records[1]["prompt"]
+    assert records[0]["prompt"][-1]["role"] == "user" and records[0]["reference"]
+    assert all({"answer", "exact_match", "f1", "new_tokens"} <= set(r) for r in records)
