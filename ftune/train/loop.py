@@ -88,7 +88,7 @@ def fit(run: TrainRun) -> tuple[str, int]:
                            clock) if due(state.step, cfg.log_every) or last else None
             progress.update(state.step, row)
             verdict = evaluate(run) if due(state.step, cfg.eval_every) or last else None
-            if due(state.step, cfg.sample_every) or (last and cfg.sample_every):
+            if cfg.sample_every and (due(state.step, cfg.sample_every) or last):
                 sample(run)
             keep_best = verdict and verdict.improved and cfg.final_weights == "best"  # final/ will reload it
             if due(state.step, cfg.save_every) or keep_best or signals.requested(run.accelerator):

@@ -138,7 +138,7 @@ def bad_models(tmp_path, random_llama, run_dir, tiny_model_path):
         "missing path": (f"model={tmp_path / 'nowhere'}", "no such file or directory"),
         "not a model": (f"model={empty}", "neither a model (config.json) nor an adapter (adapter_config.json)"),
         "base of other shapes": (f"models=[{tiny_model_path},{mismatched}]", "size mismatch for"),
-        "no model": ("max_length=64", "model: missing"),
+        "no model": ("data.max_length=64", "model: missing"),
         "unknown key": ("modle=x", "modle: unknown key"),
     }
 
