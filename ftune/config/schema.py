@@ -283,8 +283,8 @@ class ProbeCfg:
     max_length: int = bounded(256, 8)
     """Tokens per probe document."""
     tasks: list[str] = field(default_factory=list)
-    """lm-eval tasks scored at every evaluation against the base model, e.g. `[tinyworld_tense]` (shipped,
-    offline) or `[hellaswag]`: `<task>_score` and `<task>_drift` in metrics.jsonl (needs `ftune[eval]`)."""
+    """lm-eval tasks scored at every evaluation against the base model (the shipped, offline `tinyworld_tense`, or
+    lm-eval's own such as `hellaswag`): `<task>_score` and `<task>_drift` in metrics.jsonl; needs `ftune[eval]`."""
     limit: int | None = None
     """Examples per probe task (lm-eval's `limit`; null: all of them, at every evaluation)."""
     task_dir: str | None = None
