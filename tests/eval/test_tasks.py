@@ -48,3 +48,21 @@ def test_the_shipped_task_loads_offline_from_its_own_files(monkeypatch):
     first = docs[0]
     assert task.doc_to_text(first) == first["context"] and task.doc_to_choice(first) == first["choices"]
     assert task.doc_to_target(first) == first["answer"] and len(first["choices"]) == 4
+
+
+def test_a_users_task_directory_is_searched_and_a_missing_one_is_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import shutil
+
+    from ftune.errors import ConfigError
+    from ftune.eval.tasks import SHIPPED_TASKS, load_tasks
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    mine = tmp_path / "tasks" / "mine"
+    shutil.copytree(SHIPPED_TASKS / "tinyworld_tense", mine)
+    yaml = (mine / "tinyworld_tense.yaml").read_text().replace("task: tinyworld_tense", "task: my_tense")
+    (mine / "tinyworld_tense.yaml").unlink()
+    (mine / "my_tense.yaml").write_text(yaml)
+    assert list(load_tasks(["my_tense"], str(tmp_path / "tasks"), "tasks")) == ["my_tense"]
+    with pytest.raises(ConfigError, match="task_dir=.*: no such directory"):
+        load_tasks(["my_tense"], str(tmp_path / "nowhere"), "tasks")
