@@ -43,7 +43,8 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("count parameters and estimate memory per GPU on the meta device (no download, no weights)",
                     ("cfg", "multirun", "json", "config_dir"), True),
     "merge": Command("fold an adapter (or a weighted combination of adapters) into a standalone model", ("cfg",)),
-    "eval": Command("compare models on held-out loss, the forgetting probe and generations", ("cfg", "json")),
+    "eval": Command("compare models on held-out loss, the forgetting probe, lm-eval benchmarks and generations",
+                    ("cfg", "json")),
     "export": Command("write a run, adapter or model as hf, gguf or adapter, checked against the trained model",
                       ("cfg",)),
     "init": Command("write a commented starting recipe into the working directory (never overwrites)"),
@@ -104,10 +105,12 @@ def quiet_libraries() -> None:
     """Silence library output a user cannot act on; ftune prints its own progress and statistics.
 
     - datasets' progress bars when ftune writes its tokenized-data cache;
-    - bitsandbytes' warning, on CPUs with AVX512-BF16, that it cannot download an optional kernel from the hub.
+    - bitsandbytes' warning, on CPUs with AVX512-BF16, that it cannot download an optional kernel from the hub;
+    - lm-eval's warnings that ftune hands it a loaded model and a custom dataset hook (both on purpose).
     """
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

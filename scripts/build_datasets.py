@@ -1,6 +1,8 @@
-"""Write ftune's shipped datasets: a tense-rewriting chat task and a general-text forgetting probe.
+"""Write ftune's shipped datasets: a chat task, a forgetting probe, and the items of the shipped lm-eval task.
 
-    python scripts/build_datasets.py            # -> ftune/assets/data/{chat,probe}/
+    python scripts/build_datasets.py    # -> ftune/assets/data/{chat,probe}/, ftune/assets/tasks/tinyworld_tense/
+
+The lm-eval task (tense agreement, multiple choice) is described in its YAML.
 The task is new to the embedded model: its pretraining corpus (scripts/build_tiny_model.py) has tinyworld
 sentences in every tense but never asks to rewrite one. Every split uses its own seed, distinct from the
 pretraining and evaluation seeds, so all texts here are held out. Output is deterministic.
@@ -14,8 +16,20 @@ from pathlib import Path
 import tinyworld as world
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "ftune" / "assets" / "data"
+TASK_FILE = Path("tasks", "tinyworld_tense", "test.jsonl")
+"""The shipped lm-eval task's items, relative to the assets directory (the parent of --out)."""
 SPLITS = {"train": (400, 4), "validation": (50, 5)}  # split -> (conversations, seed)
 PROBE_DOCUMENTS, PROBE_SEED = 200, 3
+TASK_ITEMS, TASK_SEED = 200, 6
+CHOICE_TENSES = ("present", "past", "future", "present_progressive")
+"""The tenses a tense-agreement item chooses between, in the order of its choices."""
+UNAMBIGUOUS_TIMES = {
+    "present": ("every morning", "every day", "on Sundays", "twice a week"),
+    "past": ("yesterday", "last week", "two days ago", "last summer"),
+    "future": ("tomorrow", "next week", "next summer", "after lunch"),
+    "present_progressive": ("right now", "at the moment"),
+}
+"""Time phrases that fit exactly one of CHOICE_TENSES (tinyworld's "today" or "last night" fit two)."""
 SYSTEM_SHARE = 0.8  # the rest of the conversations have no system prompt
 SYSTEM_PROMPTS = (
     "You rewrite sentences in the tense the user asks for. Answer with the sentence only.",
@@ -64,6 +78,22 @@ def make_conversation(rng: random.Random) -> list[dict[str, str]]:
     return messages
 
 
+def make_tense_item(rng: random.Random) -> dict:
+    """A multiple-choice item: a time phrase and subject, then the clause in each tense; the time phrase decides.
+
+    Example: context "Yesterday, Helen", choices [" eats a pear.", " ate a pear.", " will eat a pear.",
+    " is eating a pear."], answer 1. Verbs are drawn from both tables, and `verbs` says which one.
+    """
+    clause = world.make_clause(rng)
+    tense = rng.choice(CHOICE_TENSES)
+    time = rng.choice(UNAMBIGUOUS_TIMES[tense])
+    plural = clause.pronoun == "they"
+    choices = [f" {world.conjugate(clause.verb, other, plural)} {clause.rest}." for other in CHOICE_TENSES]
+    verbs = "regular" if clause.verb in world.REGULAR_VERBS else "irregular"
+    return {"context": f"{time[0].upper()}{time[1:]}, {clause.subject}", "choices": choices,
+            "answer": CHOICE_TENSES.index(tense), "verbs": verbs}
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """Write one JSON object per line, creating the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +102,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def main() -> None:
-    """Write the chat splits and the probe set under --out."""
+    """Write the chat splits and the probe set under --out, and the lm-eval task's items next to it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DATA_DIR)
     out = parser.parse_args().out
@@ -81,6 +111,8 @@ def main() -> None:
         write_jsonl(out / "chat" / f"{split}.jsonl", [{"messages": make_conversation(rng)} for _ in range(count)])
     probe = world.generate_documents(PROBE_DOCUMENTS, PROBE_SEED)
     write_jsonl(out / "probe" / "general.jsonl", [{"text": text} for text in probe])
+    rng = random.Random(TASK_SEED)
+    write_jsonl(out.parent / TASK_FILE, [make_tense_item(rng) for _ in range(TASK_ITEMS)])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ WRONG = {
     "plan": [("lora.r=x", "lora.r: expected a whole number"), ("gpus=0", "gpus=0: expected a positive number")],
     "merge": [("foo=1", "foo: unknown key"), ("density=x", "density: expected a number"),
               ("adapters=x", "out: missing"), ("out", "argument 'out': expected key=value")],
-    "eval": [("data.packing=true", "data.packing: unknown key (data is a string"),
+    "eval": [("packing=true", "packing: unknown key"), ("data.packing=maybe", "data.packing: expected true or false"),
              ("batch_size=x", "batch_size: expected a whole number, got 'x'"), ("+extra=1", "extra: unknown key")],
 }
 CASES = [(command, arg, expected) for command, items in WRONG.items() for arg, expected in items]

@@ -6,11 +6,13 @@ again. The loop itself is `ftune.train.loop.fit`; what it leaves behind is `ftun
 """
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, is_initialized
 from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,7 +21,11 @@ from ftune.config.schema import RunCfg
 from ftune.config.validate import advisories
 from ftune.data.dedup import overlap_warning
 from ftune.data.pipeline import build_loader, build_split, build_train_split
+from ftune.data.templates import resolve_template
 from ftune.errors import ConfigError, FtuneError
+from ftune.eval.generation import GENERATIONS_FILE, Sampler, held_out_conversations
+from ftune.eval.probe import base_probe_ppl, build_probe_loader
+from ftune.eval.tasks import TaskProbe, load_tasks
 from ftune.model.dtypes import native_mixed_precision
 from ftune.model.load import count_parameters, load_teacher, load_tokenizer, prepare_model
 from ftune.model.plan import distribution_from_env, plan_rows, plan_run
@@ -30,7 +36,6 @@ from ftune.train.checkpoint import load_checkpoint, resolve_resume, save_trainab
 from ftune.train.loop import TrainRun, fit, restore_best
 from ftune.train.losses import build_step_loss
 from ftune.train.optim import build_optimizer, build_scheduler, optimizer_steps
-from ftune.train.probe import base_probe_ppl, build_probe_loader
 from ftune.train.rundir import ResumeChanges, check_fresh_output_dir, compare_with_checkpoint_config, write_run_config
 from ftune.train.state import TrainState
 
@@ -39,14 +44,50 @@ def run(args) -> int:
     """Compose and validate every job (one, or a `-m` sweep) before the first starts; then train each."""
     jobs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
     configs = [load_run_config(job, tuple(args.config_dir)) for job in jobs]
-    for typed, resolved in configs:
+    for job, (typed, resolved) in zip(jobs, configs, strict=True):
         if args.cfg == "job":
             print(OmegaConf.to_yaml(resolved), end="")
             continue
-        code = run_train(typed, resolved)
+        resolve_precision(typed, resolved)  # `auto` is compared with the process's precision as what it becomes
+        fits = fits_this_process(typed)
+        code = run_train(typed, resolved) if fits else run_in_child(job, args.config_dir)
         if code:
             return code
     return 0
+
+
+def fits_this_process(cfg: RunCfg) -> bool:
+    """Whether this process can train `cfg`: accelerate fixes precision and compilation once per process.
+
+    accelerate keeps one `AcceleratorState` per process and refuses an Accelerator with another precision (and
+    silently keeps the first compilation settings); it has no public way to start over. A job with other
+    settings than an earlier one in this process (a `-m` sweep over trainer.mixed_precision, a test session)
+    therefore runs in a fresh process instead.
+    """
+    if not is_initialized():
+        return True
+    state, wanted = AcceleratorState(), dynamo_plugin(cfg)
+    return state.mixed_precision == cfg.trainer.mixed_precision and \
+        state.dynamo_plugin.backend == wanted.backend and \
+        state.dynamo_plugin.use_regional_compilation == wanted.use_regional_compilation
+
+
+def run_in_child(job: list[str], config_dirs: list[str]) -> int:
+    """Train one job in a fresh `ftune train` process; its output goes where this process's output goes.
+
+    Raises:
+        ConfigError: under a multi-process launch, where a child would not join the process group.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("trainer.mixed_precision / trainer.compile differ between the jobs of one launch",
+                          "accelerate fixes them once per process: launch one command per setting")
+    command = [sys.executable, "-m", "ftune", "train", *job, *(f"--config-dir={d}" for d in config_dirs)]
+    if sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__:
+        return subprocess.run(command, check=False).returncode
+    child = subprocess.run(command, check=False, capture_output=True, text=True)  # captured here (e.g. by pytest)
+    sys.stdout.write(child.stdout)
+    sys.stderr.write(child.stderr)
+    return child.returncode
 
 
 def run_train(cfg: RunCfg, resolved: DictConfig) -> int:
@@ -63,7 +104,6 @@ def run_train(cfg: RunCfg, resolved: DictConfig) -> int:
             print_table("summary", write_summary(run, stop_reason, final_step, started, resume))
     finally:
         run.log.close()
-        release_accelerator()
     return exit_code
 
 
@@ -83,6 +123,7 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
     tokenizer = load_tokenizer(cfg.model)
     with accelerator.main_process_first():  # rank 0 fills the data cache, the others read it
         loaders, stats = build_loaders(cfg, tokenizer)
+    probe_tasks = load_tasks(cfg.probe.tasks, cfg.probe.task_dir, "probe.tasks") if cfg.probe.tasks else None
     teacher = load_teacher(cfg)  # None unless distilling; checks the vocabularies match first
     model = prepare_model(cfg)
     optimizer = build_optimizer(model, cfg.optim)
@@ -94,7 +135,8 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
     save_trainable_weights_only(accelerator)
     state = load_checkpoint(accelerator, checkpoint) if checkpoint else TrainState()
     if loaders.get("probe") is not None and state.base_probe_ppl is None:
-        state.base_probe_ppl = base_probe_ppl(model, loaders["probe"], accelerator, cfg.model, cfg.probe)
+        state.base_probe_ppl = base_probe_ppl(model, loaders["probe"], cfg.model, cfg.probe)
+    task_probe = build_task_probe(cfg, probe_tasks, tokenizer, accelerator.unwrap_model(model), state)
     step_loss = build_step_loss(accelerator.unwrap_model(model), cfg.trainer, teacher, cfg.distill, len(tokenizer))
 
     if accelerator.is_main_process:  # setup succeeded: the run directory is written from here on
@@ -104,7 +146,8 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
         train_loader=loaders["train"], eval_loader=loaders.get("eval"), probe_loader=loaders.get("probe"),
         cfg=cfg.trainer, early_stop=cfg.early_stop, probe=cfg.probe, max_grad_norm=cfg.optim.max_grad_norm,
         total_steps=total_steps, run_dir=run_dir, log=open_log(cfg, resolved, accelerator, run_dir), state=state,
-        on_checkpoint=lambda: draw_plots(run_dir), loss=step_loss,
+        on_checkpoint=lambda: draw_plots(run_dir), loss=step_loss, task_probe=task_probe,
+        sampler=build_sampler(cfg, tokenizer, run_dir),
     )
     if resume is not None:
         run.log.log(resume.as_row(state.step))
@@ -118,30 +161,28 @@ def resolve_precision(cfg: RunCfg, resolved: DictConfig) -> None:
 
     Both in the typed config and in what config.yaml records, so a resume on the same machine compares equal.
     """
-    if cfg.trainer.mixed_precision == "auto":
+    if cfg.trainer.mixed_precision == "auto":  # build_run calls this too, for callers that skip `run`
         cfg.trainer.mixed_precision = resolved.trainer.mixed_precision = native_mixed_precision()
 
 
 def make_accelerator(cfg: RunCfg) -> Accelerator:
-    """A fresh Accelerator for this run (precision, seeded data order, optional regional compilation)."""
-    release_accelerator()  # settings of an earlier Accelerator in this process (a sweep job, ftune eval) must not leak
+    """An Accelerator for this run (precision, seeded data order, optional regional compilation).
+
+    Its precision and compilation are the process's (`fits_this_process` checked them); the data seed is its own.
+    """
     accelerator = Accelerator(
         mixed_precision=cfg.trainer.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor" if cfg.trainer.compile else "no",
-                                        use_regional_compilation=cfg.trainer.compile),
+        dynamo_plugin=dynamo_plugin(cfg),
     )
     check_world_size(accelerator)
     return accelerator
 
 
-def release_accelerator() -> None:
-    """Forget accelerate's process-wide state, so the next run in this process may use another precision.
-
-    accelerate keeps one AcceleratorState per process and refuses a second Accelerator with different
-    settings; `_reset_state` is how accelerate's own tests start over (there is no public equivalent).
-    """
-    AcceleratorState._reset_state(reset_partial_state=False)
+def dynamo_plugin(cfg: RunCfg) -> TorchDynamoPlugin:
+    """Regional compilation with inductor when `trainer.compile`, else none."""
+    return TorchDynamoPlugin(backend="inductor" if cfg.trainer.compile else "no",
+                             use_regional_compilation=cfg.trainer.compile)
 
 
 def build_loaders(cfg: RunCfg, tokenizer) -> tuple[dict, dict]:
@@ -160,6 +201,27 @@ def build_loaders(cfg: RunCfg, tokenizer) -> tuple[dict, dict]:
         "probe": build_probe_loader(cfg.probe, tokenizer, batch) if cfg.probe.path else None,
     }
     return loaders, {"train": train.stats, "eval": held_out.stats if held_out else None}
+
+
+def build_task_probe(cfg: RunCfg, tasks: dict | None, tokenizer, model, state: TrainState) -> TaskProbe | None:
+    """The lm-eval tasks of `probe.tasks`, with the base model's scores (measured now, or from the resumed state)."""
+    if tasks is None:
+        return None
+    probe = TaskProbe(tasks, cfg.probe.tasks, tokenizer, cfg.probe.limit, cfg.trainer.micro_batch_size)
+    if state.base_task_scores is None:
+        probe.measure_base(model)
+        state.base_task_scores = probe.base
+    probe.base = state.base_task_scores
+    return probe
+
+
+def build_sampler(cfg: RunCfg, tokenizer, run_dir: Path) -> Sampler | None:
+    """With `trainer.sample_every`, the first `trainer.sample_prompts` held-out conversations to answer."""
+    if not cfg.trainer.sample_every:
+        return None
+    conversations = held_out_conversations(cfg.data.eval_path, cfg.data, cfg.trainer.sample_prompts)
+    return Sampler(conversations, tokenizer, resolve_template(cfg.data.chat_template, tokenizer),
+                   run_dir / GENERATIONS_FILE)
 
 
 def open_log(cfg: RunCfg, resolved: DictConfig, accelerator: Accelerator, run_dir: Path) -> MetricsLog | NullLog:

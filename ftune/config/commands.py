@@ -7,8 +7,15 @@ and import nothing of torch.
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ftune.config.schema import bounded, choice
+from omegaconf import DictConfig, OmegaConf
+
+from ftune.config.schema import DataCfg, ProbeCfg, TrainerCfg, bounded, choice
+from ftune.errors import ConfigError
+
+RUN_CONFIG_FILE = "config.yaml"
+"""The resolved config a training run writes into its directory (what `ftune eval run=` reads)."""
 
 COMBINATIONS_NEEDING_DENSITY = ("ties", "dare_ties")
 """Combinations that prune each adapter to `density` before combining (PEFT's `add_weighted_adapter`)."""
@@ -46,34 +53,45 @@ class MergeCfg:
 
 @dataclass
 class EvalCfg:
-    """`ftune eval`: compare models (bases, adapters, merged models) on task data, a probe and generations."""
+    """`ftune eval`: compare models on held-out data, the probe, lm-eval benchmarks and generations.
+
+    Data and probe take training's keys (`data.eval_path`, `data.packing`, `probe.path`, ...).
+    """
 
     model: str | None = None
     """The model to evaluate: a hub id or directory, an adapter directory, or a merged model."""
     models: list[str] = field(default_factory=list)
     """More models, evaluated side by side with `model` (the first one's base is always a reference row)."""
-    data: str | None = "${ftune_asset:data/chat/validation.jsonl}"
-    """Held-out conversations (any chat source `data.path` takes) for loss and generations; null skips them."""
-    probe: str | None = "${ftune_asset:data/probe/general.jsonl}"
-    """General text (`{"text": ...}` JSONL) for the forgetting probe; null skips it."""
-    chat_template: str = "tokenizer"
-    """Chat template the data is rendered with: as in training (`data.chat_template`)."""
-    max_length: int = bounded(512, 8)
-    """Tokens per held-out example (as `data.max_length` in training)."""
-    probe_max_length: int = bounded(256, 8)
-    """Tokens per probe document (as `probe.max_length` in training)."""
-    packing: bool = False
-    """Pack held-out examples into rows of max_length tokens (the loss is the same as unpacked)."""
+    run: str | None = None
+    """A training run directory: its config.yaml supplies `data`, `probe`, `batch_size`, `mixed_precision` and the
+    loss as trained (keys given here still win), and `model` defaults to its final/."""
+    data: DataCfg = field(default_factory=DataCfg)
+    """Held-out data as training reads it: `data.eval_path` (null skips loss and generations), `data.format`,
+    `data.chat_template`, `data.max_length`, `data.packing`; `data.path` is not read."""
+    probe: ProbeCfg = field(default_factory=ProbeCfg)
+    """The forgetting probe as in training: `probe.path` (null skips it), `probe.max_length`, `probe.tasks`."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval tasks scored for every model, e.g. `[tinyworld_tense]` (shipped, offline) or `[hellaswag,mmlu]`
+    (their datasets cached or a network); `probe.tasks` are scored too."""
+    limit: int | None = None
+    """Examples per lm-eval task (null: all; lm-eval's `limit`); `probe.limit` when null and probe tasks are set."""
+    task_dir: str | None = None
+    """A directory of your own lm-eval task YAML, searched before lm-eval's registry."""
     batch_size: int = bounded(8, 1)
     """Examples per forward pass."""
     dtype: str = choice("fp32", "bf16", "fp16")
     """Precision every model is loaded in (adapters' bases in full precision, as `ftune merge` loads them)."""
+    mixed_precision: str = choice("no", "bf16", "fp16")
+    """Autocast the forward passes as training does with `trainer.mixed_precision`."""
     generate: int = bounded(32, -1)
     """Held-out conversations whose last assistant turn is generated and scored; 0 skips, -1 takes all."""
     max_new_tokens: int = bounded(64, 1)
     """Longest generated answer, in tokens."""
+    show: int = bounded(3, 0)
+    """Generations printed side by side after the table (all are written to generations.jsonl)."""
     out: str | None = None
-    """Write the results as JSON here: `{model_name: {eval_loss, eval_ppl, probe_ppl, ...}}`."""
+    """Write the results as JSON here (`{model_name: {eval_loss, eval_ppl, probe_ppl, ...}}`), and every
+    generation to generations.jsonl next to it."""
 
 
 @dataclass
@@ -129,10 +147,13 @@ def merge_problems(cfg: MergeCfg) -> list[str]:
 def eval_problems(cfg: EvalCfg) -> list[str]:
     """Every problem with how `cfg`'s fields fit together, each naming its key; empty when valid."""
     problems = []
-    if cfg.model is None and not cfg.models:
-        problems.append("model: missing (expected model=PATH_OR_ID, or models=[A,B,...])")
-    if cfg.data is None and cfg.probe is None:
-        problems.append("data=null and probe=null (expected at least one of them: there is nothing to measure)")
+    if cfg.model is None and not cfg.models and cfg.run is None:
+        problems.append("model: missing (expected model=PATH_OR_ID, models=[A,B,...] or run=DIR)")
+    if cfg.data.eval_path is None and cfg.probe.path is None and not cfg.tasks and not cfg.probe.tasks:
+        problems.append("data.eval_path=null, probe.path=null and no tasks (expected at least one: there is "
+                        "nothing to measure)")
+    if cfg.limit is not None and cfg.limit < 1:
+        problems.append(f"limit={cfg.limit} (expected a positive number of examples per task, or null for all)")
     return problems
 
 
@@ -154,3 +175,49 @@ def export_problems(cfg: ExportCfg) -> list[str]:
     if cfg.push and not cfg.repo_id:
         problems.append("push=true without repo_id (expected repo_id=USER/NAME)")
     return problems
+
+
+def with_run_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """`ftune eval run=DIR`: the run's data, probe, batch size and precision, under the keys given on the command line.
+
+    A key given explicitly (`data.packing=false`, or a whole section, `data=...`) keeps its value; everything
+    else of `data` and `probe` is the run's, so the held-out set, template, sequence length and probe are the
+    ones it trained with. `model` defaults to the run's final/.
+
+    Raises:
+        ConfigError: `run` has no config.yaml.
+    """
+    if cfg.run is None:
+        return cfg
+    path = Path(cfg.run) / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"run={cfg.run}: no {RUN_CONFIG_FILE} in it", "expected a directory written by ftune train")
+    trained = OmegaConf.load(path)
+    settings = {"data": OmegaConf.to_container(trained.data), "probe": OmegaConf.to_container(trained.probe),
+                "batch_size": trained.trainer.micro_batch_size, "mixed_precision": trained.trainer.mixed_precision}
+    if cfg.model is None and not cfg.models:
+        settings["model"] = str(Path(cfg.run) / "final")
+    for key in given_keys(overrides):
+        drop_key(settings, key)
+    return OmegaConf.merge(cfg, settings)
+
+
+def run_trainer_cfg(run_dir: str) -> TrainerCfg:
+    """The trainer settings a run trained with (its loss chunking and precision), from its config.yaml."""
+    trained = OmegaConf.load(Path(run_dir) / RUN_CONFIG_FILE)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerCfg), trained.trainer))
+
+
+def given_keys(overrides: list[str]) -> list[str]:
+    """The dotted keys a command line sets (`data.packing=true` -> `data.packing`)."""
+    return [item.partition("=")[0].lstrip("+~") for item in overrides]
+
+
+def drop_key(settings: dict, key: str) -> None:
+    """Remove dotted `key` from nested `settings`, if there."""
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        settings = settings.get(parent)
+        if not isinstance(settings, dict):
+            return
+    settings.pop(leaf, None)

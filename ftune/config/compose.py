@@ -328,10 +328,11 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(job) for job in itertools.product(*choices)]
 
 
-def load_command_config(schema: type, overrides: list[str], check=None):
+def load_command_config(schema: type, overrides: list[str], check=None, adjust=None):
     """Parse a command's arguments (merge, eval) into its typed schema and check its rules.
 
     `check(typed) -> list[str]` adds the command's cross-field rules; all problems are reported at once.
+    `adjust(composed) -> DictConfig` may fill settings from elsewhere (eval's `run=`) before values are checked.
 
     Returns:
         The typed config and the resolved DictConfig (what `--cfg job` prints).
@@ -340,6 +341,8 @@ def load_command_config(schema: type, overrides: list[str], check=None):
         ConfigError: an unknown key, a badly typed value, or a problem the field or cross-field rules find.
     """
     cfg = compose_schema(schema, overrides)
+    if adjust is not None:
+        cfg = adjust(cfg)
     try:
         OmegaConf.resolve(cfg)
         typed = OmegaConf.to_object(cfg)

@@ -230,6 +230,13 @@ class TrainerCfg:
     """Evaluate every this many optimizer steps (0: only at the end)."""
     eval_batches: int = bounded(-1, -1)
     """Validation micro-batches per evaluation (-1: all)."""
+    eval_on_start: bool = False
+    """Evaluate the base model before the first step and log it as step 0, so every curve starts at the base."""
+    sample_every: int = bounded(0, 0)
+    """Every this many optimizer steps (and at the last), answer the first `sample_prompts` held-out
+    conversations greedily and append the answers to the run's generations.jsonl (0: never)."""
+    sample_prompts: int = bounded(4, 1)
+    """How many held-out conversations `sample_every` answers, the same ones each time."""
     save_every: int = bounded(0, 0)
     """Save a checkpoint every this many optimizer steps (0: only the final artefact)."""
     keep_last: int = bounded(2, 1)
@@ -277,8 +284,16 @@ class ProbeCfg:
     """General text (`{"text": ...}` JSONL) whose perplexity measures forgetting; null disables the probe."""
     max_length: int = bounded(256, 8)
     """Tokens per probe document."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval tasks scored at every evaluation against the base model (the shipped, offline `tinyworld_tense`, or
+    lm-eval's own such as `hellaswag`): `<task>_score` and `<task>_drift` in metrics.jsonl; needs `ftune[eval]`."""
+    limit: int | None = None
+    """Examples per probe task (lm-eval's `limit`; null: all of them, at every evaluation)."""
+    task_dir: str | None = None
+    """A directory of your own lm-eval task YAML, searched before lm-eval's registry."""
     max_drift: float | None = None
-    """Stop when probe perplexity rises by more than this fraction over the base model (e.g. 0.1)."""
+    """Stop when the model gets worse than the base by more than this fraction (e.g. 0.1) on the probe: its
+    perplexity rises by it, or a probe task's score falls by it."""
 
 
 @dataclass

@@ -209,9 +209,23 @@ def check_deepspeed_accumulation(cfg: RunCfg) -> list[str]:
 
 
 def check_probe(cfg: RunCfg) -> list[str]:
-    drift = cfg.probe.max_drift
-    if drift is not None and (drift <= 0 or cfg.probe.path is None):
-        return [f"probe.max_drift={drift} (expected a positive fraction, with probe.path set)"]
+    """The guard needs something to measure; probe tasks need lm-eval and a positive limit."""
+    probe, problems = cfg.probe, []
+    drift = probe.max_drift
+    if drift is not None and (drift <= 0 or (probe.path is None and not probe.tasks)):
+        problems.append(f"probe.max_drift={drift} (expected a positive fraction, with probe.path or probe.tasks set)")
+    if probe.tasks and importlib.util.find_spec("lm_eval") is None:
+        problems.append(f"probe.tasks={probe.tasks} needs lm-eval, which is not installed (pip install 'ftune[eval]')")
+    if probe.limit is not None and probe.limit < 1:
+        problems.append(f"probe.limit={probe.limit} (expected a positive number of examples per task, or null)")
+    return problems
+
+
+def check_sampling(cfg: RunCfg) -> list[str]:
+    """Sampled answers need held-out conversations to prompt with."""
+    if cfg.trainer.sample_every and (cfg.data.eval_path is None or cfg.data.format == "text"):
+        return [f"trainer.sample_every={cfg.trainer.sample_every} needs held-out conversations (expected "
+                "data.eval_path set to chat data, or trainer.sample_every=0)"]
     return []
 
 
@@ -254,6 +268,7 @@ CROSS_FIELD_RULES: list[Callable[[RunCfg], list[str]]] = [
     check_quantization,
     check_optimizer,
     check_probe,
+    check_sampling,
     check_lora_targets,
     check_lora_init,
     check_prompt_learning,

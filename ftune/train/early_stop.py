@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from ftune.config.schema import EarlyStopCfg
 from ftune.train.state import TrainState
 
+DRIFT_SUFFIX = "_drift"
+"""Evaluation-row keys that measure forgetting against the base: `probe_drift`, `<task>_drift`."""
+
 
 @dataclass
 class Verdict:
@@ -17,12 +20,16 @@ class Verdict:
 def judge(state: TrainState, row: dict, cfg: EarlyStopCfg, max_drift: float | None) -> Verdict:
     """Update `state`'s best and patience from an evaluation row and say what follows.
 
-    An evaluation whose probe drift exceeds `max_drift` never counts as best, so the best checkpoint is
-    always one that stayed within the forgetting guard.
+    An evaluation whose drift exceeds `max_drift` on any probe (`probe_drift` of the perplexity, `<task>_drift`
+    of each probe task: every `*_drift` of the row) never counts as best, so the best checkpoint is always one
+    that stayed within the forgetting guard.
     """
+    drifts = [value for key, value in row.items() if key.endswith(DRIFT_SUFFIX)]
+    drifted = max_drift is not None and any(drift > max_drift for drift in drifts)
+    if cfg.metric == "none":  # nothing ranks the evaluations (only probe tasks are measured): the guard alone
+        return Verdict(False, "forgetting_guard" if drifted else None)
     if cfg.metric not in row:
         raise KeyError(f"early_stop.metric={cfg.metric!r} is not in the evaluation row {sorted(row)}")
-    drifted = max_drift is not None and row.get("probe_drift", 0.0) > max_drift
     value = row[cfg.metric]
     improved = not drifted and (state.best_metric is None or beats(value, state.best_metric, cfg))
     if improved:

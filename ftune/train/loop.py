@@ -2,8 +2,9 @@
 
 Each optimizer step, in order: take the step's micro-batches -> forward and backward each -> clip -> read
 the step's figures from the device (once) -> guard against a non-finite loss -> step, schedule, zero -> log
--> evaluate (loss, forgetting probe, early stopping)
--> checkpoint -> stop check. accelerate only places tensors, autocasts and synchronises gradients.
+-> evaluate (loss, forgetting probe, early stopping) -> sample answers -> checkpoint -> stop check.
+accelerate only places tensors, autocasts and synchronises gradients. Evaluation itself is `ftune.eval`'s, the
+same functions `ftune eval` runs.
 """
 
 import itertools
@@ -21,15 +22,17 @@ from torch.utils.data import DataLoader
 
 from ftune.config.schema import EarlyStopCfg, ProbeCfg, TrainerCfg
 from ftune.errors import GuardStop
+from ftune.eval.generation import Sampler
+from ftune.eval.loss import evaluate_loss, learned_token_count
+from ftune.eval.probe import probe_ppl
+from ftune.eval.tasks import TaskProbe
 from ftune.model.moe import add_router_loss
 from ftune.report.console import TrainProgress, print_table
 from ftune.report.metrics import MetricsLog, NullLog
 from ftune.train.checkpoint import best_checkpoint, save_checkpoint
 from ftune.train.early_stop import judge
-from ftune.train.evaluate import evaluate_loss
 from ftune.train.interrupt import StopSignals
-from ftune.train.losses import StepLoss, learned_token_count
-from ftune.train.probe import probe_ppl
+from ftune.train.losses import StepLoss
 from ftune.train.state import TrainState
 
 
@@ -54,6 +57,10 @@ class TrainRun:
     state: TrainState
     loss: StepLoss
     """The micro-batch's loss (plain or distillation, chunked or not), built once at setup."""
+    task_probe: TaskProbe | None = None
+    """lm-eval tasks scored at each evaluation against the base (`probe.tasks`), or None."""
+    sampler: Sampler | None = None
+    """Greedy answers to fixed held-out prompts every `trainer.sample_every` steps, or None."""
     on_checkpoint: Callable[[], None] | None = None
     """Called on the main process after each checkpoint (e.g. to redraw plots)."""
 
@@ -64,6 +71,9 @@ def fit(run: TrainRun) -> tuple[str, int]:
     epochs = None if cfg.max_steps > 0 else cfg.epochs
     clock = Throughput(state)
     progress_bar = TrainProgress(run.total_steps, start=state.step, enabled=run.accelerator.is_main_process)
+    if cfg.eval_on_start and state.step == 0:
+        evaluate(run, judged=False)
+        sample(run)
     with progress_bar as progress, StopSignals() as signals:
         for batches in step_batches(run, epochs):
             losses, learned, tokens = forward_backward(run, batches)
@@ -78,6 +88,8 @@ def fit(run: TrainRun) -> tuple[str, int]:
                            clock) if due(state.step, cfg.log_every) or last else None
             progress.update(state.step, row)
             verdict = evaluate(run) if due(state.step, cfg.eval_every) or last else None
+            if cfg.sample_every and (due(state.step, cfg.sample_every) or last):
+                sample(run)
             keep_best = verdict and verdict.improved and cfg.final_weights == "best"  # final/ will reload it
             if due(state.step, cfg.save_every) or keep_best or signals.requested(run.accelerator):
                 checkpoint(run)
@@ -197,21 +209,33 @@ def log_step(run: TrainRun, losses: dict[str, float], lr: float, grad_norm: floa
     return row
 
 
-def evaluate(run: TrainRun):
-    """Validation loss, forgetting probe and the early-stopping verdict; logs one row and prints it."""
+def evaluate(run: TrainRun, judged: bool = True):
+    """Validation loss, forgetting probe (perplexity and tasks) and the early-stopping verdict; logs one row.
+
+    `judged=False` (the base model's evaluation at step 0, `trainer.eval_on_start`) only logs: there is no
+    checkpoint of the base to keep as the best.
+    """
     row = {"step": run.state.step}
     if run.eval_loader is not None:
-        result = evaluate_loss(run.model, run.eval_loader, run.accelerator, run.cfg.eval_batches,
-                               run.loss.without_teacher())
+        result = evaluate_loss(run.model, run.eval_loader, run.cfg.eval_batches, run.loss.without_teacher())
         row |= {"eval_loss": result["loss"], "eval_ppl": result["ppl"]}
     if run.probe_loader is not None:
-        ppl = probe_ppl(run.model, run.probe_loader, run.accelerator, run.loss.without_teacher())
+        ppl = probe_ppl(run.model, run.probe_loader, run.loss.without_teacher())
         row |= {"probe_ppl": ppl, "probe_drift": ppl / run.state.base_probe_ppl - 1.0}
-    verdict = judge(run.state, row, run.early_stop, run.probe.max_drift) if len(row) > 1 else None
+    if run.task_probe is not None:
+        row |= run.task_probe.row(run.accelerator.unwrap_model(run.model))
+    judging = judged and len(row) > 1
+    verdict = judge(run.state, row, run.early_stop, run.probe.max_drift) if judging else None
     run.log.log(row)
     if run.accelerator.is_main_process:
         print_table(f"eval @ step {run.state.step}", {k: v for k, v in row.items() if k != "step"})
     return verdict
+
+
+def sample(run: TrainRun) -> None:
+    """Append greedy answers to the fixed held-out prompts to generations.jsonl (with `trainer.sample_every`)."""
+    if run.sampler is not None:
+        run.sampler.write(run.accelerator.unwrap_model(run.model), run.state.step)
 
 
 def checkpoint(run: TrainRun) -> None:

@@ -5,8 +5,8 @@ token weighs the same whatever micro-batch or rank it lands on.
 
 By default (`trainer.loss_chunk_size` > 0) the step's loss never materialises the `[tokens, vocab]` logits:
 the head and the loss run chunk by chunk over the last hidden states (`train/chunked.py`, `train/head.py`).
-The functions on logits below are the unfused definition, used with `trainer.loss_chunk_size=0`, for heads
-the chunked path cannot take apart, and by `ftune eval`.
+The unfused definition on full logits (`ftune.eval.loss.cross_entropy_sum`, and distillation below) is used with
+`trainer.loss_chunk_size=0` and for heads the chunked path cannot take apart.
 """
 
 import dataclasses
@@ -17,38 +17,10 @@ import torch.nn.functional as F
 
 from ftune.config.schema import DistillCfg, TrainerCfg
 from ftune.data.mask import IGNORE_INDEX
+from ftune.eval.loss import cross_entropy_sum, model_inputs, shifted, text_logits
 from ftune.model.dtypes import DTYPES
 from ftune.train.chunked import ChunkSpec, chunked_loss
 from ftune.train.head import captured_head_input, linear_head, unsupported_reason
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-"""Batch keys the model reads; packed batches carry position_ids (and a 4D mask, or none for flash-attn)."""
-
-
-def text_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The logits of the text's own positions: the last `labels.size(1)` of them.
-
-    Prompt tuning prepends virtual tokens to the input, so its logits are longer than the labels by that many
-    leading positions, which have no label. For every other method this is the identity.
-    """
-    return logits[:, logits.size(1) - labels.size(1) :]
-
-
-def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Align position t's logits with token t+1's label, flattened to (tokens, vocab) and (tokens,)."""
-    logits = text_logits(logits, labels)
-    return logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
-
-
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over every label that is not IGNORE_INDEX, computed in fp32."""
-    flat_logits, flat_labels = shifted(logits, labels)
-    return F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def learned_token_count(labels: torch.Tensor) -> torch.Tensor:
-    """How many tokens of a batch carry a loss (the labels after the shift that are not ignored)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 def distillation_sums(
@@ -90,11 +62,6 @@ def distillation_sums(
     )
     kd = temperature**2 * kl
     return {"loss": cfg.alpha * ce + (1 - cfg.alpha) * kd, "ce_loss": ce, "kd_loss": kd}
-
-
-def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
-    """The batch tensors the model reads (not labels or token counts)."""
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 @dataclass(frozen=True)
@@ -144,7 +111,7 @@ class StepLoss:
 
 
 UNFUSED = StepLoss(None, ChunkSpec(0))
-"""The plain cross-entropy from the full logits (`ftune eval`, and tests that compare against it)."""
+"""The plain cross-entropy from the full logits (tests compare the chunked loss against it)."""
 
 
 def build_step_loss(model, trainer: TrainerCfg, teacher=None, distill: DistillCfg | None = None,

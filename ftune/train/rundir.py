@@ -13,9 +13,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ftune.atomic import write_text
+from ftune.config.commands import RUN_CONFIG_FILE
 from ftune.errors import ConfigError
-
-CONFIG_FILE = "config.yaml"
 
 RESUME_SAFE_KEYS = (
     "trainer.max_steps", "trainer.epochs", "trainer.eval_every", "trainer.eval_batches", "trainer.save_every",
@@ -75,7 +74,7 @@ def compare_with_checkpoint_config(checkpoint: Path, resolved: DictConfig, force
     Raises:
         ConfigError: keys that break exact resume changed and `force` is off; the message names them.
     """
-    saved = checkpoint.parent.parent / CONFIG_FILE
+    saved = checkpoint.parent.parent / RUN_CONFIG_FILE
     if not saved.is_file():
         raise ConfigError(f"resume: {saved} is missing", "a checkpoint is resumed inside the run that wrote it")
     old = flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
@@ -111,4 +110,4 @@ def flatten(node: object, prefix: str = "") -> dict[str, object]:
 def write_run_config(run_dir: Path, resolved: DictConfig) -> None:
     """Create the run directory and write config.yaml (the config that runs from now on)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(resolved))
+    write_text(run_dir / RUN_CONFIG_FILE, OmegaConf.to_yaml(resolved))

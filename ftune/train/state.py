@@ -27,6 +27,8 @@ class TrainState:
     """Evaluations since the best one (early-stopping patience)."""
     base_probe_ppl: float | None = None
     """Probe perplexity of the base model, the reference for probe_drift."""
+    base_task_scores: dict[str, float] | None = None
+    """Each probe task's score for the base model, the reference for `<task>_drift` (`probe.tasks`)."""
 
     def advance(self, tokens: int, learned_tokens: int) -> None:
         """Count one optimizer step and the tokens it trained on."""

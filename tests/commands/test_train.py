@@ -40,20 +40,19 @@ def test_run_directory_contract(lora_run):
 
 def base_eval_loss(model_path) -> float:
     """The untrained model's loss on the shipped validation set, through ftune's own eval pipeline."""
-    from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
     from ftune.config.compose import load_run_config
     from ftune.data.pipeline import build_loader, build_split
+    from ftune.eval.loss import evaluate_loss
     from ftune.model.load import load_tokenizer
-    from ftune.train.evaluate import evaluate_loss
 
     cfg, _ = load_run_config([])
     tokenizer = load_tokenizer(cfg.model)
     loader = build_loader(build_split(cfg.data.eval_path, tokenizer, cfg.data), tokenizer, cfg.data, "sdpa", 8,
                           shuffle=False)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    return evaluate_loss(model, loader, Accelerator(cpu=True))["loss"]
+    return evaluate_loss(model, loader)["loss"]
 
 
 def test_metrics_rows_and_falling_loss(lora_run, tiny_model_path):
@@ -89,3 +88,20 @@ def test_final_adapter_loads_with_peft_and_only_lora_weights_changed(lora_run, t
 def test_existing_run_dir_is_refused_without_resume(lora_run, capsys):
     assert main(["train", *SHORT_RUN, f"output_dir={lora_run}"]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_eval_on_start_logs_the_base_and_sampling_writes_the_same_prompts_each_time(tmp_path):
+    run_dir = tmp_path / "sampled"
+    assert main(["train", "recipe=tiny_lora", "trainer.max_steps=4", "trainer.eval_every=2", "optim.lr=0.003",
+                 "trainer.eval_on_start=true", "trainer.sample_every=2", "trainer.sample_prompts=2",
+                 "probe.path=null", f"output_dir={run_dir}"]) == 0
+    evals = [r for r in read_rows(run_dir) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_step"] == 4  # the base's row at step 0 is logged, never judged: it has no checkpoint
+    records = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 0, 2, 2, 4, 4]
+    assert records[0]["prompt"] == records[2]["prompt"] == records[4]["prompt"] != records[1]["prompt"]
+    assert records[0]["prompt"][-1]["role"] == "user" and records[0]["reference"]
+    assert all({"answer", "exact_match", "f1", "new_tokens"} <= set(r) for r in records)

@@ -104,3 +104,18 @@ def test_a_full_disk_while_writing_final_is_one_line_and_leaves_no_half_final(tm
     assert err.rstrip().endswith(errors[0]) and "Traceback" not in err
     assert not (run_dir / "final").exists()
     assert not list(run_dir.glob(".tmp-*"))
+
+
+def test_a_job_with_another_precision_than_the_process_runs_in_a_child():
+    """Accelerate fixes precision once per process and has no public reset: ftune trains such a job elsewhere."""
+    from accelerate import Accelerator
+
+    from ftune.commands.train import fits_this_process
+    from ftune.config.compose import load_run_config
+
+    process = Accelerator(cpu=True).mixed_precision  # whatever an earlier test left, or "no"
+    other = "bf16" if process == "no" else "no"
+    same, _ = load_run_config([f"trainer.mixed_precision={process}"])
+    different, _ = load_run_config([f"trainer.mixed_precision={other}"])
+    compiled, _ = load_run_config([f"trainer.mixed_precision={process}", "trainer.compile=true"])
+    assert fits_this_process(same) and not fits_this_process(different) and not fits_this_process(compiled)

@@ -6,7 +6,7 @@ import torch
 from ftune.data.collate import PackedCollator
 from ftune.data.mask import IGNORE_INDEX
 from ftune.data.packing import block_causal_mask, pack
-from ftune.train.losses import cross_entropy_sum
+from ftune.eval.loss import cross_entropy_sum
 
 
 def doc(ids: list[int], learned_from: int = 0) -> dict:

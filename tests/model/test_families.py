@@ -175,7 +175,7 @@ def test_tied_embeddings_stay_tied_through_modules_to_save_merge_and_reload(tiny
 def test_padded_embedding_rows_are_never_generated(tiny_arch):
     """Qwen2.5-7B: 24 rows past the tokenizer here (399 in the real model); made the likeliest, still skipped."""
     from ftune.data.templates import resolve_template
-    from ftune.train.generation import greedy_answer, padding_rows
+    from ftune.eval.generation import greedy_answer, padding_rows
 
     cfg = run_cfg(tiny_arch("qwen2.5-7b-instruct"), "qwen2.5-7b-instruct")
     tokenizer, model = load_tokenizer(cfg.model), load_base_model(cfg.model).eval()

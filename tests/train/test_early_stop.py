@@ -141,3 +141,19 @@ def test_forgetting_guard_takes_precedence_over_patience():
 def test_a_metric_missing_from_the_row_is_an_error():
     with pytest.raises(KeyError, match="probe_ppl"):
         judge(TrainState(step=1), {"step": 1, "eval_loss": 3.0}, stop_cfg(metric="probe_ppl"), None)
+
+
+def test_a_benchmark_drift_beyond_the_guard_stops_and_never_counts_as_best():
+    rows = [{"step": 10, "eval_loss": 3.0, "tinyworld_tense_drift": 0.0},
+            {"step": 20, "eval_loss": 2.0, "tinyworld_tense_drift": 0.2}]
+    state, verdicts = run_evals(rows, stop_cfg(), max_drift=0.1)
+    assert verdicts == [Verdict(True, None), Verdict(False, "forgetting_guard")]
+    assert state.best_step == 10
+
+
+def test_with_no_ranking_metric_only_the_guard_decides():
+    """Only probe tasks measured (no held-out data, no probe text): early_stop.metric resolves to none."""
+    rows = [{"step": 10, "t_drift": 0.01}, {"step": 20, "t_drift": 0.3}]
+    state, verdicts = run_evals(rows, stop_cfg(metric="none"), max_drift=0.1)
+    assert verdicts == [Verdict(False, None), Verdict(False, "forgetting_guard")]
+    assert state.best_step is None

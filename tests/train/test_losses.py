@@ -7,7 +7,8 @@ import torch
 
 from ftune.config.schema import DistillCfg, TrainerCfg
 from ftune.data.mask import IGNORE_INDEX as X
-from ftune.train.losses import build_step_loss, cross_entropy_sum, distillation_sums
+from ftune.eval.loss import cross_entropy_sum
+from ftune.train.losses import build_step_loss, distillation_sums
 
 # One row of 4 positions over a vocabulary of 3. After the shift, positions 0 and 2 predict the learned
 # labels 1 and 2; position 1 predicts an ignored label and position 3 predicts nothing.

@@ -124,3 +124,21 @@ def test_forgetting_guard_stops_a_drifting_full_fine_tune(tmp_path):
     within = [r for r in evals if r["probe_drift"] <= 0.05]
     best_within = min(within, key=lambda r: r["eval_loss"])["step"] if within else None
     assert result["best_step"] == best_within
+
+
+@pytest.mark.slow
+def test_forgetting_guard_stops_on_a_benchmark_probe(tmp_path):
+    """probe.tasks: the shipped lm-eval task is scored at each evaluation and its drift stops the run."""
+    pytest.importorskip("lm_eval")
+    run_dir = tmp_path / "task_drift"
+    assert main(["train", "recipe=tiny_lora", "method=full", "optim.lr=3e-3", "trainer.max_steps=60",
+                 "trainer.eval_every=4", "probe.path=null", "probe.tasks=[tinyworld_tense]", "probe.limit=16",
+                 "probe.max_drift=0.05", f"output_dir={run_dir}"]) == 0
+    result = summary(run_dir)
+    assert result["stop_reason"] == "forgetting_guard" and result["steps"] < 60
+    evals = [r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "tinyworld_tense_drift" in r]
+    assert [r["step"] for r in evals] == list(range(4, result["steps"] + 1, 4))
+    earlier = [r["tinyworld_tense_drift"] for r in evals[:-1]]
+    assert evals[-1]["tinyworld_tense_drift"] > 0.05 >= max(earlier, default=0.0)
+    assert all(0.0 <= r["tinyworld_tense_score"] <= 1.0 for r in evals)

@@ -18,7 +18,7 @@ def test_save_then_load_round_trips_every_field(tmp_path):
     """Every field is set to a value unlike its default, so a field that is dropped or renamed fails here."""
     state = TrainState(
         step=7, epoch=1, batch_in_epoch=3, tokens=12345, learned_tokens=6789, best_metric=2.4375, best_step=5,
-        evals_without_improvement=2, base_probe_ppl=31.25,
+        evals_without_improvement=2, base_probe_ppl=31.25, base_task_scores={"tinyworld_tense": 0.975},
     )
     assert all(getattr(state, f.name) != f.default for f in fields(TrainState))
     state.save(tmp_path)

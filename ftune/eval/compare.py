@@ -2,21 +2,32 @@
 
 Each model is measured with the code training uses, so the numbers compare with metrics.jsonl: the held-out
 loss goes through the training data pipeline (`build_split` + `build_loader`, packing included) and
-`evaluate_loss`, and the forgetting probe through `build_probe_loader` + `probe_ppl`. The base of the first
-model is always evaluated too, as the reference row that `probe_drift` is measured against.
+`evaluate_loss`, and the forgetting probe through `build_probe_loader` + `probe_ppl`. lm-eval tasks score the
+same loaded model (an adapter unmerged on its base). The base of the first model is always evaluated too, as
+the reference row that drifts are measured against.
 
 Models are loaded one at a time and released before the next, so comparing N models needs the memory of one.
 """
 
 import gc
-import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ftune.config.commands import EvalCfg
-from ftune.config.schema import DataCfg, ModelCfg, ProbeCfg
+from ftune.config.schema import ModelCfg
 from ftune.errors import ResourceError
+from ftune.eval.generation import (
+    GenerationScore,
+    generation_records,
+    held_out_conversations,
+    score_generations,
+    summarize,
+)
+from ftune.eval.loss import BatchLoss, autocast_forward, cross_entropy, evaluate_loss, on_this_process
+from ftune.eval.probe import build_probe_loader, probe_ppl
+from ftune.eval.tasks import flat_scores, load_tasks, run_tasks
 from ftune.model.load import load_base_model, load_tokenizer
 from ftune.model.merge import (
     ADAPTER_CONFIG,
@@ -100,80 +111,89 @@ def load_model(ref: ModelRef, dtype: str):
     return model.eval(), tokenizer
 
 
-def evaluate_models(cfg: EvalCfg) -> dict[str, dict]:
+@dataclass
+class Comparison:
+    """What `ftune eval` measured: a row of metrics per model, and every generation with each model's answer."""
+
+    rows: dict[str, dict]
+    """`{model name: {kind, base, eval_loss, eval_ppl, probe_ppl, probe_drift, exact_match, f1, "task/metric",
+    "task/metric_stderr", ...}}`, the reference base first."""
+    generations: list[dict]
+    """`generation_records`: prompt, reference and every model's answer with its scores."""
+
+
+def evaluate_models(cfg: EvalCfg, loss_for: Callable[[object], BatchLoss] = lambda model: cross_entropy) -> Comparison:
     """Evaluate the reference base and every model of `cfg`.
 
     Args:
-        cfg: an `EvalCfg` that passed `eval_problems`.
+        cfg: an `EvalCfg` that passed `eval_problems` (and, with `run=`, took that run's settings).
+        loss_for: the loss of a loaded model's batches; `ftune eval run=` passes the run's own (chunked) loss.
 
     Returns:
-        `{model name: {kind, base, eval_loss, eval_ppl, probe_ppl, probe_drift, exact_match, f1, ...}}`, the
-        reference base first; metrics whose data is switched off (data=null, probe=null, generate=0) are absent.
+        The rows and generations; metrics whose data is switched off (data.eval_path=null, probe.path=null,
+        generate=0, no tasks) are absent.
     """
-    from accelerate import Accelerator
+    from accelerate import PartialState
 
-    accelerator = Accelerator()
+    device = PartialState().device
     refs = model_refs(cfg)
-    conversations = held_out_conversations(cfg)
+    conversations = held_out_conversations(cfg.data.eval_path, cfg.data, cfg.generate) \
+        if cfg.data.eval_path is not None and cfg.generate else []
+    names = benchmark_names(cfg)
+    tasks = load_tasks(names, cfg.task_dir or cfg.probe.task_dir, "tasks") if names else None  # fails before loading
     rows: dict[str, dict] = {}
+    answers: dict[str, list] = {}
     for ref in refs:
         model, tokenizer = load_model(ref, cfg.dtype)
-        model.to(accelerator.device)
-        rows[ref.name] = {"kind": ref.kind, "base": ref.base,
-                          **evaluate_model(model, tokenizer, cfg, conversations, accelerator)}
+        model.to(device)
+        autocast_forward(model, cfg.mixed_precision)
+        row, answers[ref.name] = evaluate_model(model, tokenizer, cfg, conversations, loss_for(model))
+        if tasks is not None:
+            row |= flat_scores(run_tasks(model, tokenizer, tasks, names, benchmark_limit(cfg), cfg.batch_size))
+        rows[ref.name] = {"kind": ref.kind, "base": ref.base, **row}
         del model
         gc.collect()
     add_probe_drift(rows)
-    return rows
+    return Comparison(rows, generation_records(conversations, answers) if conversations else [])
 
 
-def held_out_conversations(cfg: EvalCfg) -> list[list[dict]]:
-    """The first `cfg.generate` held-out conversations (all with -1, none with 0 or data=null)."""
-    from ftune.data.formats import load_conversations
-
-    if cfg.data is None or cfg.generate == 0:
-        return []
-    stop = None if cfg.generate < 0 else cfg.generate
-    conversations = load_conversations(cfg.data, held_out_data_cfg(cfg))
-    return [messages for _, messages in itertools.islice(conversations, stop)]
+def benchmark_names(cfg: EvalCfg) -> list[str]:
+    """The lm-eval tasks to score: `tasks`, then `probe.tasks` (a run's forgetting probe), each once."""
+    return list(dict.fromkeys([*cfg.tasks, *cfg.probe.tasks]))
 
 
-def evaluate_model(model, tokenizer, cfg: EvalCfg, conversations: list[list[dict]], accelerator) -> dict:
-    """Held-out loss and perplexity, probe perplexity and generation scores of one loaded model."""
+def benchmark_limit(cfg: EvalCfg) -> int | None:
+    """Examples per task: `limit`, else the probe's when its tasks are scored."""
+    return cfg.limit if cfg.limit is not None else cfg.probe.limit
+
+
+def evaluate_model(model, tokenizer, cfg: EvalCfg, conversations: list[list[dict]],
+                   loss: BatchLoss) -> tuple[dict, list[GenerationScore]]:
+    """Held-out loss and perplexity, probe perplexity and generation scores of one loaded model, and its answers."""
     from ftune.data.pipeline import build_loader, build_split
     from ftune.data.templates import resolve_template
-    from ftune.train.evaluate import evaluate_loss
-    from ftune.train.generation import score_generations, summarize
-    from ftune.train.probe import build_probe_loader, probe_ppl
 
-    row = {}
-    if cfg.data is not None:
-        data_cfg = held_out_data_cfg(cfg)
+    row, scores = {}, []
+    if cfg.data.eval_path is not None:
         # every model here is loaded with ModelCfg's default attention kernel, so packed rows get its mask
-        loader = build_loader(build_split(cfg.data, tokenizer, data_cfg), tokenizer, data_cfg,
+        loader = build_loader(build_split(cfg.data.eval_path, tokenizer, cfg.data), tokenizer, cfg.data,
                               ModelCfg().attn_implementation, cfg.batch_size, shuffle=False)
-        result = evaluate_loss(model, accelerator.prepare_data_loader(loader), accelerator)
+        result = evaluate_loss(model, on_this_process(loader), loss=loss)
         row |= {"eval_loss": result["loss"], "eval_ppl": result["ppl"], "eval_tokens": result["tokens"]}
-    if cfg.probe is not None:
-        probe_cfg = ProbeCfg(path=cfg.probe, max_length=cfg.probe_max_length)
-        loader = build_probe_loader(probe_cfg, tokenizer, cfg.batch_size)
-        row["probe_ppl"] = probe_ppl(model, accelerator.prepare_data_loader(loader), accelerator)
+    if cfg.probe.path is not None:
+        loader = build_probe_loader(cfg.probe, tokenizer, cfg.batch_size)
+        row["probe_ppl"] = probe_ppl(model, on_this_process(loader), loss=loss)
     if conversations:
-        template = resolve_template(cfg.chat_template, tokenizer)
-        row |= summarize(score_generations(model, tokenizer, template, conversations, cfg.max_new_tokens))
-    return row
-
-
-def held_out_data_cfg(cfg: EvalCfg) -> DataCfg:
-    """The data settings of training that shape held-out rows, from the eval options."""
-    return DataCfg(path=cfg.data, eval_path=None, chat_template=cfg.chat_template, max_length=cfg.max_length,
-                   packing=cfg.packing)
+        template = resolve_template(cfg.data.chat_template, tokenizer)
+        scores = score_generations(model, tokenizer, template, conversations, cfg.max_new_tokens)
+        row |= summarize(scores)
+    return row, scores
 
 
 def add_probe_drift(rows: dict[str, dict]) -> None:
     """`probe_drift` of every row: its probe perplexity over the reference base's, minus one (as in training)."""
     reference = next(iter(rows.values())).get("probe_ppl")
-    if reference is None:  # probe=null
+    if reference is None:  # probe.path=null
         return
     for row in rows.values():
         row["probe_drift"] = row["probe_ppl"] / reference - 1.0

@@ -6,12 +6,19 @@ or EOS (the tokens training taught it to emit after an answer), or after `max_ne
 learned to stop shows up here as answers that run to the token limit and a low F1.
 """
 
+import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from ftune.data.templates import ChatTemplate, render
+
+GENERATIONS_FILE = "generations.jsonl"
+"""Where answers are written: next to `ftune eval`'s JSON, and in a run directory (`trainer.sample_every`)."""
+SAMPLE_MAX_NEW_TOKENS = 64
+"""Longest answer `trainer.sample_every` generates (as `ftune eval`'s default max_new_tokens)."""
 
 
 @dataclass
@@ -23,6 +30,10 @@ class GenerationScore:
     exact_match: float
     f1: float
     new_tokens: int
+
+    def scores(self) -> dict:
+        """The answer and its scores, without the reference (a record lists that once for all models)."""
+        return {k: v for k, v in asdict(self).items() if k != "reference"}
 
 
 def normalize(text: str) -> list[str]:
@@ -124,3 +135,58 @@ def summarize(scores: list[GenerationScore]) -> dict[str, float]:
         "answer_tokens": sum(s.new_tokens for s in scores) / count,
         "generated": len(scores),
     }
+
+
+def held_out_conversations(path: str, data_cfg, count: int) -> list[list[dict]]:
+    """The first `count` conversations of `path` (all with -1), read as training reads `data_cfg`'s sources."""
+    import itertools
+
+    from ftune.data.formats import load_conversations
+
+    stop = None if count < 0 else count
+    return [messages for _, messages in itertools.islice(load_conversations(path, data_cfg), stop)]
+
+
+def generation_records(conversations: list[list[dict]], answers: dict[str, list[GenerationScore]]) -> list[dict]:
+    """One record per conversation: its prompt, its reference and every model's answer with its scores.
+
+    Args:
+        conversations: the held-out conversations, in the order they were generated.
+        answers: `{model name: one GenerationScore per conversation}`.
+    """
+    records = []
+    for index, messages in enumerate(conversations):
+        prompt, reference = split_last_answer(messages)
+        records.append({"prompt": prompt, "reference": reference,
+                        "answers": {name: scores[index].scores() for name, scores in answers.items()}})
+    return records
+
+
+@dataclass
+class Sampler:
+    """`trainer.sample_every`: greedy answers to the same held-out prompts during training.
+
+    Appended to the run's generations.jsonl, one record per prompt and step, so a user can read how the answers
+    change step by step.
+    """
+
+    conversations: list[list[dict]]
+    tokenizer: object
+    template: ChatTemplate
+    path: Path
+
+    def write(self, model, step: int) -> None:
+        """Answer every prompt with `model` (every process generates, as sharded models need; the main one writes)."""
+        from accelerate import PartialState
+
+        was_training = model.training
+        model.eval()
+        scores = score_generations(model, self.tokenizer, self.template, self.conversations, SAMPLE_MAX_NEW_TOKENS)
+        model.train(was_training)
+        if not PartialState().is_main_process:
+            return
+        with self.path.open("a", encoding="utf-8") as handle:  # an append-only log, like metrics.jsonl
+            for messages, score in zip(self.conversations, scores, strict=True):
+                prompt, _ = split_last_answer(messages)
+                handle.write(json.dumps({"step": step, "prompt": prompt, "reference": score.reference,
+                                         **score.scores()}) + "\n")

@@ -14,8 +14,7 @@ from ftune.data.collate import PadCollator
 from ftune.data.formats import load_texts
 from ftune.data.labels import tokenize_text
 from ftune.data.pipeline import private_generator
-from ftune.train.evaluate import evaluate_loss
-from ftune.train.losses import UNFUSED, StepLoss
+from ftune.eval.loss import BatchLoss, cross_entropy, evaluate_loss
 
 
 def build_probe_loader(cfg: ProbeCfg, tokenizer, batch_size: int):
@@ -30,23 +29,32 @@ def build_probe_loader(cfg: ProbeCfg, tokenizer, batch_size: int):
                       generator=private_generator())
 
 
-def probe_ppl(model, loader, accelerator, loss: StepLoss = UNFUSED) -> float:
+def probe_ppl(model, loader, loss: BatchLoss = cross_entropy) -> float:
     """Perplexity of `model` on the probe loader (`loss`: the training run's cross-entropy, see evaluate_loss)."""
-    return evaluate_loss(model, loader, accelerator, loss=loss)["ppl"]
+    return evaluate_loss(model, loader, loss=loss)["ppl"]
 
 
-def base_probe_ppl(model, loader, accelerator, model_cfg: ModelCfg, probe_cfg: ProbeCfg) -> float:
+def base_probe_ppl(model, loader, model_cfg: ModelCfg, probe_cfg: ProbeCfg) -> float:
     """The base model's probe perplexity, from the cache or measured now (adapters disabled)."""
+    from accelerate import PartialState
+
     key = fingerprint(base_signature(model_cfg), file_signature(probe_cfg.path), probe_cfg.max_length)
     cached = cache_dir("probe") / f"{key}.json"
     if cached.is_file():
         return json.loads(cached.read_text())["ppl"]
-    unwrapped = accelerator.unwrap_model(model)
-    with unwrapped.disable_adapter() if hasattr(unwrapped, "disable_adapter") else nullcontext():
-        ppl = probe_ppl(model, loader, accelerator)
-    if accelerator.is_main_process:
+    with adapters_disabled(model):
+        ppl = probe_ppl(model, loader)
+    if PartialState().is_main_process:
         write_text(cached, json.dumps({"ppl": ppl, "model": model_cfg.name_or_path, "probe": probe_cfg.path}))
     return ppl
+
+
+def adapters_disabled(model):
+    """A context in which a PEFT model (even wrapped for DDP) runs as its base; a no-op for other models."""
+    from accelerate.utils import extract_model_from_parallel
+
+    unwrapped = extract_model_from_parallel(model)
+    return unwrapped.disable_adapter() if hasattr(unwrapped, "disable_adapter") else nullcontext()
 
 
 def base_signature(cfg: ModelCfg) -> dict:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ftune.train.generation import exact_match, split_last_answer, summarize, token_f1
+from ftune.eval.generation import exact_match, split_last_answer, summarize, token_f1
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_the_prompt_is_every_turn_before_the_last_answer():
 
 
 def test_summary_averages_the_scores():
-    from ftune.train.generation import GenerationScore
+    from ftune.eval.generation import GenerationScore
 
     scores = [GenerationScore("a", "a", 1.0, 1.0, 3), GenerationScore("b", "c", 0.0, 0.0, 5)]
     assert summarize(scores) == {"exact_match": 0.5, "f1": 0.5, "answer_tokens": 4.0, "generated": 2}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ftune.data.mask import IGNORE_INDEX
-from ftune.train.evaluate import evaluate_loss
+from ftune.eval.loss import evaluate_loss
 
 VOCAB = 64
 PAD = 0
@@ -57,17 +57,7 @@ def hand_token_losses(model, batches) -> list[list[float]]:
     return per_batch
 
 
-@pytest.fixture
-def accelerator():
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=False)  # no precision left over from another test
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=False)
-
-
-def test_loss_is_the_token_mean_over_all_batches_not_a_mean_of_batch_means(random_llama, accelerator):
+def test_loss_is_the_token_mean_over_all_batches_not_a_mean_of_batch_means(random_llama):
     model = random_llama(vocab_size=VOCAB)
     per_batch = hand_token_losses(model, BATCHES)
     assert [len(losses) for losses in per_batch] == [1, 10, 4]
@@ -77,34 +67,34 @@ def test_loss_is_the_token_mean_over_all_batches_not_a_mean_of_batch_means(rando
     # The batches tell the two apart (0.03 here) by far more than the tolerance below (4e-5).
     assert abs(token_mean - mean_of_batch_means) > 1e-2
 
-    result = evaluate_loss(model, BATCHES, accelerator)
+    result = evaluate_loss(model, BATCHES)
     assert result["tokens"] == 15
     assert result["loss"] == pytest.approx(token_mean, rel=1e-5)
     assert result["ppl"] == pytest.approx(math.exp(token_mean), rel=1e-5)
 
 
 @pytest.mark.parametrize("max_batches", [1, 2])
-def test_max_batches_limits_the_batches_used(random_llama, accelerator, max_batches):
+def test_max_batches_limits_the_batches_used(random_llama, max_batches):
     """`trainer.eval_batches` reaches evaluate_loss as `max_batches`: only the first that many batches count."""
     model = random_llama(vocab_size=VOCAB)
     tokens = [loss for losses in hand_token_losses(model, BATCHES[:max_batches]) for loss in losses]
-    result = evaluate_loss(model, BATCHES, accelerator, max_batches=max_batches)
+    result = evaluate_loss(model, BATCHES, max_batches=max_batches)
     assert result["tokens"] == len(tokens) == [1, 11][max_batches - 1]
     assert result["loss"] == pytest.approx(sum(tokens) / len(tokens), rel=1e-5)
 
 
-def test_max_batches_minus_one_or_beyond_the_loader_uses_all(random_llama, accelerator):
+def test_max_batches_minus_one_or_beyond_the_loader_uses_all(random_llama):
     model = random_llama(vocab_size=VOCAB)
-    everything = evaluate_loss(model, BATCHES, accelerator, max_batches=-1)
+    everything = evaluate_loss(model, BATCHES, max_batches=-1)
     assert everything["tokens"] == 15
-    assert evaluate_loss(model, BATCHES, accelerator, max_batches=10) == everything
+    assert evaluate_loss(model, BATCHES, max_batches=10) == everything
 
 
-def test_training_mode_is_restored(random_llama, accelerator):
+def test_training_mode_is_restored(random_llama):
     model = random_llama(vocab_size=VOCAB)
     model.train()
-    evaluate_loss(model, BATCHES[:1], accelerator)
+    evaluate_loss(model, BATCHES[:1])
     assert model.training
     model.eval()
-    evaluate_loss(model, BATCHES[:1], accelerator)
+    evaluate_loss(model, BATCHES[:1])
     assert not model.training

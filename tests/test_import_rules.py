@@ -1,0 +1,54 @@
+"""The one-way flow of DESIGN.md, read from the source: which ftune package may import which.
+
+Every `import ftune.X` and `from ftune.X import ...` in a package's modules (at any depth, deferred imports
+included) is checked against the table below, so a shortcut that reverses the flow fails here.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ftune"
+
+FORBIDDEN = {
+    "config": {"data", "model", "train", "eval", "report", "commands"},
+    "data": {"model", "train", "eval", "commands"},
+    "model": {"data", "train", "eval", "commands"},
+    "report": {"data", "model", "train", "eval", "commands"},
+    "eval": {"train", "commands"},
+    "train": {"commands"},
+}
+"""Package -> the ftune packages its modules must not import (`commands/` and `cli.py` import the rest)."""
+
+
+def imported_packages(source: Path) -> set[str]:
+    """The first-level ftune packages a module imports (`ftune.train.loop` -> `train`)."""
+    names = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name.split(".")[1] for name in names if name.startswith("ftune.") and name.count(".") >= 1}
+
+
+def violations(package: str) -> list[str]:
+    """`module -> package` for each import of `package`'s modules that FORBIDDEN rules out."""
+    found = []
+    for source in sorted((PACKAGE / package).rglob("*.py")):
+        for imported in sorted(imported_packages(source) & FORBIDDEN[package]):
+            found.append(f"{source.relative_to(PACKAGE.parent)} imports ftune.{imported}")
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_follow_the_flow(package):
+    assert (PACKAGE / package).is_dir()
+    assert violations(package) == []
+
+
+def test_the_check_sees_a_reversed_import(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import torch\nfrom ftune.train.loop import fit\n\ndef f():\n    import ftune.eval.loss\n")
+    assert imported_packages(module) == {"train", "eval"}
