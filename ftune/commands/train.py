@@ -7,6 +7,8 @@ again. The loop itself is `ftune.train.loop.fit`; what it leaves behind is `ftun
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -79,7 +81,7 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)
-    with accelerator.main_process_first():  # rank 0 fills the data cache, the others read it
+    with one_builder_per_disk(accelerator):
         loaders, stats = build_loaders(cfg, tokenizer)
     teacher = load_teacher(cfg)  # None unless distilling; checks the vocabularies match first
     model = prepare_model(cfg)
@@ -122,6 +124,22 @@ def make_accelerator(cfg: RunCfg) -> Accelerator:
     )
     check_world_size(accelerator)
     return accelerator
+
+
+@contextmanager
+def one_builder_per_disk(accelerator: Accelerator) -> Iterator[None]:
+    """Build the data cache once per disk: the main process first, then each node's local main, then the rest.
+
+    accelerate's `main_process_first` alone makes every other rank wait for global rank 0 only: on a disk
+    shared by the nodes they then read its entry, but with node-local caches every rank of the other nodes
+    misses and they all build at once (correct, since entries are published whole, but several times the work
+    and memory per node). `local_main_process_first` alone has one process per node build, which on a shared
+    disk builds the same entry once per node. Nested, the global main builds first; each node's local main
+    then finds that entry (shared disk) or builds its own (local disk) while its node's other ranks wait; they
+    then read it. Every rank passes the same two barriers, so none can hang.
+    """
+    with accelerator.main_process_first(), accelerator.local_main_process_first():
+        yield
 
 
 def release_accelerator() -> None:
