@@ -29,15 +29,18 @@ _state = None
 
 def resolve_num_proc(num_proc: int) -> int:
     """`data.num_proc`: the number given, or (0) the cores this process may run on, at most MAX_DEFAULT_PROCS."""
-    return num_proc if num_proc > 0 else min(len(os.sched_getaffinity(0)), MAX_DEFAULT_PROCS)
+    if num_proc > 0:
+        return num_proc
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # not on macOS
+    return min(cores or 1, MAX_DEFAULT_PROCS)
 
 
 def map_ordered(fn: Callable, state: object, batches: Iterable, num_proc: int) -> Iterator:
     """Yield `fn(state, batch)` for each batch, in the order of `batches`.
 
-    With `num_proc` > 1 the calls run in that many forked worker processes, each given `state` once (forked,
-    not pickled per call); at most IN_FLIGHT_PER_WORKER batches per worker are pending at a time. With 1 they
-    run here, so both paths compute with the same functions and give the same results.
+    With `num_proc` > 1 (and more than one batch) the calls run in that many worker processes, each given
+    `state` once when it starts; at most IN_FLIGHT_PER_WORKER batches per worker are pending at a time. With 1
+    they run here, so both paths compute with the same functions and give the same results.
     """
     iterator = iter(batches)
     ahead = list(itertools.islice(iterator, 2))
@@ -45,8 +48,9 @@ def map_ordered(fn: Callable, state: object, batches: Iterable, num_proc: int) -
         for batch in itertools.chain(ahead, iterator):
             yield fn(state, batch)
         return
-    # fork, as datasets' map does on Linux: workers start at once and inherit the loaded tokenizer
-    context = multiprocessing.get_context("fork")
+    # fork where there is one, as datasets' map does: workers start at once and inherit the loaded tokenizer
+    # (spawn, elsewhere, pickles `state` to each worker instead)
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(num_proc, mp_context=context, initializer=_set_state, initargs=(state,)) as pool:
         pending = deque()
         for batch in itertools.chain(ahead, iterator):

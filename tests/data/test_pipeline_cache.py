@@ -38,13 +38,13 @@ def wait_for_both(tag):
             sys.exit(f"the other builder never reached {tag!r}")
         time.sleep(0.01)
 
-tokenize_split = pipeline.tokenize_split
+tokenize_source = pipeline.tokenize_source
 
 def tokenize_once_both_missed(*args, **kwargs):
     wait_for_both("missed")  # build_rows tokenizes only after a cache miss: now both build and publish
-    return tokenize_split(*args, **kwargs)
+    return tokenize_source(*args, **kwargs)
 
-pipeline.tokenize_split = tokenize_once_both_missed
+pipeline.tokenize_source = tokenize_once_both_missed
 tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 split = pipeline.build_split(data, tokenizer, DataCfg(path=data, eval_path=None))
 print(json.dumps({"from_cache": split.from_cache, "rows": split.rows.to_list()}))
