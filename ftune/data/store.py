@@ -5,7 +5,7 @@ Two forms, each for what reads it:
   lengths and learned-token counts kept as numpy arrays (8 bytes an example). Mixing and packing decide from
   those arrays alone which examples form which row; the rows are then gathered chunk by chunk from a fresh
   `np.memmap` each time, as nanoGPT re-creates its memmap, so the pages a chunk touched leave the process's
-  resident memory with it. (Arrow's `take` on a list column of many record batches would copy far more.)
+  resident memory with it; numpy's indexing of the memmap reads exactly the tokens a chunk needs.
 - The finished rows are one Arrow IPC stream file (`rows.arrow`), written a chunk at a time with pyarrow and
   read back with `datasets.Dataset.from_file`: memory-mapped, indexable by the DataLoader, and the Dataset
   that `ftune data`, `ftune eval` and the tests already read. Beside it `lengths.npy` holds each row's tokens,
