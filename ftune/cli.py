@@ -39,7 +39,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "train": Command("fine-tune a model from a recipe (LoRA, QLoRA, full)", ("cfg", "multirun", "config_dir"), True),
     "data": Command("build a recipe's training data as train does, show what is learned [n=3] [out=ROWS.jsonl]",
-                    ("cfg", "json", "config_dir"), True),
+                    ("cfg", "json", "config_dir", "cache_info", "cache_clear"), True),
     "plan": Command("count parameters and estimate memory per GPU on the meta device (no download, no weights)",
                     ("cfg", "multirun", "json", "config_dir"), True),
     "merge": Command("fold an adapter (or a weighted combination of adapters) into a standalone model", ("cfg",)),
@@ -55,6 +55,10 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict]] = {
     "cfg": (("--cfg",), {"choices": ["job"], "help": "print the resolved config and exit"}),
     "multirun": (("-m", "--multirun"), {"action": "store_true", "help": "sweep comma-separated override values"}),
     "json": (("--json",), {"action": "store_true", "help": "machine-readable output"}),
+    "cache_info": (("--cache-info",), {"action": "store_true",
+                                       "help": "list the tokenized-data cache: each entry's size and what made it"}),
+    "cache_clear": (("--cache-clear",), {"action": "store_true",
+                                         "help": "remove the tokenized-data cache (and builds a crash left)"}),
     "config_dir": (("--config-dir",), {"action": "append", "default": [], "metavar": "DIR",
                                        "help": "a folder of your own config groups (DIR/model/NAME.yaml, ...); "
                                                "./configs is searched too"}),

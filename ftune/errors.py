@@ -21,6 +21,10 @@ class FtuneError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self):
+        """Pickle with the message and hint (data workers send errors back to the main process)."""
+        return type(self), (self.message, self.hint)
+
     def one_line(self) -> str:
         """The message as the CLI prints it, folded onto one line."""
         text = self.message if not self.hint else f"{self.message} ({self.hint})"

@@ -2,6 +2,8 @@
 
     ftune data recipe=tiny_lora                               statistics and the first 3 examples
     ftune data recipe=tiny_lora data.packing=true n=5 out=rows.jsonl
+    ftune data --cache-info                                   the data cache: entries, sizes, what made them
+    ftune data --cache-clear                                  remove them
 
 The statistics table says what happened to every record (read, kept, dropped and why, truncated), how many
 tokens are learned, how full the rows and batches are, and whether the rows came from the cache. The first
@@ -51,6 +53,8 @@ def run(args) -> int:
     """Compose and validate the recipe, build its training split and loader, and report on them."""
     from ftune.config.compose import load_run_config, pop_command_keys
 
+    if args.cache_info or args.cache_clear:
+        return show_cache(args.cache_clear, args.json)
     own, overrides = pop_command_keys(args.overrides, ("n", "out"))
     cfg, resolved = load_run_config(overrides, tuple(args.config_dir))
     if args.cfg == "job":
@@ -61,7 +65,7 @@ def run(args) -> int:
     if out is not None and not out.parent.is_dir():
         raise ResourceError(f"out={out}: no such directory {out.parent}", "create it, or write elsewhere")
     tokenizer, split, loader, seconds = build_train_data(cfg)
-    report = summarize(split, seconds, batch_fill(loader, cfg.seed), cfg)
+    report = summarize(split, seconds, batch_fill(loader, split.lengths, cfg.data.pad_to_multiple_of), cfg)
     if args.json:
         print(json.dumps(report))
     else:
@@ -72,6 +76,36 @@ def run(args) -> int:
         write_rows(split.rows, out)
         console.print(f"wrote {report['stats']['rows']} rows to {out}", markup=False, highlight=False, soft_wrap=True)
     return 0
+
+
+def show_cache(clear: bool, as_json: bool) -> int:
+    """`--cache-info`: the data cache's entries, their size and what made them; `--cache-clear`: remove them."""
+    from ftune.cache import cache_dir, cache_entries, clear_cache
+
+    entries = clear_cache("data") if clear else cache_entries("data")
+    rows = [describe_entry(entry) for entry in entries]
+    if as_json:
+        print(json.dumps({"cache": str(cache_dir("data")), "cleared": clear, "entries": rows}))
+        return 0
+    verb = "removed" if clear else "holds"
+    total = sum(entry.size for entry in entries)
+    console.print(f"{cache_dir('data')} {verb} {len(entries)} entries, {total / 2**20:.1f} MiB",
+                  markup=False, highlight=False, soft_wrap=True)
+    for row in rows:
+        console.print("  " + "  ".join(f"{key}={value}" for key, value in row.items()), markup=False,
+                      highlight=False, soft_wrap=True)
+    return 0
+
+
+def describe_entry(entry) -> dict:
+    """One cache entry as a row: key, MiB, state, and what made it (sources, tokenizer, settings, rows, when)."""
+    if entry.complete:
+        state = "complete"
+    elif entry.builder_pid is not None:
+        state = f"being built by process {entry.builder_pid}"
+    else:
+        state = "incomplete, left by a build that stopped (never read; --cache-clear removes it)"
+    return {"entry": entry.path.name, "mib": round(entry.size / 2**20, 1), "state": state, **entry.about}
 
 
 def build_train_data(cfg):
@@ -99,15 +133,17 @@ def parse_count(value: str) -> int:
     return int(value)
 
 
-def batch_fill(loader, seed: int) -> float:
-    """Real tokens over token slots (rows x padded width) in one shuffled pass over the training batches."""
-    import torch
+def batch_fill(loader, lengths, pad_to_multiple_of: int) -> float:
+    """Real tokens over token slots (rows x padded width) in one shuffled pass over the training batches.
 
-    torch.manual_seed(seed)  # the shuffle order, hence which rows share a batch and its padding
+    Computed from the rows' lengths in the order the loader's batch sampler gives, as the collators pad
+    (to the longest row, rounded up to `pad_to_multiple_of`), so no row is read or collated.
+    """
     real = slots = 0
-    for batch in loader:
-        real += int(batch["num_tokens"])
-        slots += batch["input_ids"].numel()
+    for indices in loader.batch_sampler:
+        widths = lengths[indices]
+        real += int(widths.sum())
+        slots += -(-int(widths.max()) // pad_to_multiple_of) * pad_to_multiple_of * len(indices)
     return real / slots
 
 
@@ -153,7 +189,8 @@ def describe_dedup(dedup: dict | None) -> dict[str, str]:
     if not dedup:
         return {}
     counts, removed = dedup["counts"], dedup["removed"]
-    rule = f"near = Jaccard >= {dedup['threshold']:g} over character 5-grams"
+    rule = (f"near = Jaccard >= {dedup['threshold']:g} over character 5-grams, searched in "
+            f"{dedup['near_searched']:,} of {dedup['records']:,} records")
     rows = {"duplicates": f"{counts[EXACT]} exact, {counts[NEAR]} near ({rule}); "
                           f"{removed[EXACT] + removed[NEAR]} removed (data.dedup={dedup['mode']})"}
     if dedup["eval_checked"]:
@@ -206,13 +243,13 @@ def explain_examples(data_cfg, tokenizer, count: int) -> dict[tuple, list[str]]:
     The rows hold ids and labels only; to name what each token is, the first records are rendered again with
     the functions that built the rows, and a shown document takes the kinds of the example with its ids.
     """
+    from ftune.data.batches import tokenize_record
     from ftune.data.explain import token_kinds
-    from ftune.data.formats import RecordError, read_source, resolve_format, to_canonical
-    from ftune.data.pipeline import tokenize_record
+    from ftune.data.formats import RecordError, iter_source, resolve_format, to_canonical
     from ftune.data.templates import resolve_template
 
     path = data_cfg.mix[0].path if data_cfg.mix else data_cfg.path
-    records = read_source(path)[: EXPLAINED_RECORDS + count]
+    records = list(itertools.islice(iter_source(path), EXPLAINED_RECORDS + count))
     fmt = resolve_format(records, path, data_cfg.mix[0].format if data_cfg.mix else data_cfg.format)
     template = resolve_template(data_cfg.chat_template, tokenizer) if fmt != "text" else None
     explained = {}

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -121,7 +123,7 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)
-    with accelerator.main_process_first():  # rank 0 fills the data cache, the others read it
+    with one_builder_per_disk(accelerator):
         loaders, stats = build_loaders(cfg, tokenizer)
     probe_tasks = load_tasks(cfg.probe.tasks, cfg.probe.task_dir, "probe.tasks") if cfg.probe.tasks else None
     teacher = load_teacher(cfg)  # None unless distilling; checks the vocabularies match first
@@ -183,6 +185,23 @@ def dynamo_plugin(cfg: RunCfg) -> TorchDynamoPlugin:
     """Regional compilation with inductor when `trainer.compile`, else none."""
     return TorchDynamoPlugin(backend="inductor" if cfg.trainer.compile else "no",
                              use_regional_compilation=cfg.trainer.compile)
+
+
+@contextmanager
+def one_builder_per_disk(accelerator: Accelerator) -> Iterator[None]:
+    """Build the data cache once per disk: the main process first, then each node's local main, then the rest.
+
+    accelerate's `main_process_first` alone makes every other rank wait for global rank 0 only: on a disk
+    shared by the nodes they then read its entry, but with node-local caches every rank of the other nodes
+    misses and they all build at once (correct, since entries are published whole, but several times the work
+    and memory per node). `local_main_process_first` alone has one process per node build, which on a shared
+    disk builds the same entry once per node. Nested, the global main builds first; each node's local main
+    then finds that entry (shared disk) or builds its own (local disk) while its node's other ranks wait; they
+    then read it. Every rank passes the same two barriers, so none can hang.
+    """
+    with accelerator.main_process_first(), accelerator.local_main_process_first():
+        yield
+
 
 
 def build_loaders(cfg: RunCfg, tokenizer) -> tuple[dict, dict]:

@@ -131,6 +131,12 @@ class DataCfg:
     dedup: str = choice("none", "exact", "near")
     """Remove training examples that duplicate another (exactly, or `near`: MinHash Jaccard >= 0.8 over character
     5-grams of the conversation without its system turn) or the eval set; `none` only reports them."""
+    num_proc: int = bounded(0, 0)
+    """Worker processes that tokenize and label records (rows are identical for any number); 0 = the cores this
+    process may use, at most 8."""
+    check_labels: str = choice("sample", "all")
+    """Every learned span is checked against token boundaries; `sample` also decodes the learned tokens of every
+    16th record (and of any span a token straddles) and compares them with the text, `all` decodes every record."""
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Duplicates within a training source, and training examples that overlap the eval set.
 
-Found on canonical records, before tokenizing, over each conversation's text without its system turn (roles,
-contents, reasoning, tool calls; a `text` record's text), lowercased with whitespace collapsed. The system
-turn and the tool schemas are left out because many datasets share one long system prompt by design: kept in,
-they would make any two short conversations look alike.
+Found on canonical records, before they are counted or written, over each conversation's text without its
+system turn (roles, contents, reasoning, tool calls; a `text` record's text), lowercased with whitespace
+collapsed. The system turn and the tool schemas are left out because many datasets share one long system
+prompt by design: kept in, they would make any two short conversations look alike.
 
 - exact duplicate: the same text as an earlier training record;
 - near duplicate: Jaccard similarity >= `NEAR_THRESHOLD` (0.8) between the sets of character 5-grams
@@ -11,14 +11,23 @@ they would make any two short conversations look alike.
   confirmed with the exact Jaccard of the two sets, so no pair below the threshold is reported;
 - eval overlap: a training record that is an exact or near duplicate of a record of `data.eval_path`.
 
+Records are checked in source order as the tokenizing workers return them (`DuplicateFinder`); the workers
+compute each record's `Sketch`. With `data.dedup` none or exact, near duplicates are searched among the first
+NEAR_SEARCH_LIMIT records of a source only, and the report says how many were searched.
+
 The first record of a group is kept; later ones are reported. `data.dedup` says what is removed: `none`
 (report only), `exact` (exact duplicates and exact eval overlaps) or `near` (all of them). Removed records count
 as dropped under their kind, so `read = kept + dropped` still holds. Only training data is checked: the eval
 set is what overlap is measured against, and mixed sources are each checked on their own.
 """
 
+import array
 import dataclasses
-from dataclasses import dataclass
+import functools
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from ftune.config.schema import DataCfg
 from ftune.data.formats import RecordError, read_source, resolve_format, to_canonical
@@ -29,8 +38,20 @@ NUM_PERM = 128
 EXAMPLES_KEPT = 3
 """Examples of each kind kept for the report."""
 
+NEAR_SEARCH_LIMIT = 20_000
+"""With `data.dedup` none or exact, near duplicates are searched among the first this many records of a source
+only: the index holds each record's 5-gram set (~8 bytes a 5-gram), which for a million records would not fit
+the memory budget of a streaming build. `data.dedup=near` searches every record (and needs that memory)."""
+
+FIBONACCI = 0x9E3779B97F4A7C15
+"""2^64 / golden ratio, odd: multiplying by it spreads a hash's bits into its high half."""
+
+POLY_BASE = 0x100000001B3
+"""Multiplier of the polynomial hash of 5 code points (the 64-bit FNV prime; odd, so no bits are lost)."""
+
 EXACT, NEAR, EVAL_EXACT, EVAL_NEAR = "exact duplicate", "near duplicate", "exact eval overlap", "near eval overlap"
 """Kinds of finding; each is also the reason its removed records are counted under."""
+KINDS = (EXACT, NEAR, EVAL_EXACT, EVAL_NEAR)
 
 REMOVED_BY = {"none": (), "exact": (EXACT, EVAL_EXACT), "near": (EXACT, NEAR, EVAL_EXACT, EVAL_NEAR)}
 """`data.dedup` -> the kinds it removes."""
@@ -44,6 +65,19 @@ class Finding:
     where: str
     other: str
     similarity: float
+
+
+@dataclass
+class Sketch:
+    """What duplicate search needs of one record: a hash of its text, and for the near search more.
+
+    The near search needs its 5-gram set (`shingles`) and MinHash signature. Computed in the tokenizing
+    workers; small enough to send back.
+    """
+
+    key: int
+    shingles: np.ndarray | None = None
+    signature: np.ndarray | None = None
 
 
 def dedup_text(record: dict) -> str:
@@ -63,118 +97,194 @@ def dedup_text(record: dict) -> str:
     return "\n".join(lines)
 
 
-def shingles(text: str) -> set[str]:
-    """The character 5-grams of a text (the text itself when shorter): "abcdef" -> {"abcde", "bcdef"}."""
-    return {text[i : i + SHINGLE] for i in range(max(1, len(text) - SHINGLE + 1))}
+def sketch(record: dict, near: bool) -> Sketch:
+    """A record's `Sketch`; the 5-gram set and signature only with `near`."""
+    text = dedup_text(record)
+    key = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest())
+    if not near:
+        return Sketch(key)
+    grams = shingles(text)
+    return Sketch(key, grams, signature(grams))
 
 
-def jaccard(a: set[str], b: set[str]) -> float:
-    """|a & b| / |a | b|: {"ab", "cd"} and {"ab", "ef"} -> 1/3."""
-    return len(a & b) / len(a | b) if a or b else 1.0
+def shingles(text: str) -> np.ndarray:
+    """The set of a text's character 5-grams (the text itself when shorter), as sorted distinct 64-bit hashes.
+
+    Each 5-gram is hashed from its code points with numpy, not as a string through datasketch's per-item sha1
+    (which took ~3 ms a conversation, most of a build's time). Equal 5-grams get equal hashes, so Jaccard over
+    these sets is Jaccard over the 5-grams (up to 64-bit collisions).
+
+    Example: "abcdef" -> 2 hashes (of "abcde" and "bcdef"); "abc" -> 1
+    """
+    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    count = max(1, len(points) - SHINGLE + 1)
+    hashes = np.zeros(count, dtype=np.uint64)
+    for offset in range(min(SHINGLE, len(points))):
+        hashes = hashes * np.uint64(POLY_BASE) + points[offset : offset + count]
+    return np.unique(hashes)
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """|a & b| / |a | b| of two sets of sorted distinct hashes: [1, 2] and [1, 3] -> 1/3."""
+    common = len(np.intersect1d(a, b, assume_unique=True))
+    return common / (len(a) + len(b) - common) if len(a) or len(b) else 1.0
+
+
+@functools.cache
+def permutations() -> np.ndarray:
+    """Datasketch's seeded affine32 permutation parameters (a, b), drawn once per process."""
+    from datasketch import MinHash
+
+    return MinHash(num_perm=NUM_PERM, seed=1, scheme="affine32").permutations
+
+
+def signature(grams: np.ndarray) -> np.ndarray:
+    """The MinHash signature of a 5-gram set, all permutations at once in numpy.
+
+    For each of datasketch's 32-bit affine permutations (a, b): the least `a * h + b` over the set's hashes h,
+    in wrapping uint32 arithmetic as datasketch's affine32 scheme computes it (its `update_batch` makes a
+    Python call per 5-gram).
+
+    Each 64-bit 5-gram hash is mixed to 32 bits first (Fibonacci hashing: the high half of h * 2^64/phi).
+    """
+    mixed = ((grams * np.uint64(FIBONACCI)) >> np.uint64(32)).astype(np.uint32)
+    a, b = permutations()
+    return (mixed[:, None] * a[None, :] + b[None, :]).min(axis=0)
+
+
+def minhash(values: np.ndarray):
+    """A datasketch MinHash holding a known signature, for its LSH index."""
+    from datasketch import MinHash
+
+    return MinHash(num_perm=NUM_PERM, seed=1, hashvalues=values, permutations=permutations(), scheme="affine32")
 
 
 class NearIndex:
-    """Records' shingle sets in a MinHash LSH index; `match` returns the first near duplicate of a text, if any."""
+    """Records' 5-gram sets in a MinHash LSH index; `match` returns the first near duplicate of a record, if any."""
 
     def __init__(self):
         from datasketch import MinHashLSH
 
         self.lsh = MinHashLSH(threshold=NEAR_THRESHOLD, num_perm=NUM_PERM)
-        self.sets: dict[str, set[str]] = {}
+        self.sets: dict[str, np.ndarray] = {}
         self.order: dict[str, int] = {}
 
-    def add(self, key: str, grams: set[str]) -> None:
-        self.lsh.insert(key, minhash(grams))
-        self.sets[key] = grams
+    def add(self, key: str, record: Sketch) -> None:
+        self.lsh.insert(key, minhash(record.signature))
+        self.sets[key] = record.shingles
         self.order[key] = len(self.order)
 
-    def match(self, grams: set[str]) -> tuple[str, float] | None:
-        """The earliest indexed record whose exact Jaccard with `grams` reaches the threshold, and that Jaccard."""
-        candidates = sorted(self.lsh.query(minhash(grams)), key=self.order.__getitem__)
-        scored = ((key, jaccard(grams, self.sets[key])) for key in candidates)
+    def match(self, record: Sketch) -> tuple[str, float] | None:
+        """The earliest indexed record whose exact Jaccard with `record` reaches the threshold, and that Jaccard."""
+        candidates = sorted(self.lsh.query(minhash(record.signature)), key=self.order.__getitem__)
+        scored = ((key, jaccard(record.shingles, self.sets[key])) for key in candidates)
         return next(((key, score) for key, score in scored if score >= NEAR_THRESHOLD), None)
 
 
-def minhash(grams: set[str]):
-    """The MinHash signature of a shingle set (datasketch, seeded, so runs agree)."""
-    from datasketch import MinHash
+class Wheres:
+    """Record locations, compactly: each as its text after the first one's source part, in one bytearray.
 
-    signature = MinHash(num_perm=NUM_PERM, seed=1)
-    signature.update_batch([gram.encode("utf-8") for gram in sorted(grams)])
-    return signature
+    Example: "data.jsonl:1", "data.jsonl:7" are kept as "1", "7" after the prefix "data.jsonl:" (a million
+    locations take ~10 MB instead of ~100 MB as Python strings).
+    """
+
+    def __init__(self):
+        self.prefix: str | None = None
+        self.text = bytearray()
+        self.ends = array.array("q")
+
+    def add(self, where: str) -> int:
+        """Store a location; returns its position."""
+        if self.prefix is None:
+            self.prefix = where.rstrip("0123456789]")
+        tail = where.removeprefix(self.prefix) if where.startswith(self.prefix) else "\0" + where
+        self.text += tail.encode("utf-8")
+        self.ends.append(len(self.text))
+        return len(self.ends) - 1
+
+    def __getitem__(self, position: int) -> str:
+        start = self.ends[position - 1] if position else 0
+        tail = self.text[start : self.ends[position]].decode("utf-8")
+        return tail[1:] if tail.startswith("\0") else self.prefix + tail
 
 
-def find_duplicates(records: list[tuple[str, dict]], held_out: list[tuple[str, dict]]) -> list[Finding]:
-    """Every training record that repeats an earlier one or an eval record, in order (see the module docstring).
+@dataclass
+class DuplicateFinder:
+    """Checks the records of one training source in order against the kept ones and the eval set.
 
     Each record is checked in this order: exact duplicate of a kept training record, exact or near duplicate of
     an eval record, near duplicate of a kept training record; only records found to be none of these are kept
-    and compared against later ones.
+    and compared against later ones. Near checks need the record's sketch with its 5-gram set.
+    """
+
+    held_out: list[tuple[str, dict]]
+    seen: dict[int, int] = field(default_factory=dict)
+    """Text hash of each kept record -> its position in `wheres` (ints, not strings: a million records)."""
+    wheres: Wheres = field(default_factory=Wheres)
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    examples: list[Finding] = field(default_factory=list)
+    """The first EXAMPLES_KEPT findings of each kind (the report shows no more)."""
+    checked: int = 0
+    near_searched: int = 0
+
+    def __post_init__(self):
+        self.eval_keys, self.eval_index, self.train_index = {}, NearIndex(), NearIndex()
+        for where, record in reversed(self.held_out):
+            self.eval_keys[sketch(record, near=False).key] = where
+        for where, record in self.held_out:
+            self.eval_index.add(where, sketch(record, near=True))
+
+    def check(self, where: str, record: Sketch) -> Finding | None:
+        """The first kind of repetition the record shows (counted), or None (it is kept)."""
+        self.checked += 1
+        finding = self._find(where, record)
+        if finding:
+            self.counts[finding.kind] += 1
+            if self.counts[finding.kind] <= EXAMPLES_KEPT:
+                self.examples.append(finding)
+            return finding
+        self.seen.setdefault(record.key, self.wheres.add(where))
+        if record.shingles is not None:
+            self.train_index.add(where, record)
+        return None
+
+    def _find(self, where: str, record: Sketch) -> Finding | None:
+        if record.key in self.seen:
+            return Finding(EXACT, where, self.wheres[self.seen[record.key]], 1.0)
+        if record.key in self.eval_keys:
+            return Finding(EVAL_EXACT, where, self.eval_keys[record.key], 1.0)
+        if record.shingles is None:
+            return None
+        self.near_searched += 1
+        for index, kind in ((self.eval_index, EVAL_NEAR), (self.train_index, NEAR)):
+            match = index.match(record)
+            if match:
+                return Finding(kind, where, match[0], round(match[1], 3))
+        return None
+
+
+def find_duplicates(records: list[tuple[str, dict]], held_out: list[tuple[str, dict]]) -> list[Finding]:
+    """Every training record that repeats an earlier one or an eval record, in order (see `DuplicateFinder`).
 
     Example: records [a: "Hi", b: "Hi", c: "Bye"], held_out [v: "Bye"]
         -> [Finding("exact duplicate", "b", "a", 1.0), Finding("exact eval overlap", "c", "v", 1.0)]
     """
-    eval_texts = {dedup_text(record): where for where, record in reversed(held_out)}
-    eval_index, train_index, seen, findings = NearIndex(), NearIndex(), {}, []
-    for where, record in held_out:
-        eval_index.add(where, shingles(dedup_text(record)))
-    for where, record in records:
-        text = dedup_text(record)
-        grams = shingles(text)
-        finding = check_record(where, text, grams, seen, eval_texts, eval_index, train_index)
-        if finding:
-            findings.append(finding)
-            continue
-        seen.setdefault(text, where)
-        train_index.add(where, grams)
-    return findings
+    finder = DuplicateFinder(held_out)
+    findings = (finder.check(where, sketch(record, near=True)) for where, record in records)
+    return [finding for finding in findings if finding]
 
 
-def check_record(where: str, text: str, grams: set[str], seen: dict[str, str], eval_texts: dict[str, str],
-                 eval_index: NearIndex, train_index: NearIndex) -> Finding | None:
-    """The first kind of repetition one training record shows, or None."""
-    if text in seen:
-        return Finding(EXACT, where, seen[text], 1.0)
-    if text in eval_texts:
-        return Finding(EVAL_EXACT, where, eval_texts[text], 1.0)
-    for index, kind in ((eval_index, EVAL_NEAR), (train_index, NEAR)):
-        match = index.match(grams)
-        if match:
-            return Finding(kind, where, match[0], round(match[1], 3))
-    return None
+def report(finder: DuplicateFinder, mode: str) -> dict:
+    """The JSON-ready report: per kind, how many were found and removed (`mode`), and a few examples.
 
-
-def deduplicate(records: list[tuple[str, dict]], held_out: list[tuple[str, dict]], mode: str,
-                stats) -> list[tuple[str, dict]]:
-    """Report duplicates and eval overlap in `stats.dedup`, and return the records `mode` keeps.
-
-    Args:
-        records: (where, canonical record) of one training source.
-        held_out: (where, canonical record) of the eval set, or [] to skip the overlap check.
-        mode: `data.dedup` (none, exact, near).
-        stats: the split's `SplitStats`; removed records are dropped under their kind.
-
-    Returns:
-        The records kept, in order.
+    Also how many records were checked, and how many of them the near search covered.
     """
-    findings = find_duplicates(records, held_out)
-    removed = {finding.where for finding in findings if finding.kind in REMOVED_BY[mode]}
-    for finding in findings:
-        if finding.where in removed:
-            stats.drop(finding.kind)
-    stats.dedup = merge_reports(stats.dedup, report(findings, mode, removed, bool(held_out)))
-    return [(where, record) for where, record in records if where not in removed]
-
-
-def report(findings: list[Finding], mode: str, removed: set[str], checked_eval: bool) -> dict:
-    """The JSON-ready report: per kind, how many were found and removed, and a few examples of each kind."""
-    kinds = (EXACT, NEAR, EVAL_EXACT, EVAL_NEAR)
-    counts = {kind: sum(finding.kind == kind for finding in findings) for kind in kinds}
-    gone = {kind: sum(finding.kind == kind and finding.where in removed for finding in findings) for kind in kinds}
-    examples = [dataclasses.asdict(finding) for kind in kinds
-                for finding in [f for f in findings if f.kind == kind][:EXAMPLES_KEPT]]
+    counts = dict(finder.counts)
+    gone = {kind: counts[kind] if kind in REMOVED_BY[mode] else 0 for kind in KINDS}
+    examples = [dataclasses.asdict(finding) for kind in KINDS for finding in finder.examples if finding.kind == kind]
     return {"mode": mode, "threshold": NEAR_THRESHOLD, "counts": counts, "removed": gone,
-            "eval_checked": checked_eval, "examples": examples}
+            "eval_checked": bool(finder.held_out), "examples": examples, "records": finder.checked,
+            "near_searched": finder.near_searched}
 
 
 def merge_reports(first: dict, second: dict) -> dict:
@@ -184,6 +294,8 @@ def merge_reports(first: dict, second: dict) -> dict:
     return first | {
         "counts": {kind: count + second["counts"][kind] for kind, count in first["counts"].items()},
         "removed": {kind: count + second["removed"][kind] for kind, count in first["removed"].items()},
+        "records": first["records"] + second["records"],
+        "near_searched": first["near_searched"] + second["near_searched"],
         "eval_checked": first["eval_checked"] or second["eval_checked"],
         "examples": first["examples"] + second["examples"],
     }

@@ -9,7 +9,7 @@ Sources (`read_source`), tried in this order:
 - a `datasets` hub id, `ID` or `ID:SPLIT` (default split `train`; slices such as `train[:90%]` work).
 
 Text files (JSONL, JSON, CSV) are UTF-8, with or without a byte-order mark, with LF or CRLF line ends
-(`read_text`). Each record is located for error messages as `file:LINE` (JSONL and CSV, 1-based; a CSV header
+(`text_lines`). Each record is located for error messages as `file:LINE` (JSONL and CSV, 1-based; a CSV header
 is line 1) or `source[INDEX]` (a JSON list, Parquet, `datasets`: 0-based, as `records[INDEX]` reads it).
 
 Formats (`FORMATS`: the fields that identify each one; `resolve_format` detects the first that fits):
@@ -32,10 +32,10 @@ short `reason` under which `data.on_bad_record=skip` counts it. The user's files
 
 import codecs
 import csv
-import io
+import itertools
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from ftune.cache import file_signature
@@ -65,8 +65,8 @@ FORMATS: dict[str, tuple[str, ...]] = {
 a JSON list of messages rather than an object, so it has no fields and is detected by its type."""
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-TEXT_ENCODING = "utf-8-sig"
-"""UTF-8 that drops a leading byte-order mark, which Windows tools and Excel write and `json` refuses."""
+PARQUET_BATCH = 1024
+"""Parquet rows decoded to Python at a time."""
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 """What a `datasets` hub id looks like (`name` or `org/name`); other missing paths are just missing."""
@@ -76,12 +76,21 @@ Record = tuple[str, object]
 
 
 def read_source(source: str) -> list[Record]:
-    r"""Every record of a file, directory or `datasets` source, located for error messages.
+    r"""Every record of a file, directory or `datasets` source, located for error messages (`iter_source`, listed).
 
     Example, a JSONL file whose second line is broken:
         '{"text": "a"}\n{"text": \n' -> [("f.jsonl:1", {"text": "a"}), ("f.jsonl:2", RecordError(...))]
+    """
+    return list(iter_source(source))
 
-    Returns:
+
+def iter_source(source: str) -> Iterator[Record]:
+    """Yield the records of a source one at a time, so that a large one is never held in memory whole.
+
+    JSONL, CSV, Parquet and `datasets` sources are read lazily; a JSON list is parsed whole (JSON has no
+    record boundary to stop at).
+
+    Yields:
         (where, record) pairs; a line that is not JSON comes as its `RecordError`, so that
         `data.on_bad_record=skip` can count it and go on.
 
@@ -94,12 +103,15 @@ def read_source(source: str) -> list[Record]:
     if path.is_file():
         records = read_file(path)
     elif files:
-        records = [record for file in files for record in read_file(file)]
+        records = (record for file in files for record in read_file(file))
     else:
         records = read_dataset(source)
-    if not records:
+    empty = True
+    for record in records:
+        empty = False
+        yield record
+    if empty:
         raise DataError(f"{source}: no records", f"expected one record per line or row ({', '.join(FILE_SUFFIXES)})")
-    return records
 
 
 def data_files(directory: Path) -> list[Path]:
@@ -112,7 +124,7 @@ def is_saved_dataset(directory: Path) -> bool:
     return (directory / "dataset_info.json").is_file() or (directory / "dataset_dict.json").is_file()
 
 
-def read_file(path: Path) -> list[Record]:
+def read_file(path: Path) -> Iterator[Record]:
     """The records of one file, read by its suffix.
 
     Raises:
@@ -125,38 +137,46 @@ def read_file(path: Path) -> list[Record]:
 
 
 def read_text(path: Path) -> str:
-    r"""The text of a UTF-8 file, without a byte-order mark and with every line ending as "\n".
-
-    Every text format reads through here, so a file saved by Windows tools parses to the same records, with
-    the same line numbers, as the plain one. CRLF and a lone CR become "\n" as Python's universal newlines
-    make them; other separators (U+2028, form feed) stay, since JSON strings may hold them raw.
+    r"""The text of a UTF-8 file, without a byte-order mark and with every line ending as "\n" (`text_lines` joined).
 
     Example: b'\xef\xbb\xbf{"text": "a"}\r\n' -> '{"text": "a"}\n'
+    """
+    return "\n".join(text_lines(path))
+
+
+def text_lines(path: Path) -> Iterator[str]:
+    r"""The lines of a UTF-8 file, one at a time, without a byte-order mark or line ends.
+
+    Every text format reads through here, so a file saved by Windows tools parses to the same records, with
+    the same line numbers, as the plain one. CRLF and a lone CR end a line as Python's universal newlines
+    make them; other separators (U+2028, form feed) stay, since JSON strings may hold them raw (so the file is
+    split on bytes, not with str.splitlines).
+
+    Example: b'\xef\xbb\xbf{"text": "a"}\r\nb' -> '{"text": "a"}', 'b'
 
     Raises:
         DataError: the file is not UTF-8, naming the first bad byte's offset in the file.
     """
-    raw = path.read_bytes()
-    try:
-        text = raw.decode(TEXT_ENCODING)
-    except UnicodeDecodeError as err:
-        offset = err.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
-        raise DataError(f"{path}: not UTF-8 text (byte {offset}: {err.reason})") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    offset = 0
+    with path.open("rb") as handle:
+        for raw in handle:
+            start = len(codecs.BOM_UTF8) if offset == 0 and raw.startswith(codecs.BOM_UTF8) else 0
+            try:
+                line = raw[start:].decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: not UTF-8 text (byte {offset + start + err.start}: {err.reason})") from None
+            offset += len(raw)
+            yield from line.removesuffix("\n").removesuffix("\r").replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
-def read_jsonl(path: Path, text: str | None = None) -> list[Record]:
-    """One record per non-blank line of `path` (or of its `text`, as `read_text` returns it, when already read).
+def read_jsonl(path: Path, lines: Iterable[str] | None = None) -> Iterator[Record]:
+    """One record per non-blank line of `path` (or of its `lines`, as `text_lines` yields them, when already read).
 
-    A line that is not JSON is kept as its RecordError (see `read_source`).
+    A line that is not JSON is kept as its RecordError (see `iter_source`).
     """
-    records = []
-    # split on "\n" only: str.splitlines would also split at U+2028 and others, which JSON strings may hold raw
-    lines = (read_text(path) if text is None else text).split("\n")
-    for line_no, line in enumerate(lines, start=1):
+    for line_no, line in enumerate(text_lines(path) if lines is None else lines, start=1):
         if line.strip():
-            records.append((f"{path}:{line_no}", parse_json_line(line, f"{path}:{line_no}")))
-    return records
+            yield f"{path}:{line_no}", parse_json_line(line, f"{path}:{line_no}")
 
 
 def parse_json_line(line: str, where: str) -> object:
@@ -168,7 +188,7 @@ def parse_json_line(line: str, where: str) -> object:
                                            f"{err.colno})")
 
 
-def read_json(path: Path) -> list[Record]:
+def read_json(path: Path) -> Iterator[Record]:
     """A JSON list of records; a `.json` file that holds JSON Lines (as hub datasets often do) reads as JSONL.
 
     Raises:
@@ -179,18 +199,18 @@ def read_json(path: Path) -> list[Record]:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":
-            return read_jsonl(path, text)
+            return read_jsonl(path, text.split("\n"))
         raise DataError(
             f"{path}:{err.lineno}: expected JSON, got invalid JSON ({err.msg} at column {err.colno})"
         ) from None
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON list of records, got a JSON {type(value).__name__}",
                         "or write one JSON object per line in a .jsonl file")
-    return [(f"{path}[{index}]", record) for index, record in enumerate(value)]
+    return iter([(f"{path}[{index}]", record) for index, record in enumerate(value)])
 
 
-def read_parquet(path: Path) -> list[Record]:
-    """The rows of a Parquet file as records (nested lists and structs become lists and dicts).
+def read_parquet(path: Path) -> Iterator[Record]:
+    """The rows of a Parquet file as records (nested lists and structs become lists and dicts), a batch at a time.
 
     Raises:
         DataError: the file is not Parquet.
@@ -199,13 +219,17 @@ def read_parquet(path: Path) -> list[Record]:
     import pyarrow.parquet
 
     try:
-        rows = pyarrow.parquet.read_table(path).to_pylist()
+        batches = pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH)
+        index = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield f"{path}[{index}]", row
+                index += 1
     except (pyarrow.ArrowException, OSError) as err:
         raise DataError(f"{path}: cannot read as Parquet ({str(err).splitlines()[0]})") from None
-    return [(f"{path}[{index}]", row) for index, row in enumerate(rows)]
 
 
-def read_csv(path: Path) -> list[Record]:
+def read_csv(path: Path) -> Iterator[Record]:
     r"""The rows of a CSV file with a header line, as records of strings located by line.
 
     Example: 'prompt,completion\n2+2=,4\n' -> [("f.csv:2", {"prompt": "2+2=", "completion": "4"})]
@@ -213,8 +237,7 @@ def read_csv(path: Path) -> list[Record]:
     Raises:
         DataError: the file is not valid CSV.
     """
-    records = []
-    reader = csv.DictReader(io.StringIO(read_text(path)))
+    reader = csv.DictReader(line + "\n" for line in text_lines(path))
     try:
         for row in reader:
             where = f"{path}:{reader.line_num}"
@@ -222,13 +245,12 @@ def read_csv(path: Path) -> list[Record]:
                 columns = len(reader.fieldnames)
                 row = RecordError(INVALID_RECORD, f"{where}: expected {columns} values (the header's columns), "
                                                   f"got {columns + len(row[None])}")
-            records.append((where, row))
+            yield where, row
     except csv.Error as err:
         raise DataError(f"{path}:{reader.line_num}: cannot read as CSV ({err})") from None
-    return records
 
 
-def read_dataset(source: str) -> list[Record]:
+def read_dataset(source: str) -> Iterator[Record]:
     """A `datasets` source: a `save_to_disk` directory, another dataset directory, or a hub id.
 
     `:SPLIT` after it picks a split (default train).
@@ -237,7 +259,7 @@ def read_dataset(source: str) -> list[Record]:
         ResourceError: no such path, or `datasets` cannot load it.
     """
     dataset, name = load_dataset_split(source)
-    return [(f"{name}[{index}]", record) for index, record in enumerate(dataset)]
+    return ((f"{name}[{index}]", record) for index, record in enumerate(dataset))
 
 
 def load_dataset_split(source: str):
@@ -284,7 +306,7 @@ def source_signature(source: str) -> dict:
     return {"dataset": name, "fingerprint": dataset._fingerprint}
 
 
-def resolve_format(records: list[Record], source: str, fmt: str) -> str:
+def resolve_format(records: Iterable[Record], source: str, fmt: str) -> str:
     """`fmt` (`data.format`), or with `auto` the format detected from the first record that is an object or a list.
 
     A list is a `message_list`; an object takes the first format in `FORMATS` whose fields it has.
@@ -402,8 +424,9 @@ def load_conversations(path: str, cfg: DataCfg | None = None) -> Iterator[tuple[
         DataError: the source is a `text` source, or a record does not fit its format.
     """
     cfg = cfg or DataCfg()
-    records = read_source(path)
-    fmt = resolve_format(records, path, cfg.format)
+    records, first = itertools.tee(iter_source(path))
+    fmt = resolve_format(first, path, cfg.format)
+    del first  # tee keeps what one copy read ahead of the other only while both exist
     if fmt == "text":
         raise DataError(f"{path}: expected conversations, got format text", "give a chat data set")
     for where, record in records:
@@ -416,5 +439,5 @@ def load_texts(path: str) -> Iterator[tuple[str, str]]:
     Raises:
         DataError: a record has no non-empty string field `text`.
     """
-    for where, record in read_source(path):
+    for where, record in iter_source(path):
         yield where, to_canonical(record, "text", where, ROLE_NAMES)["text"]

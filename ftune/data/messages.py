@@ -65,6 +65,9 @@ class RecordError(DataError):
         super().__init__(message, hint)
         self.reason = reason
 
+    def __reduce__(self):
+        return RecordError, (self.reason, self.message, self.hint)
+
 
 def show(value: object, width: int = 40) -> str:
     """A value's repr for an error message, cut to `width` characters."""

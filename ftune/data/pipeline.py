@@ -4,53 +4,53 @@
 data) return the rows and the statistics a user needs to trust them (how many records were read, truncated,
 skipped or dropped, and why), served from a cache when nothing that shapes them changed; `build_loader`
 batches them (padded, or packed with the attention inputs that isolate documents).
+
+Memory does not grow with the data: sources are read lazily, batches of records are tokenized in worker
+processes (`data.num_proc`, `ftune.data.batches`), examples go to disk as they come (`ftune.data.store`), and
+mixing, packing and length-grouping work from arrays of lengths. The rows are a memory-mapped Arrow file.
 """
 
 import dataclasses
+import datetime
 import functools
 import importlib.metadata
+import itertools
 import json
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from torch.utils.data import DataLoader
 
 from ftune.atomic import atomic_dir
-from ftune.cache import cache_dir, files_fingerprint, fingerprint
+from ftune.cache import ABOUT_FILE, cache_dir, files_fingerprint, fingerprint
 from ftune.config.schema import DataCfg, DataSourceCfg
+from ftune.data.batches import BatchContext, TokenizedBatch, numbered_batches, tokenize_batch
 from ftune.data.collate import PackedCollator, PadCollator
-from ftune.data.dedup import deduplicate, held_out_records, merge_reports
-from ftune.data.formats import (
-    RecordError,
-    read_source,
-    record_features,
-    resolve_format,
-    source_signature,
-    to_canonical,
-)
-from ftune.data.labels import TokenizedExample, tokenize_conversation, tokenize_text
-from ftune.data.mask import IGNORE_INDEX
-from ftune.data.packing import pack
+from ftune.data.dedup import NEAR_SEARCH_LIMIT, REMOVED_BY, DuplicateFinder, held_out_records, merge_reports, report
+from ftune.data.formats import RecordError, iter_source, resolve_format, source_signature
 from ftune.data.sampler import LengthGroupedSampler
-from ftune.data.templates import TEMPLATES_DIR, ChatTemplate, resolve_template
+from ftune.data.store import Documents, TokenFile, TokenWriter, read_rows, write_rows
+from ftune.data.templates import TEMPLATES_DIR, resolve_template
+from ftune.data.workers import map_ordered, resolve_num_proc
 from ftune.errors import DataError
 from ftune.report.console import console
 
 ROW_SHAPING_MODULES = ("formats.py", "messages.py", "dedup.py", "templates.py", "labels.py", "mask.py", "packing.py",
-                       "pipeline.py")
+                       "batches.py", "store.py", "pipeline.py")
 """The modules of ftune/data whose code decides the cached rows and statistics; collate.py and sampler.py act
-per batch, on rows already cached, so changing them keeps the cache valid."""
+per batch, on rows already cached, and workers.py only runs batches, so changing them keeps the cache valid."""
 
 STATS_FILE = "stats.json"
-"""A cache entry's statistics, beside the rows `datasets` saved."""
+"""A cache entry's statistics, beside its rows; written last, so its presence marks a complete entry."""
 
-NOT_SHAPING_ROWS = ("path", "eval_path", "mix", "pad_to_multiple_of", "group_by_length")
+NOT_SHAPING_ROWS = ("path", "eval_path", "mix", "pad_to_multiple_of", "group_by_length", "num_proc")
 """DataCfg fields left out of the settings part of the cache key: sources are keyed by content, padding and
-batch order are decided per batch."""
+batch order are decided per batch, and the number of workers does not change the rows."""
 
 NOTHING_TO_LEARN = "no learned token left after truncation"
-UNRENDERABLE = "the chat template cannot render it"
 LEFT_OUT_BY_MIX = "left out by the data.mix weights"
 
 
@@ -91,75 +91,111 @@ class SplitStats:
 
 @dataclass
 class Split:
-    """Training rows (`{"input_ids", "labels"}`, plus `position_ids`/`seq_lens` when packed) and their story."""
+    """Training rows, each row's tokens and their story.
+
+    Rows are `{"input_ids", "labels"}`, plus `position_ids`/`seq_lens` when packed; `lengths` serves batching
+    without reading the rows.
+    """
 
     rows: object
     stats: SplitStats
+    lengths: np.ndarray
     from_cache: bool = False
 
 
-def truncate(input_ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]]:
-    """Keep the first `max_length` tokens: the prompt's start matters more than a long answer's end.
+@dataclass
+class MemorySink:
+    """Examples kept in memory as Python lists (small sources: `tokenize_split`)."""
 
-    Example, max_length=3: ids [1, 2, 3, 4], labels [-100, 2, 3, 4] -> [1, 2, 3], [-100, 2, 3]
-    """
-    return input_ids[:max_length], labels[:max_length]
+    examples: list[dict] = field(default_factory=list)
 
-
-def count_learned(labels: list[int]) -> int:
-    """How many labels the loss sees: [5, -100, 7, 8] -> 2.
-
-    After the shift, position 0 is never a target, so a lone learned first token teaches nothing.
-    """
-    return sum(label != IGNORE_INDEX for label in labels[1:])
+    def write(self, ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, learned: np.ndarray) -> None:
+        for start, length in zip(np.cumsum(lengths) - lengths, lengths, strict=True):
+            self.examples.append({"input_ids": ids[start : start + length].tolist(),
+                                  "labels": labels[start : start + length].tolist()})
 
 
 def tokenize_split(path: str, tokenizer, cfg: DataCfg) -> tuple[list[dict], SplitStats]:
-    """Tokenize every record of one source, in any format; truncate, and drop (counting) those with nothing to learn.
+    """The examples of one source as Python lists, and their statistics (`tokenize_source` into memory)."""
+    sink = MemorySink()
+    stats = tokenize_source(path, tokenizer, cfg, sink)
+    return sink.examples, stats
+
+
+def tokenize_source(path: str, tokenizer, cfg: DataCfg, sink) -> SplitStats:
+    """Tokenize every record of one source into `sink`; truncate, and drop (counting) those with nothing to learn.
 
     Chat records (messages, sharegpt, message_list, alpaca, prompt_completion) go through the chat template and
     learn what `data.train_on` says; `text` records learn every token. With `data.on_bad_record=skip` a record
     that does not fit its format is dropped and counted under its reason (the first of each reason is printed).
     Duplicates, and overlap with `data.eval_path` (unless this source is that eval set), are reported and
-    removed as `data.dedup` says (`ftune.data.dedup`).
+    removed as `data.dedup` says (`ftune.data.dedup`). Batches of records are tokenized by `data.num_proc`
+    workers; the records are judged and written here, in source order.
+
+    Args:
+        path: the source (see `ftune.data.formats`).
+        tokenizer: a fast tokenizer.
+        cfg: the data settings (`format` is this source's).
+        sink: receives the kept examples (`write(ids, labels, lengths, learned)`, flat arrays).
 
     Returns:
-        The examples (`{"input_ids", "labels"}`, at most `max_length` tokens) and their statistics.
+        The statistics.
 
     Raises:
         DataError: a bad record (with `on_bad_record=error`), or no example left at all.
     """
-    records = read_source(path)
-    fmt = resolve_format(records, path, cfg.format)
+    records, first = itertools.tee(iter_source(path))
+    fmt = resolve_format(first, path, cfg.format)
+    del first  # tee holds what one copy read ahead of the other only while both exist
     if cfg.format == "auto":
         say(f"data: {path}: format {fmt} (detected from its first record)")
     template = resolve_template(cfg.chat_template, tokenizer) if fmt != "text" else None
-    stats, examples, first_errors, shape = SplitStats(), [], {}, set()
-    canonical = []
-    for where, record in records:
-        stats.read += 1
-        try:
-            canonical.append((where, to_canonical(record, fmt, where, cfg.roles)))
-        except RecordError as err:
-            skip_record(err, cfg, stats, first_errors)
-            continue
-        shape |= record_features(record, fmt, canonical[-1][1])
     held_out = held_out_records(cfg) if cfg.eval_path and path != cfg.eval_path else []
-    for where, record in deduplicate(canonical, held_out, cfg.dedup, stats):
-        try:
-            tokenized = tokenize_record(record, where, tokenizer, template, cfg)
-        except RecordError as err:
-            skip_record(err, cfg, stats, first_errors)
-            continue
-        stats.split_turns += len(tokenized) - 1
-        for example in tokenized:
-            keep_example(example, cfg.max_length, stats, examples)
+    context = BatchContext(tokenizer, template, cfg, fmt, None if cfg.dedup == "near" else NEAR_SEARCH_LIMIT)
+    stats, finder, first_errors, shape = SplitStats(), DuplicateFinder(held_out), {}, set()
+    for batch in map_ordered(tokenize_batch, context, numbered_batches(records), resolve_num_proc(cfg.num_proc)):
+        keep_batch(batch, finder, cfg, stats, first_errors, sink)
+        shape |= batch.features
     for reason, message in first_errors.items():
         say(f"data: {path}: {stats.dropped[reason]} record(s) skipped ({reason}); the first: {message}")
-    if not examples:
+    if not stats.kept:
         raise DataError(f"{path}: no example left to train on (dropped: {stats.dropped})")
-    stats.sources.append({"path": path, "format": fmt, "features": sorted(shape), "examples": len(examples)})
-    return examples, stats
+    stats.dedup = report(finder, cfg.dedup)
+    stats.sources.append({"path": path, "format": fmt, "features": sorted(shape), "examples": stats.kept})
+    return stats
+
+
+def keep_batch(batch: TokenizedBatch, finder: DuplicateFinder, cfg: DataCfg, stats: SplitStats, first_errors: dict,
+               sink) -> None:
+    """Judge each record of a batch in order (bad, duplicate, unrenderable), count it, and write what is kept.
+
+    A record that does not fit its format is skipped before duplicates are looked for; one that the template
+    cannot render is skipped only if it is not a removed duplicate, as if duplicates went first.
+    """
+    kept = np.zeros(len(batch.wheres), dtype=bool)
+    for position, where in enumerate(batch.wheres):
+        stats.read += 1
+        if position in batch.errors:
+            skip_record(batch.errors[position], cfg, stats, first_errors)
+            continue
+        finding = finder.check(where, batch.sketches[position])
+        if finding and finding.kind in REMOVED_BY[cfg.dedup]:
+            stats.drop(finding.kind)
+        elif position in batch.render_errors:
+            skip_record(batch.render_errors[position], cfg, stats, first_errors)
+        else:
+            kept[position] = True
+    examples = kept[batch.record]
+    good = examples & (batch.learned > 0)
+    stats.split_turns += int(examples.sum() - kept.sum())
+    stats.truncated += int(batch.truncated[examples].sum())
+    stats.truncated_learned += int(batch.truncated_learned[examples].sum())
+    stats.drop(NOTHING_TO_LEARN, int((examples & ~good).sum()))
+    stats.kept += int(good.sum())
+    stats.tokens += int(batch.lengths[good].sum())
+    stats.learned_tokens += int(batch.learned[good].sum())
+    tokens = np.repeat(good, batch.lengths)
+    sink.write(batch.ids[tokens], batch.labels[tokens], batch.lengths[good], batch.learned[good])
 
 
 def skip_record(err: RecordError, cfg: DataCfg, stats: SplitStats, first_errors: dict) -> None:
@@ -173,44 +209,6 @@ def skip_record(err: RecordError, cfg: DataCfg, stats: SplitStats, first_errors:
 def say(line: str) -> None:
     """One plain line on the console: no markup (records hold brackets), no wrapping (so it greps)."""
     console.print(line, markup=False, highlight=False, soft_wrap=True)
-
-
-def tokenize_record(
-    record: dict, where: str, tokenizer, template: ChatTemplate | None, cfg: DataCfg
-) -> list[TokenizedExample]:
-    """Ids and labels of one canonical record (see `formats.to_canonical`): one example, or one per rendering.
-
-    Raises:
-        RecordError: the chat template cannot render the conversation (named by `where`).
-    """
-    if "text" in record:
-        return [tokenize_text(record["text"], tokenizer)]
-    try:
-        return tokenize_conversation(record["messages"], tokenizer, template, cfg.train_on, record.get("tools"),
-                                     cfg.train_on_reasoning)
-    except DataError as err:
-        raise RecordError(UNRENDERABLE, f"{where}: {err.message}", err.hint) from None
-
-
-def keep_example(example: TokenizedExample, max_length: int, stats: SplitStats, examples: list[dict]) -> None:
-    """Truncate an example to `max_length` and keep it unless nothing is left to learn; count either way.
-
-    Example, max_length=3: ids [1, 2, 3, 4], labels [-100, -100, 3, 4] -> kept as [1, 2, 3], [-100, -100, 3],
-    counted as truncated and as truncated_learned (label 4 was cut).
-    """
-    input_ids, labels = example.input_ids, example.labels
-    if len(input_ids) > max_length:
-        stats.truncated += 1
-        stats.truncated_learned += any(label != IGNORE_INDEX for label in labels[max_length:])
-        input_ids, labels = truncate(input_ids, labels, max_length)
-    learned = count_learned(labels)
-    if learned == 0:
-        stats.drop(NOTHING_TO_LEARN)
-        return
-    stats.kept += 1
-    stats.tokens += len(input_ids)
-    stats.learned_tokens += learned
-    examples.append({"input_ids": input_ids, "labels": labels})
 
 
 def mix_counts(sizes: list[int], weights: list[float]) -> list[int]:
@@ -228,19 +226,22 @@ def mix_counts(sizes: list[int], weights: list[float]) -> list[int]:
     return [min(size, round(share * total)) for size, share in zip(sizes, shares, strict=True)]
 
 
-def mix(parts: list[tuple[list[dict], SplitStats]], weights: list[float], seed: int) -> tuple[list[dict], SplitStats]:
-    """Draw each source's count (`mix_counts`) by a sample without replacement seeded by `seed`.
+def mix(sizes: list[int], weights: list[float], seed: int) -> list[np.ndarray]:
+    """Which examples each source gives the mix (`mix_counts` of them), drawn without replacement by `seed`.
 
-    Drawn examples keep their source's order; the statistics are merged, examples not drawn count as dropped.
-
-    Example, seed 0: sources [a, b, c, d] and [x, y], weights [1, 1] -> 2 of a-d in order (say [b, d]), then
-    [x, y]; stats.dropped {"left out by the data.mix weights": 2}.
+    Drawn examples keep their source's order. Example, seed 0: sizes [4, 2], weights [1, 1] -> two of
+    0-3 in order (say [1, 3]), then [0, 1].
     """
-    counts = mix_counts([len(examples) for examples, _ in parts], weights)
     rng = random.Random(seed)
-    mixed, stats = [], SplitStats()
-    for (examples, part), count, weight in zip(parts, counts, weights, strict=True):
-        mixed += [examples[index] for index in sorted(rng.sample(range(len(examples)), count))]
+    return [np.array(sorted(rng.sample(range(size), count)), dtype=np.int64)
+            for size, count in zip(sizes, mix_counts(sizes, weights), strict=True)]
+
+
+def mixed_stats(parts: list[SplitStats], files: list[TokenFile], drawn: list[np.ndarray],
+                weights: list[float]) -> SplitStats:
+    """The sources' statistics merged; examples not drawn count as dropped, tokens are those of the drawn ones."""
+    stats = SplitStats()
+    for part, file, chosen, weight in zip(parts, files, drawn, weights, strict=True):
         stats.read += part.read
         stats.truncated += part.truncated
         stats.truncated_learned += part.truncated_learned
@@ -248,12 +249,12 @@ def mix(parts: list[tuple[list[dict], SplitStats]], weights: list[float], seed: 
         stats.dedup = merge_reports(stats.dedup, part.dedup)
         for reason, dropped in part.dropped.items():
             stats.drop(reason, dropped)
-        stats.drop(LEFT_OUT_BY_MIX, len(examples) - count)
-        stats.sources += [source | {"weight": weight, "drawn": count} for source in part.sources]
-    stats.kept = len(mixed)
-    stats.tokens = sum(len(example["input_ids"]) for example in mixed)
-    stats.learned_tokens = sum(count_learned(example["labels"]) for example in mixed)
-    return mixed, stats
+        stats.drop(LEFT_OUT_BY_MIX, part.kept - len(chosen))
+        stats.sources += [source | {"weight": weight, "drawn": len(chosen)} for source in part.sources]
+        stats.kept += len(chosen)
+        stats.tokens += int(file.lengths[chosen].sum())
+        stats.learned_tokens += int(file.learned[chosen].sum())
+    return stats
 
 
 def build_train_split(tokenizer, cfg: DataCfg, seed: int) -> Split:
@@ -274,46 +275,58 @@ def build_rows(sources: list[DataSourceCfg], tokenizer, cfg: DataCfg, seed: int)
     """The rows of sources (each read in its own format), mixed by weight when there are several.
 
     Served from the cache when the sources, the code and every setting that shapes the rows are unchanged;
-    otherwise built and cached (see `save_entry`).
+    otherwise built into a staging directory and published whole (`ftune.atomic.atomic_dir`): two processes
+    that miss the same entry at once each build their own copy, the first rename publishes it and the later
+    copy is discarded, since the same key means the same rows. A reader thus only sees a complete entry, one
+    never replaced under it while its files are memory-mapped; a crash leaves no entry (only a staging
+    directory that `ftune data --cache-clear` removes).
     """
-    from datasets import Dataset
-
     entry = cache_dir("data") / split_fingerprint(sources, tokenizer, cfg, seed)
     cached = load_entry(entry)
     if cached is not None:
         return cached
-    parts = [tokenize_split(source.path, tokenizer, dataclasses.replace(cfg, format=source.format))
-             for source in sources]
-    examples, stats = mix(parts, [source.weight for source in sources], seed) if len(parts) > 1 else parts[0]
-    rows = pack(examples, cfg.max_length) if cfg.packing else examples
-    stats.rows = len(rows)
-    stats.row_capacity = len(rows) * cfg.max_length if cfg.packing else stats.tokens
-    dataset = Dataset.from_list(rows)
-    save_entry(entry, dataset, stats)
-    return Split(dataset, stats)
+    with atomic_dir(entry, replace=False) as staging:
+        files, parts = [], []
+        for number, source in enumerate(sources):
+            writer = TokenWriter(staging / f"tokens-{number}")
+            parts.append(tokenize_source(source.path, tokenizer, dataclasses.replace(cfg, format=source.format),
+                                         writer))
+            files.append(writer.close())
+        weights = [source.weight for source in sources]
+        drawn = mix([part.kept for part in parts], weights, seed) if len(parts) > 1 else [np.arange(parts[0].kept)]
+        stats = mixed_stats(parts, files, drawn, weights) if len(parts) > 1 else parts[0]
+        documents = Documents(files, np.repeat(np.arange(len(files)), [len(d) for d in drawn]), np.concatenate(drawn))
+        row_tokens = write_rows(staging, documents, cfg.max_length if cfg.packing else None)
+        stats.rows = len(row_tokens)
+        stats.row_capacity = stats.rows * cfg.max_length if cfg.packing else stats.tokens
+        for number in range(len(files)):
+            shutil.rmtree(staging / f"tokens-{number}")
+        write_about(staging, sources, tokenizer, cfg, stats)
+        (staging / STATS_FILE).write_text(json.dumps(dataclasses.asdict(stats)), encoding="utf-8")
+    return dataclasses.replace(load_entry(entry), from_cache=False)
 
 
 def load_entry(entry: Path) -> Split | None:
     """The split cached at `entry`, or None when there is none (a miss)."""
-    from datasets import load_from_disk
-
     if not (entry / STATS_FILE).is_file():
         return None
     stats = SplitStats(**json.loads((entry / STATS_FILE).read_text(encoding="utf-8")))
-    return Split(load_from_disk(str(entry)), stats, from_cache=True)
+    rows, lengths = read_rows(entry)
+    return Split(rows, stats, lengths, from_cache=True)
 
 
-def save_entry(entry: Path, dataset, stats: SplitStats) -> None:
-    """Cache a split at `entry`: written under a name of this process's own, then renamed into place.
-
-    Two runs that miss the same entry at once (a sweep, two terminals, the ranks of one launch) each write
-    their own copy; the first rename publishes it and the later copy is discarded (`replace=False`), since
-    the same key means the same rows. A reader thus only sees a complete entry, and one never replaced under
-    it while its files are memory-mapped; a crash leaves no entry at all.
-    """
-    with atomic_dir(entry, replace=False) as staging:
-        dataset.save_to_disk(str(staging))
-        (staging / STATS_FILE).write_text(json.dumps(dataclasses.asdict(stats)), encoding="utf-8")
+def write_about(directory: Path, sources: list[DataSourceCfg], tokenizer, cfg: DataCfg, stats: SplitStats) -> None:
+    """What made an entry, in words a person reads in `ftune data --cache-info`."""
+    about = {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "sources": [source.path for source in sources],
+        "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+        "settings": {key: getattr(cfg, key) for key in ("format", "chat_template", "train_on", "max_length",
+                                                        "packing", "dedup")},
+        "rows": stats.rows,
+        "tokens": stats.tokens,
+    }
+    (directory / ABOUT_FILE).write_text(json.dumps(about), encoding="utf-8")
 
 
 def split_fingerprint(sources: list[DataSourceCfg], tokenizer, cfg: DataCfg, seed: int) -> str:
@@ -379,8 +392,7 @@ def build_loader(split: Split, tokenizer, cfg: DataCfg, attn_implementation: str
     )
     sampler = None
     if shuffle and cfg.group_by_length and not cfg.packing:
-        lengths = [len(ids) for ids in split.rows["input_ids"]]
-        sampler, shuffle = LengthGroupedSampler(lengths, batch_size, seed), False
+        sampler, shuffle = LengthGroupedSampler(split.lengths, batch_size, seed), False
     return DataLoader(split.rows, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate,
                       num_workers=workers, generator=private_generator())
 

@@ -177,9 +177,8 @@ def test_missing_path_unreadable_files_and_bad_mix_weights_exit_2(tmp_path, caps
         f"data.path={tmp_path}/missing.jsonl":
             f"{tmp_path}/missing.jsonl: no such file or directory (check data.path, data.eval_path and data.mix)",
         f"data.path={tmp_path}/bad.parquet":
-            f"{tmp_path}/bad.parquet: cannot read as Parquet (Could not open Parquet input source "
-            f"'{tmp_path}/bad.parquet': Parquet magic bytes not found in footer. Either the file is corrupted or "
-            "this is not a parquet file.)",
+            f"{tmp_path}/bad.parquet: cannot read as Parquet (Parquet magic bytes not found in footer. Either the "
+            "file is corrupted or this is not a parquet file.)",
         f"data.path={tmp_path}/bad.csv": f"{tmp_path}/bad.csv: not UTF-8 text (byte 18: invalid start byte)",
         f"data.mix=[{{path: {tmp_path}/good.parquet, weight: 1}}, {{path: {tmp_path}/good.parquet, weight: -0.2}}]":
             f"data.mix[1].weight=-0.2 (expected > 0: the share of training examples drawn from "

@@ -7,9 +7,11 @@ The planted set is ftune/assets/data/dedup (its README says what is where): trai
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from ftune.config.schema import DataCfg as _DataCfg
+from ftune.data import pipeline
 from ftune.data.dedup import (
     EVAL_EXACT,
     EVAL_NEAR,
@@ -55,10 +57,20 @@ def test_the_text_judged_leaves_out_the_system_turn_and_normalises_case_and_spac
     assert dedup_text({"text": "A  Doc"}) == "a doc"
 
 
-def test_shingles_and_jaccard():
-    assert shingles("abcdef") == {"abcde", "bcdef"}
-    assert shingles("abc") == {"abc"}
-    assert jaccard({"ab", "cd"}, {"ab", "ef"}) == pytest.approx(1 / 3)
+def test_shingles_hash_each_distinct_5gram_once_and_jaccard_counts_the_shared_ones():
+    assert len(shingles("abcdef")) == 2 and len(shingles("abc")) == 1
+    assert len(shingles("abcdeabcde")) == 5  # abcde, bcdea, cdeab, deabc, eabcd; abcde again
+    assert jaccard(shingles("abcdef"), shingles("abcdeX")) == pytest.approx(1 / 3)  # abcde shared of 3
+    assert jaccard(np.array([1, 2], np.uint64), np.array([1, 3], np.uint64)) == pytest.approx(1 / 3)
+
+
+def test_beyond_the_near_search_limit_only_exact_duplicates_are_looked_for(tokenizer, monkeypatch):
+    monkeypatch.setattr(pipeline, "NEAR_SEARCH_LIMIT", 3)
+    _, stats = tokenize_split(TRAIN, tokenizer, DataCfg(path=TRAIN, eval_path=EVAL))
+    assert stats.dedup["counts"] == {EXACT: 1, NEAR: 0, EVAL_EXACT: 1, EVAL_NEAR: 0}
+    assert (stats.dedup["records"], stats.dedup["near_searched"]) == (7, 2)  # lines 1 and 3 (2 is exact)
+    _, stats = tokenize_split(TRAIN, tokenizer, DataCfg(path=TRAIN, eval_path=EVAL, dedup="near"))
+    assert stats.dedup["counts"] == {EXACT: 1, NEAR: 1, EVAL_EXACT: 1, EVAL_NEAR: 1}  # near searches them all
 
 
 def test_exact_near_and_eval_findings_in_order_with_their_similarity():

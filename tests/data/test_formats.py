@@ -203,9 +203,8 @@ def test_unreadable_sources_are_one_line_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     (tmp_path / "dict.json").write_text('{"text": "a"}')
     cases = {
-        "bad.parquet": (DataError, f"bad.parquet: cannot read as Parquet (Could not open Parquet input source "
-                                   f"'{tmp_path}/bad.parquet': Parquet magic bytes not found in footer. Either the "
-                                   "file is corrupted or this is not a parquet file.)"),
+        "bad.parquet": (DataError, "bad.parquet: cannot read as Parquet (Parquet magic bytes not found in footer. "
+                                   "Either the file is corrupted or this is not a parquet file.)"),
         "bad.csv": (DataError, "bad.csv: not UTF-8 text (byte 5: invalid start byte)"),
         "empty.jsonl": (DataError, "empty.jsonl: no records (expected one record per line or row (.jsonl, .json, "
                                    ".parquet, .csv))"),

@@ -177,8 +177,10 @@ def test_an_opening_assistant_turn_is_refused(make_tokenizer):
         tokenize_conversation(TURNS[1:], tokenizer, resolve_template("chatml", tokenizer))
 
 
-def test_a_token_straddling_header_and_answer_is_caught(make_word_tokenizer):
-    # this vocabulary merges the newline after "assistant" into the answer's first token: "\nHello"
+@pytest.mark.parametrize("decode_check", [True, False])
+def test_a_token_straddling_header_and_answer_is_caught(decode_check, make_word_tokenizer):
+    # this vocabulary merges the newline after "assistant" into the answer's first token: "\nHello"; the span
+    # check finds the token crossing the answer's start even where the sampled decode check does not run
     tokenizer = make_word_tokenizer(
         ["<|im_start|>", "<|im_end|>"],
         ["\n", "\nHi", "\nHello", "assistant", "user"],
@@ -186,7 +188,8 @@ def test_a_token_straddling_header_and_answer_is_caught(make_word_tokenizer):
     )
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     with pytest.raises(DataError, match="merges template text"):
-        tokenize_conversation(conversation, tokenizer, resolve_template("chatml", tokenizer))
+        tokenize_conversation(conversation, tokenizer, resolve_template("chatml", tokenizer),
+                              decode_check=decode_check)
 
 
 def test_unknown_train_on_and_slow_tokenizers_are_config_errors(make_tokenizer):

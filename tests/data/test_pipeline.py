@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 
 from ftune.config.schema import DataCfg, DataSourceCfg
@@ -19,8 +20,10 @@ from ftune.data.pipeline import (
     build_train_split,
     mix,
     mix_counts,
+    mixed_stats,
     tokenize_split,
 )
+from ftune.data.store import TokenFile
 from ftune.errors import DataError
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
@@ -167,18 +170,21 @@ def test_mix_counts_take_each_share_of_the_largest_total_without_repeats(sizes, 
     assert mix_counts(sizes, weights) == counts
 
 
-def test_mix_draws_a_seeded_sample_and_merges_the_statistics():
-    a = [{"input_ids": [i, 1], "labels": [i, 1]} for i in range(4)]
-    b = [{"input_ids": [9, 9, 9], "labels": [X, 9, 9]}]
+def test_mix_draws_a_seeded_sample_and_merges_the_statistics(tmp_path):
+    a = TokenFile(tmp_path / "a", lengths=np.array([2, 3, 4, 5]), learned=np.array([1, 2, 3, 4]))
+    b = TokenFile(tmp_path / "b", lengths=np.array([3]), learned=np.array([2]))
     stats_a = SplitStats(read=5, kept=4, dropped={NOTHING_TO_LEARN: 1}, sources=[{"path": "a", "examples": 4}])
     stats_b = SplitStats(read=1, kept=1, truncated=1, sources=[{"path": "b", "examples": 1}])
-    mixed, stats = mix([(a, stats_a), (b, stats_b)], [0.5, 0.5], seed=0)
-    assert mixed == mix([(a, stats_a), (b, stats_b)], [0.5, 0.5], seed=0)[0]  # deterministic
-    assert len(mixed) == 2 and mixed[0] in a and mixed[1] == b[0]
-    assert (stats.read, stats.kept, stats.truncated, stats.tokens, stats.learned_tokens) == (6, 2, 1, 5, 3)
+    drawn = mix([4, 1], [0.5, 0.5], seed=0)
+    assert [d.tolist() for d in drawn] == [d.tolist() for d in mix([4, 1], [0.5, 0.5], seed=0)]  # deterministic
+    assert len(drawn[0]) == 1 and drawn[1].tolist() == [0]
+    stats = mixed_stats([stats_a, stats_b], [a, b], drawn, [0.5, 0.5])
+    first = int(drawn[0][0])
+    assert (stats.read, stats.kept, stats.truncated) == (6, 2, 1)
+    assert (stats.tokens, stats.learned_tokens) == (a.lengths[first] + 3, a.learned[first] + 2)
     assert stats.dropped == {NOTHING_TO_LEARN: 1, LEFT_OUT_BY_MIX: 3}
     assert [(s["weight"], s["drawn"]) for s in stats.sources] == [(0.5, 1), (0.5, 1)]
-    seeds = {tuple(mix([(a, stats_a), (b, stats_b)], [0.5, 0.5], seed)[0][0]["input_ids"]) for seed in range(20)}
+    seeds = {int(mix([4, 1], [0.5, 0.5], seed)[0][0]) for seed in range(20)}
     assert len(seeds) > 1  # the seed decides which examples are drawn
 
 
@@ -269,3 +275,17 @@ def test_a_jsonl_saved_with_a_byte_order_mark_and_crlf_builds_the_same_rows(toke
     split = build_split(str(windows), tokenizer, cfg(str(windows)))
     assert split.rows.to_list() == build_split(plain, tokenizer, cfg(plain)).rows.to_list()
     assert split.rows.to_list() == [{"input_ids": CHAT_IDS, "labels": CHAT_LABELS}] * 2
+
+
+@pytest.mark.parametrize(("check", "decoded"), [("sample", 2), ("all", 20)])
+def test_check_labels_sample_decodes_every_16th_record_and_all_decodes_each(check, decoded, tokenizer, tmp_path,
+                                                                           monkeypatch):
+    from ftune.data import labels
+
+    calls = []
+    check_learned_text = labels._check_learned_text
+    monkeypatch.setattr(labels, "_check_learned_text", lambda *args: calls.append(1) or check_learned_text(*args))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": HI_HELLO}] * 20)
+    examples, _ = tokenize_split(path, tokenizer, cfg(path, check_labels=check, num_proc=1))
+    assert examples == [{"input_ids": CHAT_IDS, "labels": CHAT_LABELS}] * 20
+    assert len(calls) == decoded  # records 0 and 16 with a sample

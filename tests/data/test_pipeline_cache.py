@@ -38,13 +38,13 @@ def wait_for_both(tag):
             sys.exit(f"the other builder never reached {tag!r}")
         time.sleep(0.01)
 
-tokenize_split = pipeline.tokenize_split
+tokenize_source = pipeline.tokenize_source
 
 def tokenize_once_both_missed(*args, **kwargs):
     wait_for_both("missed")  # build_rows tokenizes only after a cache miss: now both build and publish
-    return tokenize_split(*args, **kwargs)
+    return tokenize_source(*args, **kwargs)
 
-pipeline.tokenize_split = tokenize_once_both_missed
+pipeline.tokenize_source = tokenize_once_both_missed
 tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 split = pipeline.build_split(data, tokenizer, DataCfg(path=data, eval_path=None))
 print(json.dumps({"from_cache": split.from_cache, "rows": split.rows.to_list()}))
@@ -143,3 +143,48 @@ def test_the_test_session_has_its_own_cache_and_subprocesses_inherit_it():
     child = subprocess.run([sys.executable, "-c", "from ftune.cache import cache_dir; print(cache_dir('data'))"],
                            capture_output=True, text=True, check=True)
     assert Path(child.stdout.strip()) == root / "data"
+
+
+KILLED_BUILDER = """
+import os, signal, sys
+from transformers import AutoTokenizer
+from ftune.config.schema import DataCfg
+from ftune.data import pipeline
+
+data, tokenizer_dir = sys.argv[1:]
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)  # after every record is tokenized, before the rows are written
+
+pipeline.write_rows = killed
+pipeline.build_split(data, AutoTokenizer.from_pretrained(tokenizer_dir), DataCfg(path=data, eval_path=None))
+"""
+
+
+def test_a_build_killed_halfway_leaves_no_entry_and_cache_clear_removes_what_it_left(tmp_path, monkeypatch, capsys,
+                                                                                    tiny_model_path):
+    from transformers import AutoTokenizer
+
+    from ftune.cli import main
+
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": HI_HELLO}] * 5)
+    monkeypatch.setenv("FTUNE_CACHE", str(tmp_path / "cache"))
+    killed = subprocess.run([sys.executable, "-c", KILLED_BUILDER, data, str(tiny_model_path)], capture_output=True,
+                            text=True, env={**os.environ}, timeout=BUILDER_TIMEOUT_S)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert main(["data", "--cache-info", "--json"]) == 0
+    [left] = json.loads(capsys.readouterr().out)["entries"]
+    assert left["entry"].startswith(STAGING_PREFIX) and left["state"].startswith("incomplete") and left["mib"] >= 0
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    split = pipeline.build_split(data, tokenizer, DataCfg(path=data, eval_path=None))
+    assert (split.from_cache, len(split.rows)) == (False, 5)  # the half-built staging directory was never read
+    assert main(["data", "--cache-info", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)["entries"]
+    complete = [entry for entry in entries if entry["state"] == "complete"]
+    assert len(entries) == 2 and len(complete) == 1
+    assert complete[0]["sources"] == [data] and complete[0]["rows"] == 5 and complete[0]["settings"]["packing"] is False
+
+    assert main(["data", "--cache-clear"]) == 0
+    assert "removed 2 entries" in capsys.readouterr().err
+    assert list((tmp_path / "cache" / "data").iterdir()) == []

@@ -1,10 +1,12 @@
 import random
 
+import numpy as np
 import pytest
+import torch
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 
-from ftune.data.sampler import LengthGroupedSampler
+from ftune.data.sampler import LengthGroupedSampler, length_grouped_indices
 
 RNG = random.Random(0)
 LENGTHS = [RNG.randint(5, 200) for _ in range(400)]
@@ -43,3 +45,15 @@ def test_accelerate_passes_set_epoch_through_to_the_sampler():
         expected = LengthGroupedSampler(LENGTHS, batch_size=4, seed=0)
         expected.set_epoch(epoch)
         assert [int(i) for batch in loader for i in batch] == list(expected)
+
+
+@pytest.mark.parametrize("count, batch_size", [(400, 4), (37, 8), (5, 4), (1000, 1)])
+def test_the_numpy_order_is_transformers_length_grouped_order(count, batch_size):
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    lengths = np.array([RNG.randint(1, 50) for _ in range(count)])  # many ties: the sort must be stable
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        expected = get_length_grouped_indices(lengths.tolist(), batch_size, generator=generator)
+        ours = length_grouped_indices(lengths, batch_size, torch.Generator().manual_seed(seed))
+        assert ours.tolist() == expected
