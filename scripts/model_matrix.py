@@ -23,7 +23,7 @@ from ftune.config.architecture import NO_SDPA, is_mixture_of_experts, sliding_la
 from ftune.config.compose import load_run_config
 from ftune.data.collate import PackedCollator
 from ftune.data.mask import IGNORE_INDEX
-from ftune.data.packing import concatenate
+from ftune.data.packing import pack
 from ftune.model.load import count_parameters, load_base_model, load_tokenizer, prepare_model
 from ftune.model.meta import build_meta_model
 
@@ -103,7 +103,8 @@ def packed_and_unpacked(model, tokenizer, attn: str) -> tuple[float, float]:
     with torch.no_grad():
         alone = sum(loss_sum(model, {"input_ids": torch.tensor([d["input_ids"]])}, torch.tensor([d["labels"]]))
                     for d in docs)
-        batch = PackedCollator(tokenizer.pad_token_id, attn, pad_to_multiple_of=8)([concatenate(docs)])
+        (row,) = pack(docs, max_length=sum(len(d["input_ids"]) for d in docs))  # all of them in one row
+        batch = PackedCollator(tokenizer.pad_token_id, attn, pad_to_multiple_of=8)([row])
         packed = loss_sum(model, {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")},
                           batch["labels"])
     return packed.item(), alone.item()
