@@ -119,7 +119,8 @@ def shuffled(items: Iterable, size: int, rng: random.Random) -> Iterator:
     """`items` shuffled within a buffer of `size` (0: in order); the buffer is all that is held.
 
     The buffer fills first; then each item read takes the place of one drawn at random, which goes out, and at
-    the end the rest go out in random order. An item moves forward at most `size` places, back any distance.
+    the end the rest go out in random order. An item comes out at most `size` places before its place in `items`,
+    and any number of places after it.
 
     Example, size 2: a b c d -> buffer [a, b]; c takes (say) b's place: b; d takes a's: a; then d, c or c, d.
     """
@@ -229,8 +230,9 @@ class TrainingStream:
         for batch in map(functools.partial(tokenize_batch, self.context), numbered_batches(mine)):
             sink, known = ExampleSink(), set(self.first_errors)
             keep_batch(batch, NoDuplicateCheck(), self.cfg, self.stats, self.first_errors, sink)
-            for reason in self.first_errors.keys() - known:
-                say(f"data: {self.cfg.path}: skipping records ({reason}); the first: {self.first_errors[reason]}")
+            for reason, first in self.first_errors.items():
+                if reason not in known:
+                    say(f"data: {self.cfg.path}: skipping records ({reason}); the first: {first}")
             yield from sink.examples
 
 
