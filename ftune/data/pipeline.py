@@ -49,8 +49,8 @@ STATS_FILE = "stats.json"
 NOT_SHAPING_ROWS = ("path", "eval_path", "mix", "pad_to_multiple_of", "group_by_length", "num_proc", "streaming",
                     "shuffle_buffer")
 """DataCfg fields left out of the settings part of the cache key: sources are keyed by content, padding and
-batch order are decided per batch, the number of workers does not change the rows, and a streamed training
-set is never cached (the held-out split it evaluates on is the same rows)."""
+batch order are decided per batch, the number of workers does not change the rows, and streaming only says
+how the training data is read (a streamed run caches its held-out split, whose rows it does not change)."""
 
 NOTHING_TO_LEARN = "no learned token left after truncation"
 LEFT_OUT_BY_MIX = "left out by the data.mix weights"
