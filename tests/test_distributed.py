@@ -88,3 +88,18 @@ def test_replicas_stay_identical_and_match_the_saved_adapter(rank_weights):
     held = {name.replace(".default", ""): weight for name, weight in rank0.items()}
     assert final.keys() == held.keys()
     assert all(torch.equal(final[name], held[name]) for name in final)  # final/ holds what every rank holds
+
+
+def test_two_processes_train_on_a_stream(tmp_path, cache):
+    """Each process streams its own share and the run ends: both take the same micro-batches per step.
+
+    The shares' disjointness is tested in tests/data/test_stream.py; here the collective calls of every step
+    must pair up between the two streams, or the run would hang.
+    """
+    run_dir = tmp_path / "stream"
+    result = launch(["-m", "ftune", "train", "data.streaming=true", "data.packing=true", "data.shuffle_buffer=64"],
+                    run_dir, cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r and "eval_loss" not in r] == list(range(1, 9))
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8

@@ -2,6 +2,7 @@
 
     ftune data recipe=tiny_lora                               statistics and the first 3 examples
     ftune data recipe=tiny_lora data.packing=true n=5 out=rows.jsonl
+    ftune data recipe=tiny_lora data.streaming=true trainer.max_steps=9   the first 3 rows of the stream
     ftune data --cache-info                                   the data cache: entries, sizes, what made them
     ftune data --cache-clear                                  remove them
 
@@ -64,6 +65,8 @@ def run(args) -> int:
     out = Path(own["out"]) if own.get("out") else None
     if out is not None and not out.parent.is_dir():
         raise ResourceError(f"out={out}: no such directory {out.parent}", "create it, or write elsewhere")
+    if cfg.data.streaming:
+        return preview_stream(cfg, count, out, args.json)
     tokenizer, split, loader, seconds = build_train_data(cfg)
     report = summarize(split, seconds, batch_fill(loader, split.lengths, cfg.data.pad_to_multiple_of), cfg)
     if args.json:
@@ -120,6 +123,28 @@ def build_train_data(cfg):
     loader = build_loader(split, tokenizer, cfg.data, cfg.model.attn_implementation, cfg.trainer.micro_batch_size,
                           shuffle=True, seed=cfg.seed)
     return tokenizer, split, loader, seconds
+
+
+def preview_stream(cfg, count: int, out: Path | None, as_json: bool) -> int:
+    """With `data.streaming=true`: the first `count` streamed rows, as the first process trains on them.
+
+    A stream builds no rows and no statistics before training reads it, so there is nothing to count or write.
+
+    Raises:
+        ConfigError: `out=` or `--json`, which need the rows built.
+    """
+    from ftune.data.stream import open_stream
+    from ftune.model.load import load_tokenizer
+
+    if out is not None or as_json:
+        raise ConfigError("data.streaming=true builds no rows to write or count (expected neither out= nor --json, "
+                          "or data.streaming=false to build and report them)")
+    tokenizer = load_tokenizer(cfg.model)
+    stream = open_stream(tokenizer, cfg.data, cfg.seed, cfg.trainer.micro_batch_size)
+    console.print(f"data.streaming=true: no cache and no statistics; the first {count} rows of the stream of "
+                  f"{cfg.data.path}", markup=False, highlight=False, soft_wrap=True)
+    show_examples(list(itertools.islice(stream, count)), tokenizer, count, explain_examples(cfg.data, tokenizer, count))
+    return 0
 
 
 def parse_count(value: str) -> int:

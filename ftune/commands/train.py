@@ -17,12 +17,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, is_initialized
 from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from ftune.config.compose import expand_sweep, load_run_config
 from ftune.config.schema import RunCfg
 from ftune.config.validate import advisories
 from ftune.data.dedup import overlap_warning
-from ftune.data.pipeline import build_loader, build_split, build_train_split
+from ftune.data.pipeline import SplitStats, build_loader, build_split, build_train_split
+from ftune.data.stream import build_stream_loader
 from ftune.data.templates import resolve_template
 from ftune.errors import ConfigError, FtuneError
 from ftune.eval.generation import GENERATIONS_FILE, Sampler, held_out_conversations
@@ -124,14 +126,13 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
 
     tokenizer = load_tokenizer(cfg.model)
     with one_builder_per_disk(accelerator):
-        loaders, stats = build_loaders(cfg, tokenizer)
+        loaders, stats = build_loaders(cfg, tokenizer, accelerator)
     probe_tasks = load_tasks(cfg.probe.tasks, cfg.probe.task_dir, "probe.tasks") if cfg.probe.tasks else None
     teacher = load_teacher(cfg)  # None unless distilling; checks the vocabularies match first
     model = prepare_model(cfg)
     optimizer = build_optimizer(model, cfg.optim)
-    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *[v for v in loaders.values() if v])
-    loaders = dict(zip([k for k, v in loaders.items() if v], prepared, strict=True))
-    total_steps = optimizer_steps(cfg.trainer, len(loaders["train"]))
+    model, optimizer, loaders = prepare(accelerator, model, optimizer, loaders)
+    total_steps = optimizer_steps(cfg.trainer, loaders["train"])
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     accelerator.register_for_checkpointing(scheduler)
     save_trainable_weights_only(accelerator)
@@ -204,22 +205,47 @@ def one_builder_per_disk(accelerator: Accelerator) -> Iterator[None]:
 
 
 
-def build_loaders(cfg: RunCfg, tokenizer) -> tuple[dict, dict]:
+def build_loaders(cfg: RunCfg, tokenizer, accelerator: Accelerator) -> tuple[dict, dict]:
     """Train, eval and probe loaders (eval and probe None when not configured) and the data statistics."""
-    batch = cfg.trainer.micro_batch_size
+    batch, attn = cfg.trainer.micro_batch_size, cfg.model.attn_implementation
+    train, train_stats = build_train_loader(cfg, tokenizer, accelerator)
+    held_out = build_split(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
+    loaders = {
+        "train": train,
+        "eval": build_loader(held_out, tokenizer, cfg.data, attn, batch, shuffle=False) if held_out else None,
+        "probe": build_probe_loader(cfg.probe, tokenizer, batch) if cfg.probe.path else None,
+    }
+    return loaders, {"train": train_stats, "eval": held_out.stats if held_out else None}
+
+
+def build_train_loader(cfg: RunCfg, tokenizer, accelerator: Accelerator) -> tuple[object, SplitStats | None]:
+    """The training loader and its statistics.
+
+    Rows built whole (or read from the cache), or with `data.streaming` this process's share of a stream, which
+    has no statistics before it is read.
+    """
+    batch, attn = cfg.trainer.micro_batch_size, cfg.model.attn_implementation
+    if cfg.data.streaming:
+        return build_stream_loader(tokenizer, cfg.data, attn, batch, cfg.seed, accelerator.process_index,
+                                   accelerator.num_processes, accelerator.device), None
     train = build_train_split(tokenizer, cfg.data, cfg.seed)
     warning = overlap_warning(train.stats.dedup, cfg.data.eval_path)
     if warning:
         console.print(warning, style="bold red", markup=False, highlight=False, soft_wrap=True)
-    held_out = build_split(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
-    attn = cfg.model.attn_implementation
-    loaders = {
-        "train": build_loader(train, tokenizer, cfg.data, attn, batch, shuffle=True, workers=cfg.trainer.num_workers,
-                              seed=cfg.seed),
-        "eval": build_loader(held_out, tokenizer, cfg.data, attn, batch, shuffle=False) if held_out else None,
-        "probe": build_probe_loader(cfg.probe, tokenizer, batch) if cfg.probe.path else None,
-    }
-    return loaders, {"train": train.stats, "eval": held_out.stats if held_out else None}
+    loader = build_loader(train, tokenizer, cfg.data, attn, batch, shuffle=True, workers=cfg.trainer.num_workers,
+                          seed=cfg.seed)
+    return loader, train.stats
+
+
+def prepare(accelerator: Accelerator, model, optimizer, loaders: dict) -> tuple[object, object, dict]:
+    """Model, optimizer and DataLoaders prepared by accelerate; a stream's loader is left as it is.
+
+    accelerate would split a stream again between the processes and skip a resumed position by collating every
+    batch; a `StreamLoader` is already this process's share on its device (`ftune.data.stream`).
+    """
+    prepared_keys = [key for key, loader in loaders.items() if isinstance(loader, DataLoader)]
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *(loaders[key] for key in prepared_keys))
+    return model, optimizer, loaders | dict(zip(prepared_keys, prepared, strict=True))
 
 
 def build_task_probe(cfg: RunCfg, tasks: dict | None, tokenizer, model, state: TrainState) -> TaskProbe | None:
@@ -269,9 +295,10 @@ def describe_run(run: TrainRun, stats: dict) -> dict:
     """The table printed before the first step."""
     total, trainable = count_parameters(run.accelerator.unwrap_model(run.model))
     train, held_out = stats["train"], stats["eval"]
+    streamed = train is None  # data.streaming: counted only as the stream is read
     return {
-        "examples (train / eval)": f"{train.kept} / {held_out.kept if held_out else 0}",
-        "truncated / dropped": f"{train.truncated} / {sum(train.dropped.values())}",
+        "examples (train / eval)": f"{'streamed' if streamed else train.kept} / {held_out.kept if held_out else 0}",
+        "truncated / dropped": "streamed" if streamed else f"{train.truncated} / {sum(train.dropped.values())}",
         "parameters (trainable / total)": f"{trainable:,} / {total:,} ({100 * trainable / total:.2f}%)",
         "optimizer steps": f"{run.total_steps} (from step {run.state.step})",
         "base probe ppl": run.state.base_probe_ppl,

@@ -137,6 +137,13 @@ class DataCfg:
     check_labels: str = choice("sample", "all")
     """Every learned span is checked against token boundaries; `sample` also decodes the learned tokens of every
     16th record (and of any span a token straddles) and compares them with the text, `all` decodes every record."""
+    streaming: bool = False
+    """Read the training data lazily and tokenize, shuffle and pack it while training, for sets that do not fit in
+    memory or on disk: no cache, no statistics up front; needs trainer.max_steps (see ftune.data.stream). Held-out
+    data is built as usual."""
+    shuffle_buffer: int = bounded(10000, 0)
+    """Streaming: examples held by the buffer that shuffles the stream, reshuffled each pass from `seed`; 0 keeps
+    the source's order. It holds up to this many examples of at most max_length tokens (8 bytes a token)."""
 
 
 @dataclass

@@ -195,6 +195,27 @@ def check_data_sources(cfg: RunCfg) -> list[str]:
     return problems
 
 
+def check_streaming(cfg: RunCfg) -> list[str]:
+    """What a stream cannot do: know its length (for epochs), or see all records at once (for dedup and mix)."""
+    data, trainer = cfg.data, cfg.trainer
+    if not data.streaming:
+        return []
+    problems = []
+    if trainer.max_steps <= 0:
+        problems.append(f"data.streaming=true with trainer.max_steps={trainer.max_steps} (expected a positive number "
+                        "of steps: a stream's length is unknown until it ends, so trainer.epochs cannot be counted)")
+    if data.mix:
+        problems.append("data.mix with data.streaming=true (expected data.path alone: mixing by weight needs each "
+                        "source's size before the first step)")
+    if data.dedup != "none":
+        problems.append(f"data.dedup={data.dedup} with data.streaming=true (expected none: finding duplicates "
+                        "keeps a hash of every record, which a stream does not)")
+    if trainer.num_workers:
+        problems.append(f"trainer.num_workers={trainer.num_workers} with data.streaming=true (expected 0: the stream "
+                        "is read and tokenized in the training process)")
+    return problems
+
+
 def check_deepspeed_accumulation(cfg: RunCfg) -> list[str]:
     """DeepSpeed with accumulation is refused: it would silently step on every micro-batch.
 
@@ -280,6 +301,7 @@ CROSS_FIELD_RULES: list[Callable[[RunCfg], list[str]]] = [
     check_mixed_precision,
     check_early_stop,
     check_data_sources,
+    check_streaming,
     check_deepspeed_accumulation,
     check_architecture,
 ]

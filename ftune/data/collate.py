@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ftune.config.schema import DataCfg
 from ftune.data.mask import IGNORE_INDEX
 from ftune.data.packing import block_causal_mask
 
@@ -67,3 +68,10 @@ class PackedCollator:
             dtype = None if self.attn_implementation == "sdpa" else self.mask_dtype
             batch["attention_mask"] = block_causal_mask([row["seq_lens"] for row in rows], width, dtype)
         return batch
+
+
+def build_collator(cfg: DataCfg, pad_token_id: int, attn_implementation: str) -> PadCollator | PackedCollator:
+    """The collator for rows as `data.packing` shapes them: packed with their document masks, or padded."""
+    if cfg.packing:
+        return PackedCollator(pad_token_id, attn_implementation, pad_to_multiple_of=cfg.pad_to_multiple_of)
+    return PadCollator(pad_token_id, cfg.pad_to_multiple_of)

@@ -28,7 +28,7 @@ from ftune.atomic import atomic_dir
 from ftune.cache import ABOUT_FILE, cache_dir, files_fingerprint, fingerprint
 from ftune.config.schema import DataCfg, DataSourceCfg
 from ftune.data.batches import BatchContext, TokenizedBatch, numbered_batches, tokenize_batch
-from ftune.data.collate import PackedCollator, PadCollator
+from ftune.data.collate import build_collator
 from ftune.data.dedup import NEAR_SEARCH_LIMIT, REMOVED_BY, DuplicateFinder, held_out_records, merge_reports, report
 from ftune.data.formats import RecordError, iter_source, resolve_format, source_signature
 from ftune.data.sampler import LengthGroupedSampler
@@ -46,9 +46,11 @@ per batch, on rows already cached, and workers.py only runs batches, so changing
 STATS_FILE = "stats.json"
 """A cache entry's statistics, beside its rows; written last, so its presence marks a complete entry."""
 
-NOT_SHAPING_ROWS = ("path", "eval_path", "mix", "pad_to_multiple_of", "group_by_length", "num_proc")
+NOT_SHAPING_ROWS = ("path", "eval_path", "mix", "pad_to_multiple_of", "group_by_length", "num_proc", "streaming",
+                    "shuffle_buffer")
 """DataCfg fields left out of the settings part of the cache key: sources are keyed by content, padding and
-batch order are decided per batch, and the number of workers does not change the rows."""
+batch order are decided per batch, the number of workers does not change the rows, and streaming only says
+how the training data is read (a streamed run caches its held-out split, whose rows it does not change)."""
 
 NOTHING_TO_LEARN = "no learned token left after truncation"
 LEFT_OUT_BY_MIX = "left out by the data.mix weights"
@@ -385,11 +387,7 @@ def build_loader(split: Split, tokenizer, cfg: DataCfg, attn_implementation: str
 
     Shuffled loaders with `data.group_by_length` (and no packing) draw similar lengths together, seeded by `seed`.
     """
-    collate = (
-        PackedCollator(tokenizer.pad_token_id, attn_implementation, pad_to_multiple_of=cfg.pad_to_multiple_of)
-        if cfg.packing
-        else PadCollator(tokenizer.pad_token_id, cfg.pad_to_multiple_of)
-    )
+    collate = build_collator(cfg, tokenizer.pad_token_id, attn_implementation)
     sampler = None
     if shuffle and cfg.group_by_length and not cfg.packing:
         sampler, shuffle = LengthGroupedSampler(split.lengths, batch_size, seed), False

@@ -45,6 +45,7 @@ class TrainRun:
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
     train_loader: DataLoader
+    """A prepared DataLoader, or with `data.streaming` a `ftune.data.stream.StreamLoader`."""
     eval_loader: DataLoader | None
     probe_loader: DataLoader | None
     cfg: TrainerCfg
@@ -106,18 +107,31 @@ def step_batches(run: TrainRun, epochs: int | None):
     """Yield the micro-batches of each optimizer step, epoch after epoch, from where `run.state` left off.
 
     A step never spans two epochs: the last one of an epoch may have fewer micro-batches, which the
-    per-token loss normalisation handles exactly. `run.state` tracks the position for exact resume.
+    per-token loss normalisation handles exactly. `run.state` tracks the position for exact resume. A stream
+    (`data.streaming`) never ends, so its epoch stays 0 and `batch_in_epoch` counts every micro-batch taken.
     """
-    state, acc, loader = run.state, run.accelerator, run.train_loader
+    state, loader = run.state, run.train_loader
     while epochs is None or state.epoch < epochs:
         loader.set_epoch(state.epoch)  # the seedable sampler shuffles by (seed, epoch)
-        source = acc.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        batches = iter(source)
+        batches = iter(resume_within_epoch(run.accelerator, loader, state.batch_in_epoch))
         while group := list(itertools.islice(batches, run.cfg.grad_accum)):
             state.batch_in_epoch += len(group)
             yield group
         state.epoch += 1
         state.batch_in_epoch = 0
+
+
+def resume_within_epoch(acc: Accelerator, loader, taken: int):
+    """The loader from micro-batch `taken` of the epoch on.
+
+    accelerate skips a DataLoader's sampled indices; a stream has none to skip, so it replays its rows and
+    drops the ones already trained on itself (`skip_first_batches` of `ftune.data.stream.StreamLoader`).
+    """
+    if not taken:
+        return loader
+    if hasattr(loader, "skip_first_batches"):
+        return loader.skip_first_batches(taken)
+    return acc.skip_first_batches(loader, taken)
 
 
 def forward_backward(run: TrainRun, batches: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -256,7 +270,12 @@ def restore_best(run: TrainRun) -> int:
 
 
 def epochs_done(run: TrainRun) -> float:
-    """Passes over the training data so far, fractional (2.0 after exactly two epochs)."""
+    """Passes over the training data so far, fractional (2.0 after exactly two epochs).
+
+    A stream's length is unknown to the loop, so it counts its own passes (`ftune.data.stream`).
+    """
+    if hasattr(run.train_loader, "passes"):
+        return run.train_loader.passes
     return run.state.epoch + run.state.batch_in_epoch / max(1, len(run.train_loader))
 
 

@@ -19,11 +19,14 @@ LORA_B = "lora_B."
 """Marks the B (up-projection) matrices of PEFT's LoRA layers in parameter names."""
 
 
-def optimizer_steps(cfg: TrainerCfg, micro_batches_per_epoch: int) -> int:
-    """Optimizer steps the run takes: `max_steps`, or `epochs` passes (a short last step per epoch counts)."""
+def optimizer_steps(cfg: TrainerCfg, train_loader) -> int:
+    """Optimizer steps the run takes: `max_steps`, or `epochs` passes (a short last step per epoch counts).
+
+    A stream has no length, which is why `data.streaming` needs `max_steps`.
+    """
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return cfg.epochs * math.ceil(micro_batches_per_epoch / cfg.grad_accum)
+    return cfg.epochs * math.ceil(len(train_loader) / cfg.grad_accum)
 
 
 def param_groups(model: torch.nn.Module, cfg: OptimCfg) -> list[dict]:

@@ -69,6 +69,18 @@ def test_rows_written_are_what_the_model_learns(tmp_path, capsys, tokenizer):
         assert label in err, label
 
 
+def test_streaming_previews_the_first_streamed_rows_and_builds_nothing(tmp_path, capsys):
+    data = write_lines(tmp_path / "chat.jsonl", [TWO_TURNS, ONE_TURN])
+    streaming = (f"data.path={data}", "data.streaming=true", "trainer.max_steps=9")
+    code, _, err = run_data(capsys, *streaming, "data.shuffle_buffer=0", "n=2")
+    assert code == 0
+    assert f"data.streaming=true: no cache and no statistics; the first 2 rows of the stream of {data}" in err
+    assert "row 1, document 0" in err and "⟦Hello.<|im_end|>⟧" in err and "examples read / kept" not in err
+    assert not (tmp_path / "cache").exists()
+    code, _, err = run_data(capsys, *streaming, f"out={tmp_path / 'rows.jsonl'}")
+    assert code == 2 and "ftune: error: data.streaming=true builds no rows to write or count" in err
+
+
 def test_packed_rows_restart_positions_per_document(tmp_path, capsys, tokenizer):
     data, out = write_lines(tmp_path / "chat.jsonl", [TWO_TURNS, ONE_TURN]), tmp_path / "rows.jsonl"
     code, _, err = run_data(capsys, f"data.path={data}", "data.packing=true", "n=3", f"out={out}")

@@ -80,3 +80,16 @@ def test_choices_come_from_the_registry_that_implements_them(key, registry, monk
     assert "is not allowed" in problems(f"{key}=newcomer")
     monkeypatch.setitem(getattr(importlib.import_module(module), name), "newcomer", None)
     assert getattr(getattr(load_run_config([f"{key}=newcomer"])[0], key.split(".")[0]), key.split(".")[1]) == "newcomer"
+
+
+def test_streaming_needs_max_steps_and_refuses_what_a_stream_cannot_do():
+    assert problems("data.streaming=true") == (
+        "data.streaming=true with trainer.max_steps=-1 (expected a positive number of steps: a stream's length is "
+        "unknown until it ends, so trainer.epochs cannot be counted)")
+    line = problems("data.streaming=true", "trainer.max_steps=10", "data.dedup=exact", "trainer.num_workers=2",
+                    "data.mix=[{path: a.jsonl}]")
+    assert "data.mix with data.streaming=true (expected data.path alone" in line
+    assert "data.dedup=exact with data.streaming=true (expected none" in line
+    assert "trainer.num_workers=2 with data.streaming=true (expected 0" in line
+    streaming, _ = load_run_config(["data.streaming=true", "trainer.max_steps=10", "data.packing=true"])
+    assert streaming.data.shuffle_buffer == 10000

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftune.cli import main
+from ftune.config.compose import load_run_config
 
 SHORT = ["recipe=tiny_lora", "trainer.micro_batch_size=4", "trainer.eval_every=0", "trainer.mixed_precision=no"]
 
@@ -63,6 +64,31 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run(tmp_path)
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
     assert summary(killed)["steps"] == 40
+
+
+@pytest.mark.slow
+def test_streaming_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run(tmp_path):
+    """The stream's position is the micro-batches taken; a killed run replays the stream to it (several passes in)."""
+    source = tmp_path / "chat.jsonl"  # 60 conversations: about 7 packed micro-batches a pass
+    source.write_text("".join(Path(load_run_config([])[0].data.path).read_text().splitlines(keepends=True)[:60]))
+    run = [*SHORT, f"data.path={source}", "data.streaming=true", "data.packing=true", "data.max_length=256",
+           "data.shuffle_buffer=16", "trainer.max_steps=24", "trainer.save_every=8", "trainer.grad_accum=2"]
+    straight = tmp_path / "straight"
+    assert main(["train", *run, f"output_dir={straight}"]) == 0
+
+    killed = tmp_path / "killed"
+    process = start_train(*run, f"output_dir={killed}")
+    wait_for(killed / "checkpoints" / "step-8" / "train_state.json", process)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (killed / "final").exists()
+    assert main(["train", *run, f"output_dir={killed}", "resume=auto"]) == 0
+
+    expected, resumed = adapter(straight), adapter(killed)
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert summary(killed)["steps"] == 24 and summary(killed)["epochs"] > 2  # the kill fell in a later pass
 
 
 @pytest.mark.slow
