@@ -7,8 +7,8 @@ prompts exactly as training did. Where an official template would quietly render
 turn, print a role the model never saw), ours raises instead. Each file opens with a Jinja comment (which
 renders nothing) saying which official template it reproduces and where it deliberately differs.
 
-Rendering goes through `tokenizer.apply_chat_template(..., chat_template=jinja, tokenize=False)`, which
-matters for the Jinja sources:
+Rendering is what `tokenizer.apply_chat_template(..., chat_template=jinja, tokenize=False)` does (transformers'
+compiled template and context, called directly: see `compiled`), which matters for the Jinja sources:
 - transformers compiles templates with `trim_blocks=True, lstrip_blocks=True`, so the multi-line sources
   render no stray newlines as long as every tag strips with `-`;
 - the tokenizer's named special tokens (`bos_token`, `eos_token`, ...) are in the Jinja context, but a token
@@ -53,7 +53,7 @@ class ChatTemplate:
 
     Attributes:
         name: the registry name, or "tokenizer" for the tokenizer's own template.
-        jinja: Jinja source rendered by transformers' `apply_chat_template`.
+        jinja: Jinja source, rendered as transformers renders chat templates.
         end_of_turn: the text the model emits after each assistant turn; it is learned with the turn so that
             the fine-tuned model stops. `EOS_FROM_TOKENIZER` in the registry, the EOS text once resolved.
         model_ids: documentation only: public model ids whose official template this one matches.
@@ -159,12 +159,9 @@ def render(
     """
     _check_messages(messages)
     try:
-        return tokenizer.apply_chat_template(
-            [{key: value for key, value in message.items() if key != "train"} for message in messages],
-            tools=tools or None,
-            chat_template=template.jinja,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
+        return compiled(template.jinja).render(
+            messages=[template_message(message) for message in messages], tools=tools or None, documents=None,
+            add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map,
         )
     except jinja2.TemplateSyntaxError as err:
         raise ConfigError(f"chat template {template.name!r} is not valid Jinja: {err}") from None
@@ -174,6 +171,32 @@ def render(
             f"chat template {template.name!r} cannot render a {roles} conversation: {err}",
             "fix the conversation, or pick a template that allows it with data.chat_template",
         ) from None
+
+
+def compiled(jinja: str) -> jinja2.Template:
+    """`jinja` compiled as transformers compiles chat templates (sandbox, trim_blocks, its filters), cached.
+
+    `render` calls the compiled template with the context `apply_chat_template(..., tokenize=False)` builds, not
+    through it: for ftune's canonical messages (plain JSON from `ftune.data.messages`) its per-call work (turning
+    message objects into dicts twice, copying every value into plain types) cost three times the Jinja
+    rendering, and labels render each learned turn twice. transformers has no public entry point below
+    `apply_chat_template`, hence its private compiler, whose cache `apply_chat_template` shares;
+    `tests/data/test_templates.py` pins the result to `apply_chat_template`'s for every registry template.
+    """
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return _compile_jinja_template(jinja)
+
+
+def template_message(message: dict) -> dict:
+    """A canonical message as `apply_chat_template` hands it to a template.
+
+    Without ftune's own `train` flag and without None values, and with the reasoning also under `thinking`
+    (transformers' alias, which gpt-oss templates read).
+    """
+    plain = {key: value for key, value in message.items() if key != "train" and value is not None}
+    reasoning = plain.get("reasoning_content")
+    return {"thinking": reasoning, **plain, "reasoning_content": reasoning} if reasoning is not None else plain
 
 
 def _check_messages(messages: list[dict]) -> None:

@@ -221,3 +221,16 @@ def test_text_without_a_separator_token_is_a_config_error(make_word_tokenizer):
     tokenizer = make_word_tokenizer(["<s>"], ["Hi"], bos="<s>")
     with pytest.raises(ConfigError, match="document separator"):
         tokenize_text("Hi", tokenizer)
+
+
+@pytest.mark.parametrize("configure", [
+    lambda backend: backend.enable_truncation(max_length=4),
+    lambda backend: backend.enable_padding(length=64),
+])
+def test_a_tokenizer_configured_to_truncate_or_pad_labels_as_a_plain_one(configure, make_tokenizer):
+    """Labels encode through the `tokenizers` backend only where the tokenizer's own call would do the same."""
+    plain, configured = make_tokenizer("chatml"), make_tokenizer("chatml")
+    configure(configured.backend_tokenizer)
+    template = resolve_template("chatml", plain)
+    expected = tokenize_conversation([SYSTEM, *TURNS], plain, template)
+    assert tokenize_conversation([SYSTEM, *TURNS], configured, template) == expected

@@ -293,3 +293,29 @@ def test_malformed_messages_raise_data_error(message, make_tokenizer):
     tokenizer = make_tokenizer("chatml")
     with pytest.raises(DataError, match=r"messages\[0\]"):
         render(resolve_template("chatml", tokenizer), [message], tokenizer)
+
+
+TOOL_CALL = [
+    {"role": "user", "content": "Is it raining in Oslo?"},
+    {"role": "assistant", "content": "", "reasoning_content": "Look it up.", "tool_calls": [
+        {"type": "function", "id": "call00001", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+    {"role": "tool", "content": '{"rain": true}', "tool_call_id": "call00001"},
+    {"role": "assistant", "content": "Yes.", "reasoning_content": "It rains.", "train": False},
+]
+WEATHER_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                                   "parameters": {"type": "object"}}}]
+RENDERABLE = [(name, WITH_SYSTEM, None) for name in sorted(EXPECTED)] + [
+    (name, TOOL_CALL, WEATHER_TOOLS) for name in ("qwen3", "qwen_tools", "llama3.1")]
+
+
+@pytest.mark.parametrize(("name", "messages", "tools"), RENDERABLE)
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_render_is_what_apply_chat_template_renders(name, messages, tools, add_generation_prompt, make_tokenizer):
+    """`render` calls transformers' compiled template itself (for speed): it must stay byte-identical."""
+    tokenizer = make_tokenizer(name)
+    template = resolve_template(name, tokenizer)
+    messages = messages if not add_generation_prompt else messages[:-1]
+    expected = tokenizer.apply_chat_template(
+        [{key: value for key, value in message.items() if key != "train"} for message in messages], tools=tools,
+        chat_template=template.jinja, add_generation_prompt=add_generation_prompt, tokenize=False)
+    assert render(template, messages, tokenizer, add_generation_prompt, tools) == expected
