@@ -15,6 +15,8 @@ FTUNE_CACHE and HF_DATASETS_CACHE) and is timed from start to exit, imports incl
   data.num_proc=N n=0 --json`: the training split exactly as `ftune train` builds it (chat template, labels of
   every assistant turn with the span check and the sampled decode check, duplicate report, truncation, rows
   in the Arrow cache), then its statistics.
+- `ftune_stream`: one pass of `data.streaming=true` as training reads it (`TrainingStream.pass_rows`: read,
+  labelled, shuffled in the 10,000-example buffer; one process, no cache, no duplicate report), no model.
 - `trl`: TRL's `SFTTrainer` built on the same file (`load_dataset("json")`) with the embedded model, the
   tokenizer's chat template and `max_length=512`, its defaults otherwise (one process; it tokenizes the
   conversations and truncates; with that template it learns every token, so it computes no labels).
@@ -67,6 +69,19 @@ trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
 print(json.dumps({"seconds": time.perf_counter() - started, "rows": len(trainer.train_dataset)}))
 """
 
+FTUNE_STREAM = """
+import json, sys, time
+from ftune.config.compose import load_run_config
+from ftune.data.stream import open_stream
+from ftune.model.load import load_tokenizer
+cfg, _ = load_run_config(["recipe=tiny_lora", f"data.path={sys.argv[1]}", "data.eval_path=null",
+                          "data.streaming=true", "trainer.max_steps=1"])
+started = time.perf_counter()
+stream = open_stream(load_tokenizer(cfg.model), cfg.data, cfg.seed, cfg.trainer.micro_batch_size)
+rows = sum(1 for _ in stream.pass_rows(0))
+print(json.dumps({"seconds": time.perf_counter() - started, "rows": rows}))
+"""
+
 
 def generate(count: int, path: Path) -> None:
     """Write `count` conversations as JSONL (see the module docstring), seeded, so every run sees the same."""
@@ -92,6 +107,7 @@ def commands(data: Path, work: Path) -> dict[str, list[str]]:
     return {
         "ftune_np1": [*ftune, "data.num_proc=1", "--json"],
         "ftune_np2": [*ftune, "data.num_proc=2", "--json"],
+        "ftune_stream": [sys.executable, "-c", FTUNE_STREAM, str(data)],
         "trl": [sys.executable, "-c", TRL_PREPARE, str(data), str(TINY_MODEL), str(work / "trl_out"), str(MAX_LENGTH)],
     }
 
@@ -138,7 +154,7 @@ def tree_pss(process: psutil.Process) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000], help="conversations per data set")
-    parser.add_argument("--configs", nargs="+", default=["ftune_np1", "ftune_np2", "trl"])
+    parser.add_argument("--configs", nargs="+", default=["ftune_np1", "ftune_np2", "ftune_stream", "trl"])
     parser.add_argument("--large-configs", nargs="+", default=["ftune_np2"],
                         help="configurations run on sizes above 100,000 (the others take hours there)")
     parser.add_argument("--json", type=Path, help="write the results here")

@@ -79,6 +79,12 @@ class Sketch:
     shingles: np.ndarray | None = None
     signature: np.ndarray | None = None
 
+    @functools.cached_property
+    def lsh_minhash(self):
+        """The signature as datasketch's MinHash, built once per record: it is looked up in the eval and the
+        training index and then inserted, and building one cost as much as a lookup."""
+        return minhash(self.signature)
+
 
 def dedup_text(record: dict) -> str:
     r"""The text duplicates are judged on: every turn but the system's, or a `text` record's text, normalised.
@@ -170,13 +176,13 @@ class NearIndex:
         self.order: dict[str, int] = {}
 
     def add(self, key: str, record: Sketch) -> None:
-        self.lsh.insert(key, minhash(record.signature))
+        self.lsh.insert(key, record.lsh_minhash)
         self.sets[key] = record.shingles
         self.order[key] = len(self.order)
 
     def match(self, record: Sketch) -> tuple[str, float] | None:
         """The earliest indexed record whose exact Jaccard with `record` reaches the threshold, and that Jaccard."""
-        candidates = sorted(self.lsh.query(minhash(record.signature)), key=self.order.__getitem__)
+        candidates = sorted(self.lsh.query(record.lsh_minhash), key=self.order.__getitem__)
         scored = ((key, jaccard(record.shingles, self.sets[key])) for key in candidates)
         return next(((key, score) for key, score in scored if score >= NEAR_THRESHOLD), None)
 
