@@ -182,6 +182,8 @@ class NearIndex:
 
     def match(self, record: Sketch) -> tuple[str, float] | None:
         """The earliest indexed record whose exact Jaccard with `record` reaches the threshold, and that Jaccard."""
+        if not self.sets:  # e.g. the eval index without data.eval_path: a lookup would still hash every band
+            return None
         candidates = sorted(self.lsh.query(record.lsh_minhash), key=self.order.__getitem__)
         scored = ((key, jaccard(record.shingles, self.sets[key])) for key in candidates)
         return next(((key, score) for key, score in scored if score >= NEAR_THRESHOLD), None)

@@ -157,20 +157,40 @@ def render(
             where the family has none, non-alternating turns, a tool turn without a slot).
         ConfigError: the tokenizer's own template is not valid Jinja.
     """
-    _check_messages(messages)
-    try:
-        return compiled(template.jinja).render(
-            messages=[template_message(message) for message in messages], tools=tools or None, documents=None,
-            add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map,
-        )
-    except jinja2.TemplateSyntaxError as err:
-        raise ConfigError(f"chat template {template.name!r} is not valid Jinja: {err}") from None
-    except (jinja2.TemplateError, TypeError) as err:  # TypeError: a template calling a string method on a list
-        roles = "/".join(message["role"] for message in messages)
-        raise DataError(
-            f"chat template {template.name!r} cannot render a {roles} conversation: {err}",
-            "fix the conversation, or pick a template that allows it with data.chat_template",
-        ) from None
+    return Rendering(template, messages, tokenizer, tools).upto(len(messages), add_generation_prompt)
+
+
+class Rendering:
+    """One conversation, checked and put in the shape templates read once, then rendered up to any turn.
+
+    Labels render a conversation up to each learned turn, twice per turn (`ftune.data.labels`); checking and
+    converting its messages once instead of at every render saves a fifth of the rendering time.
+
+    Raises:
+        DataError: a message is malformed (see `render`).
+    """
+
+    def __init__(self, template: ChatTemplate, messages: list[dict], tokenizer, tools: list[dict] | None = None):
+        _check_messages(messages)
+        self.template, self.messages, self.tools = template, messages, tools or None
+        self.plain = [template_message(message) for message in messages]
+        self.special_tokens = tokenizer.special_tokens_map
+
+    def upto(self, turns: int, add_generation_prompt: bool = False) -> str:
+        """The first `turns` messages rendered, with the generation prompt after them if asked (see `render`)."""
+        try:
+            return compiled(self.template.jinja).render(
+                messages=self.plain[:turns], tools=self.tools, documents=None,
+                add_generation_prompt=add_generation_prompt, **self.special_tokens,
+            )
+        except jinja2.TemplateSyntaxError as err:
+            raise ConfigError(f"chat template {self.template.name!r} is not valid Jinja: {err}") from None
+        except (jinja2.TemplateError, TypeError) as err:  # TypeError: a template calling a string method on a list
+            roles = "/".join(message["role"] for message in self.messages[:turns])
+            raise DataError(
+                f"chat template {self.template.name!r} cannot render a {roles} conversation: {err}",
+                "fix the conversation, or pick a template that allows it with data.chat_template",
+            ) from None
 
 
 def compiled(jinja: str) -> jinja2.Template:
