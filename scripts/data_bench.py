@@ -25,7 +25,7 @@ Figures per run: wall seconds, conversations per second (N / wall); the preparat
 `build_train_split` in ftune, `load_dataset` plus `SFTTrainer(...)` in TRL, the model already loaded) and
 its conversations per second; and peak memory: `peak_rss_mb` is the largest resident set of the main process
 (ru_maxrss), `peak_tree_pss_mb` the largest proportional set size summed over the process and its workers
-(shared pages counted once), sampled every 0.1 s. Resident sets count the pages of memory-mapped files a
+(shared pages counted once), sampled every 0.5 s. Resident sets count the pages of memory-mapped files a
 process has touched; those are the page cache's, dropped by the kernel under pressure. The machine's load
 average is recorded beside them: on a shared machine, compare configurations within one run.
 """
@@ -53,7 +53,9 @@ TURN_PAIRS = (1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 4, 6)
 """Drawn uniformly: how many user/assistant pairs a conversation has."""
 LONG_SHARE, LONG_FACTOR = 0.03, 12
 SYSTEM_SHARE = 0.7
-SAMPLE_EVERY_S = 0.1
+SAMPLE_EVERY_S = 0.5
+"""Seconds between samples of the process tree's proportional set size: reading every process's smaps costs CPU
+the measured processes need (15% of a core at 0.1 s with three processes); the peak RSS is exact regardless."""
 
 TRL_PREPARE = """
 import json, sys, time
