@@ -114,12 +114,13 @@ class _DroppedMatmul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, positions = ctx.saved_tensors
         grad = grad * ctx.scale
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_x = zero_at(grad @ weight, positions)
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad.t() @ zero_at(x.clone(), positions)
-        return grad_x, grad_weight, None, None
+        dropped = zero_at(x.clone(), positions) if ctx.needs_input_grad[1] else None
+        grad_weight = None if dropped is None else grad.t() @ dropped
+        if not ctx.needs_input_grad[0]:
+            return None, grad_weight, None, None
+        # grad_x overwrites the dropped copy, which grad_weight no longer needs: one full-size buffer, not two
+        grad_x = torch.mm(grad, weight, out=dropped) if dropped is not None else grad @ weight
+        return zero_at(grad_x, positions), grad_weight, None, None
 
 
 def zero_at(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
