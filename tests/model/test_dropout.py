@@ -114,6 +114,18 @@ def test_dropped_linear_is_linear_of_the_same_dropout(dtype, bias):
         assert got.shape == want.shape and relative(got, want) < 1e-6
 
 
+def test_dropped_linear_with_a_frozen_weight_passes_only_the_input_gradient():
+    torch.manual_seed(13)
+    layer = DroppedLinear(nn.Linear(40, 4, bias=False).requires_grad_(False), P).train()
+    x = torch.randn(3, 7, 40, requires_grad=True)
+    torch.manual_seed(14)
+    y = layer(x)
+    expected, (x_ref, _) = dropped_reference(x, layer.weight, None, P, seed=14)
+    y.sum().backward()
+    expected.sum().backward()
+    assert layer.weight.grad is None and relative(x.grad, x_ref.grad) < 1e-6
+
+
 def test_dropped_linear_under_autocast_has_nn_linear_dtypes():
     """bf16 output as nn.Linear's under CPU autocast, within bf16 rounding of the reference; fp32 weight grad."""
     torch.manual_seed(8)
