@@ -1,16 +1,25 @@
-"""Dropout that draws the dropped positions, not one random number per element.
+"""LoRA dropout that draws the dropped positions, not one random number per element, folded into lora_A.
 
-LoRA dropout at a fraction of its cost on CPU, with the same distribution.
+LoRA dropout on CPU at a fraction of torch's cost, with the same distribution.
 
 PEFT's LoRA applies `nn.Dropout(p)` to the full input of every adapted layer, and torch draws one
 Mersenne-Twister number per element on CPU (20-30 ns each, on one thread). On a 100M-parameter model that
 costs about as much as the adapted layer's own matmul. The dropped positions of an i.i.d. Bernoulli(p)
 sequence are the running sums of i.i.d. Geometric(p) gaps, so drawing about p*n gaps instead of n uniforms
-gives exactly the same distribution of masks with p*n draws (20x fewer at p=0.05); the mask is applied as one
-scaled copy and a scatter of zeros. This is why it is hand-written: torch's CPU dropout has no such path, and
-no library offers one. On other devices (CUDA's Philox dropout is fused and cheap), for large p (where
-p*n gaps cost as much as n uniforms) and inside torch.compile (data-dependent sizes would break the graph) it
-calls `F.dropout`.
+gives exactly the same distribution of masks with p*n draws (20x fewer at p=0.05).
+
+Where PEFT computes `lora_A(dropout(x))` (vanilla LoRA), the mask is never applied to x: `DroppedLinear` takes
+lora_A's place and computes s * (x @ A^T - x_D @ A^T), x_D the dropped entries alone (an embedding bag over
+p*n entries), s = 1/(1-p) on the rank-r output. No dropped copy of x is made in the forward nor kept for the
+backward (in fp32, lora_A keeps the input it shares with its neighbours, as without dropout); the backward
+zeroes the input's gradient in place and makes one transient zeroed copy of x for A's gradient, whose buffer
+then holds the input's gradient. LoRA variants (DoRA) read lora_A's weight and the dropout themselves: there
+`SparseDropout` applies the mask as one scaled copy and a scatter of zeros.
+
+This is why it is hand-written: torch's CPU dropout has no such path, no library offers one, and PEFT's layer
+forward can only be changed through the modules it calls. On other devices (CUDA's Philox dropout is fused and
+cheap), for large p (where p*n gaps cost as much as n uniforms) and inside torch.compile (data-dependent sizes
+would break the graph) both call `F.dropout`.
 """
 
 import math
