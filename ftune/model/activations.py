@@ -22,7 +22,8 @@ residual stream (the embeddings' dtype):
   CPU ftune's SparseDropout keeps the int64 positions of the dropped elements, 8p; torch's CPU dropout, used
   above p = 0.25, a float mask in the adapter dtype) and lora_A its input (in e under autocast, else in the
   fp32 adapter dtype): n·(m' + e'), plus lora_A's output e'·r. Without dropout, lora_A's input is shared by
-  modules reading the same tensor unless it had to be cast.
+  modules reading the same tensor unless it had to be cast; so it is with CPU dropout folded into lora_A
+  (vanilla LoRA, p <= 0.25: `DroppedLinear` keeps the undropped input and the positions, n·m' more).
 - IA3 keeps what it rescales: the fp32-upcast input of a feed-forward projection (4·n), else the projection's
   output (e·n_out).
 Per forward, not per token: under autocast, a 16-bit copy of every floating weight not already in that dtype
@@ -95,6 +96,8 @@ class LoraSite:
     rank: int
     dropout_mask: float
     """Bytes per input element the LoRA dropout keeps for the backward (0: no dropout)."""
+    dropped_copy: bool = True
+    """Whether lora_A keeps its own dropped copy of the input (not where the dropout is folded into lora_A)."""
 
 
 @dataclass(frozen=True)
@@ -143,9 +146,9 @@ def lora_bytes(shape: Shape, prec: Precision, sites: tuple[LoraSite, ...]) -> fl
     total, shared = 0.0, set()
     uncast = not prec.autocast and prec.adapter == prec.residual
     for site in sites:
-        total += prec.adapter * site.rank
-        if site.dropout_mask:
-            total += site.fan_in * (site.dropout_mask + prec.adapter)
+        total += prec.adapter * site.rank + site.fan_in * site.dropout_mask
+        if site.dropout_mask and site.dropped_copy:
+            total += site.fan_in * prec.adapter
             continue
         group = INPUT_GROUPS.get(site.name, site.name)
         if uncast and (group in shared or group in SAVED_ELSEWHERE):

@@ -149,7 +149,8 @@ def add_adapter(model, method: MethodCfg, lora: LoraCfg, gradient_checkpointing:
         gradient_checkpointing: whether the base recomputes activations in the backward pass.
 
     Returns:
-        The PeftModel, its LoRA dropouts replaced by `SparseDropout` (model/dropout.py).
+        The PeftModel, its LoRA dropouts folded into lora_A (`DroppedLinear`, model/dropout.py) or, for LoRA
+        variants, replaced by `SparseDropout`.
     """
     if gradient_checkpointing:
         # With a frozen embedding no input requires grad, and checkpointed blocks would get no gradient.

@@ -22,7 +22,7 @@ from ftune.config.schema import RunCfg, TrainerCfg
 from ftune.errors import ConfigError
 from ftune.model import activations as act
 from ftune.model import memory
-from ftune.model.dropout import SPARSE_UP_TO
+from ftune.model.dropout import SPARSE_UP_TO, folds_into_lora_a
 from ftune.model.dtypes import native_mixed_precision
 from ftune.model.load import count_parameters
 from ftune.model.meta import (
@@ -274,7 +274,8 @@ def layer_training(layer: torch.nn.Module, device: str) -> act.LayerTraining:
     """What trains in one decoder layer: base projections, norms, LoRA or IA3 adapters."""
     loras = tuple(
         act.LoraSite(name.rsplit(".", 1)[-1], module.in_features, module.r[adapter],
-                     dropout_mask_bytes(module.lora_dropout[adapter], module.lora_A[adapter].weight, device))
+                     dropout_mask_bytes(module.lora_dropout[adapter], module.lora_A[adapter].weight, device),
+                     keeps_dropped_copy(module, adapter, device))
         for name, module in layer.named_modules() if isinstance(module, LoraLayer)
         for adapter in module.active_adapters
     )
@@ -300,6 +301,15 @@ def dropout_mask_bytes(dropout: torch.nn.Module, lora_a: torch.Tensor, device: s
     if device == "cuda":
         return 1.0
     return 8 * dropout.p if dropout.p <= SPARSE_UP_TO else float(lora_a.element_size())
+
+
+def keeps_dropped_copy(module: LoraLayer, adapter: str, device: str) -> bool:
+    """Whether lora_A keeps a dropped copy of its input: not where `use_sparse_dropout` folds the dropout into it.
+
+    It folds on CPU up to SPARSE_UP_TO (model/dropout.py's `draws_positions`); read only where the dropout drops.
+    """
+    p = getattr(module.lora_dropout[adapter], "p", 0.0)
+    return not (device == "cpu" and p <= SPARSE_UP_TO and folds_into_lora_a(module, adapter))
 
 
 def autocast_copy_bytes(model: torch.nn.Module, quantized: dict[int, int], prec: act.Precision,

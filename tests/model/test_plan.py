@@ -142,11 +142,12 @@ def test_embedded_model_counts(recipe):
 @pytest.mark.parametrize("overrides", [
     ["recipe=tiny_lora", "trainer.mixed_precision=bf16"],  # fp32 base, bf16 autocast, LoRA with (sparse) dropout
     ["recipe=tiny_lora", "trainer.mixed_precision=no", "lora.dropout=0.0"],
+    ["recipe=tiny_lora", "trainer.mixed_precision=no"],  # fp32, dropout folded into lora_A: no dropped copies
     ["recipe=tiny_full"],
     ["recipe=tiny_full", "model.dtype=bf16", "trainer.mixed_precision=no", "optim.name=adamw_8bit"],
     ["recipe=tiny_qlora", "model.gradient_checkpointing=false"],
     ["recipe=tiny_qlora", "model.gradient_checkpointing=false", "quant.bits=8"],
-], ids=["lora", "lora-fp32-nodropout", "full", "full-bf16-8bit", "qlora", "lora-int8"])
+], ids=["lora", "lora-fp32-nodropout", "lora-fp32", "full", "full-bf16-8bit", "qlora", "lora-int8"])
 def test_memory_matches_a_measured_step(tiny_dir, overrides):
     cfg = run_config(tiny_dir, *overrides)
     measured, _, _ = measure_step(cfg)
