@@ -81,8 +81,10 @@ class Sketch:
 
     @functools.cached_property
     def lsh_minhash(self):
-        """The signature as datasketch's MinHash, built once per record: it is looked up in the eval and the
-        training index and then inserted, and building one cost as much as a lookup."""
+        """The signature as datasketch's MinHash, built once per record.
+
+        It is looked up in the eval and the training index and then inserted; building one costs as much as a lookup.
+        """
         return minhash(self.signature)
 
 
