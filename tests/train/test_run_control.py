@@ -45,15 +45,17 @@ def eval_rows(run_dir: Path) -> list[dict]:
     return [r for r in rows if "eval_loss" in r]
 
 
-@pytest.mark.slow
-def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run(tmp_path):
-    run = [*SHORT, "trainer.max_steps=40", "trainer.save_every=10", "trainer.grad_accum=2"]
+def kill_after_checkpoint_then_resume(run: list[str], step: int, tmp_path: Path) -> Path:
+    """Train `run` straight through, and again killed (SIGKILL) once checkpoint `step` is written, then resumed.
+
+    Asserts the resumed run's final adapter equals the uninterrupted one's; returns the resumed run's directory.
+    """
     straight = tmp_path / "straight"
     assert main(["train", *run, f"output_dir={straight}"]) == 0
 
     killed = tmp_path / "killed"
     process = start_train(*run, f"output_dir={killed}")
-    wait_for(killed / "checkpoints" / "step-10" / "train_state.json", process)
+    wait_for(killed / "checkpoints" / f"step-{step}" / "train_state.json", process)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert not (killed / "final").exists()
@@ -63,6 +65,13 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run(tmp_path)
     assert expected.keys() == resumed.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+    return killed
+
+
+@pytest.mark.slow
+def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run(tmp_path):
+    run = [*SHORT, "trainer.max_steps=40", "trainer.save_every=10", "trainer.grad_accum=2"]
+    killed = kill_after_checkpoint_then_resume(run, 10, tmp_path)
     assert summary(killed)["steps"] == 40
 
 
@@ -73,21 +82,7 @@ def test_streaming_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run
     source.write_text("".join(Path(load_run_config([])[0].data.path).read_text().splitlines(keepends=True)[:60]))
     run = [*SHORT, f"data.path={source}", "data.streaming=true", "data.packing=true", "data.max_length=256",
            "data.shuffle_buffer=16", "trainer.max_steps=24", "trainer.save_every=8", "trainer.grad_accum=2"]
-    straight = tmp_path / "straight"
-    assert main(["train", *run, f"output_dir={straight}"]) == 0
-
-    killed = tmp_path / "killed"
-    process = start_train(*run, f"output_dir={killed}")
-    wait_for(killed / "checkpoints" / "step-8" / "train_state.json", process)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    assert not (killed / "final").exists()
-    assert main(["train", *run, f"output_dir={killed}", "resume=auto"]) == 0
-
-    expected, resumed = adapter(straight), adapter(killed)
-    assert expected.keys() == resumed.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+    killed = kill_after_checkpoint_then_resume(run, 8, tmp_path)
     assert summary(killed)["steps"] == 24 and summary(killed)["epochs"] > 2  # the kill fell in a later pass
 
 
