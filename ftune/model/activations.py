@@ -23,7 +23,9 @@ residual stream (the embeddings' dtype):
   above p = 0.25, a float mask in the adapter dtype) and lora_A its input (in e under autocast, else in the
   fp32 adapter dtype): n·(m' + e'), plus lora_A's output e'·r. Without dropout, lora_A's input is shared by
   modules reading the same tensor unless it had to be cast; so it is with CPU dropout folded into lora_A
-  (vanilla LoRA, p <= 0.25: `DroppedLinear` keeps the undropped input and the positions, n·m' more).
+  (vanilla LoRA, p <= 0.25: `DroppedLinear` keeps the undropped input and the positions, n·m' more). Under
+  autocast PEFT's layer casts its input to the fp32 adapter dtype and lora_A casts it back, a copy even of
+  a 16-bit input; `FusedLoraLinear` casts once, so o_proj's 16-bit input is the attention output SDPA keeps.
 - IA3 keeps what it rescales: the fp32-upcast input of a feed-forward projection (4·n), else the projection's
   output (e·n_out).
 Per forward, not per token: under autocast, a 16-bit copy of every floating weight not already in that dtype
@@ -98,6 +100,8 @@ class LoraSite:
     """Bytes per input element the LoRA dropout keeps for the backward (0: no dropout)."""
     dropped_copy: bool = True
     """Whether lora_A keeps its own dropped copy of the input (not where the dropout is folded into lora_A)."""
+    fused: bool = False
+    """Computed by `FusedLoraLinear` (model/lora_linear.py): its input is not cast through the adapter dtype."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,9 @@ def lora_bytes(shape: Shape, prec: Precision, sites: tuple[LoraSite, ...]) -> fl
             total += site.fan_in * prec.adapter
             continue
         group = INPUT_GROUPS.get(site.name, site.name)
-        if uncast and (group in shared or group in SAVED_ELSEWHERE):
+        # PEFT casts a 16-bit input to the fp32 adapter dtype and autocast back, a copy; the fused layer does not
+        kept_anyway = group in SAVED_ELSEWHERE and (uncast or (site.fused and prec.act == prec.adapter))
+        if kept_anyway or (uncast and group in shared):
             continue
         shared.add(group)
         total += prec.adapter * site.fan_in

@@ -11,6 +11,7 @@ from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTu
 
 from ftune.config.schema import LoraCfg, MethodCfg
 from ftune.model.dropout import use_sparse_dropout
+from ftune.model.lora_linear import fused_lora_layer
 
 TASK_TYPE = "CAUSAL_LM"
 ALL_LINEAR = "all-linear"
@@ -85,10 +86,11 @@ def lora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoraConfig:
     Qwen2-MoE, PEFT 0.21 turns `all-linear` into transformers-4 names that include the router (`gate.weight`,
     an nn.Linear in transformers 4), and a LoRA on the router would change which experts each token reaches.
     On a model with tied embeddings, PEFT keeps the head tied to a trained embedding (`ensure_weight_tying`).
+    Plain linear layers get `FusedLoraLinear` (model/lora_linear.py) through PEFT's custom-module dispatch.
     """
     experts = expert_parameters(model) if model is not None and cfg.target_modules == [ALL_LINEAR] else []
     tied = model is not None and bool(model.config.get_text_config().tie_word_embeddings)
-    return LoraConfig(
+    config = LoraConfig(
         task_type=TASK_TYPE,
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -103,6 +105,8 @@ def lora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoraConfig:
         # the head does not use; the merged model, re-tied on loading, then answers differently (tested).
         ensure_weight_tying=tied,
     )
+    config._register_custom_module({torch.nn.Linear: fused_lora_layer})  # PEFT's documented, experimental API
+    return config
 
 
 def ia3_config(method: MethodCfg, cfg: LoraCfg, model=None) -> IA3Config:

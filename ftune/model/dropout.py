@@ -122,14 +122,23 @@ class _DroppedMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, positions = ctx.saved_tensors
-        grad = grad * ctx.scale
-        dropped = zero_at(x.clone(), positions) if ctx.needs_input_grad[1] else None
-        grad_weight = None if dropped is None else grad.t() @ dropped
-        if not ctx.needs_input_grad[0]:
-            return None, grad_weight, None, None
-        # grad_x overwrites the dropped copy, which grad_weight no longer needs: one full-size buffer, not two
-        grad_x = torch.mm(grad, weight, out=dropped) if dropped is not None else grad @ weight
-        return zero_at(grad_x, positions), grad_weight, None, None
+        grad_x, grad_weight = dropped_matmul_grads(x, weight, positions, grad * ctx.scale, *ctx.needs_input_grad[:2])
+        return grad_x, grad_weight, None, None
+
+
+def dropped_matmul_grads(x: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor, grad: torch.Tensor,
+                         needs_x: bool, needs_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad_x, grad_W) of y = (x zeroed at flat `positions`) @ W^T, given y's gradient `grad` (scale applied).
+
+    grad_W zeroes a transient copy of x; grad_x then overwrites that copy, which grad_W no longer needs: one
+    full-size buffer, not two. Either is None where it is not needed.
+    """
+    dropped = zero_at(x.clone(), positions) if needs_weight else None
+    grad_weight = None if dropped is None else grad.t() @ dropped
+    if not needs_x:
+        return None, grad_weight
+    grad_x = torch.mm(grad, weight, out=dropped) if dropped is not None else grad @ weight
+    return zero_at(grad_x, positions), grad_weight
 
 
 def zero_at(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from ftune.model import memory
 from ftune.model.dropout import SPARSE_UP_TO, folds_into_lora_a
 from ftune.model.dtypes import native_mixed_precision
 from ftune.model.load import count_parameters
+from ftune.model.lora_linear import fuses
 from ftune.model.meta import (
     build_meta_model,
     decoder_of,
@@ -275,7 +276,7 @@ def layer_training(layer: torch.nn.Module, device: str) -> act.LayerTraining:
     loras = tuple(
         act.LoraSite(name.rsplit(".", 1)[-1], module.in_features, module.r[adapter],
                      dropout_mask_bytes(module.lora_dropout[adapter], module.lora_A[adapter].weight, device),
-                     keeps_dropped_copy(module, adapter, device))
+                     keeps_dropped_copy(module, adapter, device), fuses(module, adapter, device))
         for name, module in layer.named_modules() if isinstance(module, LoraLayer)
         for adapter in module.active_adapters
     )

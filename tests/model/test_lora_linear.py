@@ -1,0 +1,163 @@
+"""FusedLoraLinear: PEFT's LoRA layer as one autograd node computes what PEFT's own layer computes."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch import nn
+
+from ftune.config.schema import LoraCfg, MethodCfg
+from ftune.model.adapters import lora_config
+from ftune.model.dropout import DroppedLinear, use_sparse_dropout
+from ftune.model.lora_linear import FusedLoraLinear, fused_lora_layer, fuses
+
+IN, OUT, RANK = 24, 16, 4
+
+
+class Holder(nn.Module):
+    """One linear layer for PEFT to adapt."""
+
+    def __init__(self, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.proj = nn.Linear(IN, OUT, bias=bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def adapted_layer(fused: bool, p: float, bias: bool = False, dtype: torch.dtype = torch.float64, **lora):
+    """The adapted `proj` of a fresh Holder (same seed, so the same weights), PEFT's or ftune's, dropout folded."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=RANK, lora_alpha=8, lora_dropout=p, target_modules=["proj"], **lora)
+    if fused:
+        config._register_custom_module({nn.Linear: fused_lora_layer})
+    model = get_peft_model(Holder(bias, dtype), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # B starts at zero: give the adapter an output to compare
+    use_sparse_dropout(model)
+    return model.base_model.model.proj.train()
+
+
+def run(layer: nn.Module, x: torch.Tensor, upstream: torch.Tensor, seed: int = 5):
+    """Output and the gradients of x, A and B after backpropagating `upstream`, the dropout drawn from `seed`."""
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    torch.manual_seed(seed)
+    y = layer(x)
+    y.backward(upstream.to(y.dtype))
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    return y, x.grad, a.grad, b.grad
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def is_fused(y: torch.Tensor) -> bool:
+    """Whether y came out of `_LoraMatmul` (through the view that restores the leading dimensions)."""
+    return type(y.grad_fn.next_functions[0][0]).__name__ == "_LoraMatmulBackward"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fused_layer_equals_peft_layer(p, bias, dtype):
+    """Output and the gradients of the input, A and B equal PEFT's layer's, with the same dropped positions.
+
+    The input is a non-contiguous [batch, seq, features]. Not bitwise: the scaled LoRA product is added by an addmm.
+    """
+    peft_layer, fused_layer = adapted_layer(False, p, bias, dtype), adapted_layer(True, p, bias, dtype)
+    assert type(peft_layer) is PeftLoraLinear and type(fused_layer) is FusedLoraLinear
+    assert isinstance(fused_layer.lora_A["default"], DroppedLinear) == (p > 0)
+    x = torch.randn(5, 3, IN, dtype=dtype).transpose(0, 1).requires_grad_()
+    upstream = torch.randn(3, 5, OUT, dtype=dtype)
+    expected, got = run(peft_layer, x, upstream), run(fused_layer, x, upstream)
+    assert is_fused(got[0]) and not is_fused(expected[0])
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    for have, want in zip(got, expected, strict=True):
+        assert have.shape == want.shape and relative(have, want) < tolerance
+
+
+def test_an_input_without_gradient_gets_none_and_the_adapter_still_learns():
+    fused_layer, peft_layer = adapted_layer(True, 0.1), adapted_layer(False, 0.1)
+    x, upstream = torch.randn(2, 7, IN, dtype=torch.float64), torch.randn(2, 7, OUT, dtype=torch.float64)
+    (y, grad_x, grad_a, grad_b), expected = run(fused_layer, x, upstream), run(peft_layer, x, upstream)
+    assert is_fused(y) and grad_x is None
+    assert relative(grad_a, expected[2]) < 1e-12 and relative(grad_b, expected[3]) < 1e-12
+
+
+def test_under_autocast_dtypes_are_peft_layers():
+    """bf16 output as PEFT's layer gives under CPU autocast, within bf16 rounding; fp32 adapter gradients."""
+    peft_layer, fused_layer = (adapted_layer(fused, 0.1, dtype=torch.float32) for fused in (False, True))
+    x, upstream = torch.randn(4, 8, IN, requires_grad=True), torch.randn(4, 8, OUT)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = run(peft_layer, x, upstream), run(fused_layer, x, upstream)
+    assert is_fused(got[0]) and got[0].dtype == expected[0].dtype == torch.bfloat16
+    assert got[2].dtype == got[3].dtype == torch.float32
+    for have, want in zip(got, expected, strict=True):
+        assert relative(have, want) < 2e-2
+
+
+@pytest.mark.parametrize("case", ["eval", "merged", "disabled", "dora", "lora_bias", "large_p", "trainable_base"])
+def test_peft_computes_what_the_fused_layer_does_not(case):
+    """Where `_LoraMatmul` does not apply, PEFT's own forward runs, and gives PEFT's result."""
+    lora = {"use_dora": True} if case == "dora" else {"lora_bias": True} if case == "lora_bias" else {}
+    p = 0.5 if case == "large_p" else 0.1
+    layers = [adapted_layer(fused, p, **lora) for fused in (False, True)]
+    for layer in layers:
+        if case == "eval":
+            layer.eval()
+        elif case == "merged":
+            layer.merge()
+        elif case == "disabled":
+            layer.enable_adapters(False)
+        elif case == "trainable_base":
+            layer.base_layer.weight.requires_grad_(True)
+    x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=True)
+    expected, got = run(layers[0], x, torch.ones(2, 3, OUT)), run(layers[1], x, torch.ones(2, 3, OUT))
+    assert is_fused(got[0]) == (case == "eval")  # eval has no dropout: it still fuses
+    assert fuses(layers[1], "default", "cpu") == (case not in ("dora", "lora_bias", "large_p", "trainable_base"))
+    assert relative(got[0], expected[0]) < 1e-12
+
+
+def test_quantized_layers_stay_peft_layers():
+    """Registered for nn.Linear, which bitsandbytes' layers subclass: those go on to PEFT's own dispatch."""
+    bnb = pytest.importorskip("bitsandbytes")
+    target = bnb.nn.Linear8bitLt(IN, OUT, bias=False, has_fp16_weights=False)
+    assert fused_lora_layer(target, "default", LoraConfig(r=RANK)) is None
+
+
+def test_ftune_lora_models_fuse_every_linear_and_train_like_peft(random_llama):
+    """lora_config gives FusedLoraLinear layers with PEFT's state-dict keys; training and merging match PEFT."""
+    cfg, method = LoraCfg(r=4, alpha=8, dropout=0.1), MethodCfg(name="lora")
+    models = []
+    for fused in (False, True):
+        base = random_llama()
+        config = lora_config(method, cfg, base)
+        if not fused:
+            config._custom_modules = None
+        model = get_peft_model(base, config)
+        use_sparse_dropout(model)
+        models.append(model)
+    peft_model, fused_model = models
+    layers = [m for m in fused_model.modules() if hasattr(m, "lora_A")]
+    assert layers and all(type(m) is FusedLoraLinear for m in layers)
+    assert list(fused_model.state_dict()) == list(peft_model.state_dict())
+    ids = torch.randint(1, 64, (4, 32), generator=torch.Generator().manual_seed(11))
+    losses = []
+    for model in models:
+        optimizer = torch.optim.AdamW([t for t in model.parameters() if t.requires_grad], lr=1e-2)
+        torch.manual_seed(12)
+        losses.append([])
+        for _ in range(4):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[-1].append(loss.item())
+    assert losses[1][-1] < losses[1][0]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    fused_model.eval()
+    adapted = fused_model(input_ids=ids).logits
+    torch.testing.assert_close(fused_model.merge_and_unload()(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
