@@ -99,9 +99,9 @@ BASE_CONFIGS = [
     Config("trl_grouped_no_gc_fp32", "trl", "grouped", bf16=False, gradient_checkpointing=False,
            note="the same with bf16=False (faster on a CPU without bf16 instructions)"),
     Config("ftune_default", "ftune", "grouped", bf16=None,
-           note="ftune's CPU defaults: length-grouped, mixed_precision=auto, sparse LoRA dropout"),
+           note="ftune's CPU defaults: length-grouped, mixed_precision=auto, fused LoRA layers with sparse dropout"),
     Config("ftune_default_torch_dropout", "ftune", "grouped", bf16=None, torch_dropout=True,
-           note="with PEFT's LoRA dropout (one random number per element), as TRL runs it"),
+           note="with PEFT's LoRA dropout (one random number per element), so PEFT's own layers, as TRL runs them"),
     Config("ftune_default_no_dropout", "ftune", "grouped", bf16=None, overrides=("lora.dropout=0.0",),
            note="and lora.dropout=0: what LoRA dropout still costs"),
 ]

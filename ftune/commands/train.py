@@ -37,6 +37,7 @@ from ftune.report.console import console, print_table
 from ftune.report.metrics import MetricsLog, NullLog
 from ftune.train.artefacts import METRICS_FILE, draw_plots, save_final, write_summary
 from ftune.train.checkpoint import load_checkpoint, resolve_resume, save_trainable_weights_only
+from ftune.train.host_memory import keep_freed_host_memory
 from ftune.train.loop import TrainRun, fit, restore_best
 from ftune.train.losses import build_step_loss
 from ftune.train.optim import build_optimizer, build_scheduler, optimizer_steps
@@ -120,6 +121,8 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
     if checkpoint is None:
         check_fresh_output_dir(run_dir)
     accelerator = make_accelerator(cfg)
+    if accelerator.device.type == "cpu":
+        keep_freed_host_memory()  # each micro-batch reuses the last one's blocks (train/host_memory.py)
     if accelerator.is_main_process:
         announce(cfg, accelerator, resume)
     set_seed(cfg.seed)
