@@ -35,6 +35,7 @@ from ftune.model.dropout import (
     dropped_matmul_grads,
     dropped_positions,
     dropped_times,
+    folds_into_lora_a,
 )
 
 NO_POSITIONS = torch.empty(0, dtype=torch.int64)
@@ -103,6 +104,8 @@ class FusedLoraLinear(LoraLinear):
         if len(active) != 1 or not fuses(self, active[0], x.device.type):
             return None
         adapter = active[0]
+        if not isinstance(self.lora_dropout[adapter], nn.Identity):  # not folded yet: PEFT applies the dropout
+            return None
         base, lora_a, lora_b = self.base_layer, self.lora_A[adapter], self.lora_B[adapter]
         p = getattr(lora_a, "p", 0.0)
         if self.training and p > 0 and not draws_positions(x, p):
@@ -114,15 +117,17 @@ class FusedLoraLinear(LoraLinear):
 def fuses(layer: nn.Module, adapter: str, device: str) -> bool:
     """Whether `layer` trains `adapter` through `_LoraMatmul` on `device` (for inputs of one dtype or autocast).
 
-    A vanilla adapter (no variant, no LoRA bias) on a frozen plain nn.Linear whose dropout, if any, is folded
-    into lora_A and drawn as positions: on CPU up to SPARSE_UP_TO (`draws_positions`).
+    A vanilla adapter (no variant, no LoRA bias) on a frozen plain nn.Linear whose dropout, if any, is folded into
+    lora_A (or will be: `ftune plan` reads models `use_sparse_dropout` has not run on) and drawn as positions:
+    on CPU up to SPARSE_UP_TO (`draws_positions`).
     """
     if not isinstance(layer, FusedLoraLinear) or adapter not in layer.lora_A:
         return False
-    base, p = layer.base_layer, getattr(layer.lora_A[adapter], "p", 0.0)
-    return (adapter not in layer.lora_variant and not layer.lora_bias.get(adapter) and type(base) is nn.Linear
-            and not any(t.requires_grad for t in (base.weight, base.bias) if t is not None)
-            and isinstance(layer.lora_dropout[adapter], nn.Identity)  # else an unfolded dropout PEFT applies
+    base, dropout = layer.base_layer, layer.lora_dropout[adapter]
+    p = getattr(layer.lora_A[adapter], "p", getattr(dropout, "p", 0.0))
+    folded = isinstance(dropout, nn.Identity) or (type(dropout) is nn.Dropout and folds_into_lora_a(layer, adapter))
+    return (folded and adapter not in layer.lora_variant and not layer.lora_bias.get(adapter)
+            and type(base) is nn.Linear and not any(t.requires_grad for t in (base.weight, base.bias) if t is not None)
             and (p == 0 or (device == "cpu" and p <= SPARSE_UP_TO)))
 
 
