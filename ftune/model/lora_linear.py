@@ -13,8 +13,9 @@ rows, each of those ops is small and their count, not the matmuls, sets the step
 with s the LoRA scaling. The dropout is the one `use_sparse_dropout` folds into lora_A (`DroppedLinear`,
 model/dropout.py): the same dropped positions, drawn from the same generator, so runs draw the same masks as
 before, and resumed runs the same masks as uninterrupted ones. It keeps what PEFT's layer keeps for the
-backward (the input, the rank-r product, the dropped positions), so `ftune plan`'s count is unchanged. Exact up
-to floating-point rounding (tests/model/test_lora_linear.py).
+backward (the input, the rank-r product, the dropped positions), less one copy under autocast: PEFT casts a
+16-bit input to the fp32 adapter dtype and back (`ftune plan` counts both, through `fuses`). Exact up to
+floating-point rounding (tests/model/test_lora_linear.py).
 
 Hand-written because neither PEFT nor torch fuses a LoRA layer on CPU. PEFT's own forward runs wherever this one
 does not apply: merged or disabled adapters, several active adapters, LoRA variants (DoRA), a LoRA bias, a
