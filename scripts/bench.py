@@ -57,7 +57,7 @@ class Config:
 
     name: str
     tool: str  # "ftune" or "trl"
-    batching: str  # "padded", "grouped" (length-grouped, padded) or "packed"
+    batching: str  # "padded", "grouped" (length-grouped, padded), "ordered" (see `ensure_ordered_data`) or "packed"
     bf16: bool | None = True  # None: ftune's `trainer.mixed_precision=auto` (what the CPU computes natively)
     row_length: int | None = None  # packed rows hold this many tokens (None: the model's sequence length)
     compile: bool = False
@@ -94,18 +94,21 @@ FP32_CONFIGS = [
 ]
 
 BASE_CONFIGS = [
-    Config("trl_grouped_no_gc", "trl", "grouped", gradient_checkpointing=False,
-           note="group_by_length, gradient_checkpointing=False, bf16 (TRL's fastest on the 64M model)"),
-    Config("trl_grouped_no_gc_fp32", "trl", "grouped", bf16=False, gradient_checkpointing=False,
+    Config("trl_no_gc", "trl", "ordered", gradient_checkpointing=False,
+           note="length-grouped, gradient_checkpointing=False, bf16 (TRL's fastest on the 64M model)"),
+    Config("trl_no_gc_fp32", "trl", "ordered", bf16=False, gradient_checkpointing=False,
            note="the same with bf16=False (faster on a CPU without bf16 instructions)"),
-    Config("ftune_default", "ftune", "grouped", bf16=None,
+    Config("ftune_default", "ftune", "ordered", bf16=None,
            note="ftune's CPU defaults: length-grouped, mixed_precision=auto, fused LoRA layers with sparse dropout"),
-    Config("ftune_default_torch_dropout", "ftune", "grouped", bf16=None, torch_dropout=True,
+    Config("ftune_default_torch_dropout", "ftune", "ordered", bf16=None, torch_dropout=True,
            note="with PEFT's LoRA dropout (one random number per element), so PEFT's own layers, as TRL runs them"),
-    Config("ftune_default_no_dropout", "ftune", "grouped", bf16=None, overrides=("lora.dropout=0.0",),
+    Config("ftune_default_pad1", "ftune", "ordered", bf16=None, overrides=("data.pad_to_multiple_of=1",),
+           note="and data.pad_to_multiple_of=1 (default 8): no slot padded beyond the longest row"),
+    Config("ftune_default_no_dropout", "ftune", "ordered", bf16=None, overrides=("lora.dropout=0.0",),
            note="and lora.dropout=0: what LoRA dropout still costs"),
 ]
-"""The ~100M model: ftune's defaults against TRL's fastest options (checkpointing off, either dtype)."""
+"""The ~100M model: ftune's defaults against TRL's fastest options (checkpointing off, either dtype), every
+configuration on the same length-grouped batches in the same order (`ensure_ordered_data`)."""
 
 BIG_VOCAB_CONFIGS = [
     Config("trl_bigvocab", "trl", "padded", gradient_checkpointing=False,
@@ -116,6 +119,7 @@ BIG_VOCAB_CONFIGS = [
 ]
 
 ALL_CONFIGS = CONFIGS + BF16_BASE_CONFIGS + COMPILED_CONFIGS + FP32_CONFIGS + BASE_CONFIGS + BIG_VOCAB_CONFIGS
+assert len({c.name for c in ALL_CONFIGS}) == len(ALL_CONFIGS), "a worker finds its configuration by name"
 BIG_VOCAB = {"vocab_size": 128_256, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}
 """Llama-3's vocabulary on a random 2-layer model: the head and the loss are most of the step."""
@@ -140,6 +144,7 @@ class StepLog:
     """What a worker records per micro-batch (tokens) and per optimizer step (end time, loss)."""
 
     real: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
     learned: list[int] = field(default_factory=list)
     step_end: list[float] = field(default_factory=list)
@@ -155,6 +160,7 @@ class StepLog:
         else:  # padding-free rows (TRL's packing) hold no pad
             real = ids.numel()
         self.real.append(real)
+        self.rows.append(len(ids))
         self.slots.append(ids.numel())
         self.learned.append(int((batch["labels"][:, 1:] != -100).sum()))
         return batch
@@ -174,6 +180,7 @@ def summarize_worker(log: StepLog, started: float, model: "Model", extra: dict) 
         "first_step_s": log.step_end[0] - started,
         "final_loss": statistics.mean(log.loss[-LAST_LOSSES:]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "batches": list(zip(log.rows, log.real, strict=True)),
         **extra,
     }
 
@@ -189,8 +196,11 @@ def run_ftune(config: Config, model: Model, out: Path, started: float) -> dict:
     log, build_loader = StepLog(), train_command.build_loader
 
     def counted_loader(*args, **kwargs):
+        training = kwargs.get("shuffle")  # the training loader only
+        if training and config.batching == "ordered":
+            kwargs["shuffle"] = False  # the file's order, as TRL reads it
         loader = build_loader(*args, **kwargs)
-        if kwargs.get("shuffle"):  # the training loader only
+        if training:
             collate = loader.collate_fn
             loader.collate_fn = lambda rows: log.count(collate(rows))
         return loader
@@ -234,7 +244,8 @@ def run_trl(config: Config, model: Model, out: Path, started: float) -> dict:
             log.step_end.append(time.time())
 
     options = {"packing": True} if config.batching == "packed" else {}
-    options |= {"train_sampling_strategy": "group_by_length"} if config.batching == "grouped" else {}
+    sampling = {"grouped": "group_by_length", "ordered": "sequential"}
+    options |= {"train_sampling_strategy": sampling[config.batching]} if config.batching in sampling else {}
     options |= {} if config.bf16 else {"bf16": False}
     if config.gradient_checkpointing is not None:
         options["gradient_checkpointing"] = config.gradient_checkpointing
@@ -343,6 +354,32 @@ def ensure_preset_model(cache: Path, preset: str) -> Path:
     return path
 
 
+def ensure_ordered_data(cache: Path, model_path: Path) -> Path:
+    """The chat data reordered into length-grouped micro-batches, for tools that read it in order.
+
+    Each tool's own length-grouped sampler draws its own order, so the two would train on other rows, of other
+    lengths, in the timed steps. The order is transformers' length grouping (ftune's sampler computes the same),
+    seeded by SEED, over the lengths the model's chat template gives each conversation; ftune reads the file
+    unshuffled and TRL with `train_sampling_strategy="sequential"`. `identical_batches` checks that every run
+    saw the same rows and real tokens per micro-batch.
+    """
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from ftune.data.sampler import length_grouped_indices
+
+    path = cache / "chat_ordered.jsonl"
+    if not path.is_file():
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        records = [json.loads(line) for line in CHAT_TRAIN.read_text().splitlines()]
+        lengths = [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in records]
+        order = length_grouped_indices(np.asarray(lengths), MICRO_BATCH, torch.Generator().manual_seed(SEED))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(records[i]) + "\n" for i in order))
+    return path
+
+
 def count_params(path: Path) -> int:
     """Parameters that take part in matmuls (all but untied input embeddings, a lookup), on the meta device."""
     import torch
@@ -444,10 +481,12 @@ def main() -> None:
     if args.only == "headloss":
         report["head_loss"] = bench_head_loss()
     elif args.only == "base100m":
-        model = Model("base100m", ensure_preset_model(args.cache, "base"), warmup=1, timed=3)
+        path = ensure_preset_model(args.cache, "base")
+        model = Model("base100m", path, warmup=1, timed=3, data=ensure_ordered_data(args.cache, path))
         report["models"] = {"base100m": bench_model(model, BASE_CONFIGS, args.repeats, rates, base_headline)}
     elif args.only == "profile":
-        model = Model("base100m", ensure_preset_model(args.cache, "base"), warmup=1, timed=2)
+        path = ensure_preset_model(args.cache, "base")
+        model = Model("base100m", path, warmup=1, timed=2, data=ensure_ordered_data(args.cache, path))
         names = ("ftune_default", "ftune_default_torch_dropout")  # this order: the second patches PEFT's dropout back
         report["profile"] = {name: profile_step(model, name) for name in names}
     elif args.only == "bigvocab":
@@ -487,10 +526,15 @@ def bench_model(model: Model, configs: list[Config], repeats: int, rates: dict, 
     results = {name: median_results(r) for name, r in runs.items()}
     for result in results.values():
         add_mfu(result, model.params, rates)
-    head = head_of(results)
+    head = head_of(results) | {"identical_batches": identical_batches(runs)}
     print_table(model, results, head)
     return {"params": model.params, "warmup_steps": model.warmup, "timed_steps": model.timed, "repeats": repeats,
             "results": results, "runs": runs, **head}
+
+
+def identical_batches(runs: dict[str, list[dict]]) -> bool:
+    """Whether every run of every configuration trained on micro-batches of the same rows and real tokens."""
+    return len({tuple(map(tuple, run["batches"])) for config_runs in runs.values() for run in config_runs}) == 1
 
 
 def base_headline(results: dict[str, dict]) -> dict:

@@ -29,7 +29,7 @@ def test_counts_real_slots_and_learned_tokens_of_padded_packed_and_padding_free_
 
 
 def test_throughput_skips_the_warm_up_steps_batches_and_seconds():
-    log = bench.StepLog(real=[100] * 2 + [10] * 4, slots=[200] * 6, learned=[50] * 2 + [5] * 4,
+    log = bench.StepLog(real=[100] * 2 + [10] * 4, rows=[4] * 6, slots=[200] * 6, learned=[50] * 2 + [5] * 4,
                         step_end=[1000.0, 1002.0, 1003.0], loss=[3.0, 2.0, 1.0])
     model = bench.Model("m", Path("m"), warmup=1, timed=2, grad_accum=2)
     result = bench.summarize_worker(log, started=990.0, model=model, extra={"mixed_precision": "bf16"})
@@ -38,3 +38,11 @@ def test_throughput_skips_the_warm_up_steps_batches_and_seconds():
     assert result["first_step_s"] == pytest.approx(10.0)
     assert result["padding_share"] == pytest.approx(1 - 240 / 1200)
     assert result["final_loss"] == pytest.approx(2.0)
+    assert result["batches"] == [(4, 100)] * 2 + [(4, 10)] * 4
+
+
+def test_batches_are_identical_only_when_every_run_saw_the_same_rows_and_tokens():
+    same = {"ftune": [{"batches": [(4, 700), (4, 650)]}] * 2, "trl": [{"batches": [(4, 700), (4, 650)]}]}
+    assert bench.identical_batches(same)
+    other_rows = same | {"trl": [{"batches": [(4, 700), (4, 651)]}]}
+    assert not bench.identical_batches(other_rows)
