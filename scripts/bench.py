@@ -102,8 +102,8 @@ BASE_CONFIGS = [
            note="ftune's CPU defaults: length-grouped, mixed_precision=auto, fused LoRA layers with sparse dropout"),
     Config("ftune_default_torch_dropout", "ftune", "ordered", bf16=None, torch_dropout=True,
            note="with PEFT's LoRA dropout (one random number per element), so PEFT's own layers, as TRL runs them"),
-    Config("ftune_default_pad1", "ftune", "ordered", bf16=None, overrides=("data.pad_to_multiple_of=1",),
-           note="and data.pad_to_multiple_of=1 (default 8): no slot padded beyond the longest row"),
+    Config("ftune_default_pad8", "ftune", "ordered", bf16=None, overrides=("data.pad_to_multiple_of=8",),
+           note="and data.pad_to_multiple_of=8: lengths rounded up as on a GPU (the CPU default before)"),
     Config("ftune_default_no_dropout", "ftune", "ordered", bf16=None, overrides=("lora.dropout=0.0",),
            note="and lora.dropout=0: what LoRA dropout still costs"),
 ]

@@ -53,6 +53,7 @@ EXPLAINED_RECORDS = 50
 def run(args) -> int:
     """Compose and validate the recipe, build its training split and loader, and report on them."""
     from ftune.config.compose import load_run_config, pop_command_keys
+    from ftune.data.collate import pad_multiple
 
     if args.cache_info or args.cache_clear:
         return show_cache(args.cache_clear, args.json)
@@ -68,7 +69,8 @@ def run(args) -> int:
     if cfg.data.streaming:
         return preview_stream(cfg, count, out, args.json)
     tokenizer, split, loader, seconds = build_train_data(cfg)
-    report = summarize(split, seconds, batch_fill(loader, split.lengths, cfg.data.pad_to_multiple_of), cfg)
+    report = summarize(split, seconds, batch_fill(loader, split.lengths, pad_multiple(cfg.data.pad_to_multiple_of)),
+                       cfg)
     if args.json:
         print(json.dumps(report))
     else:

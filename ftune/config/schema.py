@@ -119,8 +119,9 @@ class DataCfg:
     """Tokens per example; longer examples are truncated at the end, keeping the prompt's start."""
     packing: bool = False
     """Pack several examples into each row of max_length tokens instead of padding each one."""
-    pad_to_multiple_of: int = bounded(8, 1)
-    """Padded batch lengths are rounded up to this (tensor-core and cache friendly)."""
+    pad_to_multiple_of: int = bounded(0, 0)
+    """Padded batch lengths are rounded up to this; 0: 8 when training on a GPU (tensor-core kernels), 1 on CPU,
+    which computes every pad slot for nothing (see ftune.data.collate.pad_multiple)."""
     group_by_length: bool = False
     """Without packing, batch examples of similar length (shuffled within windows of 50 batches) so padding
     wastes few slots; measured fastest on CPU for short chat data (scripts/bench.py)."""

@@ -3,10 +3,11 @@
 The names are shared by model loading and quantization.
 """
 
-import os
 from pathlib import Path
 
 import torch
+
+from ftune.device import local_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
@@ -21,9 +22,7 @@ def native_mixed_precision(device: str | None = None) -> str:
     bf16 matmul measured 3-4.5x slower than an fp32 one on this project's 2-core CI machines (`scripts/bench.py`
     GEMM sweep), so autocast would only slow the run. `device` None: the one a run here would use.
     """
-    if device is None:
-        cpu_forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-        device = "cuda" if torch.cuda.is_available() and not cpu_forced else "cpu"
+    device = device or local_device()
     if device == "cuda":
         return "fp16" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bf16"
     return "bf16" if cpu_flags() & NATIVE_BF16_CPU_FLAGS else "no"

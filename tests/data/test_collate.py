@@ -1,6 +1,7 @@
 import torch
 
-from ftune.data.collate import PadCollator
+from ftune.config.schema import DataCfg
+from ftune.data.collate import PadCollator, build_collator, pad_multiple
 
 
 def test_pad_collator_pads_right_with_ignored_labels_and_rounds_width():
@@ -17,3 +18,17 @@ def test_pad_collator_pads_right_with_ignored_labels_and_rounds_width():
 def test_pad_collator_without_rounding_uses_the_longest_example():
     batch = PadCollator(pad_token_id=9)([{"input_ids": [1, 2], "labels": [1, 2]}])
     assert batch["input_ids"].tolist() == [[1, 2]]
+
+
+def test_padding_rounds_to_8_only_where_training_runs_on_a_gpu(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pad_multiple(0) == 1  # a CPU computes every pad slot for nothing
+    collate = build_collator(DataCfg(), pad_token_id=0, attn_implementation="sdpa")
+    assert collate([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])["input_ids"].shape == (1, 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pad_multiple(0) == 8
+    assert build_collator(DataCfg(packing=True), 0, "sdpa").pad_to_multiple_of == 8
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # a GPU machine told to train on its CPU
+    assert pad_multiple(0) == 1
+    assert pad_multiple(16) == 16  # a configured multiple is kept everywhere
