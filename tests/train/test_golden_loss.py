@@ -6,7 +6,9 @@ the optimizer moves these numbers; an intended change re-pins them (run the test
 
 How the tolerances were chosen (2 Xeon AVX-512 cores, torch 2.13.0+cpu; pinned at 89eb3ee, unchanged at 39b2681;
 re-pinned when LoRA dropout started drawing its masks as dropped positions, model/dropout.py, which moved steps 3
-and 4 by 1.1e-3 and 3.3e-3 in fp32):
+and 4 by 1.1e-3 and 3.3e-3 in fp32; re-pinned when CPU batches stopped being padded to multiples of 8,
+`data.pad_to_multiple_of=0`, which lays the dropout masks over narrower batches and moved steps 3 and 4 by 6.3e-4
+in fp32 and 9.3e-4 in bf16; with `data.pad_to_multiple_of=8` the old values come back to 3e-7):
 
 - Run to run the losses are bitwise identical (3 runs each), and so are 1 and 2 torch threads.
 - What moves them without a bug is a different kernel: 3 threads, or the CPU kernels another machine picks
@@ -38,8 +40,8 @@ from ftune.cli import main
 FAST = ["trainer.max_steps=4", "trainer.eval_every=0", "probe.path=null", "data.eval_path=null"]
 
 GOLDEN = {
-    "no": ([2.3906971515249142, 2.4867889404296877, 2.412008952624692, 2.4212314973627853], 1e-4),
-    "bf16": ([2.3928658921284365, 2.4874467329545453, 2.421853502395705, 2.425662742653474], 4e-3),
+    "no": ([2.3906971515249142, 2.4867889404296877, 2.4126349388084973, 2.421857340081694], 1e-4),
+    "bf16": ([2.3928658921284365, 2.4874467329545453, 2.4227812067041254, 2.425958933564007], 4e-3),
 }
 
 
