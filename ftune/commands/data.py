@@ -53,7 +53,6 @@ EXPLAINED_RECORDS = 50
 def run(args) -> int:
     """Compose and validate the recipe, build its training split and loader, and report on them."""
     from ftune.config.compose import load_run_config, pop_command_keys
-    from ftune.data.collate import pad_multiple
 
     if args.cache_info or args.cache_clear:
         return show_cache(args.cache_clear, args.json)
@@ -69,8 +68,7 @@ def run(args) -> int:
     if cfg.data.streaming:
         return preview_stream(cfg, count, out, args.json)
     tokenizer, split, loader, seconds = build_train_data(cfg)
-    report = summarize(split, seconds, batch_fill(loader, split.lengths, pad_multiple(cfg.data.pad_to_multiple_of)),
-                       cfg)
+    report = summarize(split, seconds, batch_fill(loader, split.lengths), cfg)
     if args.json:
         print(json.dumps(report))
     else:
@@ -160,12 +158,13 @@ def parse_count(value: str) -> int:
     return int(value)
 
 
-def batch_fill(loader, lengths, pad_to_multiple_of: int) -> float:
+def batch_fill(loader, lengths) -> float:
     """Real tokens over token slots (rows x padded width) in one shuffled pass over the training batches.
 
-    Computed from the rows' lengths in the order the loader's batch sampler gives, as the collators pad
-    (to the longest row, rounded up to `pad_to_multiple_of`), so no row is read or collated.
+    Computed from the rows' lengths in the order the loader's batch sampler gives, as the loader's collator pads
+    (to the longest row, rounded up to its `pad_to_multiple_of`), so no row is read or collated.
     """
+    pad_to_multiple_of = loader.collate_fn.pad_to_multiple_of
     real = slots = 0
     for indices in loader.batch_sampler:
         widths = lengths[indices]
