@@ -369,7 +369,7 @@ def ensure_ordered_data(cache: Path, model_path: Path) -> Path:
 
     from ftune.data.sampler import length_grouped_indices
 
-    path = cache / "chat_ordered.jsonl"
+    path = cache / f"chat_ordered_{model_path.name}.jsonl"  # lengths are the model's tokenizer's
     if not path.is_file():
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         records = [json.loads(line) for line in CHAT_TRAIN.read_text().splitlines()]
