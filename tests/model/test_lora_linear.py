@@ -121,6 +121,32 @@ def test_peft_computes_what_the_fused_layer_does_not(case):
     assert relative(got[0], expected[0]) < 1e-12
 
 
+def partition_like_zero3(layer: nn.Module) -> None:
+    """Partition the weights of layer's children as DeepSpeed ZeRO-3 does, gathered only by their own modules.
+
+    ZeRO-3 leaves each parameter an empty partition marked with `ds_id`, and gathers a module's own parameters
+    in a hook before that module's forward (a parent's hook does not gather its children's).
+    """
+    for module in (layer.base_layer, layer.lora_A["default"], layer.lora_B["default"]):
+        whole = module.weight.data
+        module.weight.data = torch.empty(0, dtype=whole.dtype)
+        module.weight.ds_id = id(module)
+        module.register_forward_pre_hook(lambda m, args, whole=whole: setattr(m.weight, "data", whole))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_zero3_partitioned_weights_go_through_peft_layers(p):
+    """The fused forward reads its children's weights without calling them: under ZeRO-3 they are not gathered."""
+    peft_layer, fused_layer = adapted_layer(False, p), adapted_layer(True, p)
+    partition_like_zero3(fused_layer)
+    assert not fuses(fused_layer, "default", "cpu")
+    x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=True)
+    expected, got = run(peft_layer, x, torch.ones(2, 3, OUT)), run(fused_layer, x, torch.ones(2, 3, OUT))
+    assert not is_fused(got[0])
+    for have, want in zip(got, expected, strict=True):
+        assert relative(have, want) < 1e-12
+
+
 def test_quantized_layers_stay_peft_layers():
     """Registered for nn.Linear, which bitsandbytes' layers subclass: those go on to PEFT's own dispatch."""
     bnb = pytest.importorskip("bitsandbytes")
