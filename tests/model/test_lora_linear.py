@@ -1,5 +1,11 @@
 """FusedLoraLinear: PEFT's LoRA layer as one autograd node computes what PEFT's own layer computes."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -145,6 +151,19 @@ def test_zero3_partitioned_weights_go_through_peft_layers(p):
     assert not is_fused(got[0])
     for have, want in zip(got, expected, strict=True):
         assert relative(have, want) < 1e-12
+
+
+def test_fsdp2_sharded_fused_layers_give_the_unsharded_gradients():
+    """FSDP2 over two gloo processes: the fused layers run on gathered weights and every gradient is unchanged."""
+    helper = Path(__file__).parents[1] / "fsdp2_lora_grads.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(helper), "0.1"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["fused_calls"] == 2 * 7  # every adapted linear of both layers
+    assert report["gradients"] == [28, 28] and report["worst_grad_diff"] < 1e-6
+    assert report["sharded_loss"] == pytest.approx(report["whole_loss"], rel=1e-6)
 
 
 def test_quantized_layers_stay_peft_layers():
