@@ -19,9 +19,8 @@ floating-point rounding (tests/model/test_lora_linear.py).
 
 Hand-written because neither PEFT nor torch fuses a LoRA layer on CPU. PEFT's own forward runs wherever this one
 does not apply: merged or disabled adapters, several active adapters, LoRA variants (DoRA), a LoRA bias, a
-quantized or trainable base layer, mixed dtypes outside autocast, torch.compile (which fuses by itself), weights
-that DeepSpeed ZeRO-3 partitions (`partitioned_by_zero3`), and a dropout that `DroppedLinear` leaves to
-`F.dropout` (CUDA, p > 0.25).
+quantized or trainable base layer, mixed dtypes outside autocast, torch.compile (which fuses by itself), and a
+dropout that `DroppedLinear` leaves to `F.dropout` (CUDA, p > 0.25).
 """
 
 import torch
@@ -121,8 +120,7 @@ def fuses(layer: nn.Module, adapter: str, device: str) -> bool:
 
     A vanilla adapter (no variant, no LoRA bias) on a frozen plain nn.Linear whose dropout, if any, is folded into
     lora_A (or will be: `ftune plan` reads models `use_sparse_dropout` has not run on) and drawn as positions:
-    on CPU up to SPARSE_UP_TO (`draws_positions`); weights not partitioned by ZeRO-3. (`ftune plan` plans on
-    models DeepSpeed never sees; what fusing saves, an autocast copy, never arises under its sharded precisions.)
+    on CPU up to SPARSE_UP_TO (`draws_positions`).
     """
     if not isinstance(layer, FusedLoraLinear) or adapter not in layer.lora_A:
         return False
@@ -131,18 +129,7 @@ def fuses(layer: nn.Module, adapter: str, device: str) -> bool:
     folded = isinstance(dropout, nn.Identity) or (type(dropout) is nn.Dropout and folds_into_lora_a(layer, adapter))
     return (folded and adapter not in layer.lora_variant and not layer.lora_bias.get(adapter)
             and type(base) is nn.Linear and not any(t.requires_grad for t in (base.weight, base.bias) if t is not None)
-            and not partitioned_by_zero3(base.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
             and (p == 0 or (device == "cpu" and p <= SPARSE_UP_TO)))
-
-
-def partitioned_by_zero3(*params: torch.Tensor) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitions any of `params` (it marks the parameters it manages with `ds_id`).
-
-    ZeRO-3 gathers a module's own parameters in a hook before its forward, and not its children's unless the
-    module is marked a leaf: the fused forward, which reads base_layer's and lora_A/B's weights without calling
-    them, would find empty partitions. PEFT's forward calls those modules, and their hooks gather the weights.
-    """
-    return any(hasattr(param, "ds_id") for param in params)
 
 
 def fused_lora_layer(target: nn.Module, adapter_name: str, config, **kwargs) -> LoraLinear | None:

@@ -127,42 +127,23 @@ def test_peft_computes_what_the_fused_layer_does_not(case):
     assert relative(got[0], expected[0]) < 1e-12
 
 
-def partition_like_zero3(layer: nn.Module) -> None:
-    """Partition the weights of layer's children as DeepSpeed ZeRO-3 does, gathered only by their own modules.
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero3"])
+def test_sharded_fused_layers_give_the_unsharded_gradients(sharding):
+    """Two gloo processes sharding the model: the fused layers run on gathered weights, every gradient unchanged.
 
-    ZeRO-3 leaves each parameter an empty partition marked with `ds_id`, and gathers a module's own parameters
-    in a hook before that module's forward (a parent's hook does not gather its children's).
+    ZeRO-3 needs DeepSpeed (not a dependency of ftune: `pip install deepspeed`), run on its CPU accelerator.
     """
-    for module in (layer.base_layer, layer.lora_A["default"], layer.lora_B["default"]):
-        whole = module.weight.data
-        module.weight.data = torch.empty(0, dtype=whole.dtype)
-        module.weight.ds_id = id(module)
-        module.register_forward_pre_hook(lambda m, args, whole=whole: setattr(m.weight, "data", whole))
-
-
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_zero3_partitioned_weights_go_through_peft_layers(p):
-    """The fused forward reads its children's weights without calling them: under ZeRO-3 they are not gathered."""
-    peft_layer, fused_layer = adapted_layer(False, p), adapted_layer(True, p)
-    partition_like_zero3(fused_layer)
-    assert not fuses(fused_layer, "default", "cpu")
-    x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=True)
-    expected, got = run(peft_layer, x, torch.ones(2, 3, OUT)), run(fused_layer, x, torch.ones(2, 3, OUT))
-    assert not is_fused(got[0])
-    for have, want in zip(got, expected, strict=True):
-        assert relative(have, want) < 1e-12
-
-
-def test_fsdp2_sharded_fused_layers_give_the_unsharded_gradients():
-    """FSDP2 over two gloo processes: the fused layers run on gathered weights and every gradient is unchanged."""
-    helper = Path(__file__).parents[1] / "fsdp2_lora_grads.py"
+    if sharding == "zero3":
+        pytest.importorskip("deepspeed")
+    helper = Path(__file__).parents[1] / "sharded_lora_grads.py"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(helper), "0.1"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             str(helper), sharding, "0.1"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["fused_calls"] == 2 * 7  # every adapted linear of both layers
-    assert report["gradients"] == [28, 28] and report["worst_grad_diff"] < 1e-6
+    assert report["gradients"] == [28, 28] and report["worst_grad_diff"] < 1e-5
     assert report["sharded_loss"] == pytest.approx(report["whole_loss"], rel=1e-6)
 
 
