@@ -54,6 +54,7 @@ def forward_backward(model, ids: torch.Tensor, backward) -> float:
 
 
 def fsdp2_step(dropout: float, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and gathered gradients of the step under FSDP2, sharded per decoder layer as ftune's fsdp.yaml wraps."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -67,6 +68,7 @@ def fsdp2_step(dropout: float, ids: torch.Tensor) -> tuple[float, dict[str, torc
 
 
 def zero3_step(dropout: float, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and gathered gradients of the step under DeepSpeed ZeRO-3 (the optimizer never steps: lr 0)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
