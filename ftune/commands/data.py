@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from rich.text import Text
 
 from ftune.atomic import atomic_file
+from ftune.data.collate import padded_width
 from ftune.data.dedup import EVAL_EXACT, EVAL_NEAR, EXACT, NEAR, overlap_warning
 from ftune.data.mask import IGNORE_INDEX
 from ftune.errors import ConfigError, ResourceError
@@ -164,12 +165,12 @@ def batch_fill(loader, lengths) -> float:
     Computed from the rows' lengths in the order the loader's batch sampler gives, as the loader's collator pads
     (to the longest row, rounded up to its `pad_to_multiple_of`), so no row is read or collated.
     """
-    pad_to_multiple_of = loader.collate_fn.pad_to_multiple_of
+    multiple = loader.collate_fn.pad_to_multiple_of
     real = slots = 0
     for indices in loader.batch_sampler:
         widths = lengths[indices]
         real += int(widths.sum())
-        slots += -(-int(widths.max()) // pad_to_multiple_of) * pad_to_multiple_of * len(indices)
+        slots += padded_width(int(widths.max()), multiple) * len(indices)
     return real / slots
 
 

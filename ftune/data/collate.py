@@ -30,7 +30,7 @@ class PadCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(e["input_ids"]) for e in examples)
-        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        width = padded_width(longest, self.pad_to_multiple_of)
         input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -72,6 +72,11 @@ class PackedCollator:
             dtype = None if self.attn_implementation == "sdpa" else self.mask_dtype
             batch["attention_mask"] = block_causal_mask([row["seq_lens"] for row in rows], width, dtype)
         return batch
+
+
+def padded_width(longest: int, multiple: int) -> int:
+    """The width a batch whose longest row has `longest` tokens is padded to: rounded up to `multiple`."""
+    return -(-longest // multiple) * multiple
 
 
 def build_collator(cfg: DataCfg, pad_token_id: int, attn_implementation: str) -> PadCollator | PackedCollator:
