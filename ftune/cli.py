@@ -109,11 +109,14 @@ def quiet_libraries() -> None:
     """Silence library output a user cannot act on; ftune prints its own progress and statistics.
 
     - datasets' progress bars when ftune writes its tokenized-data cache;
-    - bitsandbytes' warning, on CPUs with AVX512-BF16, that it cannot download an optional kernel from the hub;
+    - bitsandbytes' warning, on CPUs with AVX512-BF16, that it cannot download an optional kernel from the hub,
+      and the `kernels` package's note, on the same import with HF_HUB_OFFLINE=1, that it skips the kernel's
+      publisher check (ftune asks for no hub kernel; both would stand in front of ftune's own first line);
     - lm-eval's warnings that ftune hands it a loaded model and a custom dataset hook (both on purpose).
     """
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
