@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ftune.config.architecture import NO_SDPA, is_mixture_of_experts, packing_problem, read_model_config
+from ftune.config.architecture import is_mixture_of_experts, packing_problem, read_model_config, sdpa_problem
 from ftune.config.schema import MAPPABLE_ROLES, RunCfg
 
 
@@ -259,10 +259,8 @@ def check_architecture(cfg: RunCfg) -> list[str]:
     problems = []
     for key, name in (("model.name_or_path", cfg.model.name_or_path), ("distill.teacher", cfg.distill.teacher)):
         config = read_model_config(name) if name else None
-        model_type = config.get("model_type") if config else None
-        if model_type in NO_SDPA and cfg.model.attn_implementation == "sdpa":
-            problems.append(f"model.attn_implementation=sdpa with {key}={name} (expected eager: "
-                            f"{NO_SDPA[model_type]})")
+        if config and cfg.model.attn_implementation == "sdpa" and (why := sdpa_problem(config)):
+            problems.append(f"model.attn_implementation=sdpa with {key}={name} (expected eager: {why})")
         if config and cfg.data.packing and (why := packing_problem(config)):
             problems.append(f"data.packing=true with {key}={name}: {why}")
     config = read_model_config(cfg.model.name_or_path)
@@ -274,10 +272,10 @@ def check_architecture(cfg: RunCfg) -> list[str]:
 def mixture_of_experts_problems(cfg: RunCfg) -> list[str]:
     """What cannot work on a mixture-of-experts model (fused 3-D expert weights, transformers 5)."""
     name, problems = cfg.model.name_or_path, []
-    if cfg.method.name == "lora" and cfg.lora.target_modules == ["all-linear"] and cfg.lora.dropout:
-        problems.append(f"lora.dropout={cfg.lora.dropout} with the mixture-of-experts model.name_or_path={name} "
-                        "(expected 0: all-linear adapts the fused expert weights through PEFT's target_parameters, "
-                        "which has no dropout)")
+    if cfg.method.name == "lora" and cfg.lora.target_modules == ["all-linear"] and cfg.lora.dora:
+        problems.append(f"lora.dora=true with the mixture-of-experts model.name_or_path={name} (expected false: "
+                        "all-linear adapts the fused expert weights through PEFT's target_parameters, which have "
+                        "no DoRA)")
     if cfg.quant.bits:
         problems.append(f"quant.bits={cfg.quant.bits} with the mixture-of-experts model.name_or_path={name} "
                         "(expected 0: bitsandbytes quantizes linear layers only, so the fused experts, most of the "
@@ -320,4 +318,16 @@ def advisories(cfg: RunCfg) -> list[str]:
         notes.append(f"data.eval_path is null: the best checkpoint and early stopping follow {cfg.early_stop.metric}")
     if cfg.early_stop.metric == "none":
         notes.append("no evaluation data and no probe: final/ holds the last step's weights")
+    if expert_weights_without_dropout(cfg):
+        notes.append(f"lora.dropout={cfg.lora.dropout} applies to the attention and dense linear layers of the "
+                     f"mixture-of-experts model.name_or_path={cfg.model.name_or_path}, not to its fused expert "
+                     "weights: PEFT adapts those through target_parameters, which have no dropout")
     return notes
+
+
+def expert_weights_without_dropout(cfg: RunCfg) -> bool:
+    """Whether LoRA with dropout reaches the fused experts of an MoE model (`all-linear` targets them too)."""
+    if cfg.method.name != "lora" or not cfg.lora.dropout or cfg.lora.target_modules != ["all-linear"]:
+        return False
+    config = read_model_config(cfg.model.name_or_path)
+    return bool(config) and is_mixture_of_experts(config)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft.tuners.lora import LoraLayer, ParamWrapper
 
 from ftune.config.schema import LoraCfg, MethodCfg
 from ftune.model.dropout import use_sparse_dropout
@@ -71,6 +72,25 @@ def expert_parameters(model) -> list[str]:
     return sorted(found)
 
 
+def embeddings_tied(model) -> bool:
+    """Whether the output head's weight is the input embedding's own Parameter, as transformers ties them."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def drop_linear_inputs(model, p: float) -> None:
+    """LoRA dropout `p` on every adapted linear layer of a PeftModel built without it.
+
+    A parameter targeted through `target_parameters` (fused MoE experts) is multiplied inside its module's own
+    forward, where no input can be dropped before lora_A: PEFT's `ParamWrapper` refuses dropout, and keeps none.
+    The saved adapter_config.json then records `lora_dropout: 0.0`; dropout only changes training.
+    """
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer) and not isinstance(layer, ParamWrapper):
+            for adapter in layer.lora_dropout:
+                layer.lora_dropout[adapter] = torch.nn.Dropout(p)
+
+
 def linear_module_names(model) -> list[str]:
     """Leaf names of the model's nn.Linear modules but the output head: what PEFT's `all-linear` would adapt."""
     head = model.get_output_embeddings()
@@ -85,16 +105,17 @@ def lora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoraConfig:
     `expert_parameters`), and the linear layers are listed by name instead of PEFT's preset: for Mixtral and
     Qwen2-MoE, PEFT 0.21 turns `all-linear` into transformers-4 names that include the router (`gate.weight`,
     an nn.Linear in transformers 4), and a LoRA on the router would change which experts each token reaches.
-    On a model with tied embeddings, PEFT keeps the head tied to a trained embedding (`ensure_weight_tying`).
-    Plain linear layers get `FusedLoraLinear` (model/lora_linear.py) through PEFT's custom-module dispatch.
+    PEFT refuses `lora_dropout` on target_parameters, so such a config has none: `add_adapter` gives the linear
+    layers theirs (`drop_linear_inputs`). On a model with tied embeddings, PEFT keeps the head tied to a trained
+    embedding (`ensure_weight_tying`). Plain linear layers get `FusedLoraLinear` (model/lora_linear.py) through
+    PEFT's custom-module dispatch.
     """
     experts = expert_parameters(model) if model is not None and cfg.target_modules == [ALL_LINEAR] else []
-    tied = model is not None and bool(model.config.get_text_config().tie_word_embeddings)
     config = LoraConfig(
         task_type=TASK_TYPE,
         r=cfg.r,
         lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
+        lora_dropout=0.0 if experts else cfg.dropout,
         target_modules=linear_module_names(model) if experts else resolve_targets(cfg.target_modules),
         use_rslora=cfg.rslora,
         use_dora=cfg.dora,
@@ -103,7 +124,7 @@ def lora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoraConfig:
         target_parameters=experts or None,
         # A tied model with `embed_tokens` in modules_to_save would otherwise train a copy of the embedding that
         # the head does not use; the merged model, re-tied on loading, then answers differently (tested).
-        ensure_weight_tying=tied,
+        ensure_weight_tying=model is not None and embeddings_tied(model),
     )
     config._register_custom_module({torch.nn.Linear: fused_lora_layer})  # PEFT's documented, experimental API
     return config
@@ -154,11 +175,15 @@ def add_adapter(model, method: MethodCfg, lora: LoraCfg, gradient_checkpointing:
 
     Returns:
         The PeftModel, its LoRA dropouts folded into lora_A (`DroppedLinear`, model/dropout.py) or, for LoRA
-        variants, replaced by `SparseDropout`.
+        variants, replaced by `SparseDropout`. On a mixture-of-experts model the fused experts have none (see
+        `drop_linear_inputs`; the run prints a note saying so).
     """
     if gradient_checkpointing:
         # With a frozen embedding no input requires grad, and checkpointed blocks would get no gradient.
         model.enable_input_require_grads()
-    model = get_peft_model(model, peft_config(method, lora, model))
+    config = peft_config(method, lora, model)
+    model = get_peft_model(model, config)
+    if getattr(config, "target_parameters", None) and lora.dropout:
+        drop_linear_inputs(model, lora.dropout)
     use_sparse_dropout(model)  # LoRA dropout's mask at a fraction of the cost on CPU, same distribution
     return model

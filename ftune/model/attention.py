@@ -1,11 +1,18 @@
 """Packed rows on sliding-window models: every layer keeps its own window and every document stays isolated.
 
 The collator (`data/packing.py`) gives sdpa and eager a block-diagonal causal 4D mask. transformers 5 uses a
-4D mask as it is, for *every* layer: a sliding-window layer (Mistral v0.1, Phi-3, Gemma 2/3) handed that mask
-attends to its whole document, so packed training would silently differ from unpacked training whenever a
-document is longer than the window. This module narrows the mask to each layer's window: a dict
-{layer type: mask} for decoders that take one (Gemma 2/3, Qwen2/3 with sliding layers), the banded mask for
-those that slide every layer (Mistral, Mixtral, Phi-3).
+4D mask as it is, for *every* layer: a sliding-window layer (Mistral v0.1, Phi-3, Gemma 2/3, Cohere 2) handed
+that mask attends to its whole document, so packed training would silently differ from unpacked training
+whenever a document is longer than the window. This module narrows the mask to each layer's window, deciding
+from the model's config what its decoder reads, as transformers' own `create_masks_for_generate` does:
+- a config class that defines `layer_types` (filled by transformers from `sliding_window_pattern`, from
+  `use_sliding_window` and `max_window_layers`, or given) belongs to a decoder that takes `attention_mask` as a
+  dict {layer type: 4D mask}: sliding layers get the banded mask, full layers the block mask;
+- any other decoder builds one mask for all its layers, the sliding one when `config.sliding_window` is set
+  (Mistral, Mixtral, Phi-3, Qwen3-MoE, Starcoder2): every layer gets the banded mask.
+A `layer_types` given to a config class that does not define it (Ministral checkpoints saved as `mistral`) is
+ignored, as the decoder ignores it. Layer types other than full and sliding attention are refused when a packed
+row arrives (`config/architecture.py`).
 
 Example, one row of documents [3, 2] with window 2 (1 = attend):
     block-causal            sliding (i - j < 2)
@@ -18,9 +25,8 @@ Example, one row of documents [3, 2] with window 2 (1 = attend):
 
 import torch
 
-from ftune.config.architecture import MASKS_BY_LAYER_TYPE, sliding_layers
-
-FULL, SLIDING = "full_attention", "sliding_attention"
+from ftune.config.architecture import FULL, SLIDING, packing_problem
+from ftune.errors import ConfigError
 
 
 def windowed(mask: torch.Tensor, window: int) -> torch.Tensor:
@@ -36,6 +42,23 @@ def windowed(mask: torch.Tensor, window: int) -> torch.Tensor:
     return mask.masked_fill(~band, torch.finfo(mask.dtype).min)
 
 
+def takes_masks_by_layer_type(config) -> bool:
+    """Whether the decoder of `config` reads `attention_mask` as a dict {layer type: mask}.
+
+    In transformers 5 that is every decoder whose config class defines `layer_types` (a field, or an alias of
+    `layers_block_type`), and no other: the class, not the instance, because a config keeps unknown keys too.
+    """
+    cls = type(config)
+    return hasattr(cls, "layer_types") or "layer_types" in cls.attribute_map
+
+
+def attention_kinds(config) -> set[str]:
+    """The attention types of the decoder layers of `config`, as its decoder masks them (see the module docstring)."""
+    if takes_masks_by_layer_type(config) and config.layer_types:
+        return set(config.layer_types)
+    return {FULL if getattr(config, "sliding_window", None) is None else SLIDING}
+
+
 def layer_masks(config, mask: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
     """The attention input that gives each layer of `config` its own mask of a packed row.
 
@@ -44,27 +67,32 @@ def layer_masks(config, mask: torch.Tensor) -> torch.Tensor | dict[str, torch.Te
         mask: the collator's block-diagonal causal 4D mask.
 
     Returns:
-        `mask` unchanged for models without sliding layers; the banded mask when every layer slides; a dict
+        `mask` unchanged when no layer slides; the banded mask when every layer does; a dict
         {"full_attention": mask, "sliding_attention": banded} for decoders that take masks by layer type.
+
+    Raises:
+        ConfigError: a layer type whose mask or state cannot be cut per document (`packing_problem`).
     """
-    facts = config.to_dict()
-    if mask.dim() != 4 or not sliding_layers(facts):
+    if mask.dim() != 4:
+        return mask
+    kinds = attention_kinds(config)
+    if why := packing_problem({"layer_types": sorted(kinds)}):
+        raise ConfigError(f"data.packing=true with a {config.model_type} model: {why}")
+    if SLIDING not in kinds:
         return mask
     banded = windowed(mask, config.sliding_window)
-    if facts["model_type"] in MASKS_BY_LAYER_TYPE:
-        return {FULL: mask, SLIDING: banded}
-    return banded
+    return banded if kinds == {SLIDING} else {FULL: mask, SLIDING: banded}
 
 
 def isolate_sliding_windows(model: torch.nn.Module) -> torch.nn.Module:
     """Make the decoder of `model` narrow packed rows' 4D masks to each layer's window; returns `model`.
 
     A forward pre-hook on the decoder (not on the causal LM: PEFT calls the causal LM's `forward` directly,
-    which skips hooks) rewrites the `attention_mask` argument with `layer_masks`. Models without sliding
-    layers get no hook. Training, evaluation and a distillation teacher all go through it.
+    which skips hooks) rewrites the `attention_mask` argument with `layer_masks`. Models whose layers all
+    attend in full get no hook. Training, evaluation and a distillation teacher all go through it.
     """
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if not sliding_layers(config.to_dict()):
+    config = model.config.get_text_config()
+    if attention_kinds(config) == {FULL}:
         return model
 
     def narrow(module, args, kwargs):

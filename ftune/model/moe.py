@@ -33,9 +33,13 @@ def router_class(model) -> tuple[type, int] | None:
 
 
 def record_router_logits(model) -> RouterLogits | None:
-    """Hook the routers of an MoE `model` so each forward's router logits can be read; None for dense models."""
+    """Hook the routers of an MoE `model` so each forward's router logits can be read.
+
+    None for dense models, and for MoE models that transformers itself trains without a balancing loss (their
+    causal LM has no `router_aux_loss_coef`, e.g. DeepSeek-V3's bias-balanced routers).
+    """
     found = router_class(model)
-    if found is None:
+    if found is None or not hasattr(model, "router_aux_loss_coef"):
         return None
     target, index = found
     record = RouterLogits()
@@ -59,6 +63,10 @@ def add_router_loss(model, batch: dict, parts: dict[str, torch.Tensor], learned:
                     ) -> dict[str, torch.Tensor]:
     """`parts` (summed loss terms of one micro-batch) with the router's balancing loss added, for MoE models.
 
+    The expert count, top-k and coefficient are the attributes transformers' causal LM computes its own
+    `aux_loss` from (`num_experts`, `num_experts_per_tok`, `router_aux_loss_coef`, set from whichever config
+    keys the family uses), read through PEFT's wrappers.
+
     The balancing loss is a mean over the micro-batch's tokens; ftune's terms are sums that the loop divides by
     the step's learned tokens, so it enters as `coef * aux * learned tokens of this micro-batch`: after the
     division, `coef` times the token-weighted mean of `aux` over the step, as transformers and TRL add it per
@@ -77,10 +85,8 @@ def add_router_loss(model, batch: dict, parts: dict[str, torch.Tensor], learned:
     record = getattr(model, RECORD_ATTRIBUTE, None)
     if record is None or not record.logits:
         return parts
-    config = model.config.get_text_config()
-    experts = getattr(config, "num_local_experts", None) or config.num_experts
     mask = batch.get("attention_mask")
     mask = mask if mask is not None and mask.dim() == 2 else None
-    aux = load_balancing_loss_func(tuple(record.logits), experts, config.num_experts_per_tok, mask)
+    aux = load_balancing_loss_func(tuple(record.logits), model.num_experts, model.num_experts_per_tok, mask)
     router = aux * learned
-    return parts | {"loss": parts["loss"] + config.router_aux_loss_coef * router, "router_loss": router}
+    return parts | {"loss": parts["loss"] + model.router_aux_loss_coef * router, "router_loss": router}
