@@ -1,33 +1,47 @@
-"""The model matrix: measure ftune's promises on tiny copies of today's architectures, write results/models.md.
+"""The model matrix: measure ftune's promises on tiny copies of every decoder architecture, write results/models.md.
 
-    python scripts/model_matrix.py                       # every family, ~2 minutes on 2 CPU cores
-    python scripts/model_matrix.py --out /tmp/models.md qwen3-8b
+    python scripts/model_matrix.py                                 # families, then the whole zoo
+    python scripts/model_matrix.py --out /tmp/models.md qwen3-8b olmo2   # some families and zoo model_types
 
-Each family is built by scripts/tiny_arch.py from its shipped official config.json. The measurements here are
-the ones tests/model/test_families.py asserts (pytest -m models): the loss before and after a few steps of
-LoRA (all-linear), full fine-tuning and QLoRA; |packed - unpacked| / unpacked loss on every CPU attention
-kernel the family allows, with documents longer than the sliding window; |merged - adapter| logits relative to
-the largest logit; whether `ftune plan`'s parameter counts equal the instantiated model's.
+Two tables. Families: tiny copies of the official config.json files shipped under ftune/configs/hub, with their
+real tokenizer facts (scripts/tiny_arch.py, scripts/model_families.yaml). The zoo: every other decoder-only
+causal LM transformers registers, built from its config class's defaults (scripts/arch_zoo.py). Each check is a
+cell: the loss before and after a few steps of LoRA (all-linear), and for families full fine-tuning and QLoRA;
+|packed - unpacked| / unpacked loss on every CPU attention kernel the model allows, with documents longer than the
+sliding window; |merged - adapter| logits relative to the largest logit; whether `ftune plan` (`plan_run`) counts
+the parameters of the instantiated model, LoRA and full; and `ftune export format=gguf` with its llama.cpp parity
+checks, for the architectures llama.cpp's converter maps (scripts/llama_cpp_architectures.json). A failed check
+is a red cell whose reason, the error's first line, is listed under its table. tests/model/test_families.py
+asserts the same checks (pytest -m models) on the families and one zoo architecture per quirk.
 """
 
 import argparse
+import json
+import multiprocessing
+import re
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
+import arch_zoo
 import tiny_arch
 import torch
 import torch.nn.functional as F
 
-from ftune.config.architecture import NO_SDPA, is_mixture_of_experts, sliding_layers
+from ftune.config.architecture import is_mixture_of_experts, sdpa_problem, sliding_layers
 from ftune.config.compose import load_run_config
 from ftune.data.collate import PackedCollator
 from ftune.data.mask import IGNORE_INDEX
 from ftune.data.packing import pack
+from ftune.errors import ConfigError
 from ftune.model.load import count_parameters, load_base_model, load_tokenizer, prepare_model
-from ftune.model.meta import build_meta_model
 
 REPO = Path(__file__).resolve().parents[1]
+LLAMA_CPP = json.loads((Path(__file__).with_name("llama_cpp_architectures.json")).read_text())
+"""HF architecture -> llama.cpp architecture, from llama.cpp's converter (scripts/llama_cpp_archs.py)."""
 TEXTS = ("Leo has sold the new cup, and he is drinking the milk now.",
          "Put this in the present perfect: Jack drank the milk.",
          "Answer with the sentence only.")
@@ -36,22 +50,64 @@ METHODS = {"lora": (["method.name=lora"], 1e-2), "full": (["method.name=full"], 
            "qlora": (["method.name=lora", "quant.bits=4", "quant.compute_dtype=fp32"], 1e-2)}
 """Method -> (overrides, learning rate of the few-step check)."""
 STEPS = 8
+LOSS_DROP = 0.9
+"""A method trains when its last loss is below this fraction of its first."""
+PACKED_TOLERANCE = 1e-5
+"""Relative gap allowed between packed and unpacked loss (fp32)."""
+MERGE_TOLERANCE = 1e-4
+"""Largest |merged - adapter| logit, relative to the largest logit (fp32)."""
 QK_NORM = ("qwen3", "qwen3_moe", "olmo2")
 
 
-def official(family: str) -> dict:
-    """The shipped official config.json the family's tiny model is built from."""
-    return tiny_arch.official_config(tiny_arch.families()[family]["hub"])
+@dataclass
+class Cell:
+    """One check's outcome: its figure, or why it failed (`passed` False), or why it does not apply (None)."""
+
+    text: str
+    passed: bool | None = True
+    reason: str = ""
 
 
-def attention_kernels(family: str) -> list[str]:
-    """The CPU attention implementations the family allows (Gemma 2: eager only, for its soft-capping)."""
-    return ["eager"] if official(family)["model_type"] in NO_SDPA else ["eager", "sdpa"]
+def attempt(check: Callable[..., Cell], *args) -> Cell:
+    """`check(*args)`, any error turned into a red cell whose reason is the error's first line."""
+    try:
+        return check(*args)
+    except Exception as err:  # every failure of every architecture is a finding of the matrix
+        return Cell("FAIL", False, first_line(err))
 
 
-def run_cfg(path: Path, family: str, *overrides: str):
-    """A validated run config for the tiny model at `path` (no LoRA dropout: MoE experts refuse it)."""
-    return load_run_config([f"model.name_or_path={path}", f"model.attn_implementation={attention_kernels(family)[-1]}",
+def first_line(err: BaseException) -> str:
+    """`Type: first line of the message`, temporary directories replaced by `<tmp>` so equal causes group."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    text = re.sub(r"/tmp/[^\s:'\",)]*", "<tmp>", text)
+    return f"{type(err).__name__}: {text[:220]}"
+
+
+def model_config(path: Path) -> dict:
+    """The tiny model's config.json."""
+    return json.loads((path / "config.json").read_text())
+
+
+def has_sdpa(path: Path) -> bool:
+    """Whether transformers has an sdpa kernel for the model's class."""
+    import transformers
+
+    return bool(getattr(transformers, model_config(path)["architectures"][0])._supports_sdpa)
+
+
+def attention_kernels(path: Path) -> list[str]:
+    """The CPU attention implementations the model allows: eager, and sdpa unless transformers or ftune refuse."""
+    allowed = has_sdpa(path) and sdpa_problem(model_config(path)) is None
+    return ["eager", "sdpa"] if allowed else ["eager"]
+
+
+@cache
+def run_cfg(path: Path, *overrides: str):
+    """A validated run config for the tiny model at `path` (no LoRA dropout: the checks compare exact numbers).
+
+    Cached: composing one takes most of a second, and each row asks for the same few.
+    """
+    return load_run_config([f"model.name_or_path={path}", f"model.attn_implementation={attention_kernels(path)[-1]}",
                             "lora.dropout=0", *overrides])[0]
 
 
@@ -67,10 +123,10 @@ def mean_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def training_losses(path: Path, family: str, method: str) -> list[float]:
+def training_losses(path: Path, method: str) -> list[float]:
     """The loss at each of `STEPS` AdamW steps of `method` on one fixed batch, through ftune's prepare_model."""
     overrides, lr = METHODS[method]
-    cfg = run_cfg(path, family, *overrides)
+    cfg = run_cfg(path, *overrides)
     torch.manual_seed(0)
     model = prepare_model(cfg)
     ids = token_batch(load_tokenizer(cfg.model))
@@ -110,27 +166,27 @@ def packed_and_unpacked(model, tokenizer, attn: str) -> tuple[float, float]:
     return packed.item(), alone.item()
 
 
-def packed_gap(path: Path, family: str, attn: str) -> float:
-    """|packed - unpacked| / unpacked loss with ftune's loading (sliding windows narrowed) and `attn`."""
-    cfg = run_cfg(path, family, f"model.attn_implementation={attn}")
+def packed_gap(path: Path, attn: str) -> float:
+    """|packed - unpacked| / unpacked loss with ftune's loading and `attn`, packing validated as a run's is."""
+    cfg = run_cfg(path, f"model.attn_implementation={attn}", "data.packing=true")
     packed, alone = packed_and_unpacked(load_base_model(cfg.model).eval(), load_tokenizer(cfg.model), attn)
     return abs(packed - alone) / alone
 
 
-def unnarrowed_gap(path: Path, family: str) -> float:
+def unnarrowed_gap(path: Path) -> float:
     """The packed/unpacked gap of eager attention if the block mask reached sliding layers as it is."""
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    packed, alone = packed_and_unpacked(plain, load_tokenizer(run_cfg(path, family).model), "eager")
+    packed, alone = packed_and_unpacked(plain, load_tokenizer(run_cfg(path).model), "eager")
     return abs(packed - alone) / alone
 
 
-def router_aux_loss(path: Path, family: str) -> float:
+def router_aux_loss(path: Path) -> float:
     """The router's balancing loss ftune adds (before its coefficient) on one batch of the LoRA model."""
     from ftune.model.moe import add_router_loss
 
-    cfg = run_cfg(path, family)
+    cfg = run_cfg(path)
     model = prepare_model(cfg)
     ids = token_batch(load_tokenizer(cfg.model))
     with torch.no_grad():
@@ -139,9 +195,9 @@ def router_aux_loss(path: Path, family: str) -> float:
     return parts["router_loss"].item()
 
 
-def merge_gap(path: Path, family: str) -> float:
+def merge_gap(path: Path) -> float:
     """|merged - adapter| logits over the largest logit, for a LoRA whose B matrices are non-zero."""
-    cfg = run_cfg(path, family)
+    cfg = run_cfg(path)
     torch.manual_seed(0)
     model = prepare_model(cfg).eval()
     ids = token_batch(load_tokenizer(cfg.model))
@@ -154,16 +210,100 @@ def merge_gap(path: Path, family: str) -> float:
     return ((merged - adapter).abs().max() / adapter.abs().max()).item()
 
 
-def plan_and_model_counts(path: Path, family: str, method: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(total, trainable) as `ftune plan` counts them on the meta device, and on the instantiated model."""
-    cfg = run_cfg(path, family, f"method.name={method}")
-    return count_parameters(build_meta_model(cfg)[0]), count_parameters(prepare_model(cfg))
+def plan_and_model_counts(path: Path, method: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(total, trainable) as `ftune plan` counts them (`plan_run` on CPU), and on the instantiated model."""
+    from ftune.model.plan import plan_run
+    from ftune.train.losses import build_step_loss
+
+    cfg = run_cfg(path, f"method.name={method}")
+    plan = plan_run(cfg, device="cpu", step_loss=build_step_loss)
+    return (plan.total_params, plan.trainable_params), count_parameters(prepare_model(cfg))
 
 
-def expert_lora_parameters(path: Path, family: str) -> int:
+def expert_lora_parameters(path: Path) -> int:
     """Trainable LoRA parameters on the fused MoE expert weights under all-linear."""
-    model = prepare_model(run_cfg(path, family))
+    model = prepare_model(run_cfg(path))
     return sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and ".experts." in name)
+
+
+def gguf_export(path: Path, out: Path) -> dict:
+    """`ftune export model=<path> format=gguf quant=f16`: the export report's parity checks (llama.cpp vs torch)."""
+    from ftune.config.commands import ExportCfg
+    from ftune.export.exporter import export
+
+    return export(ExportCfg(model=str(path), format="gguf", quant="f16", out=str(out))).parity
+
+
+def training_cell(path: Path, method: str) -> Cell:
+    """The first -> last loss of `method`: red unless the last is below `LOSS_DROP` of the first; refused: grey."""
+    try:
+        losses = training_losses(path, method)
+    except ConfigError as err:
+        if method == "qlora" and err.message.startswith("quant.bits"):
+            return Cell("refused", None, err.message)
+        raise
+    return Cell(f"{losses[0]:.3f} -> {losses[-1]:.3f}", losses[-1] < LOSS_DROP * losses[0],
+                "" if losses[-1] < LOSS_DROP * losses[0] else f"loss did not drop by 10% in {STEPS} steps")
+
+
+def packed_cell(path: Path, attn: str) -> Cell:
+    if attn not in attention_kernels(path):
+        why = f"ftune refuses sdpa: {sdpa_problem(model_config(path))}" if has_sdpa(path) \
+            else "transformers has no sdpa kernel for this class"
+        return Cell("–", None, why)
+    gap = packed_gap(path, attn)
+    return Cell(f"{gap:.1e}", gap < PACKED_TOLERANCE, "" if gap < PACKED_TOLERANCE else
+                f"packed loss differs from unpacked by {gap:.1e} (tolerance {PACKED_TOLERANCE:.0e})")
+
+
+def merge_cell(path: Path) -> Cell:
+    gap = merge_gap(path)
+    return Cell(f"{gap:.1e}", gap <= MERGE_TOLERANCE, "" if gap <= MERGE_TOLERANCE else
+                f"merged logits differ from base+adapter by {gap:.1e} of the largest logit")
+
+
+def plan_cell(path: Path, methods: tuple[str, ...] = ("lora",)) -> Cell:
+    """Red unless `plan_run`'s (total, trainable) equal the instantiated model's for each of `methods`."""
+    differ = []
+    for method in methods:
+        planned, built = plan_and_model_counts(path, method)
+        if planned != built:
+            differ.append(f"{method}: planned {planned[0]:,}/{planned[1]:,}, built {built[0]:,}/{built[1]:,}")
+    return Cell("equal", not differ, "(total/trainable) " + "; ".join(differ) if differ else "")
+
+
+def gguf_cell(path: Path, scratch: Path) -> Cell:
+    """The export's parity report, for architectures llama.cpp's converter maps (else grey)."""
+    hf_arch = model_config(path)["architectures"][0]
+    if hf_arch not in LLAMA_CPP:
+        return Cell("–", None, f"llama.cpp's converter does not map {hf_arch}")
+    out = scratch / f"{path.name}-gguf"
+    checks = gguf_export(path, out)["checks"]
+    failed = [name for name, check in checks.items() if not check["passed"]]
+    return Cell("f16 parity" if not failed else "FAIL", not failed, "failed: " + ", ".join(failed))
+
+
+CHECKS = ("LoRA", "packed eager", "packed sdpa", "merge", "plan", "GGUF")
+"""The checks of every row (families add full fine-tuning and QLoRA)."""
+CHECK_FUNCTIONS: dict[str, Callable[[Path, Path], Cell]] = {
+    "LoRA": lambda path, scratch: training_cell(path, "lora"),
+    "packed eager": lambda path, scratch: packed_cell(path, "eager"),
+    "packed sdpa": lambda path, scratch: packed_cell(path, "sdpa"),
+    "merge": lambda path, scratch: merge_cell(path),
+    "plan": lambda path, scratch: plan_cell(path),
+    "GGUF": gguf_cell,
+}
+"""Check -> its cell for the tiny model at `path` (`scratch`: a directory for exports); raises on errors."""
+
+
+def check_cells(path: Path, scratch: Path) -> dict[str, Cell]:
+    """The `CHECKS` of one tiny model, each failure caught into its cell."""
+    return {check: attempt(CHECK_FUNCTIONS[check], path, scratch) for check in CHECKS}
+
+
+def official(family: str) -> dict:
+    """The shipped official config.json the family's tiny model is built from."""
+    return tiny_arch.official_config(tiny_arch.families()[family]["hub"])
 
 
 def features(family: str) -> str:
@@ -197,85 +337,178 @@ def features(family: str) -> str:
     return ", ".join(found)
 
 
-def measure(family: str, path: Path) -> dict:
-    """Every cell of the family's row."""
-    row = {"family": family, "hub": tiny_arch.families()[family]["hub"], "features": features(family),
-           "params": sum(p.numel() for p in load_base_model(run_cfg(path, family).model).parameters())}
-    moe = is_mixture_of_experts(official(family))
-    for method in METHODS:
-        if method == "qlora" and moe:
-            row[method] = None  # refused at validation: the fused experts cannot be quantized
-            continue
-        losses = training_losses(path, family, method)
-        row[method] = (losses[0], losses[-1])
-    row["packed"] = {attn: packed_gap(path, family, attn) for attn in attention_kernels(family)}
-    row["merge"] = merge_gap(path, family)
-    row["plan"] = all(a == b for a, b in (plan_and_model_counts(path, family, m) for m in ("lora", "full")))
-    row["experts"] = expert_lora_parameters(path, family) if moe else 0
-    row["router"] = router_aux_loss(path, family) if moe else None
-    row["unnarrowed"] = unnarrowed_gap(path, family) if sliding_layers(official(family)) else None
-    return row
+def measure_family(family: str, path: Path, scratch: Path) -> dict:
+    """Every cell of the family's row: the shared checks, full and QLoRA, and the family's own figures."""
+    config = official(family)
+    row = {"name": f"{family} (`{tiny_arch.families()[family]['hub']}`)", "features": features(family),
+           "params": sum(p.numel() for p in load_base_model(run_cfg(path).model).parameters())}
+    cells = check_cells(path, scratch)
+    cells |= {"full": attempt(training_cell, path, "full"), "QLoRA": attempt(training_cell, path, "qlora"),
+              "plan": attempt(plan_cell, path, ("lora", "full"))}
+    cells["unnarrowed"] = attempt(lambda: Cell(f"{unnarrowed_gap(path):.1e}", None)) if sliding_layers(config) \
+        else Cell("–", None)
+    moe = is_mixture_of_experts(config)
+    cells["expert LoRA"] = attempt(lambda: Cell(f"{expert_lora_parameters(path)}", None)) if moe else Cell("–", None)
+    cells["router aux"] = attempt(lambda: Cell(f"{router_aux_loss(path):.3f}", None)) if moe else Cell("–", None)
+    return row | {"cells": cells}
 
 
-def markdown(rows: list[dict], seconds: float) -> str:
+def measure_zoo(model_type: str, out: Path, base, scratch: Path) -> dict:
+    """Every cell of a zoo architecture's row; a model that does not build fails every check."""
+    row = {"name": f"{model_type} (`{arch_zoo.causal_lm_classes()[model_type]}`)"}
+    try:
+        path = arch_zoo.build(model_type, out, base)
+    except Exception as err:  # an architecture whose tiny copy does not build is a finding
+        failed = Cell("not built", False, "build: " + first_line(err))
+        return row | {"features": "", "params": 0, "cells": {check: failed for check in CHECKS}}
+    model = load_base_model(run_cfg(path).model)
+    row |= {"features": ", ".join(arch_zoo.detect_features(model)),
+            "params": sum(p.numel() for p in model.parameters())}
+    return row | {"cells": check_cells(path, scratch)}
+
+
+FAMILY_COLUMNS = ("LoRA", "full", "QLoRA", "packed eager", "packed sdpa", "unnarrowed", "merge", "plan", "GGUF",
+                  "expert LoRA", "router aux")
+
+
+def table(rows: list[dict], columns: tuple[str, ...], footnotes: dict[str, int]) -> list[str]:
+    """A markdown table, red cells as `FAIL [n]` where n numbers their reason in `footnotes` (shared, in order)."""
+    lines = ["| architecture | features | params | " + " | ".join(columns) + " |",
+             "|---|---|---:|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            cell = row["cells"][column]
+            if cell.passed is False:
+                number = footnotes.setdefault(cell.reason, len(footnotes) + 1)
+                cells.append(f"**{cell.text} [{number}]**")
+            else:
+                cells.append(cell.text)
+        features_cell = row["features"].replace("|", "\\|")  # pad tokens such as <|endoftext|>
+        lines.append(f"| {row['name']} | {features_cell} | {row['params']:,} | {' | '.join(cells)} |")
+    return lines
+
+
+def reasons(rows: list[dict], footnotes: dict[str, int], start: int) -> list[str]:
+    """The reason of every red cell numbered from `start`, with the cells it explains."""
+    where: dict[str, list[str]] = {}
+    for row in rows:
+        for column, cell in row["cells"].items():
+            if cell.passed is False:
+                where.setdefault(cell.reason, []).append(f"{row['name'].split(' ')[0]} ({column})")
+    return [f"{number}. `{reason}` — {', '.join(where[reason])}" for reason, number in footnotes.items()
+            if number >= start and reason in where]
+
+
+def all_green(row: dict) -> bool:
+    return all(cell.passed is not False for cell in row["cells"].values())
+
+
+def markdown(families: list[dict], zoo: list[dict], seconds: float) -> str:
     """results/models.md."""
+    footnotes: dict[str, int] = {}
+    green = sum(map(all_green, families + zoo))
     lines = [
         "# The model matrix", "",
-        f"`python scripts/model_matrix.py` ({seconds:.0f} s on this machine; the same checks run as "
-        "`pytest -m models`). Each family is a tiny random-weight copy of the official config.json shipped under "
-        "`ftune/configs/hub/`, every architectural feature kept (scripts/tiny_arch.py); features are the official "
-        "config's (the tiny copy keeps each switch at tiny sizes: 4 experts top-2, a window of 8). Losses: first -> "
-        "last of "
-        f"{STEPS} steps on one batch. Packed: |packed - unpacked| / unpacked summed loss, documents longer than "
-        "the sliding window (8). Merge: max |merged - adapter| logit / max |logit|. Plan: `ftune plan`'s total and "
-        "trainable counts equal the instantiated model's (LoRA and full). Unnarrowed: the eager packed gap if the "
-        "block mask reached sliding layers as it is (what `ftune/model/attention.py` prevents). Expert LoRA: "
-        "trainable LoRA parameters on the fused expert weights (r=8); router aux: the balancing loss added with "
-        "the config's coefficient and logged as `router_loss`.", "",
-        "| family | features | params | LoRA | full | QLoRA | packed eager | packed sdpa | unnarrowed | merge "
-        "| plan | expert LoRA | router aux |",
-        "|---|---|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|",
+        f"`python scripts/model_matrix.py`: {len(families) + len(zoo)} architectures in {seconds / 60:.0f} min on "
+        f"this machine (2 CPU cores); **{green} pass every check**. `pytest -m models` runs the same checks on the "
+        "families and one zoo architecture per quirk (tests/model/test_families.py). A red cell is **FAIL [n]**, "
+        "n numbering its reason (the error's first line) under its table; – is a check that does not apply.", "",
+        f"Checks. LoRA (all-linear), full, QLoRA: first -> last loss of {STEPS} AdamW steps on one batch (red unless "
+        f"below {LOSS_DROP} of the first). Packed: |packed - unpacked| / unpacked summed loss through ftune's "
+        "collator, packing validated as a run's, with documents longer than the sliding window (8); red above "
+        f"{PACKED_TOLERANCE:.0e}. Merge: max |merged - adapter| logit / max |logit|, red above "
+        f"{MERGE_TOLERANCE:.0e}. Plan: `ftune plan`'s (`plan_run`, CPU) total and trainable counts equal the "
+        "instantiated model's, LoRA (and full, for families). GGUF: `ftune export format=gguf quant=f16` and its "
+        "llama.cpp parity checks, for architectures llama.cpp's converter maps "
+        "(scripts/llama_cpp_architectures.json, from its registry).", "",
+        f"## Families ({sum(map(all_green, families))} of {len(families)} pass every check)", "",
+        "Tiny random-weight copies of the official config.json files shipped under `ftune/configs/hub/`, with the "
+        "real tokenizer's special tokens, pad token and embedding padding (scripts/tiny_arch.py); features are "
+        "the official config's (the tiny copy keeps each switch at tiny sizes: 4 experts top-2, a window of 8). "
+        "Unnarrowed: the eager packed gap if the block mask reached sliding layers as it is (what "
+        "`ftune/model/attention.py` prevents). Expert LoRA: trainable LoRA parameters on the fused expert weights "
+        "(r=8); router aux: the balancing loss added with the config's coefficient and logged as `router_loss`.", "",
     ]
-    for r in rows:
-        losses = [f"{r[m][0]:.3f} -> {r[m][1]:.3f}" if r[m] else "refused (experts)" for m in METHODS]
-        sdpa = f"{r['packed']['sdpa']:.1e}" if "sdpa" in r["packed"] else "refused (soft-capping)"
-        unnarrowed = f"{r['unnarrowed']:.1e}" if r["unnarrowed"] is not None else "–"
-        router = f"{r['router']:.3f}" if r["router"] is not None else "–"
-        features_cell = r["features"].replace("|", "\\|")  # pad tokens such as <|endoftext|>
-        lines.append(f"| {r['family']} (`{r['hub']}`) | {features_cell} | {r['params']:,} | {' | '.join(losses)} | "
-                     f"{r['packed']['eager']:.1e} | {sdpa} | {unnarrowed} | {r['merge']:.1e} | "
-                     f"{'equal' if r['plan'] else 'DIFFER'} | {r['experts'] or '–'} | {router} |")
-    lines += ["", REFUSALS]
+    lines += table(families, FAMILY_COLUMNS, footnotes)
+    lines += ["", *reasons(families, footnotes, 1), ""]
+    first_zoo = len(footnotes) + 1
+    lines += [f"## Every other decoder-only causal LM of transformers ({sum(map(all_green, zoo))} of {len(zoo)} "
+              "pass every check)", "",
+              "Each architecture of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` (aliases of one class once), built from its "
+              "config class's defaults shrunk by scripts/arch_zoo.py: hidden 64, 4 heads of 16 (key/value heads "
+              "kept equal, single or grouped), 2 layers or enough to hold every layer type, 4 experts top-2, a "
+              "window of 8, every switch kept; ChatML tokens on the shared byte-level BPE. Features are detected "
+              "on the built model.", ""]
+    lines += table(zoo, CHECKS, footnotes)
+    lines += ["", *reasons(zoo, footnotes, first_zoo), "", *left_out()]
     return "\n".join(lines) + "\n"
 
 
-REFUSALS = """## Refused at validation (one line, exit code 2, before anything loads)
+def left_out() -> list[str]:
+    """The causal LMs the zoo does not build, with the detected reason, and the aliases it builds once."""
+    lines = ["## Left out", ""]
+    lines += [f"- {t}: {why}" for t in arch_zoo.causal_lm_classes() if (why := arch_zoo.skip_reason(t))]
+    lines += ["", "Aliases (another model_type registered with the same class, built once): " + "; ".join(
+        f"{kept}: {', '.join(others)}" for kept, others in arch_zoo.aliases().items() if others) + "."]
+    return lines
 
-- `model.attn_implementation=sdpa` on Gemma 2: sdpa drops its attention logit soft-capping (transformers refuses
-  it too); use `eager`.
-- `lora.dropout` > 0 with `all-linear` LoRA on a mixture-of-experts model: the fused expert weights are adapted
-  through PEFT's `target_parameters`, which has no dropout; set `lora.dropout=0`.
-- `quant.bits` on a mixture-of-experts model: bitsandbytes quantizes linear layers only, so the fused experts
-  (most of the weights) would stay unquantized and k-bit preparation would upcast them to fp32; use LoRA on a
-  16-bit base.
-- `data.packing=true` on a sliding-window architecture whose per-layer masks ftune does not know
-  (`ftune/config/architecture.py`); every family above is known.
-"""
+
+WORKER: dict = {}
+"""This process's tokenizer base and directories (set by `start_worker`)."""
+
+
+def start_worker(root: str) -> None:
+    """One torch thread per process (tiny models gain nothing from more, and threads spin on shared cores)."""
+    import transformers
+
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    WORKER.update(base=tiny_arch.base_tokenizer(), models=Path(root) / "models", scratch=Path(root) / "exports")
+    WORKER["scratch"].mkdir(parents=True, exist_ok=True)
+
+
+def measure(name: str) -> tuple[str, dict]:
+    """The row of family or zoo architecture `name`, and a progress line."""
+    began, scratch = time.perf_counter(), WORKER["scratch"]
+    if name in tiny_arch.families():
+        row = measure_family(name, tiny_arch.build(name, WORKER["models"], WORKER["base"]), scratch)
+    else:
+        row = measure_zoo(name, WORKER["models"], WORKER["base"], scratch)
+    cells = ", ".join(f"{k}={c.text}" + (f" [{c.reason}]" if c.passed is False else "")
+                      for k, c in row["cells"].items())
+    return name, row | {"progress": f"{name} ({time.perf_counter() - began:.1f} s): {cells}"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "results" / "models.md")
-    parser.add_argument("names", nargs="*", help="families (default: all)")
+    parser.add_argument("--jobs", type=int, default=2, help="processes, one torch thread each (default: 2 cores)")
+    parser.add_argument("names", nargs="*", help="families and zoo model_types (default: all)")
     args = parser.parse_args()
-    start, base = time.perf_counter(), tiny_arch.base_tokenizer()
+    start = time.perf_counter()
+    names = args.names or [*tiny_arch.families(), *arch_zoo.architectures()]
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        rows = []
-        for name in args.names or tiny_arch.families():
-            rows.append(measure(name, tiny_arch.build(name, Path(tmp), base)))
-            print(rows[-1], flush=True)
-    args.out.write_text(markdown(rows, time.perf_counter() - start))
-    print(f"wrote {args.out}")
+        if args.jobs == 1:
+            start_worker(tmp)
+            results = map(measure, names)
+        else:
+            pool = multiprocessing.get_context("fork").Pool(args.jobs, start_worker, (tmp,), maxtasksperchild=8)
+            results = pool.imap_unordered(measure, names)
+        for name, row in results:
+            print(row["progress"], flush=True)
+            rows[name] = row
+            write(args.out, names, rows, time.perf_counter() - start)  # a long run leaves its rows so far
+    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
+
+
+def write(out: Path, names: list[str], rows: dict[str, dict], seconds: float) -> None:
+    """results/models.md from the rows measured so far, in the order of `names`."""
+    families = [rows[name] for name in names if name in rows and name in tiny_arch.families()]
+    zoo = [rows[name] for name in names if name in rows and name not in tiny_arch.families()]
+    out.write_text(markdown(families, zoo, seconds))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ The `gguf` package (maintained in llama.cpp's repository) writes the container, 
 (`SpecialVocab`). What it leaves to llama.cpp's `convert_hf_to_gguf.py`, which is a script in that repository
 and not an installable module, is the per-architecture mapping: which hyperparameters become which keys, the
 Q/K row permutation of Llama-style attention, which tensors stay f32, and the token list with its types. Only
-that mapping is written here, following `conversion/llama.py` and `conversion/base.py` of llama.cpp at commit
+that mapping is written here, following `conversion/llama.py`, `qwen.py` and `base.py` of llama.cpp at commit
 0c1e570 (the one llama-cpp-python 0.3.36 vendors), for the architectures listed in `ARCHITECTURES`.
 """
 
@@ -42,8 +42,15 @@ class Architecture:
 ARCHITECTURES = {
     "LlamaForCausalLM": Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     "MistralForCausalLM": Architecture(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "Qwen2ForCausalLM": Architecture(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+    "Qwen3ForCausalLM": Architecture(gguf.MODEL_ARCH.QWEN3, permute_qk=False),
 }
-"""Architectures format=gguf converts (llama.cpp runs Mistral as `llama`); others are refused before loading."""
+"""Architectures format=gguf converts (llama.cpp runs Mistral as `llama`); others are refused before loading.
+
+Qwen2 and Qwen3 are Llama layers with q/k/v biases (Qwen2) or per-head q/k RMSNorm (Qwen3), which the tensor
+name map covers; llama.cpp runs them with transformers' rotate-half RoPE (`conversion/qwen.py`), so their
+rows stay in order.
+"""
 
 GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "use_regex": True}
 """A byte-level BPE that splits words with GPT-2's regex: llama.cpp's pre-tokenizer "gpt-2" is the same regex.
@@ -51,8 +58,9 @@ GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "use_regex": True}
 llama.cpp's converter recognises a tokenizer by hashing its ids for a probe text, which only works for the
 published tokenizers it lists; ftune's own tokenizer (and any retrained one) is recognised by its definition.
 """
-ROPE_TYPES = ("default", "linear")
-"""RoPE scalings written as metadata alone (llama3 / yarn / longrope need extra tensors or keys: refused)."""
+ROPE_TYPES = ("default", "linear", "llama3")
+"""RoPE scalings converted: metadata alone (linear), or a `rope_freqs` tensor of per-frequency factors (llama3,
+as `conversion/llama.py: generate_extra_tensors` writes it); yarn and longrope need keys not mapped here."""
 
 
 def check_convertible(config: dict, tokenizer: dict) -> None:
@@ -115,6 +123,8 @@ def write_gguf(model_dir: Path, path: Path, quant: str, name: str) -> None:
             raise ConfigError(f"format=gguf: tensor {hf_name} has no GGUF name for {config['architectures'][0]}")
         data, data_type = encode(gguf_name, tensor.float().numpy(), matrix_type)
         writer.add_tensor(gguf_name, data, raw_dtype=data_type)
+    if rope_parameters(config).get("rope_type") == "llama3":
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -132,8 +142,26 @@ def rope_parameters(config: dict) -> dict:
                                              **(config.get("rope_scaling") or {})}
 
 
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """Llama 3.1's per-frequency RoPE scaling as llama.cpp reads it: the divisor of each rotary frequency.
+
+    transformers scales the frequencies when it builds the rotary embedding (`_compute_llama3_parameters`);
+    llama.cpp divides by these factors instead, so the file carries them (`conversion/llama.py`): 1 for short
+    wavelengths, `factor` for long ones, a smooth blend between.
+    """
+    rope = rope_parameters(config)
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    context = rope.get("original_max_position_embeddings", 8192)
+    wavelengths = 2 * np.pi * rope.get("rope_theta", 10000.0) ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    smooth = (context / wavelengths - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelengths < context / high, 1.0, np.where(wavelengths > context / low, factor, blended)).astype(
+        np.float32)
+
+
 def add_hyperparameters(writer: gguf.GGUFWriter, config: dict) -> None:
-    """The `llama.*` keys llama.cpp reads to build the graph (`conversion/base.py: set_gguf_parameters`)."""
+    """The `<arch>.*` keys llama.cpp reads to build the graph (`conversion/base.py: set_gguf_parameters`)."""
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     rope = rope_parameters(config)
     writer.add_block_count(config["num_hidden_layers"])

@@ -162,3 +162,20 @@ def test_gguf_from_a_lora_run_computes_and_chats_as_the_trained_model(llama_cpp,
 
     card = (out / "README.md").read_text()
     assert "library_name: gguf" in card and f"- {quant}" in card and "next-token KL divergence, mean" in card
+
+
+def test_llama3_rope_factors_turn_the_default_frequencies_into_transformers_scaled_ones():
+    """llama.cpp divides each rotary frequency by the file's `rope_freqs`; the result must be transformers' own."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from ftune.export.gguf_file import llama3_rope_factors
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = LlamaConfig(hidden_size=2048, num_attention_heads=32, head_dim=64, rope_parameters=rope)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    default = 1.0 / 500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    factors = torch.from_numpy(llama3_rope_factors(config.to_dict()))
+    assert factors.min() == 1.0 and factors.max() == 32.0  # short wavelengths kept, long ones divided by 32
+    torch.testing.assert_close(default / factors, scaled.double(), rtol=1e-6, atol=0)
