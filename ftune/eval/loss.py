@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from ftune.data.mask import IGNORE_INDEX
+from ftune.model.dtypes import DTYPES
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 """Batch keys the model reads; packed batches carry position_ids (and a 4D mask, or none for flash-attn)."""
@@ -106,8 +107,7 @@ def autocast_forward(model, mixed_precision: str) -> None:
 
     if mixed_precision == "no":
         return
-    forward, device_type = model.forward, model.device.type
-    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    forward, device_type, dtype = model.forward, model.device.type, DTYPES[mixed_precision]
 
     def forward_under_autocast(*args, **kwargs):
         with torch.autocast(device_type=device_type, dtype=dtype):

@@ -34,11 +34,15 @@ def probe_ppl(model, loader, loss: BatchLoss = cross_entropy) -> float:
     return evaluate_loss(model, loader, loss=loss)["ppl"]
 
 
-def base_probe_ppl(model, loader, model_cfg: ModelCfg, probe_cfg: ProbeCfg) -> float:
-    """The base model's probe perplexity, from the cache or measured now (adapters disabled)."""
+def base_probe_ppl(model, loader, model_cfg: ModelCfg, probe_cfg: ProbeCfg, mixed_precision: str) -> float:
+    """The base model's probe perplexity, from the cache or measured now (adapters disabled).
+
+    Cached per autocast dtype too (`mixed_precision`, as the run resolved it): bf16 autocast moves the tiny
+    model's probe perplexity by 5e-4 of itself, so a bf16 run served an fp32 run's figure would start at that drift.
+    """
     from accelerate import PartialState
 
-    key = fingerprint(base_signature(model_cfg), file_signature(probe_cfg.path), probe_cfg.max_length)
+    key = fingerprint(base_signature(model_cfg), file_signature(probe_cfg.path), probe_cfg.max_length, mixed_precision)
     cached = cache_dir("probe") / f"{key}.json"
     if cached.is_file():
         return json.loads(cached.read_text())["ppl"]

@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraLayer, ParamWrapper
 
 from ftune.config.schema import LoraCfg, MethodCfg
 from ftune.model.dropout import use_sparse_dropout
-from ftune.model.lora_linear import fused_lora_layer
+from ftune.model.lora_linear import with_fused_layers
 
 TASK_TYPE = "CAUSAL_LM"
 ALL_LINEAR = "all-linear"
@@ -126,8 +126,7 @@ def lora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoraConfig:
         # the head does not use; the merged model, re-tied on loading, then answers differently (tested).
         ensure_weight_tying=model is not None and embeddings_tied(model),
     )
-    config._register_custom_module({torch.nn.Linear: fused_lora_layer})  # PEFT's documented, experimental API
-    return config
+    return with_fused_layers(config)
 
 
 def ia3_config(method: MethodCfg, cfg: LoraCfg, model=None) -> IA3Config:

@@ -141,3 +141,12 @@ def fused_lora_layer(target: nn.Module, adapter_name: str, config, **kwargs) -> 
     if type(base) is not nn.Linear or kwargs.get("parameter_name") is not None:
         return None
     return FusedLoraLinear(target, adapter_name, config=config, **kwargs)
+
+
+def with_fused_layers(config):
+    """`config` (a PEFT `LoraConfig`) set to build its plain linear layers as `FusedLoraLinear`, and returned.
+
+    Through PEFT's custom-module dispatch (its documented, experimental API); PEFT builds every other layer.
+    """
+    config._register_custom_module({nn.Linear: fused_lora_layer})
+    return config

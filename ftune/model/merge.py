@@ -22,7 +22,9 @@ from ftune.config.commands import MergeCfg
 from ftune.config.schema import ModelCfg
 from ftune.errors import ConfigError, ResourceError
 from ftune.model.adapters import can_merge
+from ftune.model.dropout import use_sparse_dropout
 from ftune.model.load import from_pretrained, load_base_model
+from ftune.model.lora_linear import with_fused_layers
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -233,20 +235,29 @@ def check_output_dir(out: Path, inputs: list[str], overwrite: bool) -> None:
 
 
 def load_adapted(base: str, adapter_dir: str, dtype: str):
-    """The base in full precision with the adapter of `adapter_dir` attached (a PeftModel).
+    """The base in full precision with the adapter of `adapter_dir` attached (a PeftModel), computing as it trained.
+
+    LoRA layers are the ones `ftune train` builds (`FusedLoraLinear`, the dropout folded into lora_A): under
+    bf16 autocast PEFT's own layer rounds base and adapter outputs separately before adding them, which moved
+    the tiny model's held-out loss by 1e-3, so `ftune eval run=` would not reproduce the run's evaluation.
 
     Raises:
         ResourceError: the base is missing or cannot be loaded.
         ConfigError: the base is a quantized checkpoint, or does not fit the adapter (shapes, module names).
     """
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
 
+    config = read_adapter_config(adapter_dir, "adapter")
+    if isinstance(config, LoraConfig):
+        config = with_fused_layers(config)
     base_model = load_full_precision(base, dtype)
     try:
-        return PeftModel.from_pretrained(base_model, adapter_dir, adapter_name="ftune_0")
+        model = PeftModel.from_pretrained(base_model, adapter_dir, adapter_name="ftune_0", config=config)
     except (RuntimeError, ValueError) as err:
         raise ConfigError(f"base={base} does not fit adapter={adapter_dir}: {mismatch_detail(err)}",
                           "pass the base the adapter was trained on with base=PATH_OR_ID") from None
+    use_sparse_dropout(model)
+    return model
 
 
 def load_full_precision(base: str, dtype: str):

@@ -2,7 +2,14 @@
 
 import pytest
 
+from ftune.errors import ConfigError
 from ftune.model import dtypes
+
+
+@pytest.fixture(autouse=True)
+def cpu_as_detected(monkeypatch):
+    """These tests are about the detection: FTUNE_CPU_BF16 (which a whole test session may set) is not."""
+    monkeypatch.delenv(dtypes.CPU_BF16_ENV, raising=False)
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -15,6 +22,20 @@ from ftune.model import dtypes
 def test_cpu_autocast_follows_the_bf16_instructions(monkeypatch, flags, expected):
     monkeypatch.setattr(dtypes, "cpu_flags", lambda: flags)
     assert dtypes.native_mixed_precision("cpu") == expected
+
+
+@pytest.mark.parametrize(("told", "expected"), [("1", "bf16"), ("0", "no")])
+def test_ftune_cpu_bf16_overrides_the_cpu_flags(monkeypatch, told, expected):
+    """The switch that runs the suite here as on the other kind of CPU (with or without bf16 instructions)."""
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: {"avx512_bf16"} if expected == "no" else {"avx2"})
+    monkeypatch.setenv(dtypes.CPU_BF16_ENV, told)
+    assert dtypes.native_mixed_precision("cpu") == expected
+
+
+def test_ftune_cpu_bf16_takes_only_0_or_1(monkeypatch):
+    monkeypatch.setenv(dtypes.CPU_BF16_ENV, "yes")
+    with pytest.raises(ConfigError, match="FTUNE_CPU_BF16=yes"):
+        dtypes.native_mixed_precision("cpu")
 
 
 def test_planning_for_a_gpu_this_machine_lacks_assumes_bf16(monkeypatch):

@@ -24,9 +24,10 @@ def start_train(*overrides: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for(path: Path, process: subprocess.Popen, text: str = "", timeout: float = 300) -> None:
+    """Wait until `path` exists (and holds `text`) while `process` runs; the timeout only stops a hang."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not (path.exists() and text in path.read_text()):
         assert process.poll() is None, f"run ended before {path} appeared: {process.stderr.read()}"
         assert time.monotonic() < deadline, f"{path} did not appear"
         time.sleep(0.05)
@@ -90,8 +91,7 @@ def test_streaming_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run
 def test_sigint_saves_a_resumable_checkpoint_and_exits_130(tmp_path):
     run_dir = tmp_path / "run"
     process = start_train(*SHORT, "trainer.max_steps=400", f"output_dir={run_dir}")
-    wait_for(run_dir / "metrics.jsonl", process)
-    time.sleep(1.0)
+    wait_for(run_dir / "metrics.jsonl", process, '"loss"')  # a step is logged: the loop's signal handler is set
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == 130
     stopped = summary(run_dir)
