@@ -45,9 +45,9 @@ def bad_inputs(adapter, tmp_path, tiny_model_path, random_llama):
     prompt = tmp_path / "prompt"
     get_peft_model(random_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)).save_pretrained(
         prompt)
-    qwen = model_dir_with(tmp_path, tiny_model_path, "qwen", {"architectures": ["Qwen2ForCausalLM"]})
-    llama3_rope = model_dir_with(tmp_path, tiny_model_path, "llama3_rope",
-                                 {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}})
+    gemma = model_dir_with(tmp_path, tiny_model_path, "gemma", {"architectures": ["Gemma2ForCausalLM"]})
+    yarn_rope = model_dir_with(tmp_path, tiny_model_path, "yarn_rope",
+                               {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}})
     sliding = model_dir_with(tmp_path, tiny_model_path, "sliding", {"architectures": ["MistralForCausalLM"],
                                                                      "sliding_window": 4096})
     metaspace = model_dir_with(tmp_path, tiny_model_path, "metaspace", None, {"pre_tokenizer": {"type": "Metaspace"}})
@@ -66,9 +66,9 @@ def bad_inputs(adapter, tmp_path, tiny_model_path, random_llama):
         "missing adapter": ([f"adapter={tmp_path / 'nowhere'}"], "no such directory"),
         "out inside the adapter": ([f"adapter={adapter}", f"out={adapter / 'hf'}"], "overlaps the input"),
         "prompt tuning merged": ([f"adapter={prompt}", "format=gguf"], "format=gguf cannot merge it"),
-        "gguf of another architecture": ([f"model={qwen}", "format=gguf"],
-                                         "architecture Qwen2ForCausalLM is not supported"),
-        "gguf of llama3 rope": ([f"model={llama3_rope}", "format=gguf"], "RoPE type 'llama3' is not supported"),
+        "gguf of another architecture": ([f"model={gemma}", "format=gguf"],
+                                         "architecture Gemma2ForCausalLM is not supported"),
+        "gguf of yarn rope": ([f"model={yarn_rope}", "format=gguf"], "RoPE type 'yarn' is not supported"),
         "gguf with a sliding window": ([f"model={sliding}", "format=gguf"], "sliding-window attention is not mapped"),
         "gguf of another tokenizer": ([f"model={metaspace}", "format=gguf"],
                                       "only byte-level BPE tokenizers with GPT-2's pre-tokenizer"),
@@ -77,7 +77,7 @@ def bad_inputs(adapter, tmp_path, tiny_model_path, random_llama):
 
 CASES = ["no source", "two sources", "quant without gguf", "bad format", "bad quant", "unknown key", "no out",
          "push without repo", "adapter of a model", "missing run", "unfinished run", "missing adapter",
-         "out inside the adapter", "prompt tuning merged", "gguf of another architecture", "gguf of llama3 rope",
+         "out inside the adapter", "prompt tuning merged", "gguf of another architecture", "gguf of yarn rope",
          "gguf with a sliding window", "gguf of another tokenizer"]
 
 
