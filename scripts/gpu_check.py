@@ -218,9 +218,10 @@ def packing_check(device: torch.device, smoke_dir: Path | None) -> dict:
 def check(model_name: str, method: str, args, device: torch.device, smoke_dir: Path | None) -> dict:
     """One (model, method): ftune's and TRL's steps and the plan's estimate."""
     from ftune.model.plan import GIB, plan_run
+    from ftune.train.losses import build_step_loss
 
     cfg = run_config(model_name, method, args.seq_len, args.micro_batch, smoke_dir)
-    plan = plan_run(cfg, device=device.type).memory
+    plan = plan_run(cfg, device=device.type, step_loss=build_step_loss).memory
     row = {"model": model_name, "method": method, "tokens_per_step": args.seq_len * args.micro_batch,
            "plan_gb": plan.total / GIB, "ftune": ftune_steps(cfg, device, args.steps)}
     release(device)

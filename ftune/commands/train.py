@@ -141,7 +141,8 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
     save_trainable_weights_only(accelerator)
     state = load_checkpoint(accelerator, checkpoint) if checkpoint else TrainState()
     if loaders.get("probe") is not None and state.base_probe_ppl is None:
-        state.base_probe_ppl = base_probe_ppl(model, loaders["probe"], cfg.model, cfg.probe)
+        state.base_probe_ppl = base_probe_ppl(model, loaders["probe"], cfg.model, cfg.probe,
+                                              cfg.trainer.mixed_precision)
     task_probe = build_task_probe(cfg, probe_tasks, tokenizer, accelerator.unwrap_model(model), state)
     step_loss = build_step_loss(accelerator.unwrap_model(model), cfg.trainer, teacher, cfg.distill, len(tokenizer))
 
@@ -284,8 +285,9 @@ def announce(cfg: RunCfg, accelerator: Accelerator, resume: ResumeChanges | None
     gpus, sharding = distribution_from_env()
     device = "cuda" if accelerator.device.type == "cuda" else "cpu"
     try:
-        print_table(f"plan: {cfg.recipe}", plan_rows(plan_run(cfg, gpus=gpus, sharding=sharding, device=device)))
-    except FtuneError as err:  # an estimate it cannot make (e.g. a non-Llama model) must not stop training
+        plan = plan_run(cfg, gpus=gpus, sharding=sharding, device=device, step_loss=build_step_loss)
+        print_table(f"plan: {cfg.recipe}", plan_rows(plan))
+    except FtuneError as err:  # an estimate it cannot make (e.g. no config.json) must not stop training
         console.print(f"plan: not available ({err.one_line()})")
     for note in advisories(cfg):
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)

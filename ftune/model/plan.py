@@ -5,8 +5,10 @@ it exactly as training does, and the counts and dtypes are read off its tensors.
 - weights: every tensor at its dtype, quantized ones by bitsandbytes' storage (`model/memory.py`);
 - gradients: the trainable tensors at their dtype;
 - optimizer state: by `optim.name` (`model/memory.py`);
-- activations: one micro-batch of `data.max_length` tokens (`model/activations.py`);
-- logits: the loss's transient logits, one chunk's (`trainer.loss_chunk_size`) or, unfused, the micro-batch's;
+- activations: what autograd keeps of one micro-batch of `data.max_length` tokens, measured by tracing the
+  run's forward and step loss on fake tensors (`model/trace.py`);
+- logits: the loss's transient logits, one chunk's (`trainer.loss_chunk_size`) or, unfused, the micro-batch's:
+  arithmetic (`logits_bytes`), since the trace sees what is kept, not what passes through;
 - the distillation teacher's weights;
 divided by the distribution (`gpus=N sharding=none|zero2|zero3|fsdp`, see `memory.per_gpu`).
 """
@@ -15,39 +17,28 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from peft.tuners.ia3 import IA3Layer
-from peft.tuners.lora import LoraLayer
 
 from ftune.config.schema import RunCfg, TrainerCfg
 from ftune.errors import ConfigError
-from ftune.model import activations as act
 from ftune.model import memory
-from ftune.model.dropout import SPARSE_UP_TO, folds_into_lora_a
-from ftune.model.dtypes import native_mixed_precision
+from ftune.model.dtypes import DTYPES, native_mixed_precision
 from ftune.model.load import count_parameters
-from ftune.model.lora_linear import fuses
 from ftune.model.meta import (
     build_meta_model,
+    decoder_layers,
     decoder_of,
     embedding_ids,
-    load_model_config,
-    meta_model,
-    quantized_storage,
+    meta_teacher,
     unique_parameters,
 )
+from ftune.model.trace import StepLossBuilder, trace_step
 
 GIB = 2**30
 """The `*_gb` figures are GiB, the unit GPU memory is sold and reported in."""
 AUTOCAST_BYTES = 2
 """bf16 and fp16, the dtypes `trainer.mixed_precision` autocasts to."""
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-"""`model_type`s whose decoder layer the activation formula describes (RMSNorm, RoPE attention, SwiGLU MLP)."""
-LLAMA_LIKE = {
-    "qwen3": "QK-norm's per-head normalisations not counted",
-    "gemma3_text": "Gemma's extra pre/post-MLP norms not counted",
-}
-"""`model_type`s that are a Llama layer plus small normalisations the formula leaves out (a few % of the
-activations): planned, with the omission named next to the figure."""
+FP32 = 4
+"""Bytes of the fp32 logits and softmax temporaries of the loss."""
 
 
 @dataclass
@@ -89,46 +80,45 @@ class Plan:
     """Component -> the arithmetic behind its figure, for the table."""
 
 
-def plan_run(cfg: RunCfg, gpus: int = 1, sharding: str = "none", device: str = "cuda") -> Plan:
+def plan_run(cfg: RunCfg, gpus: int = 1, sharding: str = "none", device: str = "cuda", *,
+             step_loss: StepLossBuilder) -> Plan:
     """Count parameters and estimate memory per GPU for `cfg` on `gpus` GPUs with `sharding`.
 
     Args:
         cfg: a validated run config.
         gpus: processes (GPUs) the run is launched on.
         sharding: none (one GPU or DDP), zero2, zero3 or fsdp.
-        device: `cuda`, or `cpu` to estimate a CPU run (other dropout masks; `trainer.mixed_precision=auto`
-            resolved for that device).
+        device: `cuda`, or `cpu` to estimate a CPU run (ftune's CPU kernels, other dropout masks;
+            `trainer.mixed_precision=auto` resolved for that device).
+        step_loss: `ftune.train.losses.build_step_loss` (the trace runs the run's own loss).
 
     Returns:
         The plan; nothing is downloaded and no weight is allocated.
 
     Raises:
-        ConfigError: bad `gpus` or `sharding`, or a model outside the Llama family.
+        ConfigError: bad `gpus` or `sharding`.
         ResourceError: no config.json for the model or the teacher.
     """
     check_distribution(gpus, sharding)
     if cfg.trainer.mixed_precision == "auto":
         cfg = replace(cfg, trainer=replace(cfg.trainer, mixed_precision=native_mixed_precision(device)))
-    model, quantized = build_meta_model(cfg)
-    check_architecture(model.config.model_type, cfg.model.name_or_path)
+    model, quantized = build_meta_model(cfg, device)
+    total, trainable = count_parameters(model)
     weights, grads, optimizer, notes = replica_bytes(model, quantized, cfg, sharding)
     gathered = memory.GATHERED_LAYERS * max_layer_bytes(model, quantized, cfg, sharding)
     weights, grads, optimizer = memory.per_gpu(weights, grads, optimizer, gathered, sharding, gpus)
-    activation_total, seq_len = activation_estimate(model, quantized, cfg, sharding, device)
-    tokens = cfg.trainer.micro_batch_size * seq_len
+    tokens = cfg.trainer.micro_batch_size * planned_seq_len(cfg)
+    logits, notes["logits"] = logits_estimate(model, cfg, sharding, tokens)
+    activation_total = activation_estimate(model, cfg, sharding, device, step_loss)
     notes["activations"] = f"{activation_total / tokens / 1024:.1f} KiB x {tokens} tokens"
-    if model.config.model_type in LLAMA_LIKE:
-        notes["activations"] += f" ({LLAMA_LIKE[model.config.model_type]})"
-    logits, notes["logits"] = logits_estimate(model, quantized, cfg, sharding, device, tokens)
     for part, how in sharding_notes(sharding, gpus).items():
         notes[part] += how
-    total, trainable = count_parameters(model)
     return Plan(
         recipe=cfg.recipe, model=cfg.model.name_or_path, method=method_label(cfg), optimizer=cfg.optim.name,
-        gpus=gpus, sharding=sharding, micro_batch_size=cfg.trainer.micro_batch_size, seq_len=seq_len,
+        gpus=gpus, sharding=sharding, micro_batch_size=cfg.trainer.micro_batch_size, seq_len=planned_seq_len(cfg),
         grad_accum=cfg.trainer.grad_accum, effective_batch=effective_batch(cfg.trainer, gpus),
         gradient_checkpointing=cfg.model.gradient_checkpointing, total_params=total, trainable_params=trainable,
-        memory=Memory(weights, grads, optimizer, activation_total, teacher_bytes(cfg), logits), notes=notes,
+        memory=Memory(weights, grads, optimizer, activation_total, teacher_bytes(cfg, device), logits), notes=notes,
     )
 
 
@@ -173,13 +163,6 @@ def check_distribution(gpus: int, sharding: str) -> None:
         raise ConfigError(f"sharding={sharding}: expected one of {', '.join(memory.SHARDINGS)}")
 
 
-def check_architecture(model_type: str, name_or_path: str) -> None:
-    """Raise a ConfigError for a model whose layers the activation formula does not describe."""
-    if model_type not in (*LLAMA_FAMILY, *LLAMA_LIKE):
-        raise ConfigError(f"model.name_or_path={name_or_path}: ftune plan estimates Llama-family decoders "
-                          f"({', '.join((*LLAMA_FAMILY, *LLAMA_LIKE))}), not model_type {model_type}")
-
-
 def method_label(cfg: RunCfg) -> str:
     """`lora`, `qlora` (LoRA on a 4-bit base), `full`, ..., with `+distill` when a teacher is set."""
     name = "qlora" if cfg.method.name == "lora" and cfg.quant.bits == 4 else cfg.method.name
@@ -192,32 +175,45 @@ def max_layer_bytes(model: torch.nn.Module, quantized: dict[int, int], cfg: RunC
     if sharding not in ("zero3", "fsdp"):
         return 0
     cast = AUTOCAST_BYTES if cfg.trainer.mixed_precision != "no" else None
-    layers = decoder_of(model).layers
+    layers = decoder_layers(model)
     return max(memory.weights_bytes(unique_parameters(layer), quantized, cast) for layer in layers)
 
 
-def model_shape(model: torch.nn.Module) -> act.Shape:
-    """The decoder's dimensions that activations scale with."""
-    config = decoder_of(model).config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return act.Shape(
-        hidden=config.hidden_size, intermediate=config.intermediate_size,
-        q_dim=config.num_attention_heads * head_dim, kv_dim=config.num_key_value_heads * head_dim,
-        heads=config.num_attention_heads, vocab=config.vocab_size,
-    )
+def planned_seq_len(cfg: RunCfg) -> int:
+    """Tokens per sequence the model sees: `data.max_length`, plus prompt tuning's virtual tokens."""
+    return cfg.data.max_length + (cfg.method.num_virtual_tokens if cfg.method.name == "prompt_tuning" else 0)
 
 
-def logits_estimate(model: torch.nn.Module, quantized: dict[int, int], cfg: RunCfg, sharding: str, device: str,
-                    tokens: int) -> tuple[float, str]:
+def logits_estimate(model: torch.nn.Module, cfg: RunCfg, sharding: str, tokens: int) -> tuple[float, str]:
     """The loss's transient logits for this run, and the note comparing chunked with unfused."""
-    shape = model_shape(model)
-    prec = precision(model, cfg, sharding, device, four_bit=bool(quantized) and cfg.quant.bits == 4)
+    config = decoder_of(model).config
+    embeddings = model.get_input_embeddings().weight
+    matmul = AUTOCAST_BYTES if cfg.trainer.mixed_precision != "no" else embeddings.element_size()
     distill, trains = cfg.distill.teacher is not None, head_trains(model)
     chunk = loss_chunk(cfg, sharding)
-    chunked = act.logits_bytes(shape, prec, tokens, chunk, distill, trains)
-    unfused = act.logits_bytes(shape, prec, tokens, 0, distill, trains)
+    sizes = (config.vocab_size, config.hidden_size, matmul, tokens)
+    chunked = logits_bytes(*sizes, chunk, distill, trains)
+    unfused = logits_bytes(*sizes, 0, distill, trains)
     how = f"chunks of {chunk} tokens (unfused: {unfused / GIB:.2f} GiB)" if chunk else "unfused (full logits)"
     return chunked, how
+
+
+def logits_bytes(vocab: int, hidden: int, matmul: int, tokens: int, chunk: int, distill: bool,
+                 head_trains: bool) -> float:
+    """The loss's transient logits at their largest: the whole micro-batch's, or one chunk's.
+
+    Unfused: the head's output in the matmul dtype (`matmul` bytes) and its fp32 upcast (the saved
+    log-probabilities are activations). Chunked, per token of a chunk: the fp32 logits and logsumexp's fp32
+    temporary, plus under autocast the 16-bit matmul output and the 16-bit gradient fed to the backward matmuls;
+    distillation adds the teacher's logits and the two tempered log-softmaxes and the teacher's probabilities
+    (4 fp32 tensors). With a trainable head the chunked loss also accumulates the head's weight gradient in fp32.
+    """
+    cast = matmul if matmul != FP32 else 0
+    if chunk == 0:
+        return tokens * vocab * (cast + FP32) * (2 if distill else 1)
+    per_element = 2 * FP32 + 2 * cast + (4 * FP32 if distill else 0)
+    weight_grad = FP32 * vocab * hidden if head_trains else 0
+    return min(chunk, tokens) * vocab * per_element + weight_grad
 
 
 def loss_chunk(cfg: RunCfg, sharding: str) -> int:
@@ -234,111 +230,34 @@ def head_trains(model: torch.nn.Module) -> bool:
     return any(p.requires_grad for p in model.get_output_embeddings().parameters())
 
 
-def activation_estimate(
-    model: torch.nn.Module, quantized: dict[int, int], cfg: RunCfg, sharding: str, device: str
-) -> tuple[float, int]:
-    """Activation bytes of one micro-batch (plus autocast's weight copies), and the sequence length used."""
-    shape = model_shape(model)
-    prec = precision(model, cfg, sharding, device, four_bit=bool(quantized) and cfg.quant.bits == 4)
-    seq_len = cfg.data.max_length + (cfg.method.num_virtual_tokens if cfg.method.name == "prompt_tuning" else 0)
-    decoder = decoder_of(model)
-    layers = [layer_training(layer, device) for layer in decoder.layers]
-    head = act.head_token_bytes(shape, prec, head_trains(model), decoder.norm.weight.requires_grad,
-                                cfg.distill.teacher is not None, loss_chunk(cfg, sharding) > 0)
-    eager = cfg.model.attn_implementation == "eager"
-    total = act.activation_bytes(shape, prec, layers, head, cfg.trainer.micro_batch_size * seq_len, seq_len,
-                                 eager, cfg.model.gradient_checkpointing)
-    return total + autocast_copy_bytes(model, quantized, prec, cfg.model.gradient_checkpointing), seq_len
+def activation_estimate(model: torch.nn.Module, cfg: RunCfg, sharding: str, device: str,
+                        step_loss: StepLossBuilder) -> int:
+    """Activation bytes of one micro-batch, traced (`model/trace.py`); `model` is left on fake tensors.
 
-
-def precision(model: torch.nn.Module, cfg: RunCfg, sharding: str, device: str, four_bit: bool) -> act.Precision:
-    """Bytes of the kept tensors.
-
-    DeepSpeed and FSDP compute in the mixed-precision dtype (weights cast, no autocast); one GPU or DDP
-    autocasts matmuls. bitsandbytes' 4-bit layers return their input's dtype: the norms' output, fp32 once
-    k-bit preparation upcast the norms.
+    One GPU or DDP autocast the forward to the mixed-precision dtype; DeepSpeed and FSDP run the model in
+    that dtype instead (weights cast, no autocast). The loss is the one this distribution runs (`loss_chunk`).
     """
-    lora = [p for n, p in model.named_parameters() if "lora_A" in n]
-    adapter = lora[0].element_size() if lora else act.FP32
-    mixed = cfg.trainer.mixed_precision != "no"
-    if mixed and sharding != "none":
-        return act.Precision(AUTOCAST_BYTES, AUTOCAST_BYTES, AUTOCAST_BYTES, AUTOCAST_BYTES, autocast=False)
-    decoder = decoder_of(model)
-    residual = decoder.embed_tokens.weight.element_size()
-    if not mixed:
-        return act.Precision(residual, residual, residual, adapter, autocast=False)
-    mlp = max(residual, decoder.norm.weight.element_size()) if four_bit else AUTOCAST_BYTES
-    return act.Precision(AUTOCAST_BYTES, mlp, residual, AUTOCAST_BYTES, autocast=True)
+    mixed = DTYPES.get(cfg.trainer.mixed_precision)
+    if mixed is not None and sharding != "none":
+        model.to(mixed)
+    teacher = meta_teacher(cfg, device)[0] if cfg.distill.teacher is not None else None
+    run = replace(cfg, trainer=replace(cfg.trainer, loss_chunk_size=loss_chunk(cfg, sharding)))
+    autocast = mixed if sharding == "none" else None
+    try:
+        trace = trace_step(model, run, cfg.data.max_length, autocast, step_loss, teacher)
+    except Exception as err:  # noqa: BLE001 -- the trace runs the library's modelling code, whatever it raises
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"ftune plan cannot trace {type(model.config).__name__.removesuffix('Config')} with "
+                          f"method={method_label(cfg)}: {reason}",
+                          "ftune train runs without the plan; please report it") from err
+    return trace.activations(cfg.model.gradient_checkpointing)
 
 
-def layer_training(layer: torch.nn.Module, device: str) -> act.LayerTraining:
-    """What trains in one decoder layer: base projections, norms, LoRA or IA3 adapters."""
-    loras = tuple(
-        act.LoraSite(name.rsplit(".", 1)[-1], module.in_features, module.r[adapter],
-                     dropout_mask_bytes(module.lora_dropout[adapter], module.lora_A[adapter].weight, device),
-                     keeps_dropped_copy(module, adapter, device), fuses(module, adapter, device))
-        for name, module in layer.named_modules() if isinstance(module, LoraLayer)
-        for adapter in module.active_adapters
-    )
-    linears = any(m.weight.requires_grad for name, m in layer.named_modules()
-                  if isinstance(m, torch.nn.Linear) and "lora_" not in name)
-    ia3 = tuple(
-        act.Ia3Site(module.in_features if module.is_feedforward else module.out_features, module.is_feedforward)
-        for module in layer.modules() if isinstance(module, IA3Layer)
-    )
-    norms = any(p.requires_grad for n, p in layer.named_parameters() if "norm" in n)
-    return act.LayerTraining(linears=linears, norms=norms, loras=loras, ia3=ia3)
-
-
-def dropout_mask_bytes(dropout: torch.nn.Module, lora_a: torch.Tensor, device: str) -> float:
-    """Bytes per input element a LoRA dropout keeps for the backward.
-
-    A bool mask on CUDA; on CPU the int64 positions of the dropped share p (ftune's SparseDropout, which
-    `add_adapter` installs), or torch's float mask in the adapter dtype above SPARSE_UP_TO. PEFT uses an
-    Identity when p = 0: nothing kept.
-    """
-    if not isinstance(dropout, torch.nn.Dropout) or dropout.p == 0:
-        return 0.0
-    if device == "cuda":
-        return 1.0
-    return 8 * dropout.p if dropout.p <= SPARSE_UP_TO else float(lora_a.element_size())
-
-
-def keeps_dropped_copy(module: LoraLayer, adapter: str, device: str) -> bool:
-    """Whether lora_A keeps a dropped copy of its input: not where `use_sparse_dropout` folds the dropout into it.
-
-    It folds on CPU up to SPARSE_UP_TO (model/dropout.py's `draws_positions`); read only where the dropout drops.
-    """
-    p = getattr(module.lora_dropout[adapter], "p", 0.0)
-    return not (device == "cpu" and p <= SPARSE_UP_TO and folds_into_lora_a(module, adapter))
-
-
-def autocast_copy_bytes(model: torch.nn.Module, quantized: dict[int, int], prec: act.Precision,
-                        checkpointing: bool) -> float:
-    """Autocast's 16-bit copies of floating linear weights, kept from the forward until the backward.
-
-    With gradient checkpointing a layer's copies live only while it is recomputed: the head's and one layer's.
-    """
-    if not prec.autocast:
-        return 0
-
-    def copies(module: torch.nn.Module) -> int:
-        return sum(AUTOCAST_BYTES * m.weight.numel() for m in module.modules()
-                   if isinstance(m, torch.nn.Linear) and id(m.weight) not in quantized
-                   and m.weight.element_size() != AUTOCAST_BYTES)
-
-    layers = [copies(layer) for layer in decoder_of(model).layers]
-    head = copies(model.get_output_embeddings())
-    return head + (max(layers, default=0) if checkpointing else sum(layers))
-
-
-def teacher_bytes(cfg: RunCfg) -> int:
+def teacher_bytes(cfg: RunCfg, device: str) -> int:
     """Weights of the frozen distillation teacher (replicated on every GPU), 0 without one."""
     if cfg.distill.teacher is None:
         return 0
-    model = meta_model(load_model_config(cfg.distill.teacher, "distill.teacher"), cfg.model.dtype)
-    bits = cfg.distill.teacher_bits
-    quantized = quantized_storage(model, bits, cfg.quant.double_quant) if bits else {}
+    model, quantized = meta_teacher(cfg, device)
     return memory.weights_bytes(unique_parameters(model), quantized)
 
 
