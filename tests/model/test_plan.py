@@ -310,6 +310,7 @@ print(json.dumps({"peak": status("VmHWM:") - baseline}))
 """
 
 
+@EMULATED_BF16
 @pytest.mark.parametrize("chunk", [256, 0], ids=["chunked", "unfused"])
 def test_large_vocabulary_plan_matches_the_measured_peak(big_vocab_dir, chunk):
     """The plan's total against the peak resident memory of a real CPU step, above the process's baseline.
