@@ -38,8 +38,7 @@ SIZES = (
     (INTERMEDIATE, ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size", "mlp_dim", "d_inner",
                     "inner_dim")),
     (HEADS, ("num_attention_heads", "n_head", "num_heads", "n_heads", "attention_heads")),
-    (HEAD_DIM, ("head_dim", "attention_head_dim", "kv_channels", "qk_nope_head_dim", "v_head_dim", "d_head",
-                "qk_head_dim")),
+    (HEAD_DIM, ("head_dim", "attention_head_dim", "kv_channels", "qk_nope_head_dim", "v_head_dim", "d_head")),
     (HEAD_DIM // 2, ("qk_rope_head_dim", "rotary_dim")),  # partial rotary (CodeGen, GPT-J) stays partial
     (32, ("kv_lora_rank", "q_lora_rank", "index_head_dim", "index_topk")),
     (EXPERTS, ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")),
@@ -223,7 +222,20 @@ def tiny_config(model_type: str, vocab: int, ids: dict[str, int]) -> PretrainedC
     except ValueError:  # defaults that do not validate on their own (Gemma 4's assistant)
         defaults = config_class(**overrides)
     fields = shrink(defaults.to_dict(), vocab, ids) | {"vocab_size": vocab, "dtype": "float32"}
-    return config_class(**(fields | overrides))
+    return config_class(**(fields | latent_attention_dims(fields) | overrides))
+
+
+def latent_attention_dims(fields: dict) -> dict:
+    """MLA's derived head sizes, kept consistent with the shrunk ones (DeepSeek's config derives them once).
+
+    A query/key head is its position-free part and its rotary part (`qk_head_dim`), and rotary embeddings are
+    built for the rotary part only (`head_dim`); shrinking each field alone left 16 against 16 + 8.
+    """
+    if "qk_nope_head_dim" not in fields or "qk_rope_head_dim" not in fields:
+        return {}
+    derived = {"qk_head_dim": fields["qk_nope_head_dim"] + fields["qk_rope_head_dim"],
+               "head_dim": fields["qk_rope_head_dim"]}
+    return {key: value for key, value in derived.items() if key in fields}
 
 
 def token_facts(tokenizer) -> tuple[int, dict[str, int]]:

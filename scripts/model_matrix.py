@@ -50,8 +50,7 @@ METHODS = {"lora": (["method.name=lora"], 1e-2), "full": (["method.name=full"], 
            "qlora": (["method.name=lora", "quant.bits=4", "quant.compute_dtype=fp32"], 1e-2)}
 """Method -> (overrides, learning rate of the few-step check)."""
 STEPS = 8
-LOSS_DROP = 0.9
-"""A method trains when its last loss is below this fraction of its first."""
+"""AdamW steps of the training check: a method trains when every one of them lowers the loss on its batch."""
 PACKED_TOLERANCE = 1e-5
 """Relative gap allowed between packed and unpacked loss (fp32)."""
 MERGE_TOLERANCE = 1e-4
@@ -166,6 +165,14 @@ def packed_and_unpacked(model, tokenizer, attn: str) -> tuple[float, float]:
     return packed.item(), alone.item()
 
 
+def packing_refusal(path: Path, attn: str) -> None:
+    """What `ftune train` does before training with `data.packing=true`: validation, then the isolation check."""
+    from ftune.train.isolation import check_packing_isolates
+
+    cfg = run_cfg(path, f"model.attn_implementation={attn}", "data.packing=true")
+    check_packing_isolates(prepare_model(cfg), load_tokenizer(cfg.model).pad_token_id, attn, path.name)
+
+
 def packed_gap(path: Path, attn: str) -> float:
     """|packed - unpacked| / unpacked loss with ftune's loading and `attn`, packing validated as a run's is."""
     cfg = run_cfg(path, f"model.attn_implementation={attn}", "data.packing=true")
@@ -234,23 +241,39 @@ def gguf_export(path: Path, out: Path) -> dict:
     return export(ExportCfg(model=str(path), format="gguf", quant="f16", out=str(out))).parity
 
 
+def trains(losses: list[float]) -> bool:
+    """Every step lowered the loss on the fixed batch.
+
+    An adapter that never reaches the output (zero gradients) leaves the loss flat, a wrong gradient sends it up;
+    how far it falls in a few steps depends on the random model's scale (Cohere's `logit_scale` of 1/16 makes its
+    logits, and so its loss, move slowly), so the test is the direction of every step, not a fixed drop.
+    """
+    return all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False))
+
+
 def training_cell(path: Path, method: str) -> Cell:
-    """The first -> last loss of `method`: red unless the last is below `LOSS_DROP` of the first; refused: grey."""
+    """The first -> last loss of `method`: red unless `trains`; refused (QLoRA on MoE): grey."""
     try:
         losses = training_losses(path, method)
     except ConfigError as err:
         if method == "qlora" and err.message.startswith("quant.bits"):
             return Cell("refused", None, err.message)
         raise
-    return Cell(f"{losses[0]:.3f} -> {losses[-1]:.3f}", losses[-1] < LOSS_DROP * losses[0],
-                "" if losses[-1] < LOSS_DROP * losses[0] else f"loss did not drop by 10% in {STEPS} steps")
+    return Cell(f"{losses[0]:.3f} -> {losses[-1]:.3f}", trains(losses),
+                "" if trains(losses) else f"the loss did not fall at every one of {STEPS} steps: "
+                + ", ".join(f"{loss:.3f}" for loss in losses))
 
 
 def packed_cell(path: Path, attn: str) -> Cell:
+    """The packed/unpacked gap; grey where the kernel does not apply or ftune refuses packing on the model."""
     if attn not in attention_kernels(path):
         why = f"ftune refuses sdpa: {sdpa_problem(model_config(path))}" if has_sdpa(path) \
             else "transformers has no sdpa kernel for this class"
         return Cell("–", None, why)
+    try:
+        packing_refusal(path, attn)
+    except ConfigError as err:
+        return Cell("refused", None, err.message)
     gap = packed_gap(path, attn)
     return Cell(f"{gap:.1e}", gap < PACKED_TOLERANCE, "" if gap < PACKED_TOLERANCE else
                 f"packed loss differs from unpacked by {gap:.1e} (tolerance {PACKED_TOLERANCE:.0e})")
@@ -415,7 +438,7 @@ def markdown(families: list[dict], zoo: list[dict], seconds: float) -> str:
         "families and one zoo architecture per quirk (tests/model/test_families.py). A red cell is **FAIL [n]**, "
         "n numbering its reason (the error's first line) under its table; – is a check that does not apply.", "",
         f"Checks. LoRA (all-linear), full, QLoRA: first -> last loss of {STEPS} AdamW steps on one batch (red unless "
-        f"below {LOSS_DROP} of the first). Packed: |packed - unpacked| / unpacked summed loss through ftune's "
+        "every step lowers it). Packed: |packed - unpacked| / unpacked summed loss through ftune's "
         "collator, packing validated as a run's, with documents longer than the sliding window (8); red above "
         f"{PACKED_TOLERANCE:.0e}. Merge: max |merged - adapter| logit / max |logit|, red above "
         f"{MERGE_TOLERANCE:.0e}. Plan: `ftune plan`'s (`plan_run`, CPU) total and trainable counts equal the "

@@ -38,6 +38,7 @@ from ftune.report.metrics import MetricsLog, NullLog
 from ftune.train.artefacts import METRICS_FILE, draw_plots, save_final, write_summary
 from ftune.train.checkpoint import load_checkpoint, resolve_resume, save_trainable_weights_only
 from ftune.train.host_memory import keep_freed_host_memory
+from ftune.train.isolation import check_packing_isolates
 from ftune.train.loop import TrainRun, fit, restore_best
 from ftune.train.losses import build_step_loss
 from ftune.train.optim import build_optimizer, build_scheduler, optimizer_steps
@@ -133,6 +134,8 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
     probe_tasks = load_tasks(cfg.probe.tasks, cfg.probe.task_dir, "probe.tasks") if cfg.probe.tasks else None
     teacher = load_teacher(cfg)  # None unless distilling; checks the vocabularies match first
     model = prepare_model(cfg)
+    if cfg.data.packing:
+        check_packing_isolates(model, tokenizer.pad_token_id, cfg.model.attn_implementation, cfg.model.name_or_path)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer, loaders = prepare(accelerator, model, optimizer, loaders)
     total_steps = optimizer_steps(cfg.trainer, loaders["train"])

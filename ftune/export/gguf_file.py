@@ -53,7 +53,15 @@ rows stay in order.
 """
 
 GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "use_regex": True}
-"""A byte-level BPE that splits words with GPT-2's regex: llama.cpp's pre-tokenizer "gpt-2" is the same regex.
+"""A byte-level BPE that splits words with GPT-2's regex: llama.cpp's pre-tokenizer "gpt-2" is the same regex."""
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+"""Qwen2's word split (single digits, case-blind contractions), then a byte-level BPE without GPT-2's regex:
+llama.cpp's pre-tokenizer "qwen2" (transformers 5 builds it for every Qwen2/Qwen3 tokenizer it loads)."""
+PRE_TOKENIZERS = {"gpt-2": GPT2_PRE_TOKENIZER, "qwen2": {
+    "type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated"},
+                                          {"type": "ByteLevel", "use_regex": False}]}}
+"""llama.cpp's pre-tokenizer name -> the tokenizer.json `pre_tokenizer` keys that define it.
 
 llama.cpp's converter recognises a tokenizer by hashing its ids for a probe text, which only works for the
 published tokenizers it lists; ftune's own tokenizer (and any retrained one) is recognised by its definition.
@@ -85,11 +93,26 @@ def check_convertible(config: dict, tokenizer: dict) -> None:
     if rope_type not in ROPE_TYPES:
         raise ConfigError(f"format=gguf: RoPE type {rope_type!r} is not supported (supported: "
                           f"{', '.join(ROPE_TYPES)})", way_out)
-    pre = tokenizer.get("pre_tokenizer") or {}
-    if tokenizer["model"].get("type") != "BPE" or {k: pre.get(k) for k in GPT2_PRE_TOKENIZER} != GPT2_PRE_TOKENIZER:
-        raise ConfigError("format=gguf: only byte-level BPE tokenizers with GPT-2's pre-tokenizer are converted "
-                          f"(this one: model {tokenizer['model'].get('type')}, pre-tokenizer {pre.get('type')})",
-                          way_out)
+    if tokenizer["model"].get("type") != "BPE" or pre_tokenizer_name(tokenizer) is None:
+        pre = tokenizer.get("pre_tokenizer") or {}
+        raise ConfigError("format=gguf: only byte-level BPE tokenizers with GPT-2's or Qwen2's pre-tokenizer are "
+                          f"converted (this one: model {tokenizer['model'].get('type')}, pre-tokenizer "
+                          f"{pre.get('type')})", way_out)
+
+
+def pre_tokenizer_name(tokenizer: dict) -> str | None:
+    """The llama.cpp pre-tokenizer (`PRE_TOKENIZERS`) whose definition tokenizer.json's `pre_tokenizer` has, if any."""
+    return next((name for name, keys in PRE_TOKENIZERS.items()
+                 if has_keys(tokenizer.get("pre_tokenizer") or {}, keys)), None)
+
+
+def has_keys(found, expected) -> bool:
+    """Whether `found` holds every key of `expected` with the same value, nested dicts and lists compared alike."""
+    if isinstance(expected, dict):
+        return isinstance(found, dict) and all(has_keys(found.get(key), value) for key, value in expected.items())
+    if isinstance(expected, list):
+        return isinstance(found, list) and len(found) == len(expected) and all(map(has_keys, found, expected))
+    return found == expected
 
 
 def write_gguf(model_dir: Path, path: Path, quant: str, name: str) -> None:
@@ -191,7 +214,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens, types = token_list(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(read_json(model_dir / "tokenizer.json")))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)

@@ -10,6 +10,7 @@ import torch
 from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from peft.tuners.lora import LoraLayer, ParamWrapper
 
+from ftune.config.architecture import expert_count
 from ftune.config.schema import LoraCfg, MethodCfg
 from ftune.model.dropout import use_sparse_dropout
 from ftune.model.lora_linear import with_fused_layers
@@ -59,15 +60,22 @@ def expert_parameters(model) -> list[str]:
 
     transformers 5 stores each MoE layer's experts as one (experts, out, in) nn.Parameter, not as nn.Linear
     modules, so PEFT's `all-linear` preset never sees them (peft#3009); PEFT reaches them through
-    `target_parameters`. The router is a 2-D weight and the head a Linear PEFT excludes: neither is listed.
+    `target_parameters`. The router is a 2-D weight and the head a Linear PEFT excludes: neither is listed. A 3-D
+    weight is an expert stack only when the config routes to experts and its first dimension counts them: a
+    convolution's kernel (the causal conv1d of Mamba layers, (channels, 1, width)) is not one, and a LoRA made
+    for a matrix would merge into it wrongly.
 
     Returns:
         Sorted suffixes of the last two module names and the parameter name; empty for dense models.
     """
+    config = model.config.to_dict()
+    experts = expert_count(config.get("text_config") or config)
     found = set()
     for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd) or "lora_" in module_name:
+            continue
         for param_name, param in module.named_parameters(recurse=False):
-            if param.dim() == EXPERT_DIMS and "lora_" not in module_name:
+            if experts > 1 and param.dim() == EXPERT_DIMS and param.shape[0] == experts:
                 found.add(".".join([*module_name.split(".")[-2:], param_name]))
     return sorted(found)
 

@@ -48,13 +48,17 @@ class Memory:
     weights: float
     grads: float
     optimizer: float
-    activations: float
+    activations: float | None
+    """None when the trace could not run the model's forward (the plan's notes say why)."""
     teacher: float = 0.0
     logits: float = 0.0
     """The loss's transient logits: one chunk's with the chunked loss, the micro-batch's without."""
 
     @property
-    def total(self) -> float:
+    def total(self) -> float | None:
+        """The sum of the parts; None when the activations are unknown (a total without them would mislead)."""
+        if self.activations is None:
+            return None
         return self.weights + self.grads + self.optimizer + self.activations + self.teacher + self.logits
 
 
@@ -109,8 +113,7 @@ def plan_run(cfg: RunCfg, gpus: int = 1, sharding: str = "none", device: str = "
     weights, grads, optimizer = memory.per_gpu(weights, grads, optimizer, gathered, sharding, gpus)
     tokens = cfg.trainer.micro_batch_size * planned_seq_len(cfg)
     logits, notes["logits"] = logits_estimate(model, cfg, sharding, tokens)
-    activation_total = activation_estimate(model, cfg, sharding, device, step_loss)
-    notes["activations"] = f"{activation_total / tokens / 1024:.1f} KiB x {tokens} tokens"
+    activation_total, notes["activations"] = activation_estimate(model, cfg, sharding, device, step_loss, tokens)
     for part, how in sharding_notes(sharding, gpus).items():
         notes[part] += how
     return Plan(
@@ -231,11 +234,13 @@ def head_trains(model: torch.nn.Module) -> bool:
 
 
 def activation_estimate(model: torch.nn.Module, cfg: RunCfg, sharding: str, device: str,
-                        step_loss: StepLossBuilder) -> int:
-    """Activation bytes of one micro-batch, traced (`model/trace.py`); `model` is left on fake tensors.
+                        step_loss: StepLossBuilder, tokens: int) -> tuple[int | None, str]:
+    """Activation bytes of one micro-batch of `tokens` tokens, traced (`model/trace.py`), and how they were got.
 
     One GPU or DDP autocast the forward to the mixed-precision dtype; DeepSpeed and FSDP run the model in
     that dtype instead (weights cast, no autocast). The loss is the one this distribution runs (`loss_chunk`).
+    A model whose modelling code the trace cannot run (fake tensors reach code that needs real ones) gets None
+    and the reason: the counts and the other parts do not depend on the trace. `model` is left on fake tensors.
     """
     mixed = DTYPES.get(cfg.trainer.mixed_precision)
     if mixed is not None and sharding != "none":
@@ -247,10 +252,9 @@ def activation_estimate(model: torch.nn.Module, cfg: RunCfg, sharding: str, devi
         trace = trace_step(model, run, cfg.data.max_length, autocast, step_loss, teacher)
     except Exception as err:  # noqa: BLE001 -- the trace runs the library's modelling code, whatever it raises
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ConfigError(f"ftune plan cannot trace {type(model.config).__name__.removesuffix('Config')} with "
-                          f"method={method_label(cfg)}: {reason}",
-                          "ftune train runs without the plan; please report it") from err
-    return trace.activations(cfg.model.gradient_checkpointing)
+        return None, f"not traced ({reason}); please report it"
+    activations = trace.activations(cfg.model.gradient_checkpointing)
+    return activations, f"{activations / tokens / 1024:.1f} KiB x {tokens} tokens"
 
 
 def teacher_bytes(cfg: RunCfg, device: str) -> int:
@@ -300,9 +304,14 @@ def distribution_from_env() -> tuple[int, str]:
     return gpus, "none"
 
 
+def gib(value: float | None) -> float | None:
+    """Bytes as GiB rounded for JSON; None (not traced) stays None."""
+    return None if value is None else round(value / GIB, 4)
+
+
 def plan_to_json(plan: Plan) -> dict:
     """The plan as `ftune plan --json` prints it; `*_gb` are GiB."""
-    gb = {f"{name}_gb": round(value / GIB, 4) for name, value in asdict(plan.memory).items()}
+    gb = {f"{name}_gb": gib(value) for name, value in asdict(plan.memory).items()}
     return {
         "recipe": plan.recipe,
         "model": plan.model,
@@ -315,7 +324,7 @@ def plan_to_json(plan: Plan) -> dict:
             "gradient_checkpointing": plan.gradient_checkpointing,
         },
         "params": {"total": plan.total_params, "trainable": plan.trainable_params},
-        "memory": gb | {"total_gb": round(plan.memory.total / GIB, 4)},
+        "memory": gb | {"total_gb": gib(plan.memory.total)},
     }
 
 
@@ -334,10 +343,12 @@ def plan_rows(plan: Plan) -> dict[str, str]:
         "weights": f"{mem.weights / GIB:.2f} GiB   {plan.notes.get('weights', '')}",
         "gradients": f"{mem.grads / GIB:.2f} GiB   {plan.notes.get('gradients', '')}",
         "optimizer state": f"{mem.optimizer / GIB:.2f} GiB   {plan.notes.get('optimizer', '')}",
-        "activations": f"{mem.activations / GIB:.2f} GiB   {plan.notes.get('activations', '')}",
+        "activations": f"{'?' if mem.activations is None else f'{mem.activations / GIB:.2f}'} GiB   "
+                       f"{plan.notes.get('activations', '')}",
         "logits": f"{mem.logits / GIB:.2f} GiB   {plan.notes.get('logits', '')}",
     }
     if mem.teacher:
         rows["teacher weights"] = f"{mem.teacher / GIB:.2f} GiB"
-    rows["total per GPU"] = f"{mem.total / GIB:.2f} GiB (+ CUDA context and allocator slack, ~1-2 GiB)"
+    rows["total per GPU"] = ("unknown: the activations were not traced" if mem.total is None else
+                             f"{mem.total / GIB:.2f} GiB (+ CUDA context and allocator slack, ~1-2 GiB)")
     return rows

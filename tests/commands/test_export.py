@@ -71,7 +71,7 @@ def bad_inputs(adapter, tmp_path, tiny_model_path, random_llama):
         "gguf of yarn rope": ([f"model={yarn_rope}", "format=gguf"], "RoPE type 'yarn' is not supported"),
         "gguf with a sliding window": ([f"model={sliding}", "format=gguf"], "sliding-window attention is not mapped"),
         "gguf of another tokenizer": ([f"model={metaspace}", "format=gguf"],
-                                      "only byte-level BPE tokenizers with GPT-2's pre-tokenizer"),
+                                      "only byte-level BPE tokenizers with GPT-2's or Qwen2's pre-tokenizer"),
     }
 
 

@@ -44,7 +44,7 @@ def test_training_lowers_the_loss(tiny_arch, family, method):
             mm.training_losses(tiny_arch(family), method)
         return
     losses = mm.training_losses(tiny_arch(family), method)
-    assert losses[-1] < 0.9 * losses[0], losses
+    assert mm.trains(losses) and losses[-1] < 0.95 * losses[0], losses
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -275,6 +275,31 @@ def test_the_zoo_covers_every_decoder_and_says_why_it_leaves_the_others_out():
     assert arch_zoo.skip_reason("bart").startswith("encoder-decoder")
     assert arch_zoo.skip_reason("bert").startswith("bidirectional encoder")
     assert "exaone" in arch_zoo.aliases()["llama"]  # one class, built once
+
+
+@pytest.mark.parametrize("model_type,reason", [
+    ("cpmant", "a packed document's logits differ from its own by "),  # relative-position buckets span the row
+    ("bamba", "layer_types"),  # Mamba layers carry their state along the row (ftune's mask code refuses them)
+])
+def test_ftune_train_refuses_packing_where_the_model_lets_documents_see_each_other(tiny_zoo, model_type, reason,
+                                                                                    tmp_path, capsys):
+    from ftune.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "recipe=tiny_lora", f"model.name_or_path={tiny_zoo(model_type)}", "data.packing=true",
+                 "model.attn_implementation=eager", "trainer.max_steps=1", "probe.path=null", "data.eval_path=null",
+                 f"output_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the start table and the plan, before any training
+    assert last.startswith("ftune: error: data.packing=true with ") and reason in last, last
+    assert "set data.packing=false" in last and "Traceback" not in err and not run_dir.exists()
+
+
+def test_a_mamba_convolution_is_not_taken_for_fused_experts(tiny_zoo):
+    """Bamba's conv1d kernel is 3-D like an expert stack; a LoRA for matrices merged into it 1.4 logits off."""
+    path = tiny_zoo("bamba")
+    assert expert_parameters(load_base_model(run_cfg(path).model)) == []
+    assert mm.merge_gap(path) <= MERGE_TOLERANCE
 
 
 @pytest.mark.parametrize("model_type", ["olmo2", "smollm3", "starcoder2", "cohere2", "olmoe"])

@@ -424,6 +424,24 @@ def test_lora_7b_activations_by_hand():
     assert unfused.memory.activations - plan.activations == rows * (4 * vocab + 8 - 2 * h - 1) + 4
 
 
+def test_a_model_the_trace_cannot_run_keeps_its_counts_and_says_why(tiny_dir, monkeypatch):
+    """Fake tensors reaching code that needs real ones: the counts and the other parts stand, the total does not."""
+    import ftune.model.plan as planning
+    from ftune.model.plan import plan_rows, plan_to_json
+
+    def cannot_trace(*args, **kwargs):
+        raise RuntimeError("Cannot call .item() on a fake tensor\nsecond line")
+
+    monkeypatch.setattr(planning, "trace_step", cannot_trace)
+    cfg = run_config(tiny_dir, "recipe=tiny_lora")
+    plan = plan_run(cfg, device="cpu")
+    assert (plan.total_params, plan.trainable_params) == count_parameters(prepare_model(cfg))
+    assert plan.memory.weights > 0 and plan.memory.activations is None and plan.memory.total is None
+    assert plan.notes["activations"] == "not traced (Cannot call .item() on a fake tensor); please report it"
+    assert plan_rows(plan)["total per GPU"] == "unknown: the activations were not traced"
+    assert plan_to_json(plan)["memory"]["activations_gb"] is None and plan_to_json(plan)["memory"]["total_gb"] is None
+
+
 def test_bad_distribution_and_unknown_model(tiny_dir):
     cfg = run_config(tiny_dir, "recipe=tiny_lora")
     with pytest.raises(ConfigError, match="sharding=zero4"):

@@ -1,0 +1,75 @@
+"""Packed rows keep their documents apart on the model that will train: checked on it, not assumed from a list.
+
+A block-diagonal mask isolates documents only in layers that attend through it. A layer that carries state along
+the row (Mamba and other recurrent or linear-attention layers, causal convolutions), modelling code that builds
+its own mask or bias from a 2-D one (BLOOM's ALiBi) or ignores `position_ids`, lets one document see another, and
+the loss is then silently wrong. Which architectures do is a fact of each release's modelling code, so before any
+training ftune runs two short documents packed into one row and each alone, and refuses packing in one line where
+the second document's logits differ.
+"""
+
+import torch
+
+from ftune.data.collate import PackedCollator
+from ftune.data.packing import pack
+from ftune.errors import ConfigError
+
+PROBE_LENGTHS = (24, 16)
+"""Tokens of the two probe documents: short (the check costs two forwards of 40 tokens), longer than a conv."""
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}
+"""Largest logit gap, relative to the largest logit, that is rounding: fp32; any 16-bit dtype gets `HALF`."""
+HALF = 2e-2
+
+
+def check_packing_isolates(model: torch.nn.Module, pad_token_id: int, attn_implementation: str,
+                           name_or_path: str) -> None:
+    """Refuse `data.packing=true` on a model where a packed row's documents see each other.
+
+    Args:
+        model: the model as it will train (adapters and ftune's mask hooks in place), on its device.
+        pad_token_id: the tokenizer's padding id (the collator's).
+        attn_implementation: the attention kernel the run uses (`model.attn_implementation`).
+        name_or_path: the model, for the message.
+
+    Raises:
+        ConfigError: the gap, or the error the modelling code raised on a packed row, and the way out.
+    """
+    try:
+        gap = packing_gap(model, pad_token_id, attn_implementation)
+    except ConfigError:  # ftune's own mask code refusing a layer kind it cannot mask (model/attention.py)
+        raise
+    except Exception as err:  # noqa: BLE001 -- the model's own code on a packed row, whatever it raises
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        gap_text = f"its forward fails on a packed row ({reason})"
+    else:
+        if gap <= TOLERANCE.get(model.get_input_embeddings().weight.dtype, HALF):
+            return
+        gap_text = f"a packed document's logits differ from its own by {gap:.1e} of the largest logit"
+    raise ConfigError(f"data.packing=true with model.name_or_path={name_or_path}: {gap_text}: this architecture's "
+                      "layers do not keep packed documents apart", "set data.packing=false")
+
+
+def packing_gap(model: torch.nn.Module, pad_token_id: int, attn_implementation: str) -> float:
+    """The largest |packed - alone| logit of two random documents, over the largest logit, in eval mode (no dropout)."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    docs = [torch.randint(0, vocab, (length,), generator=generator).tolist() for length in PROBE_LENGTHS]
+    (row,) = pack([{"input_ids": doc, "labels": doc} for doc in docs], max_length=sum(PROBE_LENGTHS))
+    batch = PackedCollator(pad_token_id, attn_implementation)([row])  # as the run's own collator builds it
+    device = model.get_input_embeddings().weight.device
+    inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(**inputs).logits[0].float()
+            starts = [sum(row["seq_lens"][:index]) for index in range(len(row["seq_lens"]))]
+            gaps, largest = [], 0.0
+            for start, length in zip(starts, row["seq_lens"], strict=True):
+                ids = batch["input_ids"][:, start:start + length].to(device)
+                alone = model(input_ids=ids).logits[0].float()
+                gaps.append((packed[start:start + length] - alone).abs().max().item())
+                largest = max(largest, alone.abs().max().item())
+    finally:
+        model.train(was_training)
+    return max(gaps) / max(largest, 1e-9)
