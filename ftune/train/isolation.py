@@ -34,6 +34,8 @@ def check_packing_isolates(model: torch.nn.Module, pad_token_id: int, attn_imple
     Raises:
         ConfigError: the gap, or the error the modelling code raised on a packed row, and the way out.
     """
+    if sharded_at_load():
+        return
     try:
         gap = packing_gap(model, pad_token_id, attn_implementation)
     except ConfigError:  # ftune's own mask code refusing a layer kind it cannot mask (model/attention.py)
@@ -47,6 +49,18 @@ def check_packing_isolates(model: torch.nn.Module, pad_token_id: int, attn_imple
         gap_text = f"a packed document's logits differ from its own by {gap:.1e} of the largest logit"
     raise ConfigError(f"data.packing=true with model.name_or_path={name_or_path}: {gap_text}: this architecture's "
                       "layers do not keep packed documents apart", "set data.packing=false")
+
+
+def sharded_at_load() -> bool:
+    """Whether this process holds only a shard of the weights before the run wraps the model.
+
+    ZeRO-3 with `zero3_init_flag` partitions every weight as it loads, and FSDP's `cpu_ram_efficient_loading`
+    leaves all ranks but the first on the meta device: no rank can run the model's forward until accelerate wraps
+    it, and a check on one rank only would leave the others waiting. The same model on one GPU (or DDP) is checked.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
+
+    return is_deepspeed_zero3_enabled() or is_fsdp_enabled()
 
 
 def packing_gap(model: torch.nn.Module, pad_token_id: int, attn_implementation: str) -> float:
