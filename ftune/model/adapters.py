@@ -100,10 +100,25 @@ def drop_linear_inputs(model, p: float) -> None:
 
 
 def linear_module_names(model) -> list[str]:
-    """Leaf names of the model's nn.Linear modules but the output head: what PEFT's `all-linear` would adapt."""
+    """Leaf names of the model's nn.Linear modules but the output head and the routers: what `all-linear` adapts.
+
+    A router scores the experts; a LoRA on it would change which experts each token reaches. It is the Linear with
+    one output per routed expert, or one under a module named `router` or named `gate` (Mixtral's): LongCat-Flash's
+    `router.classifier` also scores its "zero" experts, and reads its weight directly (`F.linear`), so a LoRA there
+    is ignored in training yet merged (0.14 of the largest logit apart on a tiny copy).
+    """
     head = model.get_output_embeddings()
+    config = model.config.to_dict()
+    experts = expert_count(config.get("text_config") or config)
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and module is not head})
+                   if isinstance(module, torch.nn.Linear) and module is not head
+                   and not (experts > 1 and is_router(name, module, experts))})
+
+
+def is_router(name: str, module: torch.nn.Linear, experts: int) -> bool:
+    """Whether the Linear `name` of a mixture-of-experts model scores its `experts` (see `linear_module_names`)."""
+    parts = name.split(".")
+    return module.out_features == experts or "router" in parts or parts[-1] == "gate"
 
 
 def lora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoraConfig:
