@@ -50,7 +50,9 @@ METHODS = {"lora": (["method.name=lora"], 1e-2), "full": (["method.name=full"], 
            "qlora": (["method.name=lora", "quant.bits=4", "quant.compute_dtype=fp32"], 1e-2)}
 """Method -> (overrides, learning rate of the few-step check)."""
 STEPS = 8
-"""AdamW steps of the training check: a method trains when every one of them lowers the loss on its batch."""
+"""AdamW steps of the training check on one fixed batch."""
+MIN_DROP = 0.005
+"""A method trains when its last loss is at least this fraction below its first (see `trains`)."""
 PACKED_TOLERANCE = 1e-5
 """Relative gap allowed between packed and unpacked loss (fp32)."""
 MERGE_TOLERANCE = 1e-4
@@ -242,13 +244,15 @@ def gguf_export(path: Path, out: Path) -> dict:
 
 
 def trains(losses: list[float]) -> bool:
-    """Every step lowered the loss on the fixed batch.
+    """The last loss is at least `MIN_DROP` below the first.
 
-    An adapter that never reaches the output (zero gradients) leaves the loss flat, a wrong gradient sends it up;
-    how far it falls in a few steps depends on the random model's scale (Cohere's `logit_scale` of 1/16 makes its
-    logits, and so its loss, move slowly), so the test is the direction of every step, not a fixed drop.
+    On one fixed batch, computed deterministically, any fall is learning, not noise (that is ~1e-6 here): an adapter
+    that never reaches the output (zero gradients) leaves the loss exactly flat, a wrong gradient sends it up. How
+    far it falls in a few steps depends on the random model's scale (Cohere's `logit_scale` of 1/16 moves its
+    logits, and its loss, by 1% in 8 steps), and a step may go up on the way (a router switching experts), so the
+    check is a small, certain fall from first to last.
     """
-    return all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False))
+    return losses[-1] < (1 - MIN_DROP) * losses[0]
 
 
 def training_cell(path: Path, method: str) -> Cell:
@@ -260,7 +264,7 @@ def training_cell(path: Path, method: str) -> Cell:
             return Cell("refused", None, err.message)
         raise
     return Cell(f"{losses[0]:.3f} -> {losses[-1]:.3f}", trains(losses),
-                "" if trains(losses) else f"the loss did not fall at every one of {STEPS} steps: "
+                "" if trains(losses) else f"the loss did not fall by {MIN_DROP:.1%} in {STEPS} steps: "
                 + ", ".join(f"{loss:.3f}" for loss in losses))
 
 
@@ -438,8 +442,8 @@ def markdown(families: list[dict], zoo: list[dict], seconds: float) -> str:
         "families and one zoo architecture per quirk (tests/model/test_families.py). A red cell is **FAIL [n]**, "
         "n numbering its reason (the error's first line) under its table; – is a check that does not apply.", "",
         f"Checks. LoRA (all-linear), full, QLoRA: first -> last loss of {STEPS} AdamW steps on one batch (red unless "
-        "every step lowers it). Packed: |packed - unpacked| / unpacked summed loss through ftune's "
-        "collator, packing validated as a run's, with documents longer than the sliding window (8); red above "
+        f"the last is {MIN_DROP:.1%} below the first). Packed: |packed - unpacked| / unpacked summed loss through "
+        "ftune's collator, packing validated as a run's, with documents longer than the sliding window (8); red above "
         f"{PACKED_TOLERANCE:.0e}. Merge: max |merged - adapter| logit / max |logit|, red above "
         f"{MERGE_TOLERANCE:.0e}. Plan: `ftune plan`'s (`plan_run`, CPU) total and trainable counts equal the "
         "instantiated model's, LoRA (and full, for families). GGUF: `ftune export format=gguf quant=f16` and its "

@@ -44,7 +44,7 @@ def test_training_lowers_the_loss(tiny_arch, family, method):
             mm.training_losses(tiny_arch(family), method)
         return
     losses = mm.training_losses(tiny_arch(family), method)
-    assert mm.trains(losses) and losses[-1] < 0.95 * losses[0], losses
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 @pytest.mark.parametrize("family", FAMILIES)
