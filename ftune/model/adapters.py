@@ -68,8 +68,7 @@ def expert_parameters(model) -> list[str]:
     Returns:
         Sorted suffixes of the last two module names and the parameter name; empty for dense models.
     """
-    config = model.config.to_dict()
-    experts = expert_count(config.get("text_config") or config)
+    experts = routed_experts(model)
     found = set()
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.modules.conv._ConvNd) or "lora_" in module_name:
@@ -78,6 +77,12 @@ def expert_parameters(model) -> list[str]:
             if experts > 1 and param.dim() == EXPERT_DIMS and param.shape[0] == experts:
                 found.add(".".join([*module_name.split(".")[-2:], param_name]))
     return sorted(found)
+
+
+def routed_experts(model) -> int:
+    """The number of routed experts `model`'s config (its decoder's, for a multimodal one) declares; 0 if dense."""
+    config = model.config.to_dict()
+    return expert_count(config.get("text_config") or config)
 
 
 def embeddings_tied(model) -> bool:
@@ -108,8 +113,7 @@ def linear_module_names(model) -> list[str]:
     is ignored in training yet merged (0.14 of the largest logit apart on a tiny copy).
     """
     head = model.get_output_embeddings()
-    config = model.config.to_dict()
-    experts = expert_count(config.get("text_config") or config)
+    experts = routed_experts(model)
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                    if isinstance(module, torch.nn.Linear) and module is not head
                    and not (experts > 1 and is_router(name, module, experts))})
