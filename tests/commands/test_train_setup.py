@@ -89,6 +89,8 @@ def test_a_jsonl_with_a_byte_order_mark_and_crlf_trains(tmp_path):
 def test_a_full_disk_while_writing_final_is_one_line_and_leaves_no_half_final(tmp_path, monkeypatch, capsys):
     import errno
 
+    from accelerate import Accelerator
+
     from ftune.config.compose import load_run_config
     from ftune.model.load import load_tokenizer
 
@@ -97,7 +99,10 @@ def test_a_full_disk_while_writing_final_is_one_line_and_leaves_no_half_final(tm
 
     monkeypatch.setattr(type(load_tokenizer(load_run_config([])[0].model)), "save_pretrained", disk_full)
     run_dir = tmp_path / "run"
-    assert main(["train", *FAST, "trainer.max_steps=1", f"output_dir={run_dir}"]) == 1
+    # The patch reaches this process only: the job takes the precision an earlier test fixed here, else it
+    # would train in a child process (`fits_this_process`) and write final/ untouched.
+    precision = f"trainer.mixed_precision={Accelerator(cpu=True).mixed_precision}"
+    assert main(["train", *FAST, "trainer.max_steps=1", precision, f"output_dir={run_dir}"]) == 1
     err = capsys.readouterr().err  # the plan and data tables come first, on the same stream
     errors = [line for line in err.splitlines() if line.startswith("ftune: error")]
     assert len(errors) == 1 and "cannot write" in errors[0] and "No space left on device" in errors[0], err
