@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from peft.tuners.lora import LoraLayer, ParamWrapper
+from peft.utils.constants import EMBEDDING_LAYER_NAMES
 
 from ftune.config.architecture import expert_count
 from ftune.config.schema import LoraCfg, MethodCfg
@@ -91,6 +92,15 @@ def embeddings_tied(model) -> bool:
     return head is not None and head.weight is model.get_input_embeddings().weight
 
 
+def names_an_embedding(cfg: LoraCfg) -> bool:
+    """Whether `modules_to_save` or `target_modules` name the embedding or the head, as PEFT recognises them.
+
+    Only then has PEFT's `ensure_weight_tying` something to keep tied; asked for without one, PEFT warns on the
+    user's terminal (a `UserWarning` before `ftune plan`'s table).
+    """
+    return any(name.split(".")[-1] in EMBEDDING_LAYER_NAMES for name in [*cfg.modules_to_save, *cfg.target_modules])
+
+
 def drop_linear_inputs(model, p: float) -> None:
     """LoRA dropout `p` on every adapted linear layer of a PeftModel built without it.
 
@@ -151,7 +161,7 @@ def lora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoraConfig:
         target_parameters=experts or None,
         # A tied model with `embed_tokens` in modules_to_save would otherwise train a copy of the embedding that
         # the head does not use; the merged model, re-tied on loading, then answers differently (tested).
-        ensure_weight_tying=model is not None and embeddings_tied(model),
+        ensure_weight_tying=model is not None and embeddings_tied(model) and names_an_embedding(cfg),
     )
     return with_fused_layers(config)
 

@@ -132,3 +132,16 @@ def test_a_teacher_with_the_same_tokenizer_but_differently_padded_embeddings_dis
     check_same_vocabulary(str(student), str(teacher))
     model = load_teacher(config(student, "method.name=full", f"distill.teacher={teacher}"))
     assert model.get_input_embeddings().weight.shape[0] == 80
+
+
+@pytest.mark.parametrize("saved", [[], ["embed_tokens"]])
+def test_a_tied_model_is_adapted_without_a_library_warning(tiny_model_path, saved):
+    """PEFT warns when asked to keep ties it has nothing to tie; ftune asks only when an embedding trains."""
+    import warnings
+
+    cfg = config(tiny_model_path, f"lora.modules_to_save=[{','.join(saved)}]")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = prepare_model(cfg)
+    assert not [str(w.message) for w in caught if "weight_tying" in str(w.message)]
+    assert model.peft_config["default"].ensure_weight_tying == bool(saved)
