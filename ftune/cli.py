@@ -17,6 +17,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 from ftune.errors import EXIT_FAILURE, EXIT_INTERRUPTED, FtuneError
@@ -112,9 +113,13 @@ def quiet_libraries() -> None:
     - bitsandbytes' warning, on CPUs with AVX512-BF16, that it cannot download an optional kernel from the hub,
       and the `kernels` package's note, on the same import with HF_HUB_OFFLINE=1, that it skips the kernel's
       publisher check (ftune asks for no hub kernel; both would stand in front of ftune's own first line);
-    - lm-eval's warnings that ftune hands it a loaded model and a custom dataset hook (both on purpose).
+    - lm-eval's warnings that ftune hands it a loaded model and a custom dataset hook (both on purpose);
+    - transformers' "Loading weights" progress bar (the hub's switch, read when transformers is imported), and its
+      notes that PEFT reads `is_gradient_checkpointing` and enables checkpointing by names deprecated for v6.
     """
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     logging.getLogger("kernels").setLevel(logging.ERROR)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)

@@ -34,3 +34,14 @@ def stderr_of_the_bitsandbytes_kernel_lookup(mode: str) -> str:
 @pytest.mark.parametrize("mode, noisy", [("loud", True), ("quiet", False)])
 def test_the_offline_kernel_lookup_prints_nothing_once_ftune_quiets_libraries(mode, noisy):
     assert ("Skipping publisher trust check" in stderr_of_the_bitsandbytes_kernel_lookup(mode)) is noisy
+
+
+def test_a_training_run_prints_no_library_output(tmp_path):
+    """transformers' weight-loading bar and its v6 deprecation notes on PEFT's calls are silenced at the source."""
+    command = [sys.executable, "-m", "ftune", "train", "recipe=tiny_lora", "trainer.max_steps=1", "trainer.eval_every=0",
+               "model.gradient_checkpointing=true", f"output_dir={tmp_path / 'run'}"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    assert "Loading weights" not in output and "Warning" not in output, output

@@ -9,7 +9,6 @@ unquantized weight (its storage is counted apart, `quantized_storage`), computin
 computes in the dtypes it computes in, and keeping for the backward what its matmul keeps.
 """
 
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +82,7 @@ def build_meta_model(cfg: RunCfg, device: str = "cuda") -> tuple[torch.nn.Module
     if cfg.method.name == "full":
         freeze_matching(model, cfg.method.freeze)
         return model, quantized
-    with warnings.catch_warnings(), torch.device("meta"):  # the adapter's weights on the meta device too
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    with torch.device("meta"):  # the adapter's weights on the meta device too
         model = add_adapter(model, cfg.method, cfg.lora, cfg.model.gradient_checkpointing)
     if device == "cuda":
         as_on_cuda(model, quantized, cfg.trainer.mixed_precision != "no")
