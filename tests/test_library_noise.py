@@ -37,9 +37,9 @@ def test_the_offline_kernel_lookup_prints_nothing_once_ftune_quiets_libraries(mo
 
 
 def test_a_training_run_prints_no_library_output(tmp_path):
-    """transformers' weight-loading bar and its v6 deprecation notes on PEFT's calls are silenced at the source."""
-    command = [sys.executable, "-m", "ftune", "train", "recipe=tiny_lora", "trainer.max_steps=1", "trainer.eval_every=0",
-               "model.gradient_checkpointing=true", f"output_dir={tmp_path / 'run'}"]
+    """The weight-loading bar of transformers and its v6 deprecation notes on PEFT's calls are silenced."""
+    command = [sys.executable, "-m", "ftune", "train", "recipe=tiny_lora", "trainer.max_steps=1",
+               "trainer.eval_every=0", "model.gradient_checkpointing=true", f"output_dir={tmp_path / 'run'}"]
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     output = run.stdout + run.stderr
