@@ -1,8 +1,10 @@
 """Write ftune's shipped datasets: a chat task, a forgetting probe, and the items of the shipped lm-eval task.
 
-    python scripts/build_datasets.py    # -> ftune/assets/data/{chat,probe}/, ftune/assets/tasks/tinyworld_tense/
+    python scripts/build_datasets.py    # -> ftune/assets/data/{chat,probe,pairs}/, ftune/assets/tasks/tinyworld_tense/
 
-The lm-eval task (tense agreement, multiple choice) is described in its YAML.
+The lm-eval task (tense agreement, multiple choice) is described in its YAML. The preference pairs (`pairs/`) ask
+for a rewrite as the chat task does, with the sentence in the asked tense as chosen and the same rewrite with its
+verbs misconjugated as rejected; the KTO files hold the same answers unpaired, each with its label.
 The task is new to the embedded model: its pretraining corpus (scripts/build_tiny_model.py) has tinyworld
 sentences in every tense but never asks to rewrite one. Every split uses its own seed, distinct from the
 pretraining and evaluation seeds, so all texts here are held out. Output is deterministic.
@@ -19,6 +21,7 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "ftune" / "assets" / "data"
 TASK_FILE = Path("tasks", "tinyworld_tense", "test.jsonl")
 """The shipped lm-eval task's items, relative to the assets directory (the parent of --out)."""
 SPLITS = {"train": (400, 4), "validation": (50, 5)}  # split -> (conversations, seed)
+PAIR_SPLITS = {"train": (320, 7), "validation": (64, 8)}  # split -> (pairs, seed)
 PROBE_DOCUMENTS, PROBE_SEED = 200, 3
 TASK_ITEMS, TASK_SEED = 200, 6
 CHOICE_TENSES = ("present", "past", "future", "present_progressive")
@@ -78,6 +81,59 @@ def make_conversation(rng: random.Random) -> list[dict[str, str]]:
     return messages
 
 
+def make_pair(rng: random.Random) -> dict:
+    """A rewriting request with the sentence in the asked tense as chosen and a wrong verb form of it as rejected.
+
+    The rejected answer is the same rewrite with every verb phrase misconjugated (`wrong_form`): one contrast the
+    embedded model's grammar can tell, for every tense and verb, so that preference tuning generalises to
+    held-out pairs in a few dozen steps.
+    """
+    prompt = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < SYSTEM_SHARE else []
+    sentence, tense = world.make_sentence(rng), rng.choice(world.TENSES)
+    target = rng.choice([t for t in world.TENSES if t != tense])
+    user = rng.choice(REQUESTS).format(tense=rng.choice(TENSE_NAMES[target]), sentence=world.render(sentence, tense))
+    return {"prompt": [*prompt, {"role": "user", "content": user}],
+            "chosen": [{"role": "assistant", "content": world.render(sentence, target)}],
+            "rejected": [{"role": "assistant", "content": wrong_form(sentence, target)}]}
+
+
+def wrong_form(sentence: world.Sentence, tense: str) -> str:
+    """`sentence` in `tense` with each verb phrase wrong: broken agreement, or a past auxiliary on the bare verb.
+
+    A past written "was run" rather than as a bare -ing form ("The doctor running"), which was too close to what
+    the embedded model reads as grammatical to be learned from.
+    """
+    def clause(c: world.Clause) -> str:
+        base, s3, _, participle, ing = c.verb[:5]
+        plural = c.pronoun == "they"
+        verb = {"present": base if not plural else s3,
+                "past": ("were " if plural else "was ") + base,
+                "present_perfect": ("has " if plural else "have ") + participle,
+                "future": "will " + s3,
+                "present_progressive": ("is " if plural else "are ") + ing,
+                "past_progressive": ("was " if plural else "were ") + ing}[tense]
+        return f"{c.subject} {verb} {c.rest}"
+
+    text = f"{sentence.joiner} ".join(clause(c) for c in sentence.clauses)
+    return text[0].upper() + text[1:] + "."
+
+
+def unpaired(pairs: list[dict]) -> list[dict]:
+    """KTO rows from pairs: each pair's prompt with its chosen answer (label true), then its rejected one (false)."""
+    return [{"prompt": pair["prompt"], "completion": pair[answer], "label": answer == "chosen"}
+            for pair in pairs for answer in ("chosen", "rejected")]
+
+
+def pair_files() -> dict[str, list[dict]]:
+    """The shipped preference files, by path under the data directory: pairs and KTO rows per split."""
+    files = {}
+    for split, (count, seed) in PAIR_SPLITS.items():
+        rng = random.Random(seed)
+        pairs = [make_pair(rng) for _ in range(count)]
+        files[f"pairs/{split}.jsonl"], files[f"pairs/kto_{split}.jsonl"] = pairs, unpaired(pairs)
+    return files
+
+
 def make_tense_item(rng: random.Random) -> dict:
     """A multiple-choice item: a time phrase and subject, then the clause in each tense; the time phrase decides.
 
@@ -102,13 +158,15 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def main() -> None:
-    """Write the chat splits and the probe set under --out, and the lm-eval task's items next to it."""
+    """Write the chat splits, the preference pairs and the probe set under --out, and the lm-eval task's items."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DATA_DIR)
     out = parser.parse_args().out
     for split, (count, seed) in SPLITS.items():
         rng = random.Random(seed)
         write_jsonl(out / "chat" / f"{split}.jsonl", [{"messages": make_conversation(rng)} for _ in range(count)])
+    for name, records in pair_files().items():
+        write_jsonl(out / name, records)
     probe = world.generate_documents(PROBE_DOCUMENTS, PROBE_SEED)
     write_jsonl(out / "probe" / "general.jsonl", [{"text": text} for text in probe])
     rng = random.Random(TASK_SEED)

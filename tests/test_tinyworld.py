@@ -1,5 +1,6 @@
 """The tinyworld generator behind the embedded model and datasets: determinism, verb splits, verb forms."""
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # scripts/ is not a package
 
+import build_datasets  # noqa: E402
 import tinyworld as world  # noqa: E402
 
 VERBS = {verb[0]: verb for verb in world.REGULAR_VERBS + world.IRREGULAR_VERBS}
@@ -83,3 +85,37 @@ def test_tense_filter_keeps_only_those_tenses():
         assert " will " in text
     for text in world.generate_sentences(200, 3, tenses=["past"]):
         assert not {"will", "has", "have", "is", "are", "was", "were"} & set(text.rstrip(".").split())
+
+
+def test_shipped_preference_files_are_what_the_generator_writes():
+    for name, records in build_datasets.pair_files().items():
+        shipped = (build_datasets.DATA_DIR / name).read_text().splitlines()
+        assert shipped == [json.dumps(record) for record in records], name
+
+
+def test_shipped_pairs_prefer_the_asked_tense_to_a_misconjugated_one_and_hold_out_their_prompts():
+    files = build_datasets.pair_files()
+    train, held_out = files["pairs/train.jsonl"], files["pairs/validation.jsonl"]
+    assert (len(train), len(held_out)) == (320, 64)
+    assert not {json.dumps(pair["prompt"]) for pair in held_out} & {json.dumps(pair["prompt"]) for pair in train}
+    for pair in train + held_out:  # the same words but the verb phrase, which the chosen answer conjugates right
+        chosen, rejected = pair["chosen"][0]["content"].split(), pair["rejected"][0]["content"].split()
+        assert chosen != rejected and chosen[0] == rejected[0] and chosen[-1] == rejected[-1]
+    future = [pair for pair in train if "the future" in pair["prompt"][-1]["content"]]
+    assert len(future) > 20
+    for pair in future:  # "will" then the bare verb, never its 3rd person form
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        assert " will " in chosen and " will " in rejected
+        assert verb_after_will(rejected) == verb_after_will(chosen) + "s" or verb_after_will(rejected).endswith("es")
+
+
+def verb_after_will(text: str) -> str:
+    return text.split(" will ")[1].split()[0]
+
+
+def test_shipped_kto_rows_are_the_pairs_unpaired():
+    files = build_datasets.pair_files()
+    for split in ("train", "validation"):
+        pairs, rows = files[f"pairs/{split}.jsonl"], files[f"pairs/kto_{split}.jsonl"]
+        assert rows == [{"prompt": pair["prompt"], "completion": pair[answer], "label": answer == "chosen"}
+                        for pair in pairs for answer in ("chosen", "rejected")]

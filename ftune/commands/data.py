@@ -3,6 +3,7 @@
     ftune data recipe=tiny_lora                               statistics and the first 3 examples
     ftune data recipe=tiny_lora data.packing=true n=5 out=rows.jsonl
     ftune data recipe=tiny_lora data.streaming=true trainer.max_steps=9   the first 3 rows of the stream
+    ftune data recipe=tiny_dpo n=3 out=pairs.jsonl            preference pairs: statistics, the first 3 pairs
     ftune data --cache-info                                   the data cache: entries, sizes, what made them
     ftune data --cache-clear                                  remove them
 
@@ -14,6 +15,11 @@ and dim where not, special tokens (BOS, end of turn) bold; without colours (a pi
 marked ⟦like this⟧ and each kind but prompt and answer opens with a tag such as «tool result».
 Duplicates and overlap with the eval set are reported (`ftune.data.dedup`); an overlap is a loud warning.
 `out=FILE` writes every training row as JSONL `{"input_ids", "labels", "position_ids"}`.
+
+With a preference objective (`objective=dpo` or `kto`) the statistics count pairs (read, kept, dropped by reason,
+identical chosen and rejected, prompts cut), each pair shows its prompt once and then each response, all of whose
+tokens are learned; `out=FILE` writes one JSON object per pair, `{"prompt_ids", "chosen_ids", "rejected_ids"}`
+(`{"prompt_ids", "completion_ids", "label"}` for KTO), the response ids ending with the end-of-turn marker.
 """
 
 import dataclasses
@@ -66,6 +72,8 @@ def run(args) -> int:
     out = Path(own["out"]) if own.get("out") else None
     if out is not None and not out.parent.is_dir():
         raise ResourceError(f"out={out}: no such directory {out.parent}", "create it, or write elsewhere")
+    if cfg.objective.learns_preferences:
+        return report_pairs(cfg, count, out, args.json)
     if cfg.data.streaming:
         return preview_stream(cfg, count, out, args.json)
     tokenizer, split, loader, seconds = build_train_data(cfg)
@@ -80,6 +88,67 @@ def run(args) -> int:
         write_rows(split.rows, out)
         console.print(f"wrote {report['stats']['rows']} rows to {out}", markup=False, highlight=False, soft_wrap=True)
     return 0
+
+
+def report_pairs(cfg, count: int, out: Path | None, as_json: bool) -> int:
+    """Preference data: build it as `ftune train` does, then its statistics, the first `count` pairs, the rows."""
+    from ftune.data.preference import OBJECTIVE_FORMATS, build_preference_split
+    from ftune.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    started = time.perf_counter()
+    rows, stats = build_preference_split(cfg.data, tokenizer, formats=OBJECTIVE_FORMATS[cfg.objective.name])
+    report = {"stats": dataclasses.asdict(stats), "from_cache": rows.from_cache,
+              "seconds": round(time.perf_counter() - started, 3)}
+    if as_json:
+        print(json.dumps(report))
+    else:
+        print_table(f"ftune data: {cfg.recipe}", describe_pairs(report))
+        show_pairs(rows, tokenizer, count)
+    if out is not None:
+        write_rows(rows, out, as_pairs=True)
+        console.print(f"wrote {len(rows)} rows to {out}", markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
+def describe_pairs(report: dict) -> dict[str, str]:
+    """The statistics table's rows for preference data."""
+    from ftune.data.preference import IDENTICAL
+
+    stats = report["stats"]
+    dropped = ", ".join(f"{reason}: {count}" for reason, count in stats["dropped"].items())
+    unit = "rows" if stats["sources"][0]["format"] == "unpaired_preference" else "pairs"
+    return {
+        "sources": "\n".join(f"{source['path']} ({source['format']}"
+                             + (f": {', '.join(source['features'])}" if source["features"] else "")
+                             + f"): {source['pairs']} {unit}" for source in stats["sources"]),
+        f"{unit} read / kept": f"{stats['read']} / {stats['kept']}",
+        "dropped": f"{sum(stats['dropped'].values())}" + (f" ({dropped})" if dropped else ""),
+        **({"identical chosen and rejected": f"{stats['dropped'].get(IDENTICAL, 0)} (dropped)"} if unit == "pairs"
+           else {}),
+        "prompts truncated": f"{stats['truncated']} (cut from the left; responses are never cut)",
+        "tokens prompt / response": f"{stats['prompt_tokens']:,} / {stats['response_tokens']:,} "
+                                    "(every response token is learned)",
+        "cache": "hit" if report["from_cache"] else "miss (built, now cached)",
+        "time": f"{report['seconds']:.2f} s",
+    }
+
+
+def show_pairs(rows, tokenizer, count: int) -> None:
+    """Print the first `count` pairs: the prompt once (not learned), then each response (every token learned)."""
+    if count:
+        console.print("each prompt once (dim, not learned), then each response (learned, bright); special tokens "
+                      "bold", style="italic")
+    marks = console.color_system is None
+    for index, row in enumerate(itertools.islice(rows, count)):
+        responses = {key.removesuffix("_ids"): ids for key, ids in row.items()
+                     if key.endswith("_ids") and key != "prompt_ids"}
+        label = {True: " (desirable)", False: " (undesirable)"}.get(row.get("label"), "")
+        console.rule(f"pair {index}: prompt {len(row['prompt_ids'])} tokens, "
+                     + ", ".join(f"{name} {len(ids)}" for name, ids in responses.items()) + label)
+        console.print(render_tokens(row["prompt_ids"], [IGNORE_INDEX] * len(row["prompt_ids"]), tokenizer, marks))
+        for name, ids in responses.items():
+            console.print(Text(f"{name}:", style="bold"), render_tokens(ids, ids, tokenizer, marks))
 
 
 def show_cache(clear: bool, as_json: bool) -> int:
@@ -272,11 +341,11 @@ def explain_examples(data_cfg, tokenizer, count: int) -> dict[tuple, list[str]]:
     """
     from ftune.data.batches import tokenize_record
     from ftune.data.explain import token_kinds
-    from ftune.data.formats import RecordError, iter_source, resolve_format, to_canonical
+    from ftune.data.formats import RecordError, read_records, resolve_format, to_canonical
     from ftune.data.templates import resolve_template
 
     path = data_cfg.mix[0].path if data_cfg.mix else data_cfg.path
-    records = list(itertools.islice(iter_source(path), EXPLAINED_RECORDS + count))
+    records = list(itertools.islice(read_records(path, data_cfg), EXPLAINED_RECORDS + count))
     fmt = resolve_format(records, path, data_cfg.mix[0].format if data_cfg.mix else data_cfg.format)
     template = resolve_template(data_cfg.chat_template, tokenizer) if fmt != "text" else None
     explained = {}
@@ -347,15 +416,19 @@ def token_style(learned: bool, is_special: bool, kind: str | None) -> str:
     return ("bold " if is_special else "") + (colour if learned else ("dim" if kind is None else f"dim {colour}"))
 
 
-def write_rows(rows, path: Path) -> None:
-    """Write every row as a JSON line `{"input_ids", "labels", "position_ids"}`, atomically.
+def write_rows(rows, path: Path, as_pairs: bool = False) -> None:
+    """Write every row as a JSON line `{"input_ids", "labels", "position_ids"}` (pairs: as they are), atomically.
 
-    Unpacked rows get positions 0..n-1; packed rows keep theirs (restarting at each document). The lines
-    stream into a temporary file beside `path` (`atomic_file`), so a failure or Ctrl-C halfway leaves the
-    previous `path`, or none, rather than a truncated file that looks complete.
+    Unpacked rows get positions 0..n-1; packed rows keep theirs (restarting at each document). Preference rows
+    are written whole (`{"prompt_ids", "chosen_ids", "rejected_ids"}`). The lines stream into a temporary file
+    beside `path` (`atomic_file`), so a failure or Ctrl-C halfway leaves the previous `path`, or none, rather than
+    a truncated file that looks complete.
     """
     with atomic_file(path) as staging, staging.open("w", encoding="utf-8") as handle:
         for row in rows:
+            if as_pairs:
+                handle.write(json.dumps(row) + "\n")
+                continue
             positions = row.get("position_ids") or list(range(len(row["input_ids"])))
             handle.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"],
                                      "position_ids": positions}) + "\n")

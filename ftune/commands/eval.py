@@ -11,7 +11,8 @@ from pathlib import Path
 from ftune.atomic import write_text
 from ftune.commands import command_config
 
-COLUMNS = ("eval_loss", "eval_ppl", "probe_ppl", "probe_drift", "exact_match", "f1", "answer_tokens")
+COLUMNS = ("eval_loss", "eval_ppl", "pair_accuracy", "pair_margin", "reward_accuracy", "probe_ppl", "probe_drift",
+           "exact_match", "f1", "answer_tokens")
 """The metrics shown in the table, in order, before the benchmarks' (the JSON holds every metric)."""
 STDERR = "_stderr"
 

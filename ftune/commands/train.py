@@ -22,16 +22,13 @@ from torch.utils.data import DataLoader
 from ftune.config.compose import expand_sweep, load_run_config
 from ftune.config.schema import RunCfg
 from ftune.config.validate import advisories
-from ftune.data.dedup import overlap_warning
-from ftune.data.pipeline import SplitStats, build_loader, build_split, build_train_split
-from ftune.data.stream import build_stream_loader
 from ftune.data.templates import resolve_template
 from ftune.errors import ConfigError, FtuneError
 from ftune.eval.generation import GENERATIONS_FILE, Sampler, held_out_conversations
 from ftune.eval.probe import base_probe_ppl, build_probe_loader
 from ftune.eval.tasks import TaskProbe, load_tasks
 from ftune.model.dtypes import native_mixed_precision
-from ftune.model.load import count_parameters, load_teacher, load_tokenizer, prepare_model
+from ftune.model.load import count_parameters, load_tokenizer, prepare_model
 from ftune.model.plan import distribution_from_env, plan_rows, plan_run
 from ftune.report.console import console, print_table
 from ftune.report.metrics import MetricsLog, NullLog
@@ -41,6 +38,7 @@ from ftune.train.host_memory import keep_freed_host_memory
 from ftune.train.isolation import check_packing_isolates
 from ftune.train.loop import TrainRun, fit, restore_best
 from ftune.train.losses import build_step_loss
+from ftune.train.objectives import build_objective
 from ftune.train.optim import build_optimizer, build_scheduler, optimizer_steps
 from ftune.train.rundir import ResumeChanges, check_fresh_output_dir, compare_with_checkpoint_config, write_run_config
 from ftune.train.state import TrainState
@@ -129,12 +127,15 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)
+    objective = build_objective(cfg)
     with one_builder_per_disk(accelerator):
-        loaders, stats = build_loaders(cfg, tokenizer, accelerator)
+        loaders, stats = objective.build_loaders(tokenizer, accelerator)
+    loaders["probe"] = build_probe_loader(cfg.probe, tokenizer, cfg.trainer.micro_batch_size) if cfg.probe.path \
+        else None
     probe_tasks = load_tasks(cfg.probe.tasks, cfg.probe.task_dir, "probe.tasks") if cfg.probe.tasks else None
-    teacher = load_teacher(cfg)  # None unless distilling; checks the vocabularies match first
-    model = prepare_model(cfg)
-    if cfg.data.packing:
+    objective.load_frozen()  # a teacher or a reference copy, before the trained model: a wrong one fails first
+    model = prepare_model(cfg, reference_adapter=objective.needs_reference_adapter)
+    if cfg.data.packing:  # preference objectives refuse packing when they build their loaders, above
         check_packing_isolates(model, tokenizer.pad_token_id, cfg.model.attn_implementation, cfg.model.name_or_path)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer, loaders = prepare(accelerator, model, optimizer, loaders)
@@ -143,11 +144,11 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
     accelerator.register_for_checkpointing(scheduler)
     save_trainable_weights_only(accelerator)
     state = load_checkpoint(accelerator, checkpoint) if checkpoint else TrainState()
+    objective.attach(accelerator.unwrap_model(model), tokenizer)
     if loaders.get("probe") is not None and state.base_probe_ppl is None:
         state.base_probe_ppl = base_probe_ppl(model, loaders["probe"], cfg.model, cfg.probe,
                                               cfg.trainer.mixed_precision)
     task_probe = build_task_probe(cfg, probe_tasks, tokenizer, accelerator.unwrap_model(model), state)
-    step_loss = build_step_loss(accelerator.unwrap_model(model), cfg.trainer, teacher, cfg.distill, len(tokenizer))
 
     if accelerator.is_main_process:  # setup succeeded: the run directory is written from here on
         write_run_config(run_dir, resolved)
@@ -156,7 +157,7 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
         train_loader=loaders["train"], eval_loader=loaders.get("eval"), probe_loader=loaders.get("probe"),
         cfg=cfg.trainer, early_stop=cfg.early_stop, probe=cfg.probe, max_grad_norm=cfg.optim.max_grad_norm,
         total_steps=total_steps, run_dir=run_dir, log=open_log(cfg, resolved, accelerator, run_dir), state=state,
-        on_checkpoint=lambda: draw_plots(run_dir), loss=step_loss, task_probe=task_probe,
+        on_checkpoint=lambda: draw_plots(run_dir), objective=objective, task_probe=task_probe,
         sampler=build_sampler(cfg, tokenizer, run_dir),
     )
     if resume is not None:
@@ -210,38 +211,6 @@ def one_builder_per_disk(accelerator: Accelerator) -> Iterator[None]:
     with accelerator.main_process_first(), accelerator.local_main_process_first():
         yield
 
-
-
-def build_loaders(cfg: RunCfg, tokenizer, accelerator: Accelerator) -> tuple[dict, dict]:
-    """Train, eval and probe loaders (eval and probe None when not configured) and the data statistics."""
-    batch, attn = cfg.trainer.micro_batch_size, cfg.model.attn_implementation
-    train, train_stats = build_train_loader(cfg, tokenizer, accelerator)
-    held_out = build_split(cfg.data.eval_path, tokenizer, cfg.data) if cfg.data.eval_path else None
-    loaders = {
-        "train": train,
-        "eval": build_loader(held_out, tokenizer, cfg.data, attn, batch, shuffle=False) if held_out else None,
-        "probe": build_probe_loader(cfg.probe, tokenizer, batch) if cfg.probe.path else None,
-    }
-    return loaders, {"train": train_stats, "eval": held_out.stats if held_out else None}
-
-
-def build_train_loader(cfg: RunCfg, tokenizer, accelerator: Accelerator) -> tuple[object, SplitStats | None]:
-    """The training loader and its statistics.
-
-    Rows built whole (or read from the cache), or with `data.streaming` this process's share of a stream, which
-    has no statistics before it is read.
-    """
-    batch, attn = cfg.trainer.micro_batch_size, cfg.model.attn_implementation
-    if cfg.data.streaming:
-        return build_stream_loader(tokenizer, cfg.data, attn, batch, cfg.seed, accelerator.process_index,
-                                   accelerator.num_processes, accelerator.device), None
-    train = build_train_split(tokenizer, cfg.data, cfg.seed)
-    warning = overlap_warning(train.stats.dedup, cfg.data.eval_path)
-    if warning:
-        console.print(warning, style="bold red", markup=False, highlight=False, soft_wrap=True)
-    loader = build_loader(train, tokenizer, cfg.data, attn, batch, shuffle=True, workers=cfg.trainer.num_workers,
-                          seed=cfg.seed)
-    return loader, train.stats
 
 
 def prepare(accelerator: Accelerator, model, optimizer, loaders: dict) -> tuple[object, object, dict]:
@@ -309,6 +278,7 @@ def describe_run(run: TrainRun, stats: dict) -> dict:
         "truncated / dropped": "streamed" if streamed else f"{train.truncated} / {sum(train.dropped.values())}",
         "parameters (trainable / total)": f"{trainable:,} / {total:,} ({100 * trainable / total:.2f}%)",
         "optimizer steps": f"{run.total_steps} (from step {run.state.step})",
+        **run.objective.describe(),
         "base probe ppl": run.state.base_probe_ppl,
         "processes": run.accelerator.num_processes,
     }

@@ -182,7 +182,7 @@ def with_run_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
     A key given explicitly (`data.packing=false`, or a whole section, `data=...`) keeps its value; everything
     else of `data` and `probe` is the run's, so the held-out set, template, sequence length and probe are the
-    ones it trained with. `model` defaults to the run's final/.
+    ones it trained with. `model` defaults to the run's final/, which `models` are then compared with.
 
     Raises:
         ConfigError: `run` has no config.yaml.
@@ -195,7 +195,7 @@ def with_run_settings(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     trained = OmegaConf.load(path)
     settings = {"data": OmegaConf.to_container(trained.data), "probe": OmegaConf.to_container(trained.probe),
                 "batch_size": trained.trainer.micro_batch_size, "mixed_precision": trained.trainer.mixed_precision}
-    if cfg.model is None and not cfg.models:
+    if cfg.model is None:
         settings["model"] = str(Path(cfg.run) / "final")
     for key in given_keys(overrides):
         drop_key(settings, key)

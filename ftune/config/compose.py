@@ -98,6 +98,10 @@ def find_recipe(value: str, where: Path | None = None) -> Recipe:
                       f"shipped: {', '.join(shipped_recipes())}; in {where}: {here}; or recipe=./FILE.yaml")
 
 
+RENAMED_OPTIONS = {
+    "method/distill": "method=distill is now objective=distill (method says what trains: full, lora, ...)",
+}
+"""Config group options that moved, and the one line that says where."""
 NOT_RECIPE_GROUPS = ("accelerate", "deepspeed", "hub")
 """Folders of configs/ that are launcher or model files, not recipe config groups."""
 
@@ -135,6 +139,9 @@ def compose_config(overrides: list[str], config_dirs: tuple[str, ...] = ()) -> D
     """
     recipe = find_recipe(recipe_value(overrides))
     overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+") != "recipe"]
+    for item in overrides:
+        if (renamed := RENAMED_OPTIONS.get(item.lstrip("+").replace("=", "/", 1))) is not None:
+            raise ConfigError(renamed)
     search = [recipe.path.parent, *group_dirs(recipe.path.parent, config_dirs), RECIPES_DIR]
     searchpath = "hydra.searchpath=[" + ",".join(f"file://{d}" for d in dict.fromkeys(search)) + "]"
     jobs = [*listify(RunCfg, overrides), f"recipe={recipe.name}", searchpath]
@@ -243,6 +250,8 @@ def expected(annotation) -> str:
 def describe_error(err: Exception, schema: type, context: str | None) -> str:
     """One line saying which key or argument is wrong and what it expects, in ftune's words."""
     cause = err if isinstance(err, OmegaConfBaseException) else (err.__cause__ or err)
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file in RENAMED_OPTIONS:
+        return f"{context}: {RENAMED_OPTIONS[err.missing_cfg_file]}"
     if isinstance(err, MissingConfigException) and err.options is not None:
         group = (err.missing_cfg_file or "").rsplit("/", 1)[0]
         return f"{context}: no option '{err.missing_cfg_file}' (available {group}: {', '.join(err.options)})"

@@ -59,6 +59,10 @@ class ModelCfg:
     """Attention kernel passed to transformers."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    adapter: str | None = None
+    """A trained adapter directory (a run's final/) to start from: its weights are loaded and trained on (with the
+    same method). A preference objective then takes the model with this adapter, not the bare base, as its
+    reference."""
 
 
 FORMATS_REGISTRY = "ftune.data.formats:FORMATS"
@@ -116,7 +120,15 @@ class DataCfg:
     train_on: str = choice("all_assistant", "last_assistant", "everything")
     """Which tokens are learned; all others get the ignore label."""
     max_length: int = bounded(512, 8)
-    """Tokens per example; longer examples are truncated at the end, keeping the prompt's start."""
+    """Tokens per example; longer examples are truncated at the end, keeping the prompt's start. Preference data:
+    tokens per prompt + response; the prompt is cut from the left and a pair whose response does not fit is dropped."""
+    max_prompt_length: int = bounded(0, 0)
+    """Preference data: prompts longer than this are cut from the left (keeping a leading BOS); 0 = no limit of its
+    own (only max_length)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Canonical field -> the column a source names it, for data whose columns are named otherwise: `{prompt: input,
+    chosen: good}` in a recipe, +data.columns.prompt=input on the command line; each column named must be in the
+    first record."""
     packing: bool = False
     """Pack several examples into each row of max_length tokens instead of padding each one."""
     pad_to_multiple_of: int = bounded(0, 0)
@@ -217,13 +229,53 @@ class OptimCfg:
 @dataclass
 class DistillCfg:
     teacher: str | None = None
-    """Teacher model (hub id or directory); set, it turns on distillation. Must share the student's vocabulary."""
+    """Teacher model (hub id or directory) of `objective=distill`. Must share the student's vocabulary."""
     alpha: float = bounded(0.5, 0.0, 1.0)
     """Weight of the cross-entropy on labels; (1 - alpha) weighs the KL to the teacher."""
     temperature: float = bounded(2.0, 0.0)
     """Softmax temperature of both distributions in the KL term (scaled back by T^2)."""
     teacher_bits: int = 0
     """Load the teacher quantized to 4 or 8 bits; 0 keeps it in model.dtype."""
+
+
+PREFERENCE_OBJECTIVES = ("dpo", "kto")
+"""Objectives that learn from preference data (`ftune.data.preference`, `pref.*`) rather than labelled examples."""
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+"""`pref.loss` values that need no reference model."""
+
+
+@dataclass
+class ObjectiveCfg:
+    name: str = choice("sft", "distill", "dpo", "kto")
+    """What the run learns from (whatever `method` trains): `sft` the labelled tokens; `distill` labels and a frozen
+    teacher (`distill.*`); `dpo` preference pairs (`pref.*`); `kto` completions labelled desirable or not."""
+
+    @property
+    def learns_preferences(self) -> bool:
+        return self.name in PREFERENCE_OBJECTIVES
+
+
+@dataclass
+class PrefCfg:
+    beta: float = bounded(0.1, 0.0)
+    """How far the policy may move from the reference (DPO's beta; IPO's tau); must be > 0."""
+    loss: str = choice("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
+    """DPO's loss on the pair's log-ratio margin, as TRL defines it: `sigmoid` (DPO), `ipo`, `hinge`, `robust`
+    (noisy labels, `label_smoothing`), or the reference-free `simpo` (length-normalised, `simpo_gamma`) and `orpo`
+    (odds ratio plus the chosen response's NLL)."""
+    label_smoothing: float = bounded(0.0, 0.0, 0.5)
+    """`robust`: the assumed share of pairs whose labels are flipped (below 0.5)."""
+    simpo_gamma: float = bounded(0.5, 0.0)
+    """`simpo`: the target reward margin (TRL's default)."""
+    sft_weight: float = bounded(0.0, 0.0)
+    """Weight of an NLL term on the chosen response (RPO), averaged over its tokens; 0 turns it off."""
+    desirable_weight: float = bounded(1.0, 0.0)
+    """`objective=kto`: weight of the desirable completions' loss."""
+    undesirable_weight: float = bounded(1.0, 0.0)
+    """`objective=kto`: weight of the undesirable completions' loss."""
+    dropout: bool = False
+    """Keep dropout on in the policy and the reference; off (as TRL does), the policy equals the reference at
+    step 0 and the first sigmoid loss is exactly ln 2."""
 
 
 @dataclass
@@ -281,9 +333,11 @@ class TrainerCfg:
 @dataclass
 class EarlyStopCfg:
     metric: str = "auto"
-    """Evaluation metric that decides the best checkpoint and early stopping: eval_loss, eval_ppl, probe_ppl or
-    probe_drift (those the configured evaluation measures), or `auto`: eval_loss, or probe_ppl without
-    data.eval_path, or none without any evaluation (then final/ holds the last weights)."""
+    """Evaluation metric that decides the best checkpoint and early stopping: one the configured evaluation
+    measures (eval_loss, eval_ppl, probe_ppl, probe_drift; with a preference objective eval_reward_accuracy and
+    eval_reward_margin instead of eval_ppl), or `auto`: the objective's own (eval_loss; eval_reward_accuracy,
+    larger is better, for dpo and kto), or probe_ppl without data.eval_path, or none without any evaluation (then
+    final/ holds the last weights)."""
     mode: str = choice("min", "max")
     """Whether smaller or larger values of the metric are better."""
     patience: int = bounded(0, 0)
@@ -343,8 +397,16 @@ class RunCfg:
     quant: QuantCfg = field(default_factory=QuantCfg)
     lora: LoraCfg = field(default_factory=LoraCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
+    objective: ObjectiveCfg = field(default_factory=ObjectiveCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
+    pref: PrefCfg = field(default_factory=PrefCfg)
     trainer: TrainerCfg = field(default_factory=TrainerCfg)
     early_stop: EarlyStopCfg = field(default_factory=EarlyStopCfg)
     probe: ProbeCfg = field(default_factory=ProbeCfg)
     logger: LoggerCfg = field(default_factory=LoggerCfg)
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the objective compares the policy with a reference model (KTO, and DPO but its free losses)."""
+        return self.objective.name == "kto" or \
+            self.objective.name == "dpo" and self.pref.loss not in REFERENCE_FREE_LOSSES

@@ -6,6 +6,7 @@ are listed in `CROSS_FIELD_RULES`, one small function each.
 
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import re
@@ -96,11 +97,69 @@ def check_freeze(cfg: RunCfg) -> list[str]:
 
 def check_distillation(cfg: RunCfg) -> list[str]:
     distill, problems = cfg.distill, []
+    if cfg.objective.name == "distill" and distill.teacher is None:
+        problems.append("objective=distill without distill.teacher (expected a teacher model: hub id or directory)")
+    if cfg.objective.name != "distill" and distill.teacher is not None:
+        problems.append(f"distill.teacher={distill.teacher} with objective={cfg.objective.name} (expected "
+                        "objective=distill, or distill.teacher=null)")
     if distill.teacher is None and distill.teacher_bits:
         problems.append(f"distill.teacher_bits={distill.teacher_bits} without distill.teacher (expected a teacher)")
     if distill.teacher is not None and distill.temperature <= 0:
         problems.append(f"distill.temperature={distill.temperature} (expected > 0)")
     return problems
+
+
+
+def check_preference(cfg: RunCfg) -> list[str]:
+    """What TRL's losses divide by, and what KTO's batch KL estimate needs."""
+    pref, problems = cfg.pref, []
+    if not cfg.objective.learns_preferences:
+        return []
+    if pref.beta <= 0:
+        problems.append(f"pref.beta={pref.beta} (expected > 0)")
+    if pref.label_smoothing >= 0.5:
+        problems.append(f"pref.label_smoothing={pref.label_smoothing} (expected below 0.5: the robust loss divides "
+                        "by 1 - 2 * label_smoothing)")
+    if pref.label_smoothing and pref.loss != "robust":
+        problems.append(f"pref.label_smoothing={pref.label_smoothing} with pref.loss={pref.loss} (expected "
+                        "pref.loss=robust, the loss that reads it)")
+    if cfg.objective.name == "kto" and cfg.trainer.micro_batch_size < 2:
+        problems.append("trainer.micro_batch_size=1 with objective=kto (expected >= 2: the KL estimate pairs each "
+                        "prompt with another row's completion)")
+    if cfg.objective.name == "kto" and pref.loss != "sigmoid":
+        problems.append(f"pref.loss={pref.loss} with objective=kto (expected sigmoid, the default: KTO has its own "
+                        "loss)")
+    return problems
+
+
+def check_start_adapter(cfg: RunCfg) -> list[str]:
+    """`model.adapter` is a PEFT adapter of this base for this method, read from its adapter_config.json."""
+    adapter = cfg.model.adapter
+    if adapter is None:
+        return []
+    config_file = os.path.join(adapter, "adapter_config.json")
+    if not os.path.isfile(config_file):
+        return [f"model.adapter={adapter}: no adapter_config.json there (expected a trained adapter directory, "
+                "such as a run's final/)"]
+    with open(config_file, encoding="utf-8") as handle:
+        config = json.load(handle)
+    problems = []
+    kind = str(config.get("peft_type", "")).lower()
+    if kind != cfg.method.name:
+        problems.append(f"model.adapter={adapter} is a {kind or 'unknown'} adapter with method.name="
+                        f"{cfg.method.name} (expected method.name={kind or 'its method'})")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not same_model(base, cfg.model.name_or_path):
+        problems.append(f"model.adapter={adapter} was trained on {base}, not on model.name_or_path="
+                        f"{cfg.model.name_or_path} (expected an adapter of this base)")
+    return problems
+
+
+def same_model(first: str, second: str) -> bool:
+    """Whether two `name_or_path` values name one model: equal hub ids, or the same local directory."""
+    if os.path.isdir(first) and os.path.isdir(second):
+        return os.path.samefile(first, second)
+    return first.rstrip("/") == second.rstrip("/")
 
 
 def check_bitsandbytes(cfg: RunCfg) -> list[str]:
@@ -148,29 +207,40 @@ def check_optimizer(cfg: RunCfg) -> list[str]:
     return []
 
 
-def evaluation_metrics(eval_path: str | None, probe_path: str | None) -> list[str]:
-    """The metrics an evaluation row will hold: held-out loss with eval data, probe perplexity with a probe."""
-    return (["eval_loss", "eval_ppl"] if eval_path else []) + (["probe_ppl", "probe_drift"] if probe_path else [])
+HELD_OUT_METRICS = {
+    "sft": (("eval_loss", "min"), ("eval_ppl", "min")),
+    "distill": (("eval_loss", "min"), ("eval_ppl", "min")),
+    "dpo": (("eval_reward_accuracy", "max"), ("eval_reward_margin", "max"), ("eval_loss", "min")),
+    "kto": (("eval_reward_accuracy", "max"), ("eval_reward_margin", "max"), ("eval_loss", "min")),
+}
+"""What each objective's evaluation logs on held-out data (`ftune.train.objectives`), its default early-stopping
+metric first, with the direction in which it improves."""
+PROBE_METRICS = (("probe_ppl", "min"), ("probe_drift", "min"))
+
+
+def evaluation_metrics(objective: str, eval_path: str | None, probe_path: str | None) -> list[tuple[str, str]]:
+    """(metric, mode) pairs an evaluation row will hold: the objective's held-out ones, and the probe's."""
+    return list(HELD_OUT_METRICS[objective] if eval_path else ()) + list(PROBE_METRICS if probe_path else ())
 
 
 def resolve_automatic(cfg: DictConfig) -> None:
     """Decide the `auto` settings of a composed config in place, so config.yaml records what ran.
 
-    `early_stop.metric=auto` follows the held-out loss, else the probe perplexity (lower is better for both),
-    else nothing: with no evaluation at all, `trainer.final_weights=best` has nothing to pick by and becomes
-    `last`. `advisories` tells the user which fallback was taken.
+    `early_stop.metric=auto` follows the objective's first held-out metric (the loss, or the reward accuracy of a
+    preference objective), else the probe perplexity, else nothing: with no evaluation at all,
+    `trainer.final_weights=best` has nothing to pick by and becomes `last`. `advisories` tells the user which
+    fallback was taken.
     """
-    metrics = evaluation_metrics(cfg.data.eval_path, cfg.probe.path)
+    metrics = evaluation_metrics(cfg.objective.name, cfg.data.eval_path, cfg.probe.path)
     if cfg.early_stop.metric == "auto":
-        cfg.early_stop.metric = metrics[0] if metrics else "none"
-        cfg.early_stop.mode = "min"
+        cfg.early_stop.metric, cfg.early_stop.mode = metrics[0] if metrics else ("none", "min")
     if not metrics and cfg.trainer.final_weights == "best":
         cfg.trainer.final_weights = "last"
 
 
 def check_early_stop(cfg: RunCfg) -> list[str]:
     """The metric that picks the best checkpoint and stops early must be one the evaluation produces."""
-    metrics = evaluation_metrics(cfg.data.eval_path, cfg.probe.path)
+    metrics = [name for name, _ in evaluation_metrics(cfg.objective.name, cfg.data.eval_path, cfg.probe.path)]
     metric, patience = cfg.early_stop.metric, cfg.early_stop.patience
     if not metrics:
         return [f"early_stop.patience={patience} with no evaluation (expected data.eval_path or probe.path, or "
@@ -293,6 +363,8 @@ CROSS_FIELD_RULES: list[Callable[[RunCfg], list[str]]] = [
     check_prompt_learning,
     check_freeze,
     check_distillation,
+    check_preference,
+    check_start_adapter,
     check_bitsandbytes,
     check_betas,
     check_schedule,

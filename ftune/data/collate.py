@@ -74,6 +74,71 @@ class PackedCollator:
         return batch
 
 
+@dataclass
+class PairCollator:
+    """Batch preference pairs as one concatenated forward: every pair's prompt + chosen, then its prompt + rejected.
+
+    Rows hold `prompt_ids`, `chosen_ids`, `rejected_ids` (`ftune.data.preference`). Rows 0..B-1 of the batch are
+    prompt + chosen and rows B..2B-1 prompt + rejected, right-padded; only response tokens are labelled.
+
+    Example, pad_token_id=0, one pair: prompt [5, 6], chosen [7, 8], rejected [9]
+        -> input_ids      [[5, 6, 7, 8], [5, 6, 9, 0]]
+           labels         [[-100, -100, 7, 8], [-100, -100, 9, -100]]
+           attention_mask [[1, 1, 1, 1], [1, 1, 1, 0]]
+           num_tokens 7 (real tokens), num_pairs 1
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 1
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        prompts = [row["prompt_ids"] for row in rows] * 2
+        responses = [row["chosen_ids"] for row in rows] + [row["rejected_ids"] for row in rows]
+        batch = pad_responses(prompts, responses, self.pad_token_id, self.pad_to_multiple_of)
+        return {**batch, "num_pairs": torch.tensor(len(rows))}
+
+
+@dataclass
+class KtoCollator:
+    """Batch unpaired rows (KTO): prompt + completion per row, its label, and the mismatched pairs of KTO's KL term.
+
+    Rows hold `prompt_ids`, `completion_ids`, `label`. Besides `input_ids`, `attention_mask`, `labels` [B, L],
+    `kto_label` [B] and `num_tokens` (real tokens of those rows), the batch has `kl_input_ids`,
+    `kl_attention_mask`, `kl_labels` [B, L']: row i's prompt with row i-1's completion (cyclically), as TRL's
+    KTOTrainer pairs them to estimate the KL term.
+
+    Example, pad_token_id=0: rows (prompt [5], completion [7, 8], true), (prompt [6], completion [9], false)
+        -> input_ids [[5, 7, 8], [6, 9, 0]], kto_label [True, False], kl_input_ids [[5, 9, 0], [6, 7, 8]]
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 1
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        prompts = [row["prompt_ids"] for row in rows]
+        completions = [row["completion_ids"] for row in rows]
+        batch = pad_responses(prompts, completions, self.pad_token_id, self.pad_to_multiple_of)
+        kl = pad_responses(prompts, completions[-1:] + completions[:-1], self.pad_token_id, self.pad_to_multiple_of)
+        return {**batch, "kto_label": torch.tensor([bool(row["label"]) for row in rows], dtype=torch.bool),
+                **{f"kl_{key}": kl[key] for key in ("input_ids", "attention_mask", "labels")}}
+
+
+def pad_responses(prompts: list[list[int]], responses: list[list[int]], pad_token_id: int,
+                  multiple: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows of prompt + response, labelled on the response only, with their real-token count."""
+    lengths = [len(prompt) + len(response) for prompt, response in zip(prompts, responses, strict=True)]
+    width = padded_width(max(lengths), multiple)
+    input_ids = torch.full((len(lengths), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(lengths), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, (prompt, response, length) in enumerate(zip(prompts, responses, lengths, strict=True)):
+        input_ids[row, :length] = torch.tensor([*prompt, *response])
+        labels[row, len(prompt) : length] = torch.tensor(response)
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "num_tokens": attention_mask.sum()}
+
+
 def padded_width(longest: int, multiple: int) -> int:
     """The width a batch whose longest row has `longest` tokens is padded to: rounded up to `multiple`."""
     return -(-longest // multiple) * multiple

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ftune.config.schema import DataCfg
-from ftune.data.formats import RecordError, read_source, resolve_format, to_canonical
+from ftune.data.formats import RecordError, read_records, resolve_format, to_canonical
 
 NEAR_THRESHOLD = 0.8
 SHINGLE = 5
@@ -335,7 +335,7 @@ def overlap_warning(dedup: dict, eval_path: str | None) -> str | None:
 
 def held_out_records(cfg: DataCfg) -> list[tuple[str, dict]]:
     """(where, canonical record) of `cfg.eval_path`, skipping records that do not fit its format."""
-    records = read_source(cfg.eval_path)
+    records = list(read_records(cfg.eval_path, cfg))
     fmt = resolve_format(records, cfg.eval_path, cfg.format)
     kept = []
     for where, record in records:

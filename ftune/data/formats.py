@@ -51,9 +51,12 @@ from ftune.data.messages import (
     features,
     show,
 )
-from ftune.errors import DataError, ResourceError
+from ftune.errors import ConfigError, DataError, ResourceError
 
 FORMATS: dict[str, tuple[str, ...]] = {
+    "preference": ("prompt", "chosen", "rejected"),
+    "implicit_preference": ("chosen", "rejected"),
+    "unpaired_preference": ("prompt", "completion", "label"),
     "messages": ("messages",),
     "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
@@ -62,7 +65,15 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "message_list": (),
 }
 """Format name -> the fields a record of it must have (alpaca's `input` is optional); a `message_list` record is
-a JSON list of messages rather than an object, so it has no fields and is detected by its type."""
+a JSON list of messages rather than an object, so it has no fields and is detected by its type. Detection takes
+the first that fits, so the preference formats come first: a pair may carry an extra `messages` column, and an
+unpaired one has the fields of `prompt_completion` and a label."""
+
+PREFERENCE_FORMATS = ("preference", "implicit_preference", "unpaired_preference")
+"""The formats of preference data (`ftune.data.preference`): pairs for DPO and its family, unpaired rows for KTO."""
+
+COLUMN_NAMES = tuple(sorted({name for fields in FORMATS.values() for name in fields} | {"input", "system", "tools"}))
+"""The fields `data.columns` may map a source's columns to."""
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 PARQUET_BATCH = 1024
@@ -306,6 +317,44 @@ def source_signature(source: str) -> dict:
     return {"dataset": name, "fingerprint": dataset._fingerprint}
 
 
+def rename_columns(records: Iterable[Record], columns: Mapping[str, str], source: str) -> Iterator[Record]:
+    """The records with the columns `data.columns` maps read under their canonical names.
+
+    Example, columns {"prompt": "input"}: ("f.jsonl:1", {"input": "Hi", "chosen": "a"})
+        -> ("f.jsonl:1", {"prompt": "Hi", "chosen": "a"})
+
+    Raises:
+        ConfigError: a canonical name no format has, or a column the first record (object) lacks.
+    """
+    for name in columns:
+        if name not in COLUMN_NAMES:
+            raise ConfigError(f"data.columns.{name}: unknown field {name!r}",
+                              f"expected one of {', '.join(COLUMN_NAMES)}")
+    checked = not columns
+    for where, record in records:
+        if isinstance(record, dict) and columns:
+            if not checked:
+                check_columns(record, columns, where, source)
+                checked = True
+            renamed = {name: record[column] for name, column in columns.items() if column in record}
+            mapped = {*columns, *columns.values()}
+            record = {**{key: value for key, value in record.items() if key not in mapped}, **renamed}
+        yield where, record
+
+
+def check_columns(record: dict, columns: Mapping[str, str], where: str, source: str) -> None:
+    """Refuse a `data.columns` entry that names no column of the first record: the mapping would do nothing."""
+    for name, column in columns.items():
+        if column not in record:
+            raise ConfigError(f"data.columns.{name}={column}: {source} has no column {column!r} (the first record, "
+                              f"{where}, has {sorted(record)})")
+
+
+def read_records(source: str, cfg: DataCfg) -> Iterator[Record]:
+    """The records of a source (`iter_source`) with the columns `data.columns` maps renamed (`rename_columns`)."""
+    return rename_columns(iter_source(source), cfg.columns, source)
+
+
 def resolve_format(records: Iterable[Record], source: str, fmt: str) -> str:
     """`fmt` (`data.format`), or with `auto` the format detected from the first record that is an object or a list.
 
@@ -327,6 +376,10 @@ def resolve_format(records: Iterable[Record], source: str, fmt: str) -> str:
     for name, fields in FORMATS.items():
         if fields and set(fields) <= set(record):
             return name
+    if {"chosen", "rejected"} & set(record):  # one of the two: with both, implicit_preference fits
+        missing = ({"chosen", "rejected"} - set(record)).pop()
+        raise DataError(f"{where}: {missing}: missing (a preference pair needs chosen and rejected, after a prompt or "
+                        f"as whole conversations; the record has {sorted(record)})")
     expected = "; ".join(f"{name} ({', '.join(fields)})" for name, fields in FORMATS.items() if fields)
     raise DataError(f"{where}: cannot tell the format from the fields {sorted(record)} (expected the fields of one "
                     f"of: {expected})", "rename the fields, or set data.format")
@@ -366,12 +419,7 @@ def to_canonical(record: object, fmt: str, where: str, roles: Mapping[str, str])
             raise RecordError(INVALID_RECORD, f"{where}: expected a JSON list of messages, got a "
                                               f"{type(record).__name__}")
         return conversation(record, where, "record", ("role", "content"), ROLE_NAMES)
-    if not isinstance(record, dict):
-        raise RecordError(INVALID_RECORD, f"{where}: expected a JSON object, got a {type(record).__name__}")
-    for name in FORMATS[fmt]:
-        if name not in record:
-            raise RecordError(MISSING_FIELD, f"{where}: {name}: missing (format {fmt} needs "
-                                             f"{', '.join(FORMATS[fmt])}; the record has {sorted(record)})")
+    require_fields(record, fmt, where)
     if fmt == "text":
         return {"text": string_field(record, "text", where)}
     if fmt == "messages":
@@ -382,6 +430,20 @@ def to_canonical(record: object, fmt: str, where: str, roles: Mapping[str, str])
     prompt = alpaca_prompt(record, where) if fmt == "alpaca" else string_field(record, "prompt", where)
     answer = string_field(record, "output" if fmt == "alpaca" else "completion", where)
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+
+def require_fields(record: object, fmt: str, where: str) -> None:
+    """Refuse a record that is no JSON object, or lacks a field of its format.
+
+    Raises:
+        RecordError: naming the first missing field, what the format needs and what the record has.
+    """
+    if not isinstance(record, dict):
+        raise RecordError(INVALID_RECORD, f"{where}: expected a JSON object, got a {type(record).__name__}")
+    for name in FORMATS[fmt]:
+        if name not in record:
+            raise RecordError(MISSING_FIELD, f"{where}: {name}: missing (format {fmt} needs "
+                                             f"{', '.join(FORMATS[fmt])}; the record has {sorted(record)})")
 
 
 def record_features(record: object, fmt: str, canonical: dict) -> set[str]:
@@ -424,7 +486,7 @@ def load_conversations(path: str, cfg: DataCfg | None = None) -> Iterator[tuple[
         DataError: the source is a `text` source, or a record does not fit its format.
     """
     cfg = cfg or DataCfg()
-    records, first = itertools.tee(iter_source(path))
+    records, first = itertools.tee(read_records(path, cfg))
     fmt = resolve_format(first, path, cfg.format)
     del first  # tee keeps what one copy read ahead of the other only while both exist
     if fmt == "text":

@@ -104,16 +104,26 @@ def conversation(turns: object, where: str, field: str, keys: tuple[str, str], r
     messages = [canonical_message(turn, f"{where}: {field}[{index}]", keys, roles, field)
                 for index, turn in enumerate(turns)]
     fields = record if isinstance(record, dict) else {}
-    system = fields.get("system")
-    if system is not None and not isinstance(system, str):
-        raise RecordError(EMPTY_CONTENT, f"{where}: system: expected a string, got {show(system)}")
-    if system and system.strip() and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system})
+    messages = with_system(messages, fields, where)
     if not any(message["role"] == "assistant" for message in messages):
         raise RecordError(NO_ASSISTANT, f"{where}: {field}: expected an assistant turn (nothing would be learned), "
                                         f"got roles {[m['role'] for m in messages]}")
     tools = tools_list(fields.get("tools"), f"{where}: tools")
     return {"messages": messages, "tools": tools} if tools else {"messages": messages}
+
+
+def with_system(messages: list[dict], fields: dict, where: str) -> list[dict]:
+    """The messages opened by the record's `system` column, unless it is blank or a system turn already opens them.
+
+    Example: [{"role": "user", "content": "Hi"}], {"system": "Be terse."}
+        -> [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    """
+    system = fields.get("system")
+    if system is not None and not isinstance(system, str):
+        raise RecordError(EMPTY_CONTENT, f"{where}: system: expected a string, got {show(system)}")
+    if system and system.strip() and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *messages]
+    return messages
 
 
 def canonical_message(turn: object, at: str, keys: tuple[str, str], roles: Mapping[str, str], field: str) -> dict:

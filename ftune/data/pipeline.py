@@ -30,7 +30,7 @@ from ftune.config.schema import DataCfg, DataSourceCfg
 from ftune.data.batches import BatchContext, TokenizedBatch, numbered_batches, tokenize_batch
 from ftune.data.collate import build_collator
 from ftune.data.dedup import NEAR_SEARCH_LIMIT, REMOVED_BY, DuplicateFinder, held_out_records, merge_reports, report
-from ftune.data.formats import RecordError, iter_source, resolve_format, source_signature
+from ftune.data.formats import PREFERENCE_FORMATS, RecordError, read_records, resolve_format, source_signature
 from ftune.data.sampler import LengthGroupedSampler
 from ftune.data.store import Documents, TokenFile, TokenWriter, read_rows, write_rows
 from ftune.data.templates import TEMPLATES_DIR, resolve_template
@@ -39,7 +39,7 @@ from ftune.errors import DataError
 from ftune.report.console import console
 
 ROW_SHAPING_MODULES = ("formats.py", "messages.py", "dedup.py", "templates.py", "labels.py", "mask.py", "packing.py",
-                       "batches.py", "store.py", "pipeline.py")
+                       "batches.py", "store.py", "pipeline.py", "preference.py")
 """The modules of ftune/data whose code decides the cached rows and statistics; collate.py and sampler.py act
 per batch, on rows already cached, and workers.py only runs batches, so changing them keeps the cache valid."""
 
@@ -146,9 +146,12 @@ def tokenize_source(path: str, tokenizer, cfg: DataCfg, sink) -> SplitStats:
     Raises:
         DataError: a bad record (with `on_bad_record=error`), or no example left at all.
     """
-    records, first = itertools.tee(iter_source(path))
+    records, first = itertools.tee(read_records(path, cfg))
     fmt = resolve_format(first, path, cfg.format)
     del first  # tee holds what one copy read ahead of the other only while both exist
+    if fmt in PREFERENCE_FORMATS:
+        raise DataError(f"{path}: format {fmt} is preference data, which this objective does not train on",
+                        "set objective=dpo (pairs) or objective=kto (unpaired rows), or give SFT data")
     if cfg.format == "auto":
         say(f"data: {path}: format {fmt} (detected from its first record)")
     template = resolve_template(cfg.chat_template, tokenizer) if fmt != "text" else None
@@ -158,8 +161,7 @@ def tokenize_source(path: str, tokenizer, cfg: DataCfg, sink) -> SplitStats:
     for batch in map_ordered(tokenize_batch, context, numbered_batches(records), resolve_num_proc(cfg.num_proc)):
         keep_batch(batch, finder, cfg, stats, first_errors, sink)
         shape |= batch.features
-    for reason, message in first_errors.items():
-        say(f"data: {path}: {stats.dropped[reason]} record(s) skipped ({reason}); the first: {message}")
+    report_skipped(path, stats, first_errors)
     if not stats.kept:
         raise DataError(f"{path}: no example left to train on (dropped: {stats.dropped})")
     stats.dedup = report(finder, cfg.dedup)
@@ -206,6 +208,12 @@ def skip_record(err: RecordError, cfg: DataCfg, stats: SplitStats, first_errors:
         raise err
     stats.drop(err.reason)
     first_errors.setdefault(err.reason, err.one_line())
+
+
+def report_skipped(path: str, stats, first_errors: dict) -> None:
+    """One line per reason records of `path` were skipped for: how many, and the first one's message."""
+    for reason, message in first_errors.items():
+        say(f"data: {path}: {stats.dropped[reason]} record(s) skipped ({reason}); the first: {message}")
 
 
 def say(line: str) -> None:
@@ -303,7 +311,7 @@ def build_rows(sources: list[DataSourceCfg], tokenizer, cfg: DataCfg, seed: int)
         stats.row_capacity = stats.rows * cfg.max_length if cfg.packing else stats.tokens
         for number in range(len(files)):
             shutil.rmtree(staging / f"tokens-{number}")
-        write_about(staging, sources, tokenizer, cfg, stats)
+        write_about(staging, sources, tokenizer, cfg, stats.rows, stats.tokens)
         (staging / STATS_FILE).write_text(json.dumps(dataclasses.asdict(stats)), encoding="utf-8")
     return dataclasses.replace(load_entry(entry), from_cache=False)
 
@@ -317,16 +325,17 @@ def load_entry(entry: Path) -> Split | None:
     return Split(rows, stats, lengths, from_cache=True)
 
 
-def write_about(directory: Path, sources: list[DataSourceCfg], tokenizer, cfg: DataCfg, stats: SplitStats) -> None:
-    """What made an entry, in words a person reads in `ftune data --cache-info`."""
+def write_about(directory: Path, sources: list[DataSourceCfg], tokenizer, cfg: DataCfg, rows: int,
+                tokens: int) -> None:
+    """What made an entry (and its rows and tokens), in words a person reads in `ftune data --cache-info`."""
     about = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "sources": [source.path for source in sources],
         "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
         "settings": {key: getattr(cfg, key) for key in ("format", "chat_template", "train_on", "max_length",
                                                         "packing", "dedup")},
-        "rows": stats.rows,
-        "tokens": stats.tokens,
+        "rows": rows,
+        "tokens": tokens,
     }
     (directory / ABOUT_FILE).write_text(json.dumps(about), encoding="utf-8")
 

@@ -169,6 +169,38 @@ def rows_batch(ids: np.ndarray, labels: np.ndarray, doc_lengths: np.ndarray, row
     })
 
 
+class RowWriter:
+    """Appends rows (dicts of token-id lists and scalars) to `directory`'s rows file as they come, with their lengths.
+
+    For rows built whole per record (preference pairs, `ftune.data.preference`), which need no mixing or packing
+    plan: each batch goes straight to the Arrow stream that `read_rows` memory-maps, its schema taken from the
+    first batch written.
+    """
+
+    def __init__(self, directory: Path):
+        import pyarrow as pa
+
+        self.sink, self.writer, self.schema, self.lengths = pa.OSFile(str(directory / ROWS_FILE), "wb"), None, None, []
+        self.directory = directory
+
+    def write(self, rows: list[dict], lengths: list[int]) -> None:
+        import pyarrow as pa
+
+        if not rows:
+            return
+        batch = pa.RecordBatch.from_pylist(rows, schema=self.schema)
+        if self.writer is None:
+            self.schema, self.writer = batch.schema, pa.ipc.new_stream(self.sink, batch.schema)
+        self.writer.write_batch(batch)
+        self.lengths += lengths
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.sink.close()
+        np.save(self.directory / LENGTHS_FILE, np.array(self.lengths, np.int64))
+
+
 def read_rows(directory: Path):
     """The rows of an entry as a memory-mapped `datasets.Dataset`, and each row's tokens."""
     from datasets import Dataset

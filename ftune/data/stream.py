@@ -43,6 +43,7 @@ from ftune.data.formats import (
     data_files,
     is_saved_dataset,
     iter_source,
+    rename_columns,
     resolve_format,
     split_suffix,
 )
@@ -226,7 +227,8 @@ class TrainingStream:
 
         A bad record stops the run (`data.on_bad_record=error`) or is skipped, its reason said once.
         """
-        mine = itertools.islice(stream_records(self.cfg.path), self.rank, None, self.world)
+        records = rename_columns(stream_records(self.cfg.path), self.cfg.columns, self.cfg.path)
+        mine = itertools.islice(records, self.rank, None, self.world)
         for batch in map(functools.partial(tokenize_batch, self.context), numbered_batches(mine)):
             sink, known = ExampleSink(), set(self.first_errors)
             keep_batch(batch, NoDuplicateCheck(), self.cfg, self.stats, self.first_errors, sink)
@@ -242,7 +244,7 @@ def open_stream(tokenizer, cfg: DataCfg, seed: int, batch_size: int, rank: int =
     Raises:
         DataError: the source is empty, or its format cannot be detected.
     """
-    fmt = resolve_format(stream_records(cfg.path), cfg.path, cfg.format)
+    fmt = resolve_format(rename_columns(stream_records(cfg.path), cfg.columns, cfg.path), cfg.path, cfg.format)
     template = resolve_template(cfg.chat_template, tokenizer) if fmt != "text" else None
     context = BatchContext(tokenizer, template, replace(cfg, format=fmt), fmt, near_limit=0)
     return TrainingStream(context, seed, MEGA_BATCH_MULT * batch_size, rank, world)

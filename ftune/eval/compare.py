@@ -26,6 +26,7 @@ from ftune.eval.generation import (
     summarize,
 )
 from ftune.eval.loss import BatchLoss, autocast_forward, cross_entropy, evaluate_loss, on_this_process
+from ftune.eval.pairs import holds_pairs, pair_logps, pair_metrics, reward_accuracy
 from ftune.eval.probe import build_probe_loader, probe_ppl
 from ftune.eval.tasks import flat_scores, load_tasks, run_tasks
 from ftune.model.load import load_base_model, load_tokenizer
@@ -117,7 +118,8 @@ class Comparison:
 
     rows: dict[str, dict]
     """`{model name: {kind, base, eval_loss, eval_ppl, probe_ppl, probe_drift, exact_match, f1, "task/metric",
-    "task/metric_stderr", ...}}`, the reference base first."""
+    "task/metric_stderr", ...}}`, the reference base first; on preference pairs `pair_accuracy`, `pair_margin`,
+    `pairs` and (but the reference) `reward_accuracy` instead of the loss and generations."""
     generations: list[dict]
     """`generation_records`: prompt, reference and every model's answer with its scores."""
 
@@ -137,23 +139,28 @@ def evaluate_models(cfg: EvalCfg, loss_for: Callable[[object], BatchLoss] = lamb
 
     device = PartialState().device
     refs = model_refs(cfg)
+    pairs = cfg.data.eval_path is not None and holds_pairs(cfg.data)
     conversations = held_out_conversations(cfg.data.eval_path, cfg.data, cfg.generate) \
-        if cfg.data.eval_path is not None and cfg.generate else []
+        if cfg.data.eval_path is not None and cfg.generate and not pairs else []
     names = benchmark_names(cfg)
     tasks = load_tasks(names, cfg.task_dir or cfg.probe.task_dir, "tasks") if names else None  # fails before loading
     rows: dict[str, dict] = {}
     answers: dict[str, list] = {}
+    scored_pairs: dict[str, object] = {}
     for ref in refs:
         model, tokenizer = load_model(ref, cfg.dtype)
         model.to(device)
         autocast_forward(model, cfg.mixed_precision)
-        row, answers[ref.name] = evaluate_model(model, tokenizer, cfg, conversations, loss_for(model))
+        if pairs:
+            scored_pairs[ref.name] = pair_logps(model, tokenizer, cfg.data, cfg.batch_size)
+        row, answers[ref.name] = evaluate_model(model, tokenizer, cfg, conversations, loss_for(model), pairs)
         if tasks is not None:
             row |= flat_scores(run_tasks(model, tokenizer, tasks, names, benchmark_limit(cfg), cfg.batch_size))
         rows[ref.name] = {"kind": ref.kind, "base": ref.base, **row}
         del model
         gc.collect()
     add_probe_drift(rows)
+    add_pair_metrics(rows, scored_pairs)
     return Comparison(rows, generation_records(conversations, answers) if conversations else [])
 
 
@@ -168,13 +175,16 @@ def benchmark_limit(cfg: EvalCfg) -> int | None:
 
 
 def evaluate_model(model, tokenizer, cfg: EvalCfg, conversations: list[list[dict]],
-                   loss: BatchLoss) -> tuple[dict, list[GenerationScore]]:
-    """Held-out loss and perplexity, probe perplexity and generation scores of one loaded model, and its answers."""
+                   loss: BatchLoss, pairs: bool = False) -> tuple[dict, list[GenerationScore]]:
+    """Held-out loss and perplexity, probe perplexity and generation scores of one loaded model, and its answers.
+
+    Held-out preference pairs (`pairs`) have no loss of their own here: `add_pair_metrics` scores them.
+    """
     from ftune.data.pipeline import build_loader, build_split
     from ftune.data.templates import resolve_template
 
     row, scores = {}, []
-    if cfg.data.eval_path is not None:
+    if cfg.data.eval_path is not None and not pairs:
         # every model here is loaded with ModelCfg's default attention kernel, so packed rows get its mask
         loader = build_loader(build_split(cfg.data.eval_path, tokenizer, cfg.data), tokenizer, cfg.data,
                               ModelCfg().attn_implementation, cfg.batch_size, shuffle=False)
@@ -188,6 +198,15 @@ def evaluate_model(model, tokenizer, cfg: EvalCfg, conversations: list[list[dict
         scores = score_generations(model, tokenizer, template, conversations, cfg.max_new_tokens)
         row |= summarize(scores)
     return row, scores
+
+
+def add_pair_metrics(rows: dict[str, dict], scored: dict) -> None:
+    """Each row's preference of the chosen responses, and the others' `reward_accuracy` against the reference row."""
+    if not scored:
+        return
+    reference = next(iter(scored.values()))
+    for index, (name, logps) in enumerate(scored.items()):
+        rows[name] |= pair_metrics(logps) | ({"reward_accuracy": reward_accuracy(logps, reference)} if index else {})
 
 
 def add_probe_drift(rows: dict[str, dict]) -> None:

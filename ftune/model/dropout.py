@@ -183,7 +183,7 @@ class DroppedLinear(nn.Linear):
         self.weight, self.bias, self.p = linear.weight, linear.bias, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training or self.p == 0:
             return super().forward(x)
         if not draws_positions(x, self.p):
             return super().forward(F.dropout(x, self.p, True))
@@ -240,3 +240,16 @@ def folds_into_lora_a(lora_layer: nn.Module, adapter: str) -> bool:
     """Whether PEFT computes `lora_A(dropout(x))` for this adapter: vanilla LoRA (no variant) on a linear lora_A."""
     lora_a = lora_layer.lora_A[adapter] if adapter in lora_layer.lora_A else None
     return type(lora_a) is nn.Linear and adapter not in getattr(lora_layer, "lora_variant", {})
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Turn every dropout of `model` off, in training mode too: torch's and ftune's modules, and attention's rate.
+
+    What TRL does for preference tuning, so that the policy equals the reference at step 0. Transformers' attention
+    modules keep their dropout as a float they pass to the attention kernel while training.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Dropout, DroppedLinear)):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from peft import PeftModel
+from peft import LoraConfig, PeftConfig, PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ftune.config.schema import ModelCfg, RunCfg
 from ftune.errors import ConfigError, ResourceError
 from ftune.model.adapters import add_adapter
 from ftune.model.attention import isolate_sliding_windows
+from ftune.model.dropout import use_sparse_dropout
 from ftune.model.dtypes import DTYPES
+from ftune.model.lora_linear import with_fused_layers
 from ftune.model.moe import record_router_logits
 from ftune.model.quant import (
     disable_cpu_inference_repacking,
@@ -82,8 +84,16 @@ def from_pretrained(auto_class, name_or_path: str, key: str = "model.name_or_pat
         ) from err
 
 
-def prepare_model(cfg: RunCfg) -> PreTrainedModel:
-    """Load the base (quantized for QLoRA) and make the right weights trainable for `cfg.method`."""
+REFERENCE_ADAPTER = "reference"
+"""The name of the frozen copy of `model.adapter` that preference objectives score the reference with."""
+
+
+def prepare_model(cfg: RunCfg, reference_adapter: bool = False) -> PreTrainedModel:
+    """Load the base (quantized for QLoRA) and make the right weights trainable for `cfg.method`.
+
+    With `model.adapter`, the adapter methods start from that trained adapter (`load_start_adapter`); with
+    `reference_adapter` it is also loaded a second time, frozen, as `REFERENCE_ADAPTER`.
+    """
     model = prepare_quantized(load_base_model(cfg.model, **student_load_kwargs(cfg)))
     model.config.use_cache = False  # the KV cache is useless in training and wastes memory
     record_router_logits(model)  # MoE: the router's balancing loss joins the loss (model/moe.py)
@@ -92,7 +102,31 @@ def prepare_model(cfg: RunCfg) -> PreTrainedModel:
     if cfg.method.name == "full":
         freeze_matching(model, cfg.method.freeze)
         return model
+    if cfg.model.adapter is not None:
+        return load_start_adapter(model, cfg.model, reference_adapter)
     return add_adapter(model, cfg.method, cfg.lora, cfg.model.gradient_checkpointing)
+
+
+def load_start_adapter(model: PreTrainedModel, cfg: ModelCfg, reference_adapter: bool) -> PeftModel:
+    """The base with the trained adapter `model.adapter`, trainable, and optionally a frozen second copy of it.
+
+    Two copies of one small adapter on one base, switched with `set_adapter` (as TRL's `ref_adapter_name`), make
+    the reference exactly the model training starts from, for quantized bases too, with no second base. Merging
+    the adapter into the base instead would make the trained adapter one of the merged model, not of the base
+    the user names, and cannot be done exactly on a 4-bit base. A LoRA's plain linear layers are the ones
+    `add_adapter` builds (`FusedLoraLinear`, as `ftune eval` and `ftune merge` load them too), so the run continues
+    computing as the adapter trained; the reference copy joins those same layers.
+    """
+    config = PeftConfig.from_pretrained(cfg.adapter)
+    if isinstance(config, LoraConfig):
+        config = with_fused_layers(config)
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()  # a frozen embedding would leave checkpointed blocks without gradient
+    model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True, config=config)
+    if reference_adapter:
+        model.load_adapter(cfg.adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    use_sparse_dropout(model)
+    return model
 
 
 def freeze_matching(model: torch.nn.Module, patterns: list[str]) -> None:
@@ -128,10 +162,15 @@ def load_teacher(cfg: RunCfg) -> PreTrainedModel | None:
         return None
     check_same_vocabulary(cfg.model.name_or_path, cfg.distill.teacher)
     teacher_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.distill.teacher)
+    return load_frozen(teacher_cfg, "distill.teacher", **teacher_load_kwargs(cfg))
+
+
+def load_frozen(cfg: ModelCfg, key: str, **kwargs) -> PreTrainedModel:
+    """A model that only runs forward (a teacher, a reference): no gradients, eval mode, on this process's device."""
     placement = {"device_map": {"": PartialState().device}}
-    teacher = load_base_model(teacher_cfg, "distill.teacher", **(placement | teacher_load_kwargs(cfg)))
-    teacher.requires_grad_(False)
-    return teacher.eval()
+    model = load_base_model(cfg, key, **(placement | kwargs))
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def check_same_vocabulary(student: str, teacher: str) -> None:

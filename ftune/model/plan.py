@@ -51,6 +51,8 @@ class Memory:
     activations: float | None
     """None when the trace could not run the model's forward (the plan's notes say why)."""
     teacher: float = 0.0
+    reference: float = 0.0
+    """A preference objective's frozen copy of the base (full fine-tuning; adapter methods reuse the policy)."""
     logits: float = 0.0
     """The loss's transient logits: one chunk's with the chunked loss, the micro-batch's without."""
 
@@ -59,7 +61,8 @@ class Memory:
         """The sum of the parts; None when the activations are unknown (a total without them would mislead)."""
         if self.activations is None:
             return None
-        return self.weights + self.grads + self.optimizer + self.activations + self.teacher + self.logits
+        return self.weights + self.grads + self.optimizer + self.activations + self.teacher + self.reference + \
+            self.logits
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Plan:
     micro_batch_size: int
     seq_len: int
     grad_accum: int
+    sequences_per_example: int
     effective_batch: int
     gradient_checkpointing: bool
     total_params: int
@@ -111,7 +115,8 @@ def plan_run(cfg: RunCfg, gpus: int = 1, sharding: str = "none", device: str = "
     weights, grads, optimizer, notes = replica_bytes(model, quantized, cfg, sharding)
     gathered = memory.GATHERED_LAYERS * max_layer_bytes(model, quantized, cfg, sharding)
     weights, grads, optimizer = memory.per_gpu(weights, grads, optimizer, gathered, sharding, gpus)
-    tokens = cfg.trainer.micro_batch_size * planned_seq_len(cfg)
+    reference = reference_bytes(model, quantized, cfg)
+    tokens = cfg.trainer.micro_batch_size * sequences_per_example(cfg) * planned_seq_len(cfg)
     logits, notes["logits"] = logits_estimate(model, cfg, sharding, tokens)
     activation_total, notes["activations"] = activation_estimate(model, cfg, sharding, device, step_loss, tokens)
     for part, how in sharding_notes(sharding, gpus).items():
@@ -119,9 +124,11 @@ def plan_run(cfg: RunCfg, gpus: int = 1, sharding: str = "none", device: str = "
     return Plan(
         recipe=cfg.recipe, model=cfg.model.name_or_path, method=method_label(cfg), optimizer=cfg.optim.name,
         gpus=gpus, sharding=sharding, micro_batch_size=cfg.trainer.micro_batch_size, seq_len=planned_seq_len(cfg),
+        sequences_per_example=sequences_per_example(cfg),
         grad_accum=cfg.trainer.grad_accum, effective_batch=effective_batch(cfg.trainer, gpus),
         gradient_checkpointing=cfg.model.gradient_checkpointing, total_params=total, trainable_params=trainable,
-        memory=Memory(weights, grads, optimizer, activation_total, teacher_bytes(cfg, device), logits), notes=notes,
+        memory=Memory(weights, grads, optimizer, activation_total, teacher_bytes(cfg, device), reference, logits),
+        notes=notes,
     )
 
 
@@ -180,6 +187,24 @@ def max_layer_bytes(model: torch.nn.Module, quantized: dict[int, int], cfg: RunC
     cast = AUTOCAST_BYTES if cfg.trainer.mixed_precision != "no" else None
     layers = decoder_layers(model)
     return max(memory.weights_bytes(unique_parameters(layer), quantized, cast) for layer in layers)
+
+
+def sequences_per_example(cfg: RunCfg) -> int:
+    """Sequences one example puts through the trained forward: a DPO pair's chosen and rejected share one.
+
+    The reference's forward runs without gradient, so it saves nothing for the backward; KTO's KL rows likewise.
+    """
+    return 2 if cfg.objective.name == "dpo" else 1
+
+
+def reference_bytes(model: torch.nn.Module, quantized: dict[int, int], cfg: RunCfg) -> int:
+    """The frozen reference copy full fine-tuning keeps for a preference loss (replicated on every GPU), else 0.
+
+    Adapter methods take the reference from the policy itself (adapter off), with no second copy.
+    """
+    if not cfg.uses_reference or cfg.method.name != "full":
+        return 0
+    return memory.weights_bytes(unique_parameters(model), quantized)
 
 
 def planned_seq_len(cfg: RunCfg) -> int:
@@ -246,7 +271,8 @@ def activation_estimate(model: torch.nn.Module, cfg: RunCfg, sharding: str, devi
     if mixed is not None and sharding != "none":
         model.to(mixed)
     teacher = meta_teacher(cfg, device)[0] if cfg.distill.teacher is not None else None
-    run = replace(cfg, trainer=replace(cfg.trainer, loss_chunk_size=loss_chunk(cfg, sharding)))
+    rows = cfg.trainer.micro_batch_size * sequences_per_example(cfg)
+    run = replace(cfg, trainer=replace(cfg.trainer, micro_batch_size=rows, loss_chunk_size=loss_chunk(cfg, sharding)))
     autocast = mixed if sharding == "none" else None
     try:
         trace = trace_step(model, run, cfg.data.max_length, autocast, step_loss, teacher)
@@ -320,6 +346,7 @@ def plan_to_json(plan: Plan) -> dict:
         "distribution": {"gpus": plan.gpus, "sharding": plan.sharding},
         "batch": {
             "micro_batch_size": plan.micro_batch_size, "seq_len": plan.seq_len, "grad_accum": plan.grad_accum,
+            "sequences_per_example": plan.sequences_per_example,
             "effective_batch": plan.effective_batch,
             "gradient_checkpointing": plan.gradient_checkpointing,
         },
@@ -336,7 +363,8 @@ def plan_rows(plan: Plan) -> dict[str, str]:
         "model": plan.model,
         "method / optimizer": f"{plan.method} / {plan.optimizer}",
         "distribution": f"{plan.gpus} GPU(s), sharding {plan.sharding}",
-        "batch": f"{plan.micro_batch_size} x {plan.seq_len} tokens per GPU, accumulation {plan.grad_accum}, "
+        "batch": f"{plan.micro_batch_size}{' pairs x 2' if plan.sequences_per_example == 2 else ''} x {plan.seq_len} "
+                 f"tokens per GPU, accumulation {plan.grad_accum}, "
                  f"effective {plan.effective_batch}; gradient checkpointing "
                  f"{'on' if plan.gradient_checkpointing else 'off'}",
         "parameters": f"{plan.total_params:,} total, {plan.trainable_params:,} trainable ({share:.3f}%)",
@@ -349,6 +377,8 @@ def plan_rows(plan: Plan) -> dict[str, str]:
     }
     if mem.teacher:
         rows["teacher weights"] = f"{mem.teacher / GIB:.2f} GiB"
+    if mem.reference:
+        rows["reference weights"] = f"{mem.reference / GIB:.2f} GiB   a frozen copy of the base"
     rows["total per GPU"] = ("unknown: the activations were not traced" if mem.total is None else
                              f"{mem.total / GIB:.2f} GiB (+ CUDA context and allocator slack, ~1-2 GiB)")
     return rows

@@ -1,4 +1,4 @@
-"""PNG plots of a run, drawn from metrics.jsonl rows: loss curves and probe drift, steps on x."""
+"""PNG plots of a run, drawn from metrics.jsonl rows: loss curves, preference rewards and probe drift, steps on x."""
 
 from pathlib import Path
 
@@ -6,13 +6,20 @@ from ftune.atomic import atomic_file
 
 
 def write_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
-    """Draw `loss.png` (train and eval loss) and, when the probe ran, `probe.png`; returns the files written."""
+    """Draw `loss.png`, `reward_accuracy.png` and `reward_margin.png` (preferences), `probe.png` (the probe).
+
+    Each only where its metrics were logged; returns the files written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display: render straight to files
     plot_dir.mkdir(parents=True, exist_ok=True)
-    written = [plot_series(rows, plot_dir / "loss.png", "Loss", "loss (mean per learned token)",
+    written = [plot_series(rows, plot_dir / "loss.png", "Loss", "loss (the objective's mean: per token, pair, ...)",
                            {"train loss": "loss", "eval loss": "eval_loss"})]
+    for key, title in (("reward_accuracy", "Reward accuracy"), ("reward_margin", "Reward margin")):
+        if any(key in r for r in rows):
+            written.append(plot_series(rows, plot_dir / f"{key}.png", title, f"{title.lower()} (chosen vs rejected)",
+                                       {f"train {key}": key, f"eval {key}": f"eval_{key}"}))
     if any("probe_drift" in r for r in rows):
         written.append(plot_series(rows, plot_dir / "probe.png", "Forgetting probe", "probe perplexity drift vs base",
                                    {"probe drift": "probe_drift"}, zero_line=True))

@@ -43,7 +43,7 @@ def save_final(run: TrainRun, tokenizer, data_cfg: DataCfg) -> Path:
         model = accelerator.unwrap_model(run.model)
         template, stop_ids = template_for_artefact(tokenizer, data_cfg)
         with atomic_dir(final) as staging:
-            model.save_pretrained(staging, state_dict=state_dict)
+            model.save_pretrained(staging, state_dict=state_dict, **trained_adapter_only(model))
             tokenizer.chat_template = template
             tokenizer.save_pretrained(staging)
             generation = copy.deepcopy(base_generation_config(model))
@@ -53,6 +53,14 @@ def save_final(run: TrainRun, tokenizer, data_cfg: DataCfg) -> Path:
             write_text(staging / "README.md", render_card(run_card_facts(run.run_dir, hardware)))
     accelerator.wait_for_everyone()
     return final
+
+
+def trained_adapter_only(model) -> dict:
+    """`save_pretrained` arguments that save only the adapter being trained, not a frozen reference adapter.
+
+    PEFT saves every loaded adapter by default, the others into sub-directories; final/ holds one adapter.
+    """
+    return {"selected_adapters": [model.active_adapter]} if hasattr(model, "peft_config") else {}
 
 
 def base_generation_config(model) -> GenerationConfig:

@@ -31,10 +31,11 @@ def run_card_facts(run_dir: Path, hardware: str | None = None) -> CardFacts:
     steps = [row for row in rows if "loss" in row]
     sources = data_sources(config["data"])
     method = method_name(config)
+    objective = config.get("objective", {}).get("name", "sft")
     return CardFacts(
         title=f"{Path(config['model']['name_or_path']).name} {method} ({config.get('recipe', 'ftune')})",
         base_model=config["model"]["name_or_path"], library="peft" if method != "full" else "transformers",
-        method=method, hyperparameters=hyperparameters(config, method), data_sources=sources,
+        method=method, hyperparameters=hyperparameters(config, method, objective), data_sources=sources,
         datasets=[path for path, _ in sources if looks_like_hub_dataset(path)],
         max_length=config["data"].get("max_length"),
         steps=summary.get("steps", steps[-1]["step"] if steps else None),
@@ -44,7 +45,7 @@ def run_card_facts(run_dir: Path, hardware: str | None = None) -> CardFacts:
         hardware=hardware or summary.get("hardware"),
         wall_time_s=summary.get("wall_time_s"),
         logged_time_s=steps[-1]["time"] - steps[0]["time"] if len(steps) > 1 else None,
-        tags=[method],
+        tags=[method] + ([objective] if objective not in ("sft", method) else []),
     )
 
 
@@ -54,24 +55,26 @@ def read_json(path: Path) -> dict:
 
 
 def method_name(config: dict) -> str:
-    """lora, qlora (LoRA on a quantized base), full, distill (full with a teacher) or another PEFT method."""
+    """lora, qlora (LoRA on a quantized base), full, distill (a full student: objective=distill), or PEFT's."""
     name = config["method"]["name"]
     if name == "lora" and config.get("quant", {}).get("bits", 0) > 0:
         return "qlora"
-    if name == "full" and config.get("distill", {}).get("teacher"):
+    if name == "full" and config.get("objective", {}).get("name") == "distill":
         return "distill"
     return name
 
 
-def hyperparameters(config: dict, method: str) -> dict[str, object]:
-    """The settings that define the method: adapter shape, quantization, optimizer, batch and precision."""
+def hyperparameters(config: dict, method: str, objective: str = "sft") -> dict[str, object]:
+    """The settings that define the run: adapter shape, quantization, objective, optimizer, batch and precision."""
     values: dict[str, object] = {}
     if method in ("lora", "qlora"):
         values |= {f"lora.{key}": config["lora"][key] for key in LORA_KEYS if key in config["lora"]}
     if method == "qlora":
         values |= {"quant.bits": config["quant"]["bits"], "quant.type": config["quant"]["type"]}
-    if method == "distill":
+    if objective == "distill":
         values |= {f"distill.{key}": config["distill"][key] for key in ("teacher", "alpha", "temperature")}
+    if objective in ("dpo", "kto"):
+        values |= {f"pref.{key}": config["pref"][key] for key in ("loss", "beta")}
     values |= {f"optim.{key}": config["optim"][key] for key in OPTIM_KEYS if key in config["optim"]}
     trainer = config["trainer"]
     values |= {"batch": trainer["micro_batch_size"] * trainer["grad_accum"],

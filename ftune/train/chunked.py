@@ -259,3 +259,75 @@ def add_chunk_gradients(
                 weight_grad.add_(grad.T @ chunk_input)
     if head.bias is not None and grads[2 * terms] is not None:
         grads[2 * terms].add_(grad_logits.sum(0))
+
+
+def chunked_token_logps(head: LinearHead, targets: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+    """The log p(target) of every row (0 where the target is IGNORE_INDEX), differentiable through `head`.
+
+    What preference losses are made of: a sequence's log-probability is the sum of its rows' values, taken by the
+    caller, so the backward receives a vector (one weight per row) instead of the scalar `chunked_loss` gets. Each
+    row's value depends on its own hidden state only, so when no weight of the head trains (LoRA, QLoRA: the head
+    is frozen) the forward stores d logp / d hidden per row and the backward scales those rows; when a weight
+    trains (full fine-tuning, `spec.recompute`), the backward recomputes each chunk's logits and pushes the
+    weighted gradient through the head as `chunked_loss` does. Either way only one chunk's logits ever exist.
+    """
+    return _ChunkedTokenLogps.apply(spec, head.layout(), targets, *head.tensors())
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """Rows' target log-probabilities; the gradient of sum_t g_t logp_t is g_t * (onehot_t - softmax_t) per row."""
+
+    @staticmethod
+    def forward(ctx, spec, layout, targets, *tensors):
+        head = layout.head(list(tensors))
+        needs = ctx.needs_input_grad[3 : 3 + layout.size]
+        weights_train = any(needs[layout.terms :])
+        grads = None if spec.recompute or weights_train or not any(needs) else gradient_buffers(head, needs)
+        logps = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+        casts = cast_weights(head)
+        with torch.no_grad():
+            for start in range(0, targets.numel(), spec.chunk_size):
+                rows = slice(start, start + spec.chunk_size)
+                logits = head_logits(head, casts, rows)
+                logps[rows] = target_logps(logits, targets[rows], want_grad=grads is not None)
+                if grads is not None:  # `logits` now holds d logp / d logits of each row
+                    add_chunk_gradients(head, casts, rows, logits, grads)
+        ctx.spec, ctx.layout, ctx.needs, ctx.dtypes = spec, layout, needs, [t.dtype for t in tensors]
+        ctx.stored = grads is not None
+        ctx.save_for_backward(*([g for g in grads if g is not None] if ctx.stored else [targets, *tensors]))
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        saved = list(ctx.saved_tensors)
+        if ctx.stored:  # per-row input gradients: scale each row by its incoming weight
+            stored = iter(saved)
+            grads = [(next(stored) * grad_logps.unsqueeze(1).to(torch.float32)) if need else None
+                     for need in ctx.needs]
+        else:
+            targets, head = saved[0], ctx.layout.head(saved[1:])
+            grads = gradient_buffers(head, ctx.needs)
+            casts = cast_weights(head)
+            for start in range(0, targets.numel(), ctx.spec.chunk_size):
+                rows = slice(start, start + ctx.spec.chunk_size)
+                logits = head_logits(head, casts, rows)
+                target_logps(logits, targets[rows], want_grad=True)
+                add_chunk_gradients(head, casts, rows, logits.mul_(grad_logps[rows].unsqueeze(1)), grads)
+        scaled = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)]
+        return None, None, None, *scaled
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool) -> torch.Tensor:
+    """One chunk's log p(target) per row (0 on ignored rows); with `want_grad`, `logits` becomes d logp / d logits.
+
+    d logp / d z = onehot(target) - softmax(z), zero on ignored rows.
+    """
+    learned = targets != IGNORE_INDEX
+    safe = targets.clamp(min=0).unsqueeze(1)
+    log_norm = torch.logsumexp(logits, dim=1)
+    logps = (logits.gather(1, safe).squeeze(1) - log_norm) * learned
+    if want_grad:
+        grad = logits.sub_(log_norm.unsqueeze(1)).exp_().neg_()  # -softmax, in the logits' memory
+        grad.scatter_add_(1, safe, torch.ones_like(safe, dtype=grad.dtype))
+        grad.mul_(learned.unsqueeze(1))
+    return logps

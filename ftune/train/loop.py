@@ -1,10 +1,11 @@
-"""The training loop: one loop for every method (LoRA, QLoRA, full), readable top to bottom.
+"""The training loop: one loop for every method (LoRA, QLoRA, full) and objective, readable top to bottom.
 
 Each optimizer step, in order: take the step's micro-batches -> forward and backward each -> clip -> read
 the step's figures from the device (once) -> guard against a non-finite loss -> step, schedule, zero -> log
--> evaluate (loss, forgetting probe, early stopping) -> sample answers -> checkpoint -> stop check.
-accelerate only places tensors, autocasts and synchronises gradients. Evaluation itself is `ftune.eval`'s, the
-same functions `ftune eval` runs.
+-> evaluate (the objective's metrics, forgetting probe, early stopping) -> sample answers -> checkpoint -> stop
+check. What is learned (the loss, what it is divided by, what is logged and evaluated) is the objective's
+(`ftune.train.objectives`), which the loop names none of. accelerate only places tensors, autocasts and
+synchronises gradients. The probe is `ftune.eval`'s, the function `ftune eval` runs.
 """
 
 import itertools
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 from ftune.config.schema import EarlyStopCfg, ProbeCfg, TrainerCfg
 from ftune.errors import GuardStop
 from ftune.eval.generation import Sampler
-from ftune.eval.loss import evaluate_loss, learned_token_count
+from ftune.eval.loss import learned_token_count
 from ftune.eval.probe import probe_ppl
 from ftune.eval.tasks import TaskProbe
 from ftune.model.moe import add_router_loss
@@ -32,7 +33,7 @@ from ftune.report.metrics import MetricsLog, NullLog
 from ftune.train.checkpoint import best_checkpoint, save_checkpoint
 from ftune.train.early_stop import judge
 from ftune.train.interrupt import StopSignals
-from ftune.train.losses import StepLoss
+from ftune.train.objectives import Objective
 from ftune.train.state import TrainState
 
 
@@ -56,8 +57,8 @@ class TrainRun:
     run_dir: Path
     log: MetricsLog | NullLog
     state: TrainState
-    loss: StepLoss
-    """The micro-batch's loss (plain or distillation, chunked or not), built once at setup."""
+    objective: Objective
+    """What the run learns from: the micro-batch's loss, what the step divides it by, its metrics, its evaluation."""
     task_probe: TaskProbe | None = None
     """lm-eval tasks scored at each evaluation against the base (`probe.tasks`), or None."""
     sampler: Sampler | None = None
@@ -77,16 +78,17 @@ def fit(run: TrainRun) -> tuple[str, int]:
         sample(run)
     with progress_bar as progress, StopSignals() as signals:
         for batches in step_batches(run, epochs):
-            losses, learned, tokens = forward_backward(run, batches)
+            sums, counts = forward_backward(run, batches)
             lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on in the step)
             grad_norm = clip_gradients(run)
-            values = to_host(losses | {"learned": learned, "tokens": tokens, "grad_norm": grad_norm})
+            values = to_host(sums | counts | {"grad_norm": grad_norm})
             guard_finite(run, values["loss"])
             optimizer_step(run)
             state.advance(tokens=int(values["tokens"]), learned_tokens=int(values["learned"]))
             last = state.step >= run.total_steps
-            row = log_step(run, {k: values[k] / max(values["learned"], 1) for k in losses}, lr, values["grad_norm"],
-                           clock) if due(state.step, cfg.log_every) or last else None
+            metrics = run.objective.summarize({k: values[k] for k in sums}, values["count"])
+            row = log_step(run, metrics, lr, values["grad_norm"], clock) if due(state.step, cfg.log_every) or last \
+                else None
             progress.update(state.step, row)
             verdict = evaluate(run) if due(state.step, cfg.eval_every) or last else None
             if cfg.sample_every and (due(state.step, cfg.sample_every) or last):
@@ -106,8 +108,8 @@ def fit(run: TrainRun) -> tuple[str, int]:
 def step_batches(run: TrainRun, epochs: int | None):
     """Yield the micro-batches of each optimizer step, epoch after epoch, from where `run.state` left off.
 
-    A step never spans two epochs: the last one of an epoch may have fewer micro-batches, which the
-    per-token loss normalisation handles exactly. `run.state` tracks the position for exact resume. A stream
+    A step never spans two epochs: the last one of an epoch may have fewer micro-batches, which normalising by
+    the whole step's count (tokens or pairs) handles exactly. `run.state` tracks the position for exact resume. A stream
     (`data.streaming`) never ends, so its epoch stays 0 and `batch_in_epoch` counts every micro-batch taken.
     """
     state, loader = run.state, run.train_loader
@@ -134,32 +136,36 @@ def resume_within_epoch(acc: Accelerator, loader, taken: int):
     return acc.skip_first_batches(loader, taken)
 
 
-def forward_backward(run: TrainRun, batches: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Accumulate the step's gradient as (sum of token losses) / (learned tokens of the step on all ranks).
+def forward_backward(run: TrainRun, batches: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Accumulate the step's gradient as (sum of the objective's losses) / (its count over the step on all ranks).
 
-    Normalising by the whole step's token count, not per micro-batch, makes micro-batch 2 x accumulation 4
-    give the gradient of batch 8. DDP averages gradients over ranks, so each rank's loss is scaled by the
-    number of processes to turn that average back into a sum (accelerate's documented recipe). We use
-    `no_sync` rather than `accelerator.accumulate` because a step's micro-batch count varies at epoch ends.
+    The objective's loss is a sum over its units (learned tokens for SFT, pairs for DPO); normalising by the whole
+    step's count, not per micro-batch, makes micro-batch 2 x accumulation 4 give the gradient of batch 8. DDP
+    averages gradients over ranks, so each rank's loss is scaled by the number of processes to turn that average
+    back into a sum (accelerate's documented recipe). We use `no_sync` rather than `accelerator.accumulate`
+    because a step's micro-batch count varies at epoch ends.
 
     Returns:
-        Summed loss terms, learned tokens and real (non-pad) tokens, each over all ranks, as tensors.
+        The summed loss terms, and the counts (`count`: the objective's units, `learned` tokens, real `tokens`),
+        each over all ranks, as tensors.
     """
-    acc, model = run.accelerator, run.model
-    learned = acc.reduce(torch.stack([learned_token_count(b["labels"]) for b in batches]).sum(), "sum")
-    tokens = acc.reduce(torch.stack([b["num_tokens"] for b in batches]).sum(), "sum")
-    scale = acc.num_processes / learned.clamp(min=1)
+    acc, model, objective = run.accelerator, run.model, run.objective
+    counts = acc.reduce(torch.stack([
+        torch.stack([objective.count(b), learned_token_count(b["labels"]), b["num_tokens"]]) for b in batches
+    ]).sum(0), "sum")
+    scale = acc.num_processes / counts[0].clamp(min=1)
     sums: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         with nullcontext() if last else acc.no_sync(model):
-            parts = run.loss(model, batch)
+            parts = objective.loss(model, batch)
             parts = add_router_loss(acc.unwrap_model(model), batch, parts,  # MoE only (model/moe.py)
-                                    learned_token_count(batch["labels"]))
+                                    objective.count(batch))
             acc.backward(parts["loss"] * scale)
         for key, value in parts.items():
             sums[key] = sums.get(key, 0) + value.detach()
-    return {k: acc.reduce(v, "sum") for k, v in sums.items()}, learned, tokens
+    return {k: acc.reduce(v, "sum") for k, v in sums.items()}, dict(zip(("count", "learned", "tokens"), counts,
+                                                                         strict=True))
 
 
 def to_host(values: dict[str, torch.Tensor | float | None]) -> dict[str, float]:
@@ -224,17 +230,16 @@ def log_step(run: TrainRun, losses: dict[str, float], lr: float, grad_norm: floa
 
 
 def evaluate(run: TrainRun, judged: bool = True):
-    """Validation loss, forgetting probe (perplexity and tasks) and the early-stopping verdict; logs one row.
+    """The objective's held-out metrics, forgetting probe (perplexity and tasks), early-stopping verdict; one row.
 
     `judged=False` (the base model's evaluation at step 0, `trainer.eval_on_start`) only logs: there is no
     checkpoint of the base to keep as the best.
     """
     row = {"step": run.state.step}
     if run.eval_loader is not None:
-        result = evaluate_loss(run.model, run.eval_loader, run.cfg.eval_batches, run.loss.without_teacher())
-        row |= {"eval_loss": result["loss"], "eval_ppl": result["ppl"]}
+        row |= run.objective.evaluate(run.model, run.eval_loader, run.cfg.eval_batches)
     if run.probe_loader is not None:
-        ppl = probe_ppl(run.model, run.probe_loader, run.loss.without_teacher())
+        ppl = probe_ppl(run.model, run.probe_loader, run.objective.token_loss)
         row |= {"probe_ppl": ppl, "probe_drift": ppl / run.state.base_probe_ppl - 1.0}
     if run.task_probe is not None:
         row |= run.task_probe.row(run.accelerator.unwrap_model(run.model))

@@ -1,4 +1,4 @@
-"""Token-level losses: cross-entropy, and distillation from a teacher; the step's loss function, built once.
+"""Token losses (cross-entropy, distillation) and sequence log-probs (`SequenceLogps`), each built once at setup.
 
 They return sums, not means: the loop divides by the learned tokens of the whole optimizer step, so every
 token weighs the same whatever micro-batch or rank it lands on.
@@ -19,7 +19,7 @@ from ftune.config.schema import DistillCfg, TrainerCfg
 from ftune.data.mask import IGNORE_INDEX
 from ftune.eval.loss import cross_entropy_sum, model_inputs, shifted, text_logits
 from ftune.model.dtypes import DTYPES
-from ftune.train.chunked import ChunkSpec, chunked_loss
+from ftune.train.chunked import ChunkSpec, chunked_loss, chunked_token_logps
 from ftune.train.head import captured_head_input, linear_head, unsupported_reason
 
 
@@ -136,6 +136,46 @@ def build_step_loss(model, trainer: TrainerCfg, teacher=None, distill: DistillCf
         spec = dataclasses.replace(spec, alpha=distill.alpha, temperature=distill.temperature, vocab=vocab)
     dtype = DTYPES.get(trainer.mixed_precision)  # None for "no"
     return StepLoss(head if chunked else None, spec, dtype, teacher, distill if teacher is not None else None, vocab)
+
+
+@dataclass(frozen=True)
+class SequenceLogps:
+    """Each row's summed log-probability of its labelled tokens, `sequence_logps(model, batch)`, built at setup.
+
+    What preference objectives compare. Chunked through the head (`chunked_token_logps`) unless the head cannot
+    be taken apart or `trainer.loss_chunk_size=0`; then from the full logits.
+    """
+
+    head: torch.nn.Module | None
+    spec: ChunkSpec
+    dtype: torch.dtype | None = None
+
+    def __call__(self, model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-probs, labelled tokens), one of each per row of `labels`."""
+        counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+        if self.head is None:
+            return unfused_sequence_logps(model(**inputs).logits, labels), counts
+        rows, targets, keep = shifted_rows(head_input(model, self.head, inputs), labels)
+        logps = chunked_token_logps(linear_head(self.head, rows, self.dtype), targets, self.spec)
+        row_of = torch.arange(labels.size(0), device=labels.device).repeat_interleave(labels.size(1) - 1)
+        row_of = row_of if keep is None else row_of[keep]
+        return torch.zeros(labels.size(0), dtype=logps.dtype, device=logps.device).index_add(0, row_of, logps), counts
+
+
+def unfused_sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's summed log-probability of its labelled tokens, from the full logits (in fp32)."""
+    logits, labels = text_logits(logits, labels)[:, :-1].float(), labels[:, 1:]
+    learned = labels != IGNORE_INDEX
+    token = torch.log_softmax(logits, dim=-1).gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+    return (token * learned).sum(1)
+
+
+def build_sequence_logps(model, trainer: TrainerCfg) -> SequenceLogps:
+    """Sequence log-probs for `model` (unwrapped): chunked over its head unless it is off or cannot be."""
+    head = output_head(model)
+    chunked = trainer.loss_chunk_size > 0 and unsupported_reason(head) is None
+    spec = ChunkSpec(trainer.loss_chunk_size, trainer.loss_recompute)
+    return SequenceLogps(head if chunked else None, spec, DTYPES.get(trainer.mixed_precision))
 
 
 def output_head(model) -> torch.nn.Module:

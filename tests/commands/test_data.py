@@ -289,3 +289,60 @@ def test_render_styles_each_kind_bright_where_learned_and_dim_where_not(tokenize
     assert render_tokens(ids, labels, tokenizer, marks=True, kinds=kinds).plain == (
         "<|im_start|>user\n«tool result»yes<|im_end|>\n<|im_start|>assistant\n⟦«tool call»Hello.<|im_end|>⟧"
     )
+
+
+def run_pairs(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["data", "recipe=tiny_lora", "objective=dpo", "data=tiny_pairs", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_pairs_show_the_prompt_once_and_both_responses_learned_and_are_written(tmp_path, capsys, tokenizer):
+    out = tmp_path / "pairs.jsonl"
+    code, _, err = run_pairs(capsys, "n=3", f"out={out}")
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 320 and all(sorted(row) == ["chosen_ids", "prompt_ids", "rejected_ids"] for row in rows)
+    first = json.loads((ASSETS / "pairs" / "train.jsonl").read_text().splitlines()[0])
+    assert tokenizer.decode(rows[0]["chosen_ids"]) == first["chosen"][0]["content"] + "<|im_end|>"
+    assert tokenizer.decode(rows[0]["prompt_ids"]).endswith(
+        first["prompt"][-1]["content"] + "<|im_end|>\n<|im_start|>assistant\n")
+    for label in ("pairs read / kept", "320 / 320", "identical chosen and rejected", "prompts truncated",
+                  "(preference: message lists, system)", f"wrote 320 rows to {out}",
+                  f"chosen: ⟦{first['chosen'][0]['content']}<|im_end|>⟧",
+                  f"rejected: ⟦{first['rejected'][0]['content']}<|im_end|>⟧"):
+        assert label in err, label
+    assert err.count(first["prompt"][-1]["content"]) == 1  # the prompt once, not once per response
+    assert [line.split(":")[0].strip("─ ") for line in err.splitlines() if "pair " in line and "prompt" in line] == [
+        "pair 0", "pair 1", "pair 2"]
+
+
+def test_pairs_json_report_counts_drops_by_reason(tmp_path, capsys):
+    pair = {"prompt": "Say hello.", "chosen": "Hello.", "rejected": "Bye."}
+    data = write_lines(tmp_path / "p.jsonl", [pair, {**pair, "rejected": "Hello."}, {**pair, "chosen": ""}])
+    code, out, _ = run_pairs(capsys, f"data.path={data}", "--json")
+    assert code == 0
+    stats = json.loads(out)["stats"]
+    assert (stats["read"], stats["kept"]) == (3, 1)
+    assert stats["dropped"] == {"chosen identical to rejected": 1, "empty response": 1}
+
+
+@pytest.mark.parametrize(("lines", "extra", "message"), [
+    ([{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+       "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}], (),
+     "{p}:1: chosen and rejected differ at message 0, before their last assistant turn (an implicit prompt is every "
+     "message but the last, the same in both) (give the shared turns as a prompt column)"),
+    ([{"prompt": "a", "chosen": "b"}], (),
+     "{p}:1: rejected: missing (a preference pair needs chosen and rejected, after a prompt or as whole "
+     "conversations; the record has ['chosen', 'prompt'])"),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c"}], ("+data.columns.prompt=input",),
+     "data.columns.prompt=input: {p} has no column 'input' (the first record, {p}:1, has ['chosen', 'prompt', "
+     "'rejected'])"),
+    ([{"prompt": "a", "chosen": "b", "rejected": "b"}], (),
+     "{p}: no pair left to train on (read 1, dropped: {{'chosen identical to rejected': 1}})"),
+])
+def test_bad_preference_input_is_one_line_and_leaves_nothing_behind(lines, extra, message, tmp_path, capsys):
+    data = write_lines(tmp_path / "p.jsonl", lines)
+    code, _, err = run_pairs(capsys, f"data.path={data}", *extra)
+    assert (code, err.strip().splitlines()[-1]) == (2, "ftune: error: " + message.format(p=data))
+    assert not any((tmp_path / "cache" / "data").iterdir())

@@ -13,6 +13,7 @@ SEVEN_B = {
     "full_7b_zero3": ["gpus=8", "sharding=zero3"],
     "full_7b_zero2": ["gpus=8", "sharding=zero2"],
     "distill_7b_to_1b": [],
+    "dpo_qlora_llama3_1_8b": [],
 }
 MEMORY_KEYS = {"weights_gb", "grads_gb", "optimizer_gb", "activations_gb", "total_gb"}
 
@@ -44,6 +45,16 @@ def test_plan_reports_the_recipe_model_and_method(capsys):
     assert full["params"] == {"total": 6_738_415_616, "trainable": 6_738_415_616}
     distill = plan_json(capsys, "recipe=distill_7b_to_1b")
     assert distill["params"]["total"] == 1_100_048_384 and distill["memory"]["teacher_gb"] > 3
+
+
+def test_a_dpo_step_counts_both_sequences_of_each_pair_and_a_full_runs_reference_copy(capsys):
+    dpo, sft = plan_json(capsys, "recipe=tiny_dpo"), plan_json(capsys, "recipe=tiny_dpo", "objective=sft")
+    assert (dpo["batch"]["sequences_per_example"], sft["batch"]["sequences_per_example"]) == (2, 1)
+    assert dpo["memory"]["activations_gb"] == pytest.approx(2 * sft["memory"]["activations_gb"], rel=0.05)
+    assert dpo["memory"]["reference_gb"] == 0  # LoRA: the policy with its adapter off
+    full = plan_json(capsys, "recipe=tiny_dpo", "method=full")
+    assert full["memory"]["reference_gb"] == full["memory"]["weights_gb"] > 0
+    assert plan_json(capsys, "recipe=tiny_dpo", "method=full", "pref.loss=simpo")["memory"]["reference_gb"] == 0
 
 
 def test_overrides_change_the_plan(capsys):

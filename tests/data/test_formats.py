@@ -17,6 +17,7 @@ from ftune.data.formats import (
     RecordError,
     load_conversations,
     load_texts,
+    read_records,
     read_source,
     resolve_format,
     source_signature,
@@ -79,8 +80,9 @@ def test_undetectable_format_names_the_record_and_the_expected_fields():
         resolve_format([("f.jsonl:1", {"question": "Hi"})], "f.jsonl", "auto")
     assert err.value.one_line() == (
         "f.jsonl:1: cannot tell the format from the fields ['question'] (expected the fields of one of: "
-        "messages (messages); sharegpt (conversations); alpaca (instruction, output); prompt_completion (prompt, "
-        "completion); text (text)) (rename the fields, or set data.format)"
+        "preference (prompt, chosen, rejected); implicit_preference (chosen, rejected); unpaired_preference (prompt, "
+        "completion, label); messages (messages); sharegpt (conversations); alpaca (instruction, output); "
+        "prompt_completion (prompt, completion); text (text)) (rename the fields, or set data.format)"
     )
 
 
@@ -316,3 +318,11 @@ def test_probe_and_evaluation_texts_read_a_windows_file_too(tmp_path):
     (tmp_path / "chat.csv").write_bytes(saved_by_windows("prompt,completion\nHi,Hello\n"))
     assert [text for _, text in load_texts(str(tmp_path / "text.jsonl"))] == ["one", "two"]
     assert [messages for _, messages in load_conversations(str(tmp_path / "chat.csv"))] == [HI_HELLO]
+
+
+def test_columns_map_other_names_onto_a_format_s_fields(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "2+2=", "answer": "4", "prompt": "shadowed"}) + "\n")
+    records = list(read_records(str(path), DataCfg(columns={"prompt": "question", "completion": "answer"})))
+    assert records == [(f"{path}:1", {"prompt": "2+2=", "completion": "4"})]
+    assert resolve_format(records, str(path), "auto") == "prompt_completion"

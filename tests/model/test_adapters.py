@@ -108,7 +108,7 @@ def test_a_freeze_pattern_that_matches_nothing_is_an_error(random_llama):
 
 def test_teacher_is_frozen_in_eval_mode(save_llama):
     student, teacher = save_llama("student", WORDS), save_llama("teacher", WORDS)
-    model = load_teacher(config(student, "method.name=full", f"distill.teacher={teacher}"))
+    model = load_teacher(config(student, "method.name=full", "objective=distill", f"distill.teacher={teacher}"))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert load_teacher(config(student)) is None
 
@@ -130,7 +130,7 @@ def test_a_teacher_with_the_same_tokenizer_but_differently_padded_embeddings_dis
     """Qwen2.5-7B pads 151,665 tokens to 152,064 rows, the 0.5B to 151,936: the same tokenizer, so accepted."""
     student, teacher = save_llama("student", WORDS), save_llama("teacher", WORDS, vocab_size=80)
     check_same_vocabulary(str(student), str(teacher))
-    model = load_teacher(config(student, "method.name=full", f"distill.teacher={teacher}"))
+    model = load_teacher(config(student, "method.name=full", "objective=distill", f"distill.teacher={teacher}"))
     assert model.get_input_embeddings().weight.shape[0] == 80
 
 

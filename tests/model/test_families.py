@@ -229,7 +229,7 @@ def test_a_same_tokenizer_teacher_with_differently_padded_embeddings_is_accepted
 
     student, teacher = tiny_arch("qwen2.5-0.5b-instruct"), tiny_arch("qwen2.5-7b-instruct")
     check_same_vocabulary(str(student), str(teacher))
-    cfg = run_cfg(student, "method.name=full", f"distill.teacher={teacher}")
+    cfg = run_cfg(student, "method.name=full", "objective=distill", f"distill.teacher={teacher}")
     rows = load_teacher(cfg).get_output_embeddings().weight.shape[0]
     shared = shared_vocab_size(load_tokenizer(cfg.model))
     assert rows - shared == 24 and prepare_model(cfg).get_output_embeddings().weight.shape[0] - shared == 16

@@ -70,7 +70,7 @@ def test_bnb_config_follows_quant_settings():
 
 @pytest.mark.parametrize("bits,layer", [(4, "Linear4bit"), (8, "Linear8bitLt")])
 def test_teacher_loads_quantized_and_runs(tiny_model_path, bits, layer):
-    cfg = qlora_config("quant.bits=0", "method.name=full", f"distill.teacher={tiny_model_path}",
+    cfg = qlora_config("quant.bits=0", "method.name=full", "objective=distill", f"distill.teacher={tiny_model_path}",
                        f"distill.teacher_bits={bits}")
     teacher = load_teacher(cfg)
     assert any(isinstance(m, getattr(bnb.nn, layer)) for m in teacher.modules())

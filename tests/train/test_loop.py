@@ -5,11 +5,11 @@ from types import SimpleNamespace
 import torch
 from accelerate import Accelerator
 
-from ftune.config.schema import TrainerCfg
+from ftune.config.schema import RunCfg, TrainerCfg
 from ftune.data.collate import PadCollator
 from ftune.data.mask import IGNORE_INDEX
 from ftune.train.loop import due, forward_backward, to_host
-from ftune.train.losses import build_step_loss
+from ftune.train.objectives import build_objective
 
 
 def ragged_examples(n: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -28,8 +28,9 @@ def step_gradient(model, examples: list[dict], micro_batch: int) -> dict[str, to
     model.zero_grad(set_to_none=True)
     collate = PadCollator(pad_token_id=0, pad_to_multiple_of=1)
     batches = [collate(examples[i:i + micro_batch]) for i in range(0, len(examples), micro_batch)]
-    loss = build_step_loss(model, TrainerCfg(loss_chunk_size=5))  # chunks that split micro-batches unevenly
-    run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, loss=loss)
+    objective = build_objective(RunCfg(trainer=TrainerCfg(loss_chunk_size=5)))  # chunks split micro-batches unevenly
+    objective.attach(model, tokenizer=None)
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, objective=objective)
     forward_backward(run, batches)
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 

@@ -88,6 +88,13 @@ def test_streaming_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run
 
 
 @pytest.mark.slow
+def test_a_killed_dpo_run_resumes_exactly(tmp_path):
+    """Pairs, the reference pass and the pair-normalised step resume like SFT's tokens."""
+    run = ["recipe=tiny_dpo", *SHORT[1:], "trainer.max_steps=8", "trainer.save_every=4", "trainer.grad_accum=2"]
+    assert summary(kill_after_checkpoint_then_resume(run, 4, tmp_path))["steps"] == 8
+
+
+@pytest.mark.slow
 def test_sigint_saves_a_resumable_checkpoint_and_exits_130(tmp_path):
     run_dir = tmp_path / "run"
     process = start_train(*SHORT, "trainer.max_steps=400", f"output_dir={run_dir}")

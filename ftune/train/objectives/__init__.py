@@ -1,0 +1,23 @@
+"""What a run learns from (`objective=`): one class per objective behind the seam `Objective` (`base.py`).
+
+The loop and `ftune train` name no objective; they take the one `build_objective` returns. docs/design.md says
+how to add one.
+"""
+
+from ftune.config.schema import RunCfg
+from ftune.train.objectives.base import Objective
+from ftune.train.objectives.preference import DpoObjective, KtoObjective
+from ftune.train.objectives.tokens import TokenObjective
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "sft": TokenObjective,
+    "distill": TokenObjective,
+    "dpo": DpoObjective,
+    "kto": KtoObjective,
+}
+"""`objective.name` -> its class (the names are `ObjectiveCfg.name`'s choices)."""
+
+
+def build_objective(cfg: RunCfg) -> Objective:
+    """The run's objective, before anything loads (it builds the loaders and loads its frozen models itself)."""
+    return OBJECTIVES[cfg.objective.name](cfg)

@@ -1,0 +1,216 @@
+"""Preference objectives: `dpo` (pairs; DPO and its family, `pref.loss`) and `kto` (unpaired, labelled rows).
+
+Batches come from `ftune.data.preference`: a pair batch holds every pair's prompt + chosen in rows 0..B-1 and
+prompt + rejected in rows B..2B-1, so both sequences of every pair go through one forward; each row's response
+log-probability is summed through the chunked head (`train/losses.SequenceLogps`), so no [tokens, vocab] logits
+exist for either. The losses are TRL's (`pair_losses`). Sums are over pairs (or KTO's completions): the step
+divides them by the pairs of the whole step on every rank, so metrics are means over all of them.
+
+The reference is the model the policy starts from (`Reference`); it runs without gradient, in the same forward
+shape. Dropout is off in both unless `pref.dropout`, so at step 0 the policy equals the reference.
+"""
+
+from contextlib import AbstractContextManager
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import reduce
+
+from ftune.data.collate import pad_multiple
+from ftune.data.preference import build_preference_loader, build_preference_split
+from ftune.eval.loss import model_inputs
+from ftune.model.dropout import disable_dropout
+from ftune.model.load import REFERENCE_ADAPTER, load_frozen
+from ftune.train.losses import build_sequence_logps, build_step_loss
+from ftune.train.objectives.base import Objective
+from ftune.train.objectives.pair_losses import PairLogps, kto_losses, pair_losses
+
+
+class Reference:
+    """The reference model's log-probs, from the policy itself (adapter off, or the frozen start adapter) or a copy.
+
+    - an adapter method without `model.adapter`: the policy with its adapter disabled (the base), no second copy;
+    - an adapter method with `model.adapter`: the frozen copy of that adapter (`REFERENCE_ADAPTER`), switched in
+      for the reference pass, so the reference is the model training starts from, never the bare base;
+    - full fine-tuning: a frozen copy of the base, loaded once.
+    """
+
+    def __init__(self, policy, frozen_copy=None, trainer=None):
+        self.policy, self.copy = policy, frozen_copy
+        self.logps = build_sequence_logps(frozen_copy if frozen_copy is not None else policy, trainer)
+
+    def describe(self) -> str:
+        if self.copy is not None:
+            return "a frozen copy of the base"
+        if REFERENCE_ADAPTER in getattr(self.policy, "peft_config", {}):
+            return "the base with model.adapter (frozen copy of the start adapter)"
+        return "the base (the policy with its adapter disabled)"
+
+    @torch.no_grad()
+    def __call__(self, model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-probs, labelled tokens) per row under the reference; `model` is the (wrapped) policy."""
+        if self.copy is not None:
+            return self.logps(self.copy, inputs, labels)
+        with self.switched():
+            return self.logps(model, inputs, labels)
+
+    def switched(self) -> AbstractContextManager:
+        """The policy turned into the reference for one forward."""
+        if REFERENCE_ADAPTER in self.policy.peft_config:
+            return adapter_switched(self.policy, REFERENCE_ADAPTER)
+        return self.policy.disable_adapter()
+
+
+class adapter_switched(AbstractContextManager):  # noqa: N801 (used as a context manager, like nullcontext)
+    """Run with another loaded adapter active, then the trained one again (as it was, trainable)."""
+
+    def __init__(self, model, name: str):
+        self.model, self.name = model, name
+
+    def __enter__(self):
+        self.previous = self.model.active_adapter
+        self.model.set_adapter(self.name, inference_mode=True)
+
+    def __exit__(self, *exc):
+        self.model.set_adapter(self.previous)  # PEFT makes the adapter it activates trainable again
+        return False
+
+
+class PreferenceObjective(Objective):
+    """What `dpo` and `kto` share: the preference loaders, the policy's log-probs, the reference, no dropout."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.frozen_copy = None
+        self.policy_logps = self.reference = None
+
+    @property
+    def needs_reference_adapter(self) -> bool:
+        return self.cfg.uses_reference
+
+    def build_loaders(self, tokenizer, accelerator: Accelerator) -> tuple[dict, dict]:
+        cfg, batch = self.cfg, self.cfg.trainer.micro_batch_size
+        multiple = pad_multiple(cfg.data.pad_to_multiple_of)
+        train, train_stats = build_preference_split(cfg.data, tokenizer, split="train")
+        loaders = {"train": build_preference_loader(train, batch, tokenizer.pad_token_id, shuffle=True, seed=cfg.seed,
+                                                    group_by_length=cfg.data.group_by_length,
+                                                    pad_to_multiple_of=multiple, workers=cfg.trainer.num_workers),
+                   "eval": None}
+        stats = {"train": train_stats, "eval": None}
+        if cfg.data.eval_path:
+            held_out, stats["eval"] = build_preference_split(cfg.data, tokenizer, split="eval")
+            loaders["eval"] = build_preference_loader(held_out, batch, tokenizer.pad_token_id, shuffle=False,
+                                                      pad_to_multiple_of=multiple)
+        return loaders, stats
+
+    def load_frozen(self) -> None:
+        """Full fine-tuning's reference: a frozen copy of the base (adapter methods need none)."""
+        if self.cfg.uses_reference and self.cfg.method.name == "full":
+            self.frozen_copy = load_frozen(self.cfg.model, "model.name_or_path")
+
+    def attach(self, model, tokenizer) -> None:
+        if not self.cfg.pref.dropout:
+            disable_dropout(model)
+        self.policy_logps = build_sequence_logps(model, self.cfg.trainer)
+        self.reference = Reference(model, self.frozen_copy, self.cfg.trainer) if self.cfg.uses_reference else None
+        self.token_loss = build_step_loss(model, self.cfg.trainer)
+
+    def describe(self) -> dict[str, str]:
+        pref = self.cfg.pref
+        reference = self.reference.describe() if self.reference is not None else "none (reference-free loss)"
+        loss = "kto" if self.cfg.objective.name == "kto" else pref.loss
+        return super().describe() | {"loss": f"{loss} (beta {pref.beta})", "reference": reference,
+                                     "dropout": "on" if pref.dropout else "off (policy = reference at step 0)"}
+
+    def scored(self, model, inputs: dict, labels: torch.Tensor):
+        """(policy, reference) rows' (log-prob sums, labelled tokens); the reference is None when not used."""
+        policy = self.policy_logps(model, inputs, labels)
+        reference = self.reference(model, inputs, labels) if self.reference is not None else None
+        return policy, reference
+
+
+class DpoObjective(PreferenceObjective):
+    """`objective=dpo`: one loss per pair (`pref.loss`), summed over pairs."""
+
+    count_name = "pairs"
+
+    def count(self, batch: dict) -> torch.Tensor:
+        return batch["num_pairs"]
+
+    def loss(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        policy, reference = self.scored(model, model_inputs(batch), batch["labels"])
+        policy_pairs = as_pairs(*policy)
+        terms = pair_losses(self.cfg.pref, policy_pairs, as_pairs(*reference) if reference is not None else None)
+        chosen, rejected = terms["reward_chosen"], terms["reward_rejected"]
+        per_pair = {
+            "loss": terms["loss"],
+            "reward_chosen": chosen,
+            "reward_rejected": rejected,
+            "reward_margin": chosen - rejected,
+            "reward_accuracy": (chosen > rejected).float(),
+            "logp_chosen": policy_pairs.chosen.detach(),
+            "logp_rejected": policy_pairs.rejected.detach(),
+        }
+        return {key: value.sum() for key, value in per_pair.items()}
+
+
+def as_pairs(logps: torch.Tensor, tokens: torch.Tensor) -> PairLogps:
+    """Rows 0..B-1 (chosen) and B..2B-1 (rejected) of a pair batch as pairs."""
+    chosen, rejected = logps.chunk(2)
+    chosen_tokens, rejected_tokens = tokens.chunk(2)
+    return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens)
+
+
+class KtoObjective(PreferenceObjective):
+    """`objective=kto`: TRL's KTO loss per completion, against the batch's KL estimate.
+
+    The KL estimate is TRL's: the mean over the micro-batch (and every rank) of policy minus reference log-probs
+    of each prompt followed by another row's completion (the collator's `kl_*` rows), detached, clamped at 0.
+    `reward_accuracy` is the share of completions whose reward has their label's sign (KTO has no pairs to
+    compare); reward means are over the desirable and the undesirable completions respectively.
+    """
+
+    count_name = "completions"
+
+    def count(self, batch: dict) -> torch.Tensor:
+        return torch.tensor(batch["kto_label"].numel(), device=batch["kto_label"].device)
+
+    def loss(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        (policy, _), (reference, _) = self.scored(model, model_inputs(batch), batch["labels"])
+        desirable, kl = batch["kto_label"], self.kl_estimate(model, batch)
+        terms = kto_losses(self.cfg.pref, policy, reference, desirable, kl)
+        reward, undesirable = terms["reward"], ~desirable
+        return {
+            "loss": terms["loss"].sum(),
+            "kl": kl * desirable.numel(),
+            "reward_chosen": (reward * desirable).sum(),
+            "reward_rejected": (reward * undesirable).sum(),
+            "reward_accuracy": ((reward > 0) == desirable).float().sum(),
+            "logp_chosen": (policy.detach() * desirable).sum(),
+            "logp_rejected": (policy.detach() * undesirable).sum(),
+            "desirable": desirable.sum().float(),
+        }
+
+    def kl_estimate(self, model, batch: dict) -> torch.Tensor:
+        """TRL's KL(policy || reference) estimate from the mismatched rows, averaged over ranks, clamped at 0."""
+        inputs = {"input_ids": batch["kl_input_ids"], "attention_mask": batch["kl_attention_mask"]}
+        with torch.no_grad():
+            policy, _ = self.policy_logps(model, inputs, batch["kl_labels"])
+            reference, _ = self.reference(model, inputs, batch["kl_labels"])
+        return reduce((policy - reference).mean(), "mean").clamp(min=0)
+
+    def summarize(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        desirable = sums.get("desirable", 0.0)
+        undesirable = count - desirable
+        means = {
+            "loss": sums["loss"] / max(count, 1),
+            "kl": sums["kl"] / max(count, 1),
+            "reward_chosen": sums["reward_chosen"] / max(desirable, 1),
+            "reward_rejected": sums["reward_rejected"] / max(undesirable, 1),
+            "reward_accuracy": sums["reward_accuracy"] / max(count, 1),
+            "logp_chosen": sums["logp_chosen"] / max(desirable, 1),
+            "logp_rejected": sums["logp_rejected"] / max(undesirable, 1),
+        }
+        means["reward_margin"] = means["reward_chosen"] - means["reward_rejected"]
+        return means | {key: value / max(count, 1) for key, value in sums.items() if key not in means
+                        and key != "desirable"}

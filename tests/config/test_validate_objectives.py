@@ -1,0 +1,65 @@
+"""Objectives in the config: the renamed `method=distill`, rules, the start adapter, the early-stopping default."""
+
+import json
+
+import pytest
+
+from ftune.cli import main
+from ftune.config.compose import load_run_config
+from ftune.errors import ConfigError
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["recipe=tiny_lora", "method=distill"], r"^method=distill is now objective=distill"),
+    (["recipe=tiny_lora", "objective=distill", "distill.teacher=null"], "objective=distill without distill.teacher"),
+    (["recipe=tiny_lora", "distill.teacher=x"], "distill.teacher=x with objective=sft"),
+    (["recipe=tiny_dpo", "pref.beta=0"], r"pref.beta=0.0 \(expected > 0\)"),
+    (["recipe=tiny_dpo", "pref.label_smoothing=0.1"], "pref.label_smoothing=0.1 with pref.loss=sigmoid"),
+    (["recipe=tiny_dpo", "objective=kto", "trainer.micro_batch_size=1"], "micro_batch_size=1 with objective=kto"),
+    (["recipe=tiny_dpo", "model.adapter=/nonexistent"], "model.adapter=/nonexistent: no adapter_config.json there"),
+])
+def test_bad_objective_settings_are_rejected(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_run_config(overrides)
+
+
+def test_a_user_recipe_on_method_distill_is_told_the_new_name(tmp_path, monkeypatch):
+    (tmp_path / "old.yaml").write_text("defaults:\n  - ftune_schema\n  - method: distill\n  - _self_\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="method=distill is now objective=distill"):
+        load_run_config(["recipe=old"])
+
+
+def adapter_dir(tmp_path, base: str, peft_type: str = "LORA"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type,
+                                                              "base_model_name_or_path": base}))
+    return tmp_path
+
+
+def test_a_start_adapter_of_another_base_or_method_is_refused_in_one_line(tmp_path, tiny_model_path, capsys):
+    other = adapter_dir(tmp_path, "meta-llama/Llama-3.1-8B")
+    assert main(["train", "recipe=tiny_dpo", f"model.adapter={other}", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained on meta-llama/Llama-3.1-8B, not on model.name_or_path=" in err[0]
+    assert not (tmp_path / "run").exists()
+    ia3 = adapter_dir(tmp_path, str(tiny_model_path), "IA3")
+    with pytest.raises(ConfigError, match="is a ia3 adapter with method.name=lora"):
+        load_run_config(["recipe=tiny_dpo", f"model.adapter={ia3}"])
+    load_run_config(["recipe=tiny_dpo", f"model.adapter={adapter_dir(tmp_path, str(tiny_model_path))}"])
+
+
+@pytest.mark.parametrize("overrides,metric,mode", [
+    (["recipe=tiny_dpo"], "eval_reward_accuracy", "max"),
+    (["recipe=tiny_dpo", "objective=kto"], "eval_reward_accuracy", "max"),
+    (["recipe=tiny_lora"], "eval_loss", "min"),
+    (["recipe=tiny_distill"], "eval_loss", "min"),
+])
+def test_early_stopping_follows_the_objective(overrides, metric, mode):
+    cfg, _ = load_run_config(overrides)
+    assert (cfg.early_stop.metric, cfg.early_stop.mode) == (metric, mode)
+
+
+def test_dpo_may_stop_on_its_margin_but_not_on_perplexity():
+    load_run_config(["recipe=tiny_dpo", "early_stop.metric=eval_reward_margin", "early_stop.mode=max"])
+    with pytest.raises(ConfigError, match="early_stop.metric=eval_ppl is not measured by this run"):
+        load_run_config(["recipe=tiny_dpo", "early_stop.metric=eval_ppl"])
