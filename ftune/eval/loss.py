@@ -46,6 +46,14 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
                                              reduction="sum")
 
 
+def unfused_sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's summed log-probability of its labelled tokens, from the full logits (in fp32)."""
+    logits, labels = text_logits(logits, labels)[:, :-1].float(), labels[:, 1:]
+    learned = labels != IGNORE_INDEX
+    token = torch.log_softmax(logits, dim=-1).gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+    return (token * learned).sum(1)
+
+
 def learned_token_count(labels: torch.Tensor) -> torch.Tensor:
     """How many tokens of a batch carry a loss (the labels after the shift that are not ignored)."""
     return (labels[:, 1:] != IGNORE_INDEX).sum()

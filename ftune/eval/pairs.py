@@ -11,8 +11,8 @@ import torch
 
 from ftune.config.schema import DataCfg
 from ftune.data.formats import read_records, resolve_format
-from ftune.data.mask import IGNORE_INDEX
 from ftune.data.preference import PAIRED_FORMATS, build_preference_loader, build_preference_split
+from ftune.eval.loss import unfused_sequence_logps
 
 
 def holds_pairs(cfg: DataCfg) -> bool:
@@ -34,16 +34,13 @@ def pair_logps(model, tokenizer, cfg: DataCfg, batch_size: int) -> torch.Tensor:
 
 
 def sequence_logp(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One sequence's summed log p of its labelled tokens.
+    """One sequence's summed log p of its labelled tokens, as training's unfused path computes it.
 
     One row at a time, so the largest tensor is one sequence's logits, whatever the vocabulary and the batch.
     """
     device = model.device
-    logits = model(input_ids=ids[None].to(device), attention_mask=mask[None].to(device)).logits[0, :-1].float()
-    targets = labels[1:].to(device)
-    learned = targets != IGNORE_INDEX
-    picked = torch.log_softmax(logits, dim=-1).gather(1, targets.clamp(min=0)[:, None])[:, 0]
-    return (picked * learned).sum().cpu()
+    logits = model(input_ids=ids[None].to(device), attention_mask=mask[None].to(device)).logits
+    return unfused_sequence_logps(logits, labels[None].to(device))[0].cpu()
 
 
 def pair_metrics(logps: torch.Tensor) -> dict[str, float]:

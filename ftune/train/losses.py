@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ftune.config.schema import DistillCfg, TrainerCfg
 from ftune.data.mask import IGNORE_INDEX
-from ftune.eval.loss import cross_entropy_sum, model_inputs, shifted, text_logits
+from ftune.eval.loss import cross_entropy_sum, model_inputs, shifted, text_logits, unfused_sequence_logps
 from ftune.model.dtypes import DTYPES
 from ftune.train.chunked import ChunkSpec, chunked_loss, chunked_token_logps
 from ftune.train.head import captured_head_input, linear_head, unsupported_reason
@@ -160,14 +160,6 @@ class SequenceLogps:
         row_of = torch.arange(labels.size(0), device=labels.device).repeat_interleave(labels.size(1) - 1)
         row_of = row_of if keep is None else row_of[keep]
         return torch.zeros(labels.size(0), dtype=logps.dtype, device=logps.device).index_add(0, row_of, logps), counts
-
-
-def unfused_sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each row's summed log-probability of its labelled tokens, from the full logits (in fp32)."""
-    logits, labels = text_logits(logits, labels)[:, :-1].float(), labels[:, 1:]
-    learned = labels != IGNORE_INDEX
-    token = torch.log_softmax(logits, dim=-1).gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
-    return (token * learned).sum(1)
 
 
 def build_sequence_logps(model, trainer: TrainerCfg) -> SequenceLogps:

@@ -15,8 +15,9 @@ from peft import LoraConfig, get_peft_model
 
 from ftune.config.schema import PrefCfg, RunCfg, TrainerCfg
 from ftune.data.collate import PairCollator
+from ftune.eval.loss import unfused_sequence_logps
 from ftune.train.loop import forward_backward
-from ftune.train.losses import SequenceLogps, build_sequence_logps, unfused_sequence_logps
+from ftune.train.losses import SequenceLogps, build_sequence_logps
 from ftune.train.objectives import build_objective
 from ftune.train.objectives.pair_losses import PairLogps, kto_losses, pair_losses
 
