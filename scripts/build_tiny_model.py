@@ -28,6 +28,8 @@ import transformers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ftune.model.dtypes import cpu_has_bf16
+
 REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO / "ftune" / "assets" / "models"
 EOT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
@@ -188,7 +190,11 @@ def build_model(preset: Preset, tok: PreTrainedTokenizerFast, seed: int) -> Llam
 
 
 def pretrain(model: LlamaForCausalLM, data: torch.Tensor, preset: Preset) -> dict[str, float]:
-    """AdamW with warmup and cosine decay over one pass of `data`; bf16 autocast, fp32 master weights."""
+    """AdamW with warmup and cosine decay over one pass of `data`; fp32 master weights.
+
+    bf16 autocast where the CPU has bf16 instructions; elsewhere torch emulates bf16 at 1-2% of fp32's rate (a
+    4-step `base` build then took over 20 minutes), so those machines train in fp32.
+    """
     steps = max(1, len(data) // preset.batch_size)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norms
     rest = [p for p in model.parameters() if p.dim() < 2]
@@ -196,11 +202,12 @@ def pretrain(model: LlamaForCausalLM, data: torch.Tensor, preset: Preset) -> dic
     optimizer = torch.optim.AdamW(groups, lr=preset.lr, betas=BETAS)
     warmup = max(1, int(steps * WARMUP_FRACTION))
     schedule = transformers.get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    autocast = cpu_has_bf16()
     model.train()
     start = time.time()
     for step in range(steps):
         batch = data[step * preset.batch_size : (step + 1) * preset.batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

@@ -167,8 +167,9 @@ class QuantCfg:
     """4-bit data type."""
     double_quant: bool = True
     """Quantize the quantization constants too (saves ~0.4 bit per weight)."""
-    compute_dtype: str = choice("bf16", "fp16", "fp32")
-    """Dtype of the matmuls on dequantized weights (bf16: no fp16 overflow)."""
+    compute_dtype: str = choice("auto", "bf16", "fp16", "fp32")
+    """Dtype of the matmuls on dequantized weights. `auto`: bf16 where the device computes it natively (recent
+    GPUs, CPUs with bf16 instructions; no fp16 overflow), else fp32 (emulated bf16 is many times slower)."""
 
 
 @dataclass

@@ -39,6 +39,18 @@ def native_mixed_precision(device: str | None = None) -> str:
     return "bf16" if cpu_has_bf16() else "no"
 
 
+def quant_compute_dtype(name: str, device: str | None = None) -> torch.dtype:
+    """`quant.compute_dtype` as a torch dtype; `auto`: bf16 where `device` computes it natively, else fp32.
+
+    Not fp16 on GPUs without bf16: QLoRA's dequantized matmuls can overflow in fp16. On a CPU without bf16
+    instructions an emulated bf16 matmul ran at 1-2% of fp32's rate (`scripts/bench.py`'s GEMM sweep), which
+    made a tiny QLoRA step take seconds.
+    """
+    if name == "auto":
+        return torch.bfloat16 if native_mixed_precision(device) == "bf16" else torch.float32
+    return DTYPES[name]
+
+
 def cpu_has_bf16() -> bool:
     """Whether the CPU computes bf16 matmuls natively: FTUNE_CPU_BF16 when set, else its /proc/cpuinfo flags.
 

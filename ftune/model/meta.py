@@ -23,7 +23,7 @@ from ftune.errors import ConfigError, ResourceError
 from ftune.model import memory
 from ftune.model.adapters import add_adapter
 from ftune.model.dropout import DroppedLinear
-from ftune.model.dtypes import DTYPES
+from ftune.model.dtypes import DTYPES, quant_compute_dtype
 from ftune.model.load import freeze_matching
 
 TRACED_SDPA = "ftune_traced_sdpa"
@@ -76,7 +76,7 @@ def build_meta_model(cfg: RunCfg, device: str = "cuda") -> tuple[torch.nn.Module
     model = meta_model(load_model_config(cfg.model.name_or_path), cfg.model.dtype, cfg.model.attn_implementation)
     quantized = quantized_storage(model, bits, cfg.quant.double_quant) if bits else {}
     if quantized:
-        use_quantized_layers(model, quantized, bits, DTYPES[cfg.quant.compute_dtype], device)
+        use_quantized_layers(model, quantized, bits, quant_compute_dtype(cfg.quant.compute_dtype, device), device)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.use_cache = False
     if cfg.method.name == "full":
@@ -176,7 +176,7 @@ def meta_teacher(cfg: RunCfg, device: str = "cuda") -> tuple[torch.nn.Module, di
                        cfg.model.attn_implementation)
     bits = cfg.distill.teacher_bits
     quantized = quantized_storage(model, bits, cfg.quant.double_quant) if bits else {}
-    use_quantized_layers(model, quantized, bits, DTYPES[cfg.quant.compute_dtype], device)
+    use_quantized_layers(model, quantized, bits, quant_compute_dtype(cfg.quant.compute_dtype, device), device)
     model.requires_grad_(False)
     return model.eval(), quantized
 

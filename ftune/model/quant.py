@@ -10,7 +10,7 @@ from transformers import BitsAndBytesConfig
 
 from ftune.config.schema import QuantCfg, RunCfg
 from ftune.errors import ResourceError
-from ftune.model.dtypes import DTYPES
+from ftune.model.dtypes import quant_compute_dtype
 
 
 def student_load_kwargs(cfg: RunCfg) -> dict:
@@ -51,7 +51,7 @@ def bnb_config(quant: QuantCfg, bits: int) -> BitsAndBytesConfig:
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        bnb_4bit_compute_dtype=quant_compute_dtype(quant.compute_dtype),
     )
 
 

@@ -8,6 +8,7 @@ import torch
 from ftune.config.compose import load_run_config
 from ftune.config.schema import QuantCfg
 from ftune.errors import ResourceError
+from ftune.model.dtypes import quant_compute_dtype
 from ftune.model.load import count_parameters, load_teacher, prepare_model
 from ftune.model.quant import bnb_config, student_load_kwargs
 from ftune.train.optim import build_optimizer
@@ -66,6 +67,16 @@ def test_bnb_config_follows_quant_settings():
     assert four.bnb_4bit_compute_dtype == torch.float32
     assert bnb_config(QuantCfg(), 8).load_in_8bit
     assert student_load_kwargs(qlora_config("quant.bits=0")) == {}
+
+
+@pytest.mark.parametrize(("cpu_bf16", "expected"), [("0", torch.float32), ("1", torch.bfloat16)])
+def test_auto_compute_dtype_is_bf16_only_where_it_is_native(cpu_bf16, expected, monkeypatch):
+    """QLoRA's default: emulated bf16 matmuls on a CPU without bf16 instructions are many times slower than fp32."""
+    monkeypatch.setenv("FTUNE_CPU_BF16", cpu_bf16)
+    assert load_run_config(["recipe=tiny_qlora"])[0].quant.compute_dtype == "auto"
+    assert bnb_config(QuantCfg(compute_dtype="auto"), 4).bnb_4bit_compute_dtype == expected
+    assert quant_compute_dtype("auto", "cuda") == torch.bfloat16  # planned for a GPU (bf16 assumed)
+    assert quant_compute_dtype("fp16", "cpu") == torch.float16  # a named dtype is kept
 
 
 @pytest.mark.parametrize("bits,layer", [(4, "Linear4bit"), (8, "Linear8bitLt")])
