@@ -42,6 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT_TRAIN = REPO / "ftune" / "assets" / "data" / "chat" / "train.jsonl"
+PAIRS_TRAIN = REPO / "ftune" / "assets" / "data" / "pairs" / "train.jsonl"
 TINY_MODEL = REPO / "ftune" / "assets" / "models" / "tiny"
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
 MAX_LENGTH, MICRO_BATCH, GRAD_ACCUM, LR, WARMUP_RATIO, WEIGHT_DECAY, SEED = 512, 4, 2, 1e-3, 0.1, 0.0, 0
@@ -65,6 +66,7 @@ class Config:
     base_dtype: str = "fp32"  # frozen base weights in fp32, or bf16 (LoRA weights and optimizer state stay fp32)
     overrides: tuple[str, ...] = ()  # further ftune overrides
     torch_dropout: bool = False  # ftune with PEFT's own LoRA dropout (torch's), not model/dropout.py's
+    objective: str = "sft"  # or "dpo": pairs, from one shared start adapter (`ensure_start_adapter`)
     note: str = ""
 
 
@@ -118,7 +120,22 @@ BIG_VOCAB_CONFIGS = [
            note="trainer.loss_chunk_size=0: the full logits (with --unfused)"),
 ]
 
-ALL_CONFIGS = CONFIGS + BF16_BASE_CONFIGS + COMPILED_CONFIGS + FP32_CONFIGS + BASE_CONFIGS + BIG_VOCAB_CONFIGS
+DPO_CONFIGS = [
+    Config("trl_dpo", "trl", "ordered", objective="dpo",
+           note="DPOConfig defaults (bf16 autocast, gradient checkpointing)"),
+    Config("trl_dpo_fp32", "trl", "ordered", bf16=False, objective="dpo", note="bf16=False"),
+    Config("trl_dpo_no_gc", "trl", "ordered", gradient_checkpointing=False, objective="dpo",
+           note="gradient_checkpointing=False"),
+    Config("trl_dpo_no_gc_fp32", "trl", "ordered", bf16=False, gradient_checkpointing=False, objective="dpo",
+           note="gradient_checkpointing=False, bf16=False"),
+    Config("ftune_dpo", "ftune", "ordered", bf16=None, objective="dpo",
+           note="objective=dpo, ftune's defaults (mixed_precision=auto, chunked sequence log-probs)"),
+]
+"""DPO (sigmoid loss, beta 0.1, TRL's defaults) against TRL's DPOTrainer in each of its dtypes, with and without
+its default gradient checkpointing: TRL's lowest peak RSS and its fastest pairs/s are the best of these four."""
+
+ALL_CONFIGS = (CONFIGS + BF16_BASE_CONFIGS + COMPILED_CONFIGS + FP32_CONFIGS + BASE_CONFIGS + BIG_VOCAB_CONFIGS
+               + DPO_CONFIGS)
 assert len({c.name for c in ALL_CONFIGS}) == len(ALL_CONFIGS), "a worker finds its configuration by name"
 BIG_VOCAB = {"vocab_size": 128_256, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}
@@ -137,6 +154,8 @@ class Model:
     max_length: int = MAX_LENGTH
     grad_accum: int = GRAD_ACCUM
     data: Path = CHAT_TRAIN
+    adapter: Path | None = None  # DPO: the LoRA both tools start from (`ensure_start_adapter`)
+    objective: str = "sft"
 
 
 @dataclass
@@ -162,7 +181,8 @@ class StepLog:
         self.real.append(real)
         self.rows.append(len(ids))
         self.slots.append(ids.numel())
-        self.learned.append(int((batch["labels"][:, 1:] != -100).sum()))
+        learned = batch["labels"][:, 1:] != -100 if "labels" in batch else batch["completion_mask"][:, 1:]  # TRL's DPO
+        self.learned.append(int(learned.sum()))
         return batch
 
 
@@ -179,6 +199,8 @@ def summarize_worker(log: StepLog, started: float, model: "Model", extra: dict) 
         "padding_share": 1 - sum(log.real) / sum(log.slots),
         "first_step_s": log.step_end[0] - started,
         "final_loss": statistics.mean(log.loss[-LAST_LOSSES:]),
+        "pairs_per_s": sum(log.rows[window]) / 2 / seconds,  # a pair batch holds both sequences of every pair
+        "losses": log.loss,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "batches": list(zip(log.rows, log.real, strict=True)),
         **extra,
@@ -189,40 +211,49 @@ def run_ftune(config: Config, model: Model, out: Path, started: float) -> dict:
     """Train with `ftune train` in this process, counting the batches its collators produce."""
     from omegaconf import OmegaConf
 
-    import ftune.commands.train as train_command
+    import ftune.train.objectives.preference as preference
+    import ftune.train.objectives.tokens as tokens
+    from ftune.commands.train import run_train
     from ftune.config.compose import load_run_config
     from ftune.train.artefacts import read_metrics
 
-    log, build_loader = StepLog(), train_command.build_loader
+    log = StepLog()
 
-    def counted_loader(*args, **kwargs):
-        training = kwargs.get("shuffle")  # the training loader only
-        if training and config.batching == "ordered":
-            kwargs["shuffle"] = False  # the file's order, as TRL reads it
-        loader = build_loader(*args, **kwargs)
-        if training:
-            collate = loader.collate_fn
-            loader.collate_fn = lambda rows: log.count(collate(rows))
-        return loader
+    def counting(build_loader):
+        def counted_loader(*args, **kwargs):
+            training = kwargs.get("shuffle")  # the training loader only
+            if training and config.batching == "ordered":
+                kwargs["shuffle"] = False  # the file's order, as TRL reads it
+            loader = build_loader(*args, **kwargs)
+            if training:
+                collate = loader.collate_fn
+                loader.collate_fn = lambda rows: log.count(collate(rows))
+            return loader
+        return counted_loader
 
-    train_command.build_loader = counted_loader  # where `ftune train` looks it up
+
+    tokens.build_loader = counting(tokens.build_loader)  # where the SFT objective looks it up
+    preference.build_preference_loader = counting(preference.build_preference_loader)  # and objective=dpo
     if config.torch_dropout:
         import ftune.model.adapters as adapters
 
         adapters.use_sparse_dropout = lambda model: 0  # keep PEFT's nn.Dropout modules
     overrides = [
         f"model.name_or_path={model.path}", f"data.path={model.data}", "data.eval_path=null", "probe.path=null",
-        "data.train_on=everything", f"data.max_length={config.row_length or model.max_length}",
-        f"data.packing={config.batching == 'packed'}", f"data.group_by_length={config.batching == 'grouped'}",
+        f"data.max_length={config.row_length or model.max_length}",
+        f"data.group_by_length={config.batching == 'grouped'}",
+        *(["objective=dpo", f"model.adapter={model.adapter}"] if config.objective == "dpo" else
+          ["data.train_on=everything", f"data.packing={config.batching == 'packed'}",
+           *[f"lora.{key}={value}" for key, value in LORA.items()]]),
         f"trainer.max_steps={model.warmup + model.timed}",
         f"trainer.micro_batch_size={MICRO_BATCH}", f"trainer.grad_accum={model.grad_accum}", "trainer.eval_every=0",
         "trainer.save_every=0", "trainer.log_every=1", "trainer.final_weights=last",
         f"trainer.mixed_precision={AUTOCAST[config.bf16]}", f"trainer.compile={config.compile}",
         f"model.dtype={config.base_dtype}", f"optim.lr={LR}",
         f"optim.warmup_ratio={WARMUP_RATIO}", f"optim.weight_decay={WEIGHT_DECAY}", f"seed={SEED}",
-        *[f"lora.{key}={value}" for key, value in LORA.items()], f"output_dir={out / 'run'}", *config.overrides,
+        f"output_dir={out / 'run'}", *config.overrides,
     ]
-    train_command.run_train(*load_run_config(overrides))
+    run_train(*load_run_config(overrides))
     rows = [row for row in read_metrics(out / "run") if "loss" in row]
     log.step_end, log.loss = [row["time"] for row in rows], [row["loss"] for row in rows]
     ran = OmegaConf.load(out / "run" / "config.yaml").trainer.mixed_precision  # `auto` as resolved
@@ -234,14 +265,10 @@ def run_trl(config: Config, model: Model, out: Path, started: float) -> dict:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     log = StepLog()
-
-    class StepClock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            log.step_end.append(time.time())
 
     options = {"packing": True} if config.batching == "packed" else {}
     sampling = {"grouped": "group_by_length", "ordered": "sequential"}
@@ -264,13 +291,60 @@ def run_trl(config: Config, model: Model, out: Path, started: float) -> dict:
         processing_class=AutoTokenizer.from_pretrained(model.path),
         peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                target_modules="all-linear", task_type="CAUSAL_LM"),
-        callbacks=[StepClock()],
+        callbacks=[step_clock(log)],
     )
     collate = trainer.data_collator
     trainer.data_collator = lambda rows: log.count(collate(rows))
     trainer.train()
     log.loss = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return summarize_worker(log, started, model, {"mixed_precision": trainer.accelerator.mixed_precision})
+
+
+def run_trl_dpo(config: Config, model: Model, out: Path, started: float) -> dict:
+    """Train with TRL's DPOTrainer from the start adapter, changing only what `config` names from DPOConfig's defaults.
+
+    Given a PEFT model, TRL copies its adapter to a frozen "ref" adapter for the reference, as ftune does with
+    `model.adapter`; the adapter starts at B = 0, so that reference is the base in both.
+    """
+    import torch
+    from datasets import load_dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    log = StepLog()
+    options = {"bf16": False} if not config.bf16 else {}
+    if config.gradient_checkpointing is not None:
+        options["gradient_checkpointing"] = config.gradient_checkpointing
+    args = DPOConfig(
+        output_dir=str(out / "run"), max_steps=model.warmup + model.timed, per_device_train_batch_size=MICRO_BATCH,
+        gradient_accumulation_steps=model.grad_accum, learning_rate=LR, lr_scheduler_type="cosine",
+        warmup_steps=WARMUP_RATIO, weight_decay=WEIGHT_DECAY, max_grad_norm=1.0, max_length=model.max_length,
+        train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to="none", seed=SEED,
+        data_seed=SEED, use_cpu=not cuda_available(), **options,
+    )
+    base = AutoModelForCausalLM.from_pretrained(model.path, dtype=getattr(torch, DTYPES[config.base_dtype]))
+    trainer = DPOTrainer(
+        model=PeftModel.from_pretrained(base, model.adapter, is_trainable=True), args=args,
+        train_dataset=load_dataset("json", data_files=str(model.data), split="train"),
+        processing_class=AutoTokenizer.from_pretrained(model.path), callbacks=[step_clock(log)],
+    )
+    collate = trainer.data_collator
+    trainer.data_collator = lambda rows: log.count(collate(rows))
+    trainer.train()
+    log.loss = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return summarize_worker(log, started, model, {"mixed_precision": trainer.accelerator.mixed_precision})
+
+
+def step_clock(log: StepLog):
+    """A transformers callback recording when each optimizer step ends."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            log.step_end.append(time.time())
+
+    return StepClock()
 
 
 def cuda_available() -> bool:
@@ -284,11 +358,12 @@ def worker(args: argparse.Namespace) -> None:
     """Run one configuration and print its figures as one JSON line (the last line of stdout)."""
     config = next(c for c in ALL_CONFIGS if c.name == args.worker)
     model = Model(args.model_name, Path(args.model_path), args.warmup, args.timed, max_length=args.max_length,
-                  grad_accum=args.grad_accum, data=Path(args.data))
+                  grad_accum=args.grad_accum, data=Path(args.data), adapter=args.adapter and Path(args.adapter))
+    run = run_ftune if config.tool == "ftune" else {"sft": run_trl, "dpo": run_trl_dpo}[config.objective]
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["FTUNE_CACHE"] = str(Path(tmp) / "cache")  # time data preparation, not a cache hit
         started = time.time()
-        result = (run_ftune if config.tool == "ftune" else run_trl)(config, model, Path(tmp), started)
+        result = run(config, model, Path(tmp), started)
     print(json.dumps(result), flush=True)
 
 
@@ -296,7 +371,8 @@ def run_config(config: Config, model: Model) -> dict:
     """One configuration in a fresh process."""
     command = [sys.executable, __file__, "--worker", config.name, "--model-name", model.name,
                "--model-path", str(model.path), "--warmup", str(model.warmup), "--timed", str(model.timed),
-               "--max-length", str(model.max_length), "--grad-accum", str(model.grad_accum), "--data", str(model.data)]
+               "--max-length", str(model.max_length), "--grad-accum", str(model.grad_accum), "--data", str(model.data),
+               *(["--adapter", str(model.adapter)] if model.adapter else [])]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         sys.exit(f"bench: {config.name} on {model.name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -311,7 +387,9 @@ def gemm_rates() -> dict:
 
     Each (dtype, n, threads) multiplies two n x n matrices for at least GEMM_SECONDS after a warm-up; its rate
     is the median call's. A single best call overstates a shared machine; one size or one thread count can
-    understate it (small sizes do not fill the cores, large ones spill the caches), hence the sweep.
+    understate it (small sizes do not fill the cores, large ones spill the caches), hence the sweep. Where one
+    warm-up call alone takes longer than GEMM_SECONDS (bf16 emulated on a CPU without bf16 instructions: minutes
+    at n = 4096), larger sizes of that dtype are skipped.
     """
     import torch
 
@@ -319,16 +397,18 @@ def gemm_rates() -> dict:
     table, best = [], {}
     for name, dtype in (("bf16", torch.bfloat16), ("no", torch.float32)):
         for n in GEMM_SIZES:
+            if any(row["dtype"] == name and row["slow"] for row in table):
+                break
             a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
             for threads in sorted({1, threads_before, os.cpu_count() or 1}):
                 torch.set_num_threads(threads)
-                a @ b
+                slow = timed_call(lambda: a @ b) > GEMM_SECONDS  # noqa: B023 (the warm-up, called at once)
                 times, spent = [], 0.0
                 while spent < GEMM_SECONDS:
                     times.append(timed_call(lambda: a @ b))  # noqa: B023 (called at once, in this iteration)
                     spent += times[-1]
                 rate = 2 * n**3 / statistics.median(times)
-                table.append({"dtype": name, "n": n, "threads": threads, "flops": rate})
+                table.append({"dtype": name, "n": n, "threads": threads, "flops": rate, "slow": slow})
                 best[name] = max(best.get(name, 0.0), rate)
     torch.set_num_threads(threads_before)
     return {"best": best, "table": table}
@@ -398,9 +478,13 @@ def median_results(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in keys} | {"mixed_precision": runs[0]["mixed_precision"]}
 
 
-def add_mfu(result: dict, params: int, rates: dict[str, float]) -> None:
-    """MFU against the GEMM rate of the dtype trained in: 4N FLOPs per real token for LoRA."""
-    result["mfu"] = 4 * params * result["real_tokens_per_s"] / rates[result["mixed_precision"]]
+def add_mfu(result: dict, model: Model, rates: dict[str, float]) -> None:
+    """MFU against the GEMM rate of the dtype trained in.
+
+    4N FLOPs per real token for LoRA; 6N for DPO, whose reference forward adds 2N.
+    """
+    flops_per_token = (6 if model.objective == "dpo" else 4) * model.params
+    result["mfu"] = flops_per_token * result["real_tokens_per_s"] / rates[result["mixed_precision"]]
 
 
 def headline(results: dict[str, dict]) -> dict:
@@ -431,12 +515,13 @@ def print_table(model: Model, results: dict[str, dict], head: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"{model.name}: {model.params / 1e6:.1f}M params, {model.timed} timed steps (medians)")
-    for column in ("config", "dtype", "real tok/s", "learned tok/s", "padding", "MFU", "first step s", "peak RSS MB",
-                   "final loss", "note"):
+    for column in ("config", "dtype", "pairs/s" if model.objective == "dpo" else "real tok/s", "learned tok/s",
+                   "padding", "MFU", "first step s", "peak RSS MB", "final loss", "note"):
         table.add_column(column)
     notes = {c.name: c.note for c in ALL_CONFIGS}
     for name, r in results.items():
-        table.add_row(name, r["mixed_precision"], f"{r['real_tokens_per_s']:.0f}", f"{r['learned_tokens_per_s']:.0f}",
+        rate = f"{r['pairs_per_s']:.2f}" if model.objective == "dpo" else f"{r['real_tokens_per_s']:.0f}"
+        table.add_row(name, r["mixed_precision"], rate, f"{r['learned_tokens_per_s']:.0f}",
                       f"{r['padding_share']:.1%}", f"{r['mfu']:.1%}", f"{r['first_step_s']:.1f}",
                       f"{r['peak_rss_mb']:.0f}", f"{r['final_loss']:.3f}", notes[name])
     console = Console(width=160)
@@ -450,10 +535,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration on the tiny model")
     parser.add_argument("--quick", action="store_true", help="tiny model, one repeat, 3 + 5 steps")
     parser.add_argument("--unfused", action="store_true", help="bigvocab: also ftune with the full logits")
-    parser.add_argument("--only", choices=("all", "base100m", "profile", "bigvocab", "headloss"), default="all",
+    parser.add_argument("--only", choices=("all", "base100m", "profile", "bigvocab", "headloss", "dpo"), default="all",
                         help="base100m: ftune's defaults against TRL's fastest on ~100M parameters; profile: where "
                              "ftune's step goes on that model; bigvocab: the 128,256-row vocabulary against TRL; "
-                             "headloss: the loss variants alone")
+                             "headloss: the loss variants alone; dpo: DPO against TRL's DPOTrainer on both models")
     parser.add_argument("--fp32", action="store_true", help="also run the fp32 pair (ftune grouped, TRL default)")
     parser.add_argument("--bf16-base", action="store_true", help="also run ftune and TRL with a bf16 frozen base")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ftune-bench")
@@ -465,6 +550,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help=argparse.SUPPRESS)
     parser.add_argument("--grad-accum", type=int, default=GRAD_ACCUM, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=str(CHAT_TRAIN), help=argparse.SUPPRESS)
+    parser.add_argument("--adapter", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -489,6 +575,8 @@ def main() -> None:
         model = Model("base100m", path, warmup=1, timed=2, data=ensure_ordered_data(args.cache, path))
         names = ("ftune_default", "ftune_default_torch_dropout")  # this order: the second patches PEFT's dropout back
         report["profile"] = {name: profile_step(model, name) for name in names}
+    elif args.only == "dpo":
+        report["models"] = bench_dpo(args.cache, args.repeats, rates)
     elif args.only == "bigvocab":
         model = Model("bigvocab", ensure_big_vocab_model(args.cache), warmup=1, timed=2, max_length=1024,
                       grad_accum=1, data=ensure_long_texts(args.cache))
@@ -525,7 +613,7 @@ def bench_model(model: Model, configs: list[Config], repeats: int, rates: dict, 
                   f"peak RSS {runs[config.name][-1]['peak_rss_mb']:.0f} MB", flush=True)
     results = {name: median_results(r) for name, r in runs.items()}
     for result in results.values():
-        add_mfu(result, model.params, rates)
+        add_mfu(result, model, rates)
     head = head_of(results) | {"identical_batches": identical_batches(runs)}
     print_table(model, results, head)
     return {"params": model.params, "warmup_steps": model.warmup, "timed_steps": model.timed, "repeats": repeats,
@@ -582,12 +670,140 @@ def big_vocab_headline(results: dict[str, dict]) -> dict:
     return head
 
 
+def bench_dpo(cache: Path, repeats: int, rates: dict) -> dict:
+    """DPO against TRL on the ~100M model (the shipped pairs) and on the 128,256-row vocabulary (long pairs).
+
+    Both tools train the same LoRA from the same start adapter (`ensure_start_adapter`), on the same pairs in the
+    file's order, 4 pairs per micro-batch; `loss_parity` compares their per-step losses.
+    """
+    base, big = ensure_preset_model(cache, "base"), ensure_big_vocab_model(cache)
+    models = {
+        1.3: Model("dpo_base100m", base, warmup=1, timed=3, data=PAIRS_TRAIN, adapter=ensure_start_adapter(cache, base),
+                   objective="dpo"),
+        1.5: Model("dpo_bigvocab", big, warmup=1, timed=2, max_length=1024, grad_accum=1,
+                   data=ensure_long_pairs(cache), adapter=ensure_start_adapter(cache, big), objective="dpo"),
+    }
+    configs, skipped = dpo_configs(rates)
+    report = {}
+    for speed_target, model in models.items():
+        result = bench_model(model, configs, repeats, rates,
+                             lambda results, target=speed_target: dpo_headline(results, target))
+        report[model.name] = result | loss_parity(result["runs"]) | {"identical_batches": same_pairs(result["runs"]),
+                                                                     "skipped": skipped}
+        print({k: v for k, v in report[model.name].items() if k.startswith(("loss", "first"))}, flush=True)
+    return report
+
+
+EMULATED_BF16 = 0.1
+"""bf16 GEMM slower than this share of fp32's: the CPU has no bf16 instructions and torch emulates them."""
+
+
+def dpo_configs(rates: dict) -> tuple[list[Config], dict[str, str]]:
+    """DPO_CONFIGS, less TRL's bf16 autocast ones where bf16 is emulated (and why, for the report).
+
+    There a bf16 matmul runs at a few percent of fp32's rate (this machine's GEMM sweep), so a TRL bf16 step
+    takes tens of minutes: it cannot be TRL's fastest, and ftune's `auto` does not use bf16 there either.
+    """
+    if rates["bf16"] >= EMULATED_BF16 * rates["no"]:
+        return DPO_CONFIGS, {}
+    reason = (f"bf16 emulated on this CPU: GEMM {rates['bf16'] / 1e9:.1f} against {rates['no'] / 1e9:.0f} GFLOP/s "
+              "in fp32")
+    return [c for c in DPO_CONFIGS if c.tool != "trl" or c.bf16 is False], \
+        {c.name: reason for c in DPO_CONFIGS if c.tool == "trl" and c.bf16 is not False}
+
+
+def dpo_headline(results: dict[str, dict], speed_target: float) -> dict:
+    """The DPO targets: ftune's pairs/s over TRL's fastest configuration, its peak RSS over TRL's lowest."""
+    trl = {name: r for name, r in results.items() if name.startswith("trl")}
+    fastest = max(trl, key=lambda name: trl[name]["pairs_per_s"])
+    leanest = min(trl, key=lambda name: trl[name]["peak_rss_mb"])
+    ftune = results["ftune_dpo"]
+    speed, rss = ftune["pairs_per_s"] / trl[fastest]["pairs_per_s"], ftune["peak_rss_mb"] / trl[leanest]["peak_rss_mb"]
+    return {"trl_fastest": fastest, "speed_ratio_vs_trl_fastest": speed, "speed_target": speed_target,
+            "speed_target_met": speed >= speed_target, "trl_leanest": leanest, "rss_ratio_vs_trl_leanest": rss,
+            "rss_target_met": rss <= 0.5}
+
+
+def loss_parity(runs: dict[str, list[dict]]) -> dict:
+    """The first step's loss against ln 2, and the largest per-step loss gap between ftune and TRL.
+
+    Against each TRL configuration in ftune's mixed precision, on identical batches (`identical_batches`).
+    """
+    ftune = runs["ftune_dpo"][0]
+    gaps = {name: max(abs(a - b) for a, b in zip(ftune["losses"], config_runs[0]["losses"], strict=True))
+            for name, config_runs in runs.items()
+            if name.startswith("trl") and config_runs[0]["mixed_precision"] == ftune["mixed_precision"]}
+    return {"first_loss_ftune": ftune["losses"][0], "first_loss_minus_ln2": ftune["losses"][0] - math.log(2),
+            "first_loss_trl": {name: r[0]["losses"][0] for name, r in runs.items() if name.startswith("trl")},
+            "loss_gap_max_same_precision": gaps}
+
+
+def same_pairs(runs: dict[str, list[dict]]) -> bool:
+    """Whether every run trained on micro-batches of the same pairs (rows and real tokens, less TRL's extra token).
+
+    TRL's completion is the conversation's tokens after the prompt's, so it ends with what the chat template writes
+    after the end-of-turn (ChatML's newline after <|im_end|>) and scores that token too; ftune's response ends at
+    the end-of-turn token (`ftune.data.preference`). The bench's models share ChatML, where that is one token.
+    """
+    def ftune_view(name: str, batches: list) -> tuple:
+        return tuple((rows, real - rows if name.startswith("trl") else real) for rows, real in batches)
+
+    return len({ftune_view(name, run["batches"]) for name, config_runs in runs.items() for run in config_runs}) == 1
+
+
+def ensure_start_adapter(cache: Path, model_path: Path) -> Path:
+    """A fresh LoRA (r 8, alpha 16, no dropout, all linear layers; B = 0) that both tools start DPO from.
+
+    Each tool draws its own random A, so losses would part after the first step; one saved adapter makes the runs
+    comparable step by step. Its B is zero, so the policy starts equal to the base, which is the reference.
+    """
+    path = cache / f"start_adapter_{model_path.name}"
+    if not (path / "adapter_config.json").is_file():
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(SEED)
+        lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules="all-linear",
+                          task_type="CAUSAL_LM")
+        get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), lora).save_pretrained(path)
+    return path
+
+
+def ensure_long_pairs(cache: Path, pairs: int = 64, prompt_words: int = 100, response_words: int = 80) -> Path:
+    """The shipped pairs lengthened for the large vocabulary (~300 tokens per sequence).
+
+    A passage of the shipped chat turns goes before each request and before each response (chosen and rejected
+    each their own).
+    """
+    path = cache / "long_pairs.jsonl"
+    if not path.is_file():
+        stream = " ".join(m["content"] for line in CHAT_TRAIN.read_text().splitlines()
+                          for m in json.loads(line)["messages"]).split()
+
+        def after_passage(message: dict, start: int, words: int) -> dict:
+            passage = " ".join(stream[(start + j) % len(stream)] for j in range(words))
+            return message | {"content": f"{passage}\n\n{message['content']}"}
+
+        rows = []
+        for i, line in enumerate(PAIRS_TRAIN.read_text().splitlines()[:pairs]):
+            pair, at = json.loads(line), 3 * i * prompt_words
+            *context, request = pair["prompt"]
+            rows.append({"prompt": [*context, after_passage(request, at, prompt_words)],
+                         "chosen": [after_passage(pair["chosen"][0], at + prompt_words, response_words)],
+                         "rejected": [after_passage(pair["rejected"][0], at + 2 * prompt_words, response_words)]})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def write_report(path: Path, report: dict, only: str) -> None:
     """Write the report; a partial run (`--only`) updates its own sections of an existing file."""
     existing = json.loads(path.read_text()) if path.is_file() and only != "all" else {}
     if only != "all":
         models = existing.get("models", {}) | report.pop("models", {})
-        report = existing | {f"{k}_{only}" if k.startswith("load_average") or k in ("date", "wall_s") else k: v
+        own = ("date", "wall_s", "machine", "gemm")  # a partial run's own: the others' keep theirs
+        report = existing | {f"{k}_{only}" if k.startswith("load_average") or k in own else k: v
                              for k, v in report.items()} | ({"models": models} if models else {})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
@@ -678,9 +894,13 @@ def machine() -> dict:
     """What the figures were measured on."""
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "trl": trl_version()}
+    from ftune.model.dtypes import cpu_has_bf16
+
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    return {"cpu": platform.processor() or platform.machine(), "model": names[0] if names else "unknown",
+            "native_bf16": cpu_has_bf16(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "trl": trl_version()}
 
 
 def trl_version() -> str:

@@ -143,8 +143,9 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     accelerator.register_for_checkpointing(scheduler)
     save_trainable_weights_only(accelerator)
-    state = load_checkpoint(accelerator, checkpoint) if checkpoint else TrainState()
     objective.attach(accelerator.unwrap_model(model), tokenizer)
+    objective.start(model, accelerator)  # with the start weights: a checkpoint's replace them next
+    state = load_checkpoint(accelerator, checkpoint) if checkpoint else TrainState()
     if loaders.get("probe") is not None and state.base_probe_ppl is None:
         state.base_probe_ppl = base_probe_ppl(model, loaders["probe"], cfg.model, cfg.probe,
                                               cfg.trainer.mixed_precision)

@@ -277,6 +277,12 @@ class PrefCfg:
     dropout: bool = False
     """Keep dropout on in the policy and the reference; off (as TRL does), the policy equals the reference at
     step 0 and the first sigmoid loss is exactly ln 2."""
+    reference: str = choice("model", "precompute")
+    """Where the reference's log-probs come from. `model`: a forward at every step (an adapter method's policy
+    with its adapter off or the start adapter switched in; full fine-tuning's frozen copy). `precompute`: every
+    pair's, train and held-out, once before the first step with the weights training starts from, cached on disk
+    by model and data and reused on resume and by the next run: no reference forward per step and, for full
+    fine-tuning, no second copy of the model in memory. objective=dpo with a loss that uses a reference."""
 
 
 @dataclass
@@ -411,3 +417,8 @@ class RunCfg:
         """Whether the objective compares the policy with a reference model (KTO, and DPO but its free losses)."""
         return self.objective.name == "kto" or \
             self.objective.name == "dpo" and self.pref.loss not in REFERENCE_FREE_LOSSES
+
+    @property
+    def keeps_reference_model(self) -> bool:
+        """Whether the reference runs at every step (not precomputed): full fine-tuning then keeps a frozen copy."""
+        return self.uses_reference and self.pref.reference == "model"

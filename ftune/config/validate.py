@@ -129,6 +129,12 @@ def check_preference(cfg: RunCfg) -> list[str]:
     if cfg.objective.name == "kto" and pref.loss != "sigmoid":
         problems.append(f"pref.loss={pref.loss} with objective=kto (expected sigmoid, the default: KTO has its own "
                         "loss)")
+    if pref.reference == "precompute" and cfg.objective.name == "kto":
+        problems.append("pref.reference=precompute with objective=kto (expected pref.reference=model: KTO's KL rows "
+                        "pair each prompt with another row's completion of the same batch, which a table cannot hold)")
+    elif pref.reference == "precompute" and not cfg.uses_reference:
+        problems.append(f"pref.reference=precompute with pref.loss={pref.loss} (expected pref.reference=model: "
+                        f"{pref.loss} uses no reference)")
     return problems
 
 
@@ -324,7 +330,7 @@ def check_architecture(cfg: RunCfg) -> list[str]:
     """Family/feature combinations that cannot work, read from the model's (and teacher's) config.json.
 
     Only configs found without loading anything (a local directory or ftune/configs/hub) are checked; see
-    `config/architecture.py` for the facts and the README's list of refusals.
+    `config/architecture.py` for the facts and docs/models.md for the list of refusals.
     """
     problems = []
     for key, name in (("model.name_or_path", cfg.model.name_or_path), ("distill.teacher", cfg.distill.teacher)):

@@ -86,6 +86,7 @@ class PairCollator:
            labels         [[-100, -100, 7, 8], [-100, -100, 9, -100]]
            attention_mask [[1, 1, 1, 1], [1, 1, 1, 0]]
            num_tokens 7 (real tokens), num_pairs 1
+    Rows that carry their index (`row`, from `PairRows`) give the batch `row` [B] too.
     """
 
     pad_token_id: int
@@ -95,6 +96,8 @@ class PairCollator:
         prompts = [row["prompt_ids"] for row in rows] * 2
         responses = [row["chosen_ids"] for row in rows] + [row["rejected_ids"] for row in rows]
         batch = pad_responses(prompts, responses, self.pad_token_id, self.pad_to_multiple_of)
+        if "row" in rows[0]:
+            batch["row"] = torch.tensor([row["row"] for row in rows])
         return {**batch, "num_pairs": torch.tensor(len(rows))}
 
 

@@ -130,17 +130,23 @@ class PairStats:
 
 @dataclass
 class PairRows:
-    """The rows of a preference split, memory-mapped, with each row's longest sequence (prompt + longest response)."""
+    """The rows of a preference split, memory-mapped, with each row's longest sequence (prompt + longest response).
+
+    A row comes with its index, `row` (plus `first_row`: held-out rows follow the training ones), by which a
+    precomputed reference looks up its log-probs; `key` names the cache entry, i.e. the tokenized rows.
+    """
 
     rows: object
     lengths: np.ndarray
     from_cache: bool = False
+    key: str = ""
+    first_row: int = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        return self.rows[index]
+        return self.rows[index] | {"row": self.first_row + index}
 
     def __iter__(self):
         return iter(self.rows)
@@ -518,7 +524,7 @@ def build_preference_split(cfg: DataCfg, tokenizer, template: ChatTemplate | Non
             (staging / STATS_FILE).write_text(json.dumps(dataclasses.asdict(stats)), encoding="utf-8")
     stats = PairStats(**json.loads((entry / STATS_FILE).read_text(encoding="utf-8")))
     rows, lengths = read_rows(entry)
-    return PairRows(rows, lengths, from_cache), stats
+    return PairRows(rows, lengths, from_cache, key=entry.name), stats
 
 
 def build_preference_loader(rows, batch_size: int, pad_id: int, shuffle: bool, seed: int = 0,

@@ -200,9 +200,10 @@ def sequences_per_example(cfg: RunCfg) -> int:
 def reference_bytes(model: torch.nn.Module, quantized: dict[int, int], cfg: RunCfg) -> int:
     """The frozen reference copy full fine-tuning keeps for a preference loss (replicated on every GPU), else 0.
 
-    Adapter methods take the reference from the policy itself (adapter off), with no second copy.
+    Adapter methods take the reference from the policy itself (adapter off), with no second copy; a precomputed
+    reference (`pref.reference=precompute`) keeps none either.
     """
-    if not cfg.uses_reference or cfg.method.name != "full":
+    if not cfg.keeps_reference_model or cfg.method.name != "full":
         return 0
     return memory.weights_bytes(unique_parameters(model), quantized)
 

@@ -55,6 +55,8 @@ def test_a_dpo_step_counts_both_sequences_of_each_pair_and_a_full_runs_reference
     full = plan_json(capsys, "recipe=tiny_dpo", "method=full")
     assert full["memory"]["reference_gb"] == full["memory"]["weights_gb"] > 0
     assert plan_json(capsys, "recipe=tiny_dpo", "method=full", "pref.loss=simpo")["memory"]["reference_gb"] == 0
+    assert plan_json(capsys, "recipe=tiny_dpo", "method=full", "pref.reference=precompute")["memory"][
+        "reference_gb"] == 0  # a table of log-probs instead of the copy
 
 
 def test_overrides_change_the_plan(capsys):

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+import ftune.train.objectives.preference as preference
+from ftune.cache import cache_dir
 from ftune.cli import main
+from ftune.config.compose import ASSETS_DIR
 
 FAST = ["recipe=tiny_dpo", "trainer.micro_batch_size=4", "trainer.eval_every=0", "trainer.mixed_precision=no"]
 NO_EVAL = [*FAST, "data.eval_path=null"]  # no held-out pass at the end: what these tests check is the training
@@ -44,14 +47,44 @@ def test_the_first_loss_is_the_losss_value_at_a_zero_margin(overrides, expected,
 @pytest.mark.parametrize("overrides", [["pref.loss=simpo"], ["pref.loss=orpo"], KTO], ids=["simpo", "orpo", "kto"])
 def test_reference_free_losses_and_kto_train(overrides, tmp_path):
     run_dir = tmp_path / "run"
-    assert main(["train", *NO_EVAL, *overrides, "trainer.max_steps=12", "optim.lr=1e-3",
+    assert main(["train", *NO_EVAL, *overrides, "trainer.max_steps=8", "optim.lr=1e-3",
                  f"output_dir={run_dir}"]) == 0
     losses = [row["loss"] for row in rows(run_dir) if "loss" in row]
-    assert len(losses) == 12 and all(math.isfinite(loss) for loss in losses)
+    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)
     assert sum(losses[-4:]) / 4 < losses[0], losses
     assert (run_dir / "final" / "adapter_model.safetensors").exists()
     plots = {path.name for path in (run_dir / "plots").iterdir()}
     assert {"loss.png", "reward_accuracy.png", "reward_margin.png"} <= plots
+
+
+def test_a_precomputed_reference_trains_as_the_frozen_copy_does_without_loading_one(tmp_path, monkeypatch):
+    """Full fine-tuning: a frozen copy's losses and held-out metrics, with no copy loaded.
+
+    The next run with the same model and data reads the table back instead of computing it again.
+    """
+    pairs = ASSETS_DIR / "data" / "pairs"
+    for split, count in (("train", 16), ("validation", 8)):  # the table covers every pair: a few keep this fast
+        lines = (pairs / f"{split}.jsonl").read_text().splitlines(keepends=True)[:count]
+        (tmp_path / f"{split}.jsonl").write_text("".join(lines))
+    full = [*FAST, "method=full", "trainer.max_steps=3", f"data.path={tmp_path / 'train.jsonl'}",
+            f"data.eval_path={tmp_path / 'validation.jsonl'}"]
+    assert main(["train", *full, f"output_dir={tmp_path / 'copy'}"]) == 0
+    monkeypatch.setattr(preference, "load_frozen", refuse_to_load)
+    tables = {}
+    for run in ("first", "second"):
+        assert main(["train", *full, "pref.reference=precompute", f"output_dir={tmp_path / run}"]) == 0
+        tables[run] = {path: path.stat().st_mtime_ns for path in cache_dir("reference").glob("*.pt")}
+    assert tables["first"] == tables["second"] and tables["first"]  # written once, then read back
+    copy, precomputed, again = (rows(tmp_path / run) for run in ("copy", "first", "second"))
+    assert precomputed[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    for row, expected in zip(precomputed, copy, strict=True):
+        for key in ("loss", "reward_margin", "eval_loss", "eval_reward_accuracy", "eval_reward_margin"):
+            assert row.get(key) == pytest.approx(expected.get(key), abs=1e-5), key  # batch shapes differ: 1e-6
+    assert [row.get("loss") for row in again] == [row.get("loss") for row in precomputed]
+
+
+def refuse_to_load(*args):
+    raise AssertionError("a precomputed reference loads no frozen copy")
 
 
 @pytest.mark.slow

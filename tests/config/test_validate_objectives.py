@@ -17,6 +17,9 @@ from ftune.errors import ConfigError
     (["recipe=tiny_dpo", "pref.label_smoothing=0.1"], "pref.label_smoothing=0.1 with pref.loss=sigmoid"),
     (["recipe=tiny_dpo", "objective=kto", "trainer.micro_batch_size=1"], "micro_batch_size=1 with objective=kto"),
     (["recipe=tiny_dpo", "model.adapter=/nonexistent"], "model.adapter=/nonexistent: no adapter_config.json there"),
+    (["recipe=tiny_dpo", "objective=kto", "pref.reference=precompute"], "pref.reference=precompute with objective=kto"),
+    (["recipe=tiny_dpo", "pref.loss=simpo", "pref.reference=precompute"],
+     r"pref.reference=precompute with pref.loss=simpo \(expected pref.reference=model: simpo uses no reference\)"),
 ])
 def test_bad_objective_settings_are_rejected(overrides, expected):
     with pytest.raises(ConfigError, match=expected):

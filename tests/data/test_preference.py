@@ -256,7 +256,7 @@ def test_objectives_take_their_own_shapes_and_sft_refuses_pairs(tmp_path, make_t
                                         "objective trains on"):
         build_preference_split(unpaired, tokenizer, formats=OBJECTIVE_FORMATS["dpo"])
     rows, _ = build_preference_split(unpaired, tokenizer, formats=OBJECTIVE_FORMATS["kto"])
-    assert sorted(rows[0]) == ["completion_ids", "label", "prompt_ids"] and rows[0]["label"] is True
+    assert sorted(rows[0]) == ["completion_ids", "label", "prompt_ids", "row"] and rows[0]["label"] is True
     with pytest.raises(DataError, match="p.jsonl: format preference is preference data, which this objective does "
                                         "not train on"):
         build_split(pairs.path, tokenizer, pairs)

@@ -46,3 +46,26 @@ def test_batches_are_identical_only_when_every_run_saw_the_same_rows_and_tokens(
     assert bench.identical_batches(same)
     other_rows = same | {"trl": [{"batches": [(4, 700), (4, 651)]}]}
     assert not bench.identical_batches(other_rows)
+
+
+def test_same_pairs_takes_off_trls_extra_token_per_sequence_and_nothing_else():
+    ftune = {"batches": [(8, 648), (8, 678)]}
+    assert bench.same_pairs({"ftune_dpo": [ftune], "trl_dpo_fp32": [{"batches": [(8, 656), (8, 686)]}]})
+    assert not bench.same_pairs({"ftune_dpo": [ftune], "trl_dpo_fp32": [{"batches": [(8, 648), (8, 678)]}]})
+
+
+@pytest.mark.slow
+def test_ftune_and_trl_dpo_workers_train_the_same_pairs_to_the_same_losses(tmp_path):
+    """The bench's DPO workers end to end on the embedded model, TRL's DPOTrainer and ftune.
+
+    From one start adapter, on the same batches, to losses within 1e-4 (the bench's target is 1e-3).
+    """
+    pytest.importorskip("trl")
+    model = bench.Model("tiny", bench.TINY_MODEL, warmup=1, timed=2, data=bench.PAIRS_TRAIN,
+                        adapter=bench.ensure_start_adapter(tmp_path, bench.TINY_MODEL), objective="dpo")
+    runs = {name: [bench.run_config(next(c for c in bench.DPO_CONFIGS if c.name == name), model)]
+            for name in ("ftune_dpo", "trl_dpo_no_gc_fp32")}
+    assert bench.same_pairs(runs)
+    parity = bench.loss_parity(runs)
+    assert abs(parity["first_loss_minus_ln2"]) < 1e-6
+    assert parity["loss_gap_max_same_precision"]["trl_dpo_no_gc_fp32"] < 1e-4

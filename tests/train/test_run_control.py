@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ftune.cache import cache_dir
 from ftune.cli import main
 from ftune.config.compose import load_run_config
 
@@ -46,10 +48,11 @@ def eval_rows(run_dir: Path) -> list[dict]:
     return [r for r in rows if "eval_loss" in r]
 
 
-def kill_after_checkpoint_then_resume(run: list[str], step: int, tmp_path: Path) -> Path:
+def kill_after_checkpoint_then_resume(run: list[str], step: int, tmp_path: Path, before_resume=None) -> Path:
     """Train `run` straight through, and again killed (SIGKILL) once checkpoint `step` is written, then resumed.
 
-    Asserts the resumed run's final adapter equals the uninterrupted one's; returns the resumed run's directory.
+    `before_resume()`, when given, runs just before the resume. Asserts the resumed run's final adapter equals the
+    uninterrupted one's; returns the resumed run's directory.
     """
     straight = tmp_path / "straight"
     assert main(["train", *run, f"output_dir={straight}"]) == 0
@@ -60,6 +63,8 @@ def kill_after_checkpoint_then_resume(run: list[str], step: int, tmp_path: Path)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert not (killed / "final").exists()
+    if before_resume is not None:
+        before_resume()
     assert main(["train", *run, f"output_dir={killed}", "resume=auto"]) == 0
 
     expected, resumed = adapter(straight), adapter(killed)
@@ -88,10 +93,21 @@ def test_streaming_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run
 
 
 @pytest.mark.slow
-def test_a_killed_dpo_run_resumes_exactly(tmp_path):
-    """Pairs, the reference pass and the pair-normalised step resume like SFT's tokens."""
-    run = ["recipe=tiny_dpo", *SHORT[1:], "trainer.max_steps=8", "trainer.save_every=4", "trainer.grad_accum=2"]
-    assert summary(kill_after_checkpoint_then_resume(run, 4, tmp_path))["steps"] == 8
+@pytest.mark.parametrize("reference", ["model", "precompute"])
+def test_a_killed_dpo_run_resumes_exactly(reference, tmp_path):
+    """Pairs, the reference pass and the pair-normalised step resume like SFT's tokens.
+
+    A precomputed reference whose cache is gone by the resume is computed again, with the start weights, before
+    the checkpoint's load.
+    """
+    run = ["recipe=tiny_dpo", *SHORT[1:], "trainer.max_steps=8", "trainer.save_every=4", "trainer.grad_accum=2",
+           f"pref.reference={reference}"]
+    resumed = kill_after_checkpoint_then_resume(run, 4, tmp_path, before_resume=clear_reference_cache)
+    assert summary(resumed)["steps"] == 8
+
+
+def clear_reference_cache() -> None:
+    shutil.rmtree(cache_dir("reference"))
 
 
 @pytest.mark.slow

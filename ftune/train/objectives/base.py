@@ -41,6 +41,12 @@ class Objective:
         """Bind to the prepared model (unwrapped): its head for the chunked loss, and any frozen model it needs."""
         raise NotImplementedError
 
+    def start(self, model, accelerator) -> None:
+        """Work done once with the weights training starts from (`model` wrapped), before a checkpoint's replace them.
+
+        A precomputed reference, for instance. Nothing by default.
+        """
+
     def loss(self, model, batch: dict) -> dict[str, torch.Tensor]:
         """The micro-batch's summed terms: `loss` (backpropagated) and the logged sums `summarize` turns into means."""
         raise NotImplementedError

@@ -7,18 +7,25 @@ exist for either. The losses are TRL's (`pair_losses`). Sums are over pairs (or 
 divides them by the pairs of the whole step on every rank, so metrics are means over all of them.
 
 The reference is the model the policy starts from (`Reference`); it runs without gradient, in the same forward
-shape. Dropout is off in both unless `pref.dropout`, so at step 0 the policy equals the reference.
+shape, or once before the first step (`PrecomputedReference`). Dropout is off in both unless `pref.dropout`, so
+at step 0 the policy equals the reference.
 """
 
+import dataclasses
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import reduce
+from accelerate.utils import reduce, send_to_device
 
+from ftune.atomic import atomic_file
+from ftune.cache import cache_dir, file_signature, fingerprint
 from ftune.data.collate import pad_multiple
-from ftune.data.preference import build_preference_loader, build_preference_split
+from ftune.data.mask import IGNORE_INDEX
+from ftune.data.preference import PairRows, build_preference_loader, build_preference_split
 from ftune.eval.loss import model_inputs
+from ftune.eval.probe import base_signature
 from ftune.model.dropout import disable_dropout
 from ftune.model.load import REFERENCE_ADAPTER, load_frozen
 from ftune.train.losses import build_sequence_logps, build_step_loss
@@ -47,8 +54,9 @@ class Reference:
         return "the base (the policy with its adapter disabled)"
 
     @torch.no_grad()
-    def __call__(self, model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed log-probs, labelled tokens) per row under the reference; `model` is the (wrapped) policy."""
+        inputs, labels = model_inputs(batch), batch["labels"]
         if self.copy is not None:
             return self.logps(self.copy, inputs, labels)
         with self.switched():
@@ -59,6 +67,51 @@ class Reference:
         if REFERENCE_ADAPTER in self.policy.peft_config:
             return adapter_switched(self.policy, REFERENCE_ADAPTER)
         return self.policy.disable_adapter()
+
+
+class PrecomputedReference:
+    """The reference's log-probs of every pair, computed once with the weights training starts from.
+
+    `pref.reference=precompute`: each pair batch carries its rows' indices (`row`, from `PairRows`), and the table
+    holds each row's (chosen, rejected) sums, train rows first, then held-out ones. It is computed before a
+    checkpoint's weights are loaded and cached by model and data (`reference_key`): a resumed run and the next
+    run with the same start read it back.
+    """
+
+    def __init__(self, table: torch.Tensor, path: Path, from_cache: bool):
+        self.table, self.path, self.from_cache = table, path, from_cache
+
+    def describe(self) -> str:
+        return f"precomputed log-probs of the start model ({'read from' if self.from_cache else 'cached in'} " \
+               f"{self.path})"
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-probs, labelled tokens) per row of the pair batch, looked up by its pairs' rows."""
+        labels = batch["labels"]
+        chosen, rejected = self.table.to(labels.device)[batch["row"]].unbind(1)
+        return torch.cat([chosen, rejected]), (labels[:, 1:] != IGNORE_INDEX).sum(1)
+
+
+@torch.no_grad()
+def reference_table(logps, model, rows: PairRows, batch_size: int, pad_id: int, device) -> torch.Tensor:
+    """Every row's (chosen, rejected) summed log-probs under `model` as it is now, in eval mode, [rows, 2]."""
+    table = torch.zeros(len(rows), 2)
+    training = model.training
+    model.eval()
+    for batch in build_preference_loader(rows, batch_size, pad_id, shuffle=False):
+        batch = send_to_device(batch, device)
+        sums, _ = logps(model, model_inputs(batch), batch["labels"])
+        table[batch["row"].cpu() - rows.first_row] = torch.stack(sums.float().chunk(2), dim=1).cpu()
+    model.train(training)
+    return table
+
+
+def reference_key(cfg, rows: list[PairRows]) -> str:
+    """What the precomputed reference depends on: the base, the start adapter, quantization, precision, the data."""
+    adapter = cfg.model.adapter
+    start = file_signature(Path(adapter) / "adapter_model.safetensors") if adapter else None
+    return fingerprint(base_signature(cfg.model), start, dataclasses.asdict(cfg.quant), cfg.method.name,
+                       cfg.trainer.mixed_precision, cfg.trainer.loss_chunk_size, [r.key for r in rows])
 
 
 class adapter_switched(AbstractContextManager):  # noqa: N801 (used as a context manager, like nullcontext)
@@ -83,15 +136,18 @@ class PreferenceObjective(Objective):
         super().__init__(cfg)
         self.frozen_copy = None
         self.policy_logps = self.reference = None
+        self.splits: list[PairRows] = []  # train, then held-out: what a precomputed reference covers
+        self.pad_id = None
 
     @property
     def needs_reference_adapter(self) -> bool:
-        return self.cfg.uses_reference
+        return self.cfg.keeps_reference_model
 
     def build_loaders(self, tokenizer, accelerator: Accelerator) -> tuple[dict, dict]:
         cfg, batch = self.cfg, self.cfg.trainer.micro_batch_size
         multiple = pad_multiple(cfg.data.pad_to_multiple_of)
         train, train_stats = build_preference_split(cfg.data, tokenizer, split="train")
+        self.pad_id, self.splits = tokenizer.pad_token_id, [train]
         loaders = {"train": build_preference_loader(train, batch, tokenizer.pad_token_id, shuffle=True, seed=cfg.seed,
                                                     group_by_length=cfg.data.group_by_length,
                                                     pad_to_multiple_of=multiple, workers=cfg.trainer.num_workers),
@@ -99,21 +155,44 @@ class PreferenceObjective(Objective):
         stats = {"train": train_stats, "eval": None}
         if cfg.data.eval_path:
             held_out, stats["eval"] = build_preference_split(cfg.data, tokenizer, split="eval")
+            held_out = dataclasses.replace(held_out, first_row=len(train))  # one reference table for both
+            self.splits.append(held_out)
             loaders["eval"] = build_preference_loader(held_out, batch, tokenizer.pad_token_id, shuffle=False,
                                                       pad_to_multiple_of=multiple)
         return loaders, stats
 
     def load_frozen(self) -> None:
-        """Full fine-tuning's reference: a frozen copy of the base (adapter methods need none)."""
-        if self.cfg.uses_reference and self.cfg.method.name == "full":
+        """Full fine-tuning's reference: a frozen copy of the base (adapter methods and a precomputed one need none)."""
+        if self.cfg.keeps_reference_model and self.cfg.method.name == "full":
             self.frozen_copy = load_frozen(self.cfg.model, "model.name_or_path")
 
     def attach(self, model, tokenizer) -> None:
         if not self.cfg.pref.dropout:
             disable_dropout(model)
         self.policy_logps = build_sequence_logps(model, self.cfg.trainer)
-        self.reference = Reference(model, self.frozen_copy, self.cfg.trainer) if self.cfg.uses_reference else None
+        self.reference = Reference(model, self.frozen_copy, self.cfg.trainer) if self.cfg.keeps_reference_model \
+            else None
         self.token_loss = build_step_loss(model, self.cfg.trainer)
+
+    def start(self, model, accelerator: Accelerator) -> None:
+        """`pref.reference=precompute`: the reference table, from the cache or computed now, on every rank.
+
+        Every rank computes the whole table (the same forwards): simpler than sharding and gathering it, and paid
+        once per model and data. Only the main process writes the cache file.
+        """
+        if self.cfg.pref.reference != "precompute":
+            return
+        path = cache_dir("reference") / f"{reference_key(self.cfg, self.splits)}.pt"
+        if path.is_file():
+            self.reference = PrecomputedReference(torch.load(path), path, from_cache=True)
+            return
+        batch = self.cfg.trainer.micro_batch_size
+        table = torch.cat([reference_table(self.policy_logps, model, rows, batch, self.pad_id, accelerator.device)
+                           for rows in self.splits])
+        if accelerator.is_main_process:
+            with atomic_file(path) as staging:
+                torch.save(table, staging)
+        self.reference = PrecomputedReference(table, path, from_cache=False)
 
     def describe(self) -> dict[str, str]:
         pref = self.cfg.pref
@@ -122,10 +201,10 @@ class PreferenceObjective(Objective):
         return super().describe() | {"loss": f"{loss} (beta {pref.beta})", "reference": reference,
                                      "dropout": "on" if pref.dropout else "off (policy = reference at step 0)"}
 
-    def scored(self, model, inputs: dict, labels: torch.Tensor):
+    def scored(self, model, batch: dict):
         """(policy, reference) rows' (log-prob sums, labelled tokens); the reference is None when not used."""
-        policy = self.policy_logps(model, inputs, labels)
-        reference = self.reference(model, inputs, labels) if self.reference is not None else None
+        policy = self.policy_logps(model, model_inputs(batch), batch["labels"])
+        reference = self.reference(model, batch) if self.reference is not None else None
         return policy, reference
 
 
@@ -138,7 +217,7 @@ class DpoObjective(PreferenceObjective):
         return batch["num_pairs"]
 
     def loss(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        policy, reference = self.scored(model, model_inputs(batch), batch["labels"])
+        policy, reference = self.scored(model, batch)
         policy_pairs = as_pairs(*policy)
         terms = pair_losses(self.cfg.pref, policy_pairs, as_pairs(*reference) if reference is not None else None)
         chosen, rejected = terms["reward_chosen"], terms["reward_rejected"]
@@ -176,7 +255,7 @@ class KtoObjective(PreferenceObjective):
         return torch.tensor(batch["kto_label"].numel(), device=batch["kto_label"].device)
 
     def loss(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        (policy, _), (reference, _) = self.scored(model, model_inputs(batch), batch["labels"])
+        (policy, _), (reference, _) = self.scored(model, batch)
         desirable, kl = batch["kto_label"], self.kl_estimate(model, batch)
         terms = kto_losses(self.cfg.pref, policy, reference, desirable, kl)
         reward, undesirable = terms["reward"], ~desirable
@@ -193,10 +272,10 @@ class KtoObjective(PreferenceObjective):
 
     def kl_estimate(self, model, batch: dict) -> torch.Tensor:
         """TRL's KL(policy || reference) estimate from the mismatched rows, averaged over ranks, clamped at 0."""
-        inputs = {"input_ids": batch["kl_input_ids"], "attention_mask": batch["kl_attention_mask"]}
+        rows = {key: batch[f"kl_{key}"] for key in ("input_ids", "attention_mask", "labels")}
         with torch.no_grad():
-            policy, _ = self.policy_logps(model, inputs, batch["kl_labels"])
-            reference, _ = self.reference(model, inputs, batch["kl_labels"])
+            policy, _ = self.policy_logps(model, model_inputs(rows), rows["labels"])
+            reference, _ = self.reference(model, rows)
         return reduce((policy - reference).mean(), "mean").clamp(min=0)
 
     def summarize(self, sums: dict[str, float], count: float) -> dict[str, float]:
