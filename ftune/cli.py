@@ -6,9 +6,9 @@
 Each subcommand is a module of `ftune.commands` with `run(args) -> exit code`, imported only when called so
 that `ftune --help` stays instant.
 
-Exit codes (README, "Exit codes"): 0 success, 2 bad config/override/input, 3 guard stop, 130 interrupted
-(143 on SIGTERM), 1 otherwise (including a full disk or an unwritable output, as one line). Tracebacks are
-printed only with --debug.
+Exit codes (docs/configuration.md, "Exit codes"): 0 success, 2 bad config/override/input, 3 guard stop, 130
+interrupted (143 on SIGTERM), 1 otherwise (including a full disk or an unwritable output, as one line).
+Tracebacks are printed only with --debug.
 """
 
 import argparse
@@ -126,7 +126,7 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; map errors to one line on stderr and the documented exit codes (README)."""
+    """Run a command; map errors to one line on stderr and the documented exit codes (docs/configuration.md)."""
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:

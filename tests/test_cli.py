@@ -1,4 +1,4 @@
-"""The CLI's contract: help texts, exit codes and one-line errors (README, "Exit codes")."""
+"""The CLI's contract: help texts, exit codes and one-line errors (docs/configuration.md, "Exit codes")."""
 
 import subprocess
 import sys

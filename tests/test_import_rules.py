@@ -1,4 +1,4 @@
-"""The one-way flow of DESIGN.md, read from the source: which ftune package may import which.
+"""The one-way flow of docs/design.md, read from the source: which ftune package may import which.
 
 Every `import ftune.X` and `from ftune.X import ...` in a package's modules (at any depth, deferred imports
 included) is checked against the table below, so a shortcut that reverses the flow fails here.

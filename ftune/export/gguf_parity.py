@@ -24,7 +24,7 @@ LOGPROB_TOLERANCE = {"f16": 0.05, "bf16": 0.3, "q8_0": 1.0}
 KL_TOLERANCE = {"f16": 1e-5, "bf16": 2e-4, "q8_0": 3e-3}
 """Largest mean KL(transformers || gguf) of the next-token distributions over the probe (nats).
 
-Both measured on the embedded model after a 10-step tiny_lora run (118 probe positions; README, "Export"):
+Both measured on the embedded model after a 10-step tiny_lora run (118 probe positions; docs/export.md):
 f16 0.013 and 3e-7, bf16 0.095 and 2e-5, q8_0 0.42 and 3e-4 (99.2% of positions keep their top token). Each
 tolerance is 2-4x the largest log-prob gap and ~10x the mean KL: f16 rounds weights to 11 significant bits, bf16
 to 8, q8_0 to 8-bit integers per block of 32 with an f16 scale, and a 256-wide model averages that error over

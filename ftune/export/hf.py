@@ -100,7 +100,7 @@ def quantized_base_gap(source: ExportSource, batch: list[torch.Tensor], referenc
 
     The export merges into the full-precision base (merging into 4-bit weights would add their rounding to every
     merged weight); the adapter, though, learned to correct the quantized base, so the two differ. Reported,
-    not checked, so that a user sees the size of the trade (PITFALLS, "Serving"; huggingface/peft#2105).
+    not checked, so that a user sees the size of the trade (docs/export.md; huggingface/peft#2105).
     """
     from peft import PeftModel
 
