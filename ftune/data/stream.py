@@ -17,7 +17,7 @@ same on every process, and `TrainState.batch_in_epoch` holds it.
 Exact resume replays the stream: it is a function of the source, the data settings, the tokenizer, the seed and
 the process alone, so a resumed run reads it again from the start and drops the rows of the micro-batches already
 trained on before they are collated. The cost is reading and labelling that many examples again, without the
-model (ftune labels some 100-200 conversations a second per core; see the README's "Data at scale"). Saving the
+model (ftune labels some 100-200 conversations a second per core; see docs/data.md, "Data at scale"). Saving the
 buffers instead would put up to `data.shuffle_buffer` examples into every checkpoint, and would still need the
 reader to seek back to a record, which a JSONL file allows but a hub stream does not; replay needs nothing but
 the TrainState and is exact for every source.

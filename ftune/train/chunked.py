@@ -13,7 +13,7 @@ Two ways to get the gradient, chosen by `ChunkSpec.recompute`:
   the incoming scalar. The head's forward matmul is done once.
 - recompute: the forward computes only the loss; the backward computes each chunk's logits again. One more
   head matmul per step, but no gradient buffers are held between forward and backward.
-Measured by `python scripts/bench.py --only headloss`; README "Results" has the figures.
+Measured by `python scripts/bench.py --only headloss`; docs/benchmarks.md has the figures.
 
 The head is a sum of linear terms (`LinearHead`): `logits = sum_i inputs[i] @ weights[i].T (+ bias)`. A plain
 (or tied) head is one term; LoRA on the head adds the term `(lora_A(dropout(h)) * scaling, lora_B.weight)`, so
