@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from ftune.cache import cache_dir
 from ftune.cli import main
-from ftune.config.compose import load_run_config
+from ftune.config.compose import ASSETS_DIR, load_run_config
 
 SHORT = ["recipe=tiny_lora", "trainer.micro_batch_size=4", "trainer.eval_every=0", "trainer.mixed_precision=no"]
 
@@ -76,9 +76,9 @@ def kill_after_checkpoint_then_resume(run: list[str], step: int, tmp_path: Path,
 
 @pytest.mark.slow
 def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run(tmp_path):
-    run = [*SHORT, "trainer.max_steps=40", "trainer.save_every=10", "trainer.grad_accum=2"]
-    killed = kill_after_checkpoint_then_resume(run, 10, tmp_path)
-    assert summary(killed)["steps"] == 40
+    run = [*SHORT, "trainer.max_steps=20", "trainer.save_every=5", "trainer.grad_accum=2"]
+    killed = kill_after_checkpoint_then_resume(run, 5, tmp_path)
+    assert summary(killed)["steps"] == 20
 
 
 @pytest.mark.slow
@@ -100,8 +100,13 @@ def test_a_killed_dpo_run_resumes_exactly(reference, tmp_path):
     A precomputed reference whose cache is gone by the resume is computed again, with the start weights, before
     the checkpoint's load.
     """
+    pairs = ASSETS_DIR / "data" / "pairs"
+    for split, count in (("train", 64), ("validation", 16)):  # a precomputed table covers every pair: few, fast
+        lines = (pairs / f"{split}.jsonl").read_text().splitlines(keepends=True)[:count]
+        (tmp_path / f"{split}.jsonl").write_text("".join(lines))
     run = ["recipe=tiny_dpo", *SHORT[1:], "trainer.max_steps=8", "trainer.save_every=4", "trainer.grad_accum=2",
-           f"pref.reference={reference}"]
+           f"pref.reference={reference}", f"data.path={tmp_path / 'train.jsonl'}",
+           f"data.eval_path={tmp_path / 'validation.jsonl'}"]
     resumed = kill_after_checkpoint_then_resume(run, 4, tmp_path, before_resume=clear_reference_cache)
     assert summary(resumed)["steps"] == 8
 
