@@ -79,7 +79,7 @@ class PrecomputedReference:
     """
 
     def __init__(self, table: torch.Tensor, path: Path, from_cache: bool):
-        self.table, self.path, self.from_cache = table, path, from_cache
+        self.table, self.path, self.from_cache = table, path, from_cache  # on the device the batches are on
 
     def describe(self) -> str:
         return f"precomputed log-probs of the start model ({'read from' if self.from_cache else 'cached in'} " \
@@ -88,7 +88,7 @@ class PrecomputedReference:
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed log-probs, labelled tokens) per row of the pair batch, looked up by its pairs' rows."""
         labels = batch["labels"]
-        chosen, rejected = self.table.to(labels.device)[batch["row"]].unbind(1)
+        chosen, rejected = self.table[batch["row"]].unbind(1)
         return torch.cat([chosen, rejected]), (labels[:, 1:] != IGNORE_INDEX).sum(1)
 
 
@@ -184,7 +184,7 @@ class PreferenceObjective(Objective):
             return
         path = cache_dir("reference") / f"{reference_key(self.cfg, self.splits)}.pt"
         if path.is_file():
-            self.reference = PrecomputedReference(torch.load(path), path, from_cache=True)
+            self.reference = PrecomputedReference(torch.load(path).to(accelerator.device), path, from_cache=True)
             return
         batch = self.cfg.trainer.micro_batch_size
         table = torch.cat([reference_table(self.policy_logps, model, rows, batch, self.pad_id, accelerator.device)
@@ -192,7 +192,7 @@ class PreferenceObjective(Objective):
         if accelerator.is_main_process:
             with atomic_file(path) as staging:
                 torch.save(table, staging)
-        self.reference = PrecomputedReference(table, path, from_cache=False)
+        self.reference = PrecomputedReference(table.to(accelerator.device), path, from_cache=False)
 
     def describe(self) -> dict[str, str]:
         pref = self.cfg.pref
