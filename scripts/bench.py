@@ -269,35 +269,16 @@ def run_trl(config: Config, model: Model, out: Path, started: float) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     log = StepLog()
-
-    options = {"packing": True} if config.batching == "packed" else {}
-    sampling = {"grouped": "group_by_length", "ordered": "sequential"}
-    options |= {"train_sampling_strategy": sampling[config.batching]} if config.batching in sampling else {}
-    options |= {} if config.bf16 else {"bf16": False}
-    if config.gradient_checkpointing is not None:
-        options["gradient_checkpointing"] = config.gradient_checkpointing
-    args = SFTConfig(
-        output_dir=str(out / "run"), max_steps=model.warmup + model.timed, per_device_train_batch_size=MICRO_BATCH,
-        gradient_accumulation_steps=model.grad_accum, learning_rate=LR, lr_scheduler_type="cosine",
-        warmup_steps=WARMUP_RATIO,  # transformers 5: a value below 1 is a fraction of the steps
-        weight_decay=WEIGHT_DECAY, max_grad_norm=1.0, max_length=model.max_length,
-        logging_steps=1, save_strategy="no", report_to="none", seed=SEED, data_seed=SEED, use_cpu=not cuda_available(),
-        **options,
-    )
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(model.path, dtype=getattr(torch, DTYPES[config.base_dtype])),
-        args=args,
+        args=SFTConfig(**trl_arguments(config, model, out)),
         train_dataset=load_dataset("json", data_files=str(model.data), split="train"),
         processing_class=AutoTokenizer.from_pretrained(model.path),
         peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                target_modules="all-linear", task_type="CAUSAL_LM"),
         callbacks=[step_clock(log)],
     )
-    collate = trainer.data_collator
-    trainer.data_collator = lambda rows: log.count(collate(rows))
-    trainer.train()
-    log.loss = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return summarize_worker(log, started, model, {"mixed_precision": trainer.accelerator.mixed_precision})
+    return train_counted(trainer, log, model, started)
 
 
 def run_trl_dpo(config: Config, model: Model, out: Path, started: float) -> dict:
@@ -313,22 +294,36 @@ def run_trl_dpo(config: Config, model: Model, out: Path, started: float) -> dict
     from trl import DPOConfig, DPOTrainer
 
     log = StepLog()
-    options = {"bf16": False} if not config.bf16 else {}
-    if config.gradient_checkpointing is not None:
-        options["gradient_checkpointing"] = config.gradient_checkpointing
-    args = DPOConfig(
-        output_dir=str(out / "run"), max_steps=model.warmup + model.timed, per_device_train_batch_size=MICRO_BATCH,
-        gradient_accumulation_steps=model.grad_accum, learning_rate=LR, lr_scheduler_type="cosine",
-        warmup_steps=WARMUP_RATIO, weight_decay=WEIGHT_DECAY, max_grad_norm=1.0, max_length=model.max_length,
-        train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to="none", seed=SEED,
-        data_seed=SEED, use_cpu=not cuda_available(), **options,
-    )
     base = AutoModelForCausalLM.from_pretrained(model.path, dtype=getattr(torch, DTYPES[config.base_dtype]))
     trainer = DPOTrainer(
-        model=PeftModel.from_pretrained(base, model.adapter, is_trainable=True), args=args,
+        model=PeftModel.from_pretrained(base, model.adapter, is_trainable=True),
+        args=DPOConfig(**trl_arguments(config, model, out)),
         train_dataset=load_dataset("json", data_files=str(model.data), split="train"),
         processing_class=AutoTokenizer.from_pretrained(model.path), callbacks=[step_clock(log)],
     )
+    return train_counted(trainer, log, model, started)
+
+
+def trl_arguments(config: Config, model: Model, out: Path) -> dict:
+    """The training arguments every TRL run shares (ftune's run's), plus what `config` changes from TRL's defaults."""
+    options = {"packing": True} if config.batching == "packed" else {}
+    sampling = {"grouped": "group_by_length", "ordered": "sequential"}
+    options |= {"train_sampling_strategy": sampling[config.batching]} if config.batching in sampling else {}
+    options |= {} if config.bf16 else {"bf16": False}
+    if config.gradient_checkpointing is not None:
+        options["gradient_checkpointing"] = config.gradient_checkpointing
+    return dict(
+        output_dir=str(out / "run"), max_steps=model.warmup + model.timed, per_device_train_batch_size=MICRO_BATCH,
+        gradient_accumulation_steps=model.grad_accum, learning_rate=LR, lr_scheduler_type="cosine",
+        warmup_steps=WARMUP_RATIO,  # transformers 5: a value below 1 is a fraction of the steps
+        weight_decay=WEIGHT_DECAY, max_grad_norm=1.0, max_length=model.max_length,
+        logging_steps=1, save_strategy="no", report_to="none", seed=SEED, data_seed=SEED, use_cpu=not cuda_available(),
+        **options,
+    )
+
+
+def train_counted(trainer, log: StepLog, model: Model, started: float) -> dict:
+    """Train a TRL trainer, counting the batches its collator makes, and summarize the run."""
     collate = trainer.data_collator
     trainer.data_collator = lambda rows: log.count(collate(rows))
     trainer.train()
