@@ -129,7 +129,10 @@ DPO_CONFIGS = [
     Config("trl_dpo_no_gc_fp32", "trl", "ordered", bf16=False, gradient_checkpointing=False, objective="dpo",
            note="gradient_checkpointing=False, bf16=False"),
     Config("ftune_dpo", "ftune", "ordered", bf16=None, objective="dpo",
-           note="objective=dpo, ftune's defaults (mixed_precision=auto, chunked sequence log-probs)"),
+           note="objective=dpo, ftune's defaults (mixed_precision=auto, chunked sequence log-probs, one row per "
+                "pair: the prompt once)"),
+    Config("ftune_dpo_two_rows", "ftune", "ordered", bf16=None, objective="dpo", overrides=("pref.share_prompt=false",),
+           note="pref.share_prompt=false: each response repeats its prompt in a row of its own, as TRL's do"),
 ]
 """DPO (sigmoid loss, beta 0.1, TRL's defaults) against TRL's DPOTrainer in each of its dtypes, with and without
 its default gradient checkpointing: TRL's lowest peak RSS and its fastest pairs/s are the best of these four."""
@@ -160,11 +163,17 @@ class Model:
 
 @dataclass
 class StepLog:
-    """What a worker records per micro-batch (tokens) and per optimizer step (end time, loss)."""
+    """What a worker records per micro-batch (tokens) and per optimizer step (end time, loss).
+
+    `real` and `slots` are the tokens and padded slots the forward computed (padding share, MFU); `sequences`
+    and `sequence_tokens` the sequences a batch scores and their tokens as if each were a row of its own, which
+    is what TRL's batches hold and ftune's one-row pairs (`pref.share_prompt`) hold each prompt once of.
+    """
 
     real: list[int] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
+    sequences: list[int] = field(default_factory=list)
+    sequence_tokens: list[int] = field(default_factory=list)
     learned: list[int] = field(default_factory=list)
     step_end: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
@@ -179,8 +188,13 @@ class StepLog:
         else:  # padding-free rows (TRL's packing) hold no pad
             real = ids.numel()
         self.real.append(real)
-        self.rows.append(len(ids))
         self.slots.append(ids.numel())
+        if "logp_slot" in batch:  # a pair per row, its prompt (the tokens before the first labelled one) once
+            self.sequences.append(2 * len(ids))
+            self.sequence_tokens.append(real + int((batch["labels"] != -100).int().argmax(1).sum()))
+        else:
+            self.sequences.append(len(ids))
+            self.sequence_tokens.append(real)
         learned = batch["labels"][:, 1:] != -100 if "labels" in batch else batch["completion_mask"][:, 1:]  # TRL's DPO
         self.learned.append(int(learned.sum()))
         return batch
@@ -199,10 +213,10 @@ def summarize_worker(log: StepLog, started: float, model: "Model", extra: dict) 
         "padding_share": 1 - sum(log.real) / sum(log.slots),
         "first_step_s": log.step_end[0] - started,
         "final_loss": statistics.mean(log.loss[-LAST_LOSSES:]),
-        "pairs_per_s": sum(log.rows[window]) / 2 / seconds,  # a pair batch holds both sequences of every pair
+        "pairs_per_s": sum(log.sequences[window]) / 2 / seconds,  # a pair batch scores two sequences per pair
         "losses": log.loss,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "batches": list(zip(log.rows, log.real, strict=True)),
+        "batches": list(zip(log.sequences, log.sequence_tokens, strict=True)),
         **extra,
     }
 
@@ -596,8 +610,12 @@ def main() -> None:
     print(f"done in {report['wall_s']:.0f}s; load average {report['load_average_end'][0]:.1f} at the end")
 
 
-def bench_model(model: Model, configs: list[Config], repeats: int, rates: dict, head_of) -> dict:
-    """Every configuration on one model, `repeats` times with the order rotated; medians, MFU and headline."""
+def bench_model(model: Model, configs: list[Config], repeats: int, rates: dict, head_of,
+                same_batches=None) -> dict:
+    """Every configuration on one model, `repeats` times with the order rotated; medians, MFU and headline.
+
+    `same_batches(runs)` says whether every run trained on the same batches (`identical_batches` by default).
+    """
     model.params = count_params(model.path)
     runs: dict[str, list[dict]] = {c.name: [] for c in configs}
     for repeat in range(repeats):
@@ -609,14 +627,14 @@ def bench_model(model: Model, configs: list[Config], repeats: int, rates: dict, 
     results = {name: median_results(r) for name, r in runs.items()}
     for result in results.values():
         add_mfu(result, model, rates)
-    head = head_of(results) | {"identical_batches": identical_batches(runs)}
+    head = head_of(results) | {"identical_batches": (same_batches or identical_batches)(runs)}
     print_table(model, results, head)
     return {"params": model.params, "warmup_steps": model.warmup, "timed_steps": model.timed, "repeats": repeats,
             "results": results, "runs": runs, **head}
 
 
 def identical_batches(runs: dict[str, list[dict]]) -> bool:
-    """Whether every run of every configuration trained on micro-batches of the same rows and real tokens."""
+    """Whether every run of every configuration trained on micro-batches of the same sequences and real tokens."""
     return len({tuple(map(tuple, run["batches"])) for config_runs in runs.values() for run in config_runs}) == 1
 
 
@@ -682,9 +700,8 @@ def bench_dpo(cache: Path, repeats: int, rates: dict) -> dict:
     report = {}
     for speed_target, model in models.items():
         result = bench_model(model, configs, repeats, rates,
-                             lambda results, target=speed_target: dpo_headline(results, target))
-        report[model.name] = result | loss_parity(result["runs"]) | {"identical_batches": same_pairs(result["runs"]),
-                                                                     "skipped": skipped}
+                             lambda results, target=speed_target: dpo_headline(results, target), same_pairs)
+        report[model.name] = result | loss_parity(result["runs"]) | {"skipped": skipped}
         print({k: v for k, v in report[model.name].items() if k.startswith(("loss", "first"))}, flush=True)
     return report
 
@@ -714,9 +731,11 @@ def dpo_headline(results: dict[str, dict], speed_target: float) -> dict:
     leanest = min(trl, key=lambda name: trl[name]["peak_rss_mb"])
     ftune = results["ftune_dpo"]
     speed, rss = ftune["pairs_per_s"] / trl[fastest]["pairs_per_s"], ftune["peak_rss_mb"] / trl[leanest]["peak_rss_mb"]
+    two_rows = results.get("ftune_dpo_two_rows")  # pref.share_prompt=false: what sharing the prompt's row buys
     return {"trl_fastest": fastest, "speed_ratio_vs_trl_fastest": speed, "speed_target": speed_target,
             "speed_target_met": speed >= speed_target, "trl_leanest": leanest, "rss_ratio_vs_trl_leanest": rss,
-            "rss_target_met": rss <= 0.5}
+            "rss_target_met": rss <= 0.5,
+            "two_rows_speed_ratio_vs_trl_fastest": two_rows and two_rows["pairs_per_s"] / trl[fastest]["pairs_per_s"]}
 
 
 def loss_parity(runs: dict[str, list[dict]]) -> dict:
@@ -734,14 +753,15 @@ def loss_parity(runs: dict[str, list[dict]]) -> dict:
 
 
 def same_pairs(runs: dict[str, list[dict]]) -> bool:
-    """Whether every run trained on micro-batches of the same pairs (rows and real tokens, less TRL's extra token).
+    """Whether every run trained on micro-batches of the same pairs (sequences and their tokens, less TRL's extra one).
 
     TRL's completion is the conversation's tokens after the prompt's, so it ends with what the chat template writes
     after the end-of-turn (ChatML's newline after <|im_end|>) and scores that token too; ftune's response ends at
     the end-of-turn token (`ftune.data.preference`). The bench's models share ChatML, where that is one token.
     """
     def ftune_view(name: str, batches: list) -> tuple:
-        return tuple((rows, real - rows if name.startswith("trl") else real) for rows, real in batches)
+        return tuple((sequences, tokens - sequences if name.startswith("trl") else tokens)
+                     for sequences, tokens in batches)
 
     return len({ftune_view(name, run["batches"]) for name, config_runs in runs.items() for run in config_runs}) == 1
 

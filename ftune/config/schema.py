@@ -283,6 +283,12 @@ class PrefCfg:
     pair's, train and held-out, once before the first step with the weights training starts from, cached on disk
     by model and data and reused on resume and by the next run: no reference forward per step and, for full
     fine-tuning, no second copy of the model in memory. objective=dpo with a loss that uses a reference."""
+    share_prompt: bool = True
+    """`objective=dpo`: one row per pair, the prompt once with both responses after it, each response attending
+    to the prompt and to itself only (a 4D mask; positions continue from the prompt's end), instead of two rows
+    that repeat the prompt: the same log-probs for less work. Used where the model's attention takes such a mask
+    and a probe pair at start gives the two layouts' log-probs equal; else (flash-attention, prompt or prefix
+    tuning, a layer a mask cannot steer) each response repeats its prompt, and the run's table says why."""
 
 
 @dataclass

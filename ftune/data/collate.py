@@ -76,29 +76,92 @@ class PackedCollator:
 
 @dataclass
 class PairCollator:
-    """Batch preference pairs as one concatenated forward: every pair's prompt + chosen, then its prompt + rejected.
+    """Batch preference pairs for one forward: each response after its prompt, in two rows or in one.
 
-    Rows hold `prompt_ids`, `chosen_ids`, `rejected_ids` (`ftune.data.preference`). Rows 0..B-1 of the batch are
-    prompt + chosen and rows B..2B-1 prompt + rejected, right-padded; only response tokens are labelled.
+    Rows hold `prompt_ids`, `chosen_ids`, `rejected_ids` (`ftune.data.preference`). Rows that carry their index
+    (`row`, from `PairRows`) give the batch `row` [B] too.
 
-    Example, pad_token_id=0, one pair: prompt [5, 6], chosen [7, 8], rejected [9]
+    Two layouts, chosen by `shared_mask` (the preference objective sets it once the model has passed its probe):
+
+    - None: rows 0..B-1 are prompt + chosen and rows B..2B-1 prompt + rejected, right-padded; only response tokens
+      are labelled. Example, pad_token_id=0, one pair: prompt [5, 6], chosen [7, 8], rejected [9]
         -> input_ids      [[5, 6, 7, 8], [5, 6, 9, 0]]
            labels         [[-100, -100, 7, 8], [-100, -100, 9, -100]]
            attention_mask [[1, 1, 1, 1], [1, 1, 1, 0]]
            num_tokens 7 (real tokens), num_pairs 1
-    Rows that carry their index (`row`, from `PairRows`) give the batch `row` [B] too.
+    - an attention implementation (`sdpa`, `eager`): one row per pair, prompt + chosen + rejected, whose 4D mask
+      lets each response see the prompt and itself only and whose positions restart after the prompt for each
+      response, so every response token gets the hidden state it would get in its own row. The prompt's tokens are
+      computed once instead of twice. `logp_source`, `logp_target`, `logp_slot` list every response token: the
+      flat index (row * width + position) of the hidden state that predicts it (for the rejected response's first
+      token, the prompt's last position), the token, and its sequence (pair b's chosen b, its rejected B + b).
+      The same pair -> input_ids [[5, 6, 7, 8, 9]], position_ids [[0, 1, 2, 3, 2]],
+           labels [[-100, -100, 7, 8, 9]], logp_source [1, 2, 1], logp_target [7, 8, 9], logp_slot [0, 0, 1],
+           attention_mask (1 = attend) [[1, 0, 0, 0, 0],
+                                        [1, 1, 0, 0, 0],
+                                        [1, 1, 1, 0, 0],
+                                        [1, 1, 1, 1, 0],
+                                        [1, 1, 0, 0, 1]]   <- rejected sees the prompt, not chosen
+           num_tokens 5, num_pairs 1
     """
 
     pad_token_id: int
     pad_to_multiple_of: int = 1
+    shared_mask: str | None = None
+    """The attention implementation the one-row layout builds its mask for (bool for sdpa, additive for eager),
+    or None: each response repeats its prompt."""
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        prompts = [row["prompt_ids"] for row in rows] * 2
-        responses = [row["chosen_ids"] for row in rows] + [row["rejected_ids"] for row in rows]
-        batch = pad_responses(prompts, responses, self.pad_token_id, self.pad_to_multiple_of)
+        if self.shared_mask is None:
+            prompts = [row["prompt_ids"] for row in rows] * 2
+            responses = [row["chosen_ids"] for row in rows] + [row["rejected_ids"] for row in rows]
+            batch = pad_responses(prompts, responses, self.pad_token_id, self.pad_to_multiple_of)
+        else:
+            batch = self.shared_rows(rows)
         if "row" in rows[0]:
             batch["row"] = torch.tensor([row["row"] for row in rows])
         return {**batch, "num_pairs": torch.tensor(len(rows))}
+
+    def shared_rows(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """One row per pair: prompt, chosen, rejected, with the mask, positions and gather indices above."""
+        pairs = len(rows)
+        lengths = [len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"]) for row in rows]
+        width = padded_width(max(lengths), self.pad_to_multiple_of)
+        input_ids = torch.full((pairs, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((pairs, width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((pairs, width), dtype=torch.long)
+        segment = torch.arange(width).neg().sub(3).repeat(pairs, 1)  # padding: a segment per position
+        source, target, slot = [], [], []
+        for index, row in enumerate(rows):
+            prompt, chosen, rejected = row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]
+            p, c, r = len(prompt), len(chosen), len(rejected)
+            input_ids[index, :p + c + r] = torch.tensor([*prompt, *chosen, *rejected])
+            labels[index, p:p + c + r] = input_ids[index, p:p + c + r]
+            position_ids[index, :p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+            segment[index, :p + c + r] = torch.tensor([0] * p + [1] * c + [2] * r)
+            base = index * width
+            source += [base + p - 1 + k for k in range(c)] + [base + p - 1] + [base + p + c + k for k in range(r - 1)]
+            target += [*chosen, *rejected]
+            slot += [index] * c + [pairs + index] * r
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                "attention_mask": shared_prompt_mask(segment, self.shared_mask),
+                "logp_source": torch.tensor(source), "logp_target": torch.tensor(target),
+                "logp_slot": torch.tensor(slot), "num_tokens": torch.tensor(sum(lengths))}
+
+
+def shared_prompt_mask(segment: torch.Tensor, attn_implementation: str) -> torch.Tensor:
+    """The (batch, 1, width, width) causal mask of one-row pairs, bool for sdpa (True = attend), additive for eager.
+
+    A token sees earlier tokens of its own segment and, in a response (segment 1 or 2), the prompt (segment 0).
+    Padding (a negative segment per position) sees itself only, so no softmax row is empty.
+    """
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+    allowed = ((query == key) | ((key == 0) & (query > 0))) & torch.ones(segment.size(1), segment.size(1),
+                                                                         dtype=torch.bool).tril()
+    allowed = allowed.unsqueeze(1)
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
 @dataclass

@@ -529,7 +529,7 @@ def build_preference_split(cfg: DataCfg, tokenizer, template: ChatTemplate | Non
 
 def build_preference_loader(rows, batch_size: int, pad_id: int, shuffle: bool, seed: int = 0,
                             group_by_length: bool = False, pad_to_multiple_of: int = 1,
-                            workers: int = 0) -> DataLoader:
+                            workers: int = 0, collate: PairCollator | None = None) -> DataLoader:
     """Batches of pairs (`PairCollator`) or of unpaired rows (`KtoCollator`), as SFT's `build_loader` makes them.
 
     Args:
@@ -541,9 +541,11 @@ def build_preference_loader(rows, batch_size: int, pad_id: int, shuffle: bool, s
         group_by_length: draw rows of similar length together (shuffled within windows of 50 batches).
         pad_to_multiple_of: padded widths are rounded up to this (`ftune.data.collate.pad_multiple`).
         workers: DataLoader worker processes.
+        collate: the collator to use (DPO's, whose layout the objective sets once the model is loaded); None
+            makes one for the rows (pairs in two rows each, or unpaired rows).
     """
     unpaired = "completion_ids" in rows[0]
-    collate = (KtoCollator if unpaired else PairCollator)(pad_id, pad_to_multiple_of)
+    collate = collate or (KtoCollator if unpaired else PairCollator)(pad_id, pad_to_multiple_of)
     sampler = None
     if shuffle and group_by_length:
         lengths = rows.lengths if isinstance(rows, PairRows) else np.array([row_length(row) for row in rows])

@@ -13,6 +13,8 @@ from the model's config what its decoder reads, as transformers' own `create_mas
 A `layer_types` given to a config class that does not define it (Ministral checkpoints saved as `mistral`) is
 ignored, as the decoder ignores it. Layer types other than full and sliding attention are refused when a packed
 row arrives (`config/architecture.py`).
+A preference pair in one row (`PairCollator`'s shared prompt) is narrowed the same way, its window measured on
+the tokens' position ids, which restart after the prompt for each response.
 
 Example, one row of documents [3, 2] with window 2 (1 = attend):
     block-causal            sliding (i - j < 2)
@@ -29,14 +31,16 @@ from ftune.config.architecture import FULL, SLIDING, packing_problem
 from ftune.errors import ConfigError
 
 
-def windowed(mask: torch.Tensor, window: int) -> torch.Tensor:
+def windowed(mask: torch.Tensor, window: int, positions: torch.Tensor | None = None) -> torch.Tensor:
     """`mask` (bool, True = attend; or additive float) narrowed to keys less than `window` positions back.
 
-    transformers' own sliding mask lets query i see key j when i - j < window; the same rule here.
+    transformers' own sliding mask lets query i see key j when i - j < window; the same rule here, on the tokens'
+    `position_ids` [batch, width] when given (a shared-prompt pair row's rejected response continues from the
+    prompt's end, not from the chosen one's), else on their places in the row.
     """
-    width = mask.size(-1)
-    index = torch.arange(width, device=mask.device)
-    band = (index.view(-1, 1) - index.view(1, -1)) < window
+    if positions is None:
+        positions = torch.arange(mask.size(-1), device=mask.device).unsqueeze(0)
+    band = ((positions.unsqueeze(2) - positions.unsqueeze(1)) < window).unsqueeze(1)
     if mask.dtype == torch.bool:
         return mask & band
     return mask.masked_fill(~band, torch.finfo(mask.dtype).min)
@@ -59,12 +63,14 @@ def attention_kinds(config) -> set[str]:
     return {FULL if getattr(config, "sliding_window", None) is None else SLIDING}
 
 
-def layer_masks(config, mask: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+def layer_masks(config, mask: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
     """The attention input that gives each layer of `config` its own mask of a packed row.
 
     Args:
         config: the model's (text) config.
-        mask: the collator's block-diagonal causal 4D mask.
+        mask: the collator's 4D mask (a packed row's block-diagonal one, or a shared-prompt pair row's).
+        positions: the rows' `position_ids`, which the window is measured on (None: places in the row).
 
     Returns:
         `mask` unchanged when no layer slides; the banded mask when every layer does; a dict
@@ -80,7 +86,7 @@ def layer_masks(config, mask: torch.Tensor) -> torch.Tensor | dict[str, torch.Te
         raise ConfigError(f"data.packing=true with a {config.model_type} model: {why}")
     if SLIDING not in kinds:
         return mask
-    banded = windowed(mask, config.sliding_window)
+    banded = windowed(mask, config.sliding_window, positions)
     return banded if kinds == {SLIDING} else {FULL: mask, SLIDING: banded}
 
 
@@ -98,7 +104,7 @@ def isolate_sliding_windows(model: torch.nn.Module) -> torch.nn.Module:
     def narrow(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            kwargs["attention_mask"] = layer_masks(config, mask)
+            kwargs["attention_mask"] = layer_masks(config, mask, kwargs.get("position_ids"))
         return args, kwargs
 
     model.get_decoder().register_forward_pre_hook(narrow, with_kwargs=True)

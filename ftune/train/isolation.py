@@ -5,12 +5,16 @@ the row (Mamba and other recurrent or linear-attention layers, causal convolutio
 its own mask or bias from a 2-D one (BLOOM's ALiBi) or ignores `position_ids`, lets one document see another, and
 the loss is then silently wrong. Which architectures do is a fact of each release's modelling code, so before any
 training ftune runs two short documents packed into one row and each alone, and refuses packing in one line where
-the second document's logits differ.
+the second document's logits differ. DPO's one-row pairs (`pref.share_prompt`) are probed the same way, and a
+model that fails gets the two-row layout instead (`prompt_sharing_problem`).
 """
 
-import torch
+import dataclasses
 
-from ftune.data.collate import PackedCollator
+import torch
+from accelerate.utils import send_to_device
+
+from ftune.data.collate import PackedCollator, PairCollator
 from ftune.data.packing import pack
 from ftune.errors import ConfigError
 
@@ -87,3 +91,56 @@ def packing_gap(model: torch.nn.Module, pad_token_id: int, attn_implementation: 
     finally:
         model.train(was_training)
     return max(gaps) / max(largest, 1e-9)
+
+
+PROBE_PAIRS = ((12, 5, 7), (6, 9, 3))
+"""Prompt, chosen and rejected lengths of the two random pairs `shared_prompt_gap` scores both ways."""
+
+
+def prompt_sharing_problem(cfg, model: torch.nn.Module, logps, collator: PairCollator) -> str | None:
+    """Why DPO's pairs cannot each share one row with their prompt on this model, or None when they can.
+
+    The one-row layout (`PairCollator.shared_mask`) is only right where every layer attends through the 4D mask
+    and reads `position_ids`: as with packing, that is checked on the model as it trains (adapters, hooks), on a
+    probe, not assumed from a list. Nothing is refused: a model that fails gets the two-row layout.
+
+    Args:
+        cfg: the run's config (`pref.share_prompt`, the attention, the method).
+        model: the policy as it trains, unwrapped, on its device.
+        logps: the run's `SequenceLogps`.
+        collator: the run's pair collator (its padding settings).
+    """
+    attn = cfg.model.attn_implementation
+    if not cfg.pref.share_prompt:
+        return "pref.share_prompt=false"
+    if attn == "flash_attention_2":
+        return "flash_attention_2 takes no 4D mask"
+    if any(adapter.is_prompt_learning for adapter in getattr(model, "peft_config", {}).values()):
+        return f"method={cfg.method.name} prepends virtual tokens"
+    try:
+        gap = shared_prompt_gap(model, logps, collator, attn)
+    except Exception as err:  # noqa: BLE001 -- the model's own code on a shared-prompt row, whatever it raises
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        return f"its forward fails on a one-row pair: {reason}"
+    if gap > TOLERANCE.get(model.get_input_embeddings().weight.dtype, HALF):
+        return f"a probe pair's log-probs in one row differ from two rows' by {gap:.1e} of their size"
+    return None
+
+
+def shared_prompt_gap(model: torch.nn.Module, logps, collator: PairCollator, attn_implementation: str) -> float:
+    """The largest |one row - two rows| sequence log-prob of two random pairs, over the largest one, in eval mode."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    rows = [{key: torch.randint(0, vocab, (length,), generator=generator).tolist()
+             for key, length in zip(("prompt_ids", "chosen_ids", "rejected_ids"), lengths, strict=True)}
+            for lengths in PROBE_PAIRS]
+    device = model.get_input_embeddings().weight.device
+    layouts = [dataclasses.replace(collator, shared_mask=mask) for mask in (attn_implementation, None)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            shared, alone = (logps(model, send_to_device(layout(rows), device))[0].float() for layout in layouts)
+    finally:
+        model.train(was_training)
+    return ((shared - alone).abs().max() / alone.abs().max().clamp(min=1e-9)).item()

@@ -140,19 +140,22 @@ def build_step_loss(model, trainer: TrainerCfg, teacher=None, distill: DistillCf
 
 @dataclass(frozen=True)
 class SequenceLogps:
-    """Each row's summed log-probability of its labelled tokens, `sequence_logps(model, batch)`, built at setup.
+    """Each sequence's summed log-probability of its labelled tokens, `sequence_logps(model, batch)`, built at setup.
 
     What preference objectives compare. Chunked through the head (`chunked_token_logps`) unless the head cannot
-    be taken apart or `trainer.loss_chunk_size=0`; then from the full logits.
+    be taken apart or `trainer.loss_chunk_size=0`; then from the full logits. A batch is one sequence per row, or
+    (with `logp_source`, `PairCollator`'s shared-prompt layout) a pair per row, whose tokens name their sequence.
     """
 
     head: torch.nn.Module | None
     spec: ChunkSpec
     dtype: torch.dtype | None = None
 
-    def __call__(self, model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed log-probs, labelled tokens), one of each per row of `labels`."""
-        counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-probs, labelled tokens), one of each per sequence."""
+        if "logp_source" in batch:
+            return self.gathered(model, batch)
+        inputs, labels, counts = model_inputs(batch), batch["labels"], sequence_token_counts(batch)
         if self.head is None:
             return unfused_sequence_logps(model(**inputs).logits, labels), counts
         rows, targets, keep = shifted_rows(head_input(model, self.head, inputs), labels)
@@ -160,6 +163,28 @@ class SequenceLogps:
         row_of = torch.arange(labels.size(0), device=labels.device).repeat_interleave(labels.size(1) - 1)
         row_of = row_of if keep is None else row_of[keep]
         return torch.zeros(labels.size(0), dtype=logps.dtype, device=logps.device).index_add(0, row_of, logps), counts
+
+    def gathered(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared-prompt pairs: each listed token's log p from the hidden state its `logp_source` names.
+
+        The indices come from the collator, so nothing here waits on the device to learn how many tokens there are.
+        """
+        source, targets, slot = batch["logp_source"], batch["logp_target"], batch["logp_slot"]
+        if self.head is None:
+            logits = model(**model_inputs(batch)).logits.flatten(0, 1)[source].float()
+            logps = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+        else:
+            rows = head_input(model, self.head, model_inputs(batch)).flatten(0, 1)[source]
+            logps = chunked_token_logps(linear_head(self.head, rows, self.dtype), targets, self.spec)
+        sums = torch.zeros(2 * batch["input_ids"].size(0), dtype=logps.dtype, device=logps.device)
+        return sums.index_add(0, slot, logps), sequence_token_counts(batch)
+
+
+def sequence_token_counts(batch: dict) -> torch.Tensor:
+    """Labelled tokens per sequence: per row, or two sequences per row in the shared-prompt layout."""
+    if "logp_slot" in batch:
+        return torch.bincount(batch["logp_slot"], minlength=2 * batch["input_ids"].size(0))
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
 
 
 def build_sequence_logps(model, trainer: TrainerCfg) -> SequenceLogps:

@@ -294,6 +294,27 @@ def test_pair_collator_stacks_chosen_then_rejected_with_exact_tensors():
     assert PairCollator(0, pad_to_multiple_of=8)(rows)["input_ids"].shape == (4, 8)
 
 
+def test_shared_prompt_rows_hold_each_pair_once_with_exact_tensors():
+    """The docstring's example: one row per pair, rejected sees the prompt and itself, positions restart."""
+    rows = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8], "rejected_ids": [9]},
+            {"prompt_ids": [4], "chosen_ids": [3], "rejected_ids": [2, 1]}]
+    batch = PairCollator(pad_token_id=0, shared_mask="sdpa")(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 3, 2, 1, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8, 9], [-100, 3, 2, 1, -100]]
+    assert batch["logp_source"].tolist() == [1, 2, 1, 5, 5, 7]  # the second row starts at 5 (width 5)
+    assert batch["logp_target"].tolist() == [7, 8, 9, 3, 2, 1]
+    assert batch["logp_slot"].tolist() == [0, 0, 2, 1, 3, 3]  # chosen 0, 1; rejected 2, 3
+    assert batch["attention_mask"].shape == (2, 1, 5, 5) and batch["attention_mask"].dtype == torch.bool
+    assert batch["attention_mask"][0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
+                                                            [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]]
+    assert batch["attention_mask"][1, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0],
+                                                            [1, 0, 1, 1, 0], [0, 0, 0, 0, 1]]  # padding: itself
+    assert (batch["num_tokens"].item(), batch["num_pairs"].item()) == (9, 2)
+    eager = PairCollator(pad_token_id=0, shared_mask="eager")(rows)["attention_mask"]
+    assert eager.dtype == torch.float32 and torch.equal(eager == 0, batch["attention_mask"])
+
+
 def test_kto_collator_labels_rows_and_pairs_each_prompt_with_the_previous_completion():
     rows = [{"prompt_ids": [5], "completion_ids": [7, 8], "label": True},
             {"prompt_ids": [6], "completion_ids": [9], "label": False}]

@@ -29,7 +29,8 @@ def test_counts_real_slots_and_learned_tokens_of_padded_packed_and_padding_free_
 
 
 def test_throughput_skips_the_warm_up_steps_batches_and_seconds():
-    log = bench.StepLog(real=[100] * 2 + [10] * 4, rows=[4] * 6, slots=[200] * 6, learned=[50] * 2 + [5] * 4,
+    log = bench.StepLog(real=[100] * 2 + [10] * 4, slots=[200] * 6, sequences=[4] * 6,
+                        sequence_tokens=[100] * 2 + [10] * 4, learned=[50] * 2 + [5] * 4,
                         step_end=[1000.0, 1002.0, 1003.0], loss=[3.0, 2.0, 1.0])
     model = bench.Model("m", Path("m"), warmup=1, timed=2, grad_accum=2)
     result = bench.summarize_worker(log, started=990.0, model=model, extra={"mixed_precision": "bf16"})
@@ -39,6 +40,19 @@ def test_throughput_skips_the_warm_up_steps_batches_and_seconds():
     assert result["padding_share"] == pytest.approx(1 - 240 / 1200)
     assert result["final_loss"] == pytest.approx(2.0)
     assert result["batches"] == [(4, 100)] * 2 + [(4, 10)] * 4
+
+
+def test_one_row_pairs_count_their_computed_tokens_and_the_two_sequences_they_score():
+    from ftune.data.collate import PairCollator
+
+    rows = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8], "rejected_ids": [9]},
+            {"prompt_ids": [4], "chosen_ids": [3], "rejected_ids": [2, 1]}]
+    log = bench.StepLog()
+    log.count(PairCollator(0, shared_mask="sdpa")(rows))
+    log.count(PairCollator(0)(rows))
+    assert log.real == [9, 12] and log.slots == [10, 16]  # what each forward computed
+    assert log.sequences == [4, 4] and log.sequence_tokens == [12, 12]  # what each scored: the same pairs
+    assert log.learned == [6, 6]
 
 
 def test_batches_are_identical_only_when_every_run_saw_the_same_rows_and_tokens():

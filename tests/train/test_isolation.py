@@ -3,8 +3,11 @@
 import pytest
 import torch
 
+from ftune.config.schema import RunCfg
+from ftune.data.collate import PairCollator
 from ftune.errors import ConfigError
-from ftune.train.isolation import check_packing_isolates, packing_gap
+from ftune.train.isolation import check_packing_isolates, packing_gap, prompt_sharing_problem
+from ftune.train.losses import build_sequence_logps
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -41,3 +44,42 @@ def test_a_model_whose_forward_fails_on_a_packed_row_is_refused_with_its_reason(
                                           r"packed row \(too many values to unpack \(expected 2\)\): "):
         check_packing_isolates(model, 0, "eager", "m")
     assert torch.is_grad_enabled()
+
+
+def dpo_config(attn: str = "sdpa", **pref) -> RunCfg:
+    cfg = RunCfg()
+    cfg.objective.name, cfg.model.attn_implementation = "dpo", attn
+    for key, value in pref.items():
+        setattr(cfg.pref, key, value)
+    return cfg
+
+
+def sharing_problem(model, cfg: RunCfg) -> str | None:
+    return prompt_sharing_problem(cfg, model, build_sequence_logps(model, cfg.trainer), PairCollator(0))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_decoder_that_reads_the_mask_and_positions_shares_the_prompt_row(random_llama, attn):
+    model = random_llama(attn=attn).train()
+    assert sharing_problem(model, dpo_config(attn)) is None
+    assert model.training
+
+
+def test_pairs_keep_two_rows_where_the_model_or_the_config_rules_the_shared_row_out(random_llama):
+    model = random_llama(attn="sdpa")
+    assert sharing_problem(model, dpo_config(share_prompt=False)) == "pref.share_prompt=false"
+    assert sharing_problem(model, dpo_config("flash_attention_2")) == "flash_attention_2 takes no 4D mask"
+    model.register_forward_pre_hook(lambda module, args, kwargs: (args, {
+        key: value for key, value in kwargs.items() if key not in ("attention_mask", "position_ids")}),
+        with_kwargs=True)  # the rejected response would see the chosen one
+    assert sharing_problem(model, dpo_config()).startswith("a probe pair's log-probs in one row differ from two "
+                                                           "rows' by ")
+
+
+def test_a_prompt_tuned_model_keeps_two_rows(random_llama):
+    from peft import PromptTuningConfig, get_peft_model
+
+    model = get_peft_model(random_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    cfg = dpo_config()
+    cfg.method.name = "prompt_tuning"
+    assert sharing_problem(model, cfg) == "method=prompt_tuning prepends virtual tokens"

@@ -143,12 +143,54 @@ def test_chunked_sequence_logps_equal_full_logits_with_gradients(random_llama, h
         return sums.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     chunked = SequenceLogps(model.lm_head, build_sequence_logps(model, TrainerCfg(loss_chunk_size=5)).spec)
-    ours, our_grads = sums_and_grads(lambda: chunked(model, inputs, batch["labels"])[0])
+    ours, our_grads = sums_and_grads(lambda: chunked(model, batch)[0])
     full, full_grads = sums_and_grads(lambda: unfused_sequence_logps(model(**inputs).logits, batch["labels"]))
     torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
     assert our_grads.keys() == full_grads.keys() and ("lm_head.weight" in our_grads) == head_trains
     for name, grad in full_grads.items():
         torch.testing.assert_close(our_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def sliding_mistral(attn: str):
+    """A tiny random Mistral whose window (3) is shorter than the probe rows, with ftune's window hook."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from ftune.model.attention import isolate_sliding_windows
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=3, pad_token_id=0)
+    config._attn_implementation = attn
+    return isolate_sliding_windows(MistralForCausalLM(config).float())
+
+
+@pytest.mark.parametrize(("family", "attn", "chunk"), [
+    ("llama", "sdpa", 5), ("llama", "eager", 5), ("llama", "sdpa", 0), ("mistral_window_3", "sdpa", 5),
+    ("mistral_window_3", "eager", 0),
+])
+def test_pairs_sharing_their_prompt_row_give_the_two_row_log_probs_and_gradients(random_llama, family, attn, chunk):
+    """One row per pair (the prompt once) gives each sequence the log-prob and gradients of its own row."""
+    model = random_llama(attn=attn) if family == "llama" else sliding_mistral(attn)
+    model.lm_head.weight.requires_grad_(False)
+    rows = pair_rows(5, vocab=64, seed=7)
+    for row in rows[:2]:  # longer than the window: the rejected response's band is measured on its positions
+        row["prompt_ids"], row["chosen_ids"] = row["prompt_ids"] * 3, row["chosen_ids"] * 2
+    logps = SequenceLogps(model.lm_head if chunk else None, build_sequence_logps(model, TrainerCfg()).spec)
+    weights = torch.linspace(-1.0, 2.0, 10)
+
+    def sums_and_grads(shared_mask):
+        model.zero_grad(set_to_none=True)
+        sums, counts = logps(model, PairCollator(0, shared_mask=shared_mask)(rows))
+        (sums * weights).sum().backward()
+        return sums.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared, shared_counts, shared_grads = sums_and_grads(attn)
+    alone, alone_counts, alone_grads = sums_and_grads(None)
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
+    assert torch.equal(shared_counts, alone_counts)
+    assert shared_grads.keys() == alone_grads.keys() and shared_grads
+    for name, grad in alone_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def dpo_objective(model, **pref):
@@ -169,19 +211,20 @@ def lora_llama(random_llama, seed: int = 0):
     return model
 
 
-def step_gradient(model, rows: list[dict], micro_batch: int) -> dict[str, torch.Tensor]:
+def step_gradient(model, rows: list[dict], micro_batch: int, shared_mask: str | None = None) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    collate = PairCollator(pad_token_id=0)
+    collate = PairCollator(pad_token_id=0, shared_mask=shared_mask)
     batches = [collate(rows[i:i + micro_batch]) for i in range(0, len(rows), micro_batch)]
     run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, objective=dpo_objective(model))
     forward_backward(run, batches)
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def test_micro_batch_2_x_accum_4_equals_8_pairs(random_llama):
+@pytest.mark.parametrize("shared_mask", [None, "sdpa"])
+def test_micro_batch_2_x_accum_4_equals_8_pairs(random_llama, shared_mask):
     model, rows = lora_llama(random_llama), pair_rows(8, vocab=64, seed=3)
     whole = step_gradient(model, rows, micro_batch=8)
-    split = step_gradient(model, rows, micro_batch=2)
+    split = step_gradient(model, rows, micro_batch=2, shared_mask=shared_mask)
     assert whole and whole.keys() == split.keys()
     for name, grad in whole.items():
         torch.testing.assert_close(split[name], grad, rtol=1e-5, atol=1e-7, msg=name)

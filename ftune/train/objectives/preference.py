@@ -1,10 +1,12 @@
 """Preference objectives: `dpo` (pairs; DPO and its family, `pref.loss`) and `kto` (unpaired, labelled rows).
 
-Batches come from `ftune.data.preference`: a pair batch holds every pair's prompt + chosen in rows 0..B-1 and
-prompt + rejected in rows B..2B-1, so both sequences of every pair go through one forward; each row's response
-log-probability is summed through the chunked head (`train/losses.SequenceLogps`), so no [tokens, vocab] logits
-exist for either. The losses are TRL's (`pair_losses`). Sums are over pairs (or KTO's completions): the step
-divides them by the pairs of the whole step on every rank, so metrics are means over all of them.
+Batches come from `ftune.data.preference`: a pair batch holds each pair in one row, its prompt once and both
+responses after it (`pref.share_prompt`, where the model passes its probe: `prompt_sharing_problem`), or every
+pair's prompt + chosen in rows 0..B-1 and prompt + rejected in rows B..2B-1; either way both sequences of every
+pair go through one forward. Each response's log-probability is summed through the chunked head
+(`train/losses.SequenceLogps`), so no [tokens, vocab] logits exist for either. The losses are TRL's
+(`pair_losses`). Sums are over pairs (or KTO's completions): the step divides them by the pairs of the whole step
+on every rank, so metrics are means over all of them.
 
 The reference is the model the policy starts from (`Reference`); it runs without gradient, in the same forward
 shape, or once before the first step (`PrecomputedReference`). Dropout is off in both unless `pref.dropout`, so
@@ -21,14 +23,13 @@ from accelerate.utils import reduce, send_to_device
 
 from ftune.atomic import atomic_file
 from ftune.cache import cache_dir, file_signature, fingerprint
-from ftune.data.collate import pad_multiple
-from ftune.data.mask import IGNORE_INDEX
+from ftune.data.collate import PairCollator, pad_multiple
 from ftune.data.preference import PairRows, build_preference_loader, build_preference_split
-from ftune.eval.loss import model_inputs
 from ftune.eval.probe import base_signature
 from ftune.model.dropout import disable_dropout
 from ftune.model.load import REFERENCE_ADAPTER, load_frozen
-from ftune.train.losses import build_sequence_logps, build_step_loss
+from ftune.train.isolation import prompt_sharing_problem
+from ftune.train.losses import build_sequence_logps, build_step_loss, sequence_token_counts
 from ftune.train.objectives.base import Objective
 from ftune.train.objectives.pair_losses import PairLogps, kto_losses, pair_losses
 
@@ -55,12 +56,11 @@ class Reference:
 
     @torch.no_grad()
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed log-probs, labelled tokens) per row under the reference; `model` is the (wrapped) policy."""
-        inputs, labels = model_inputs(batch), batch["labels"]
+        """(summed log-probs, labelled tokens) per sequence under the reference; `model` is the (wrapped) policy."""
         if self.copy is not None:
-            return self.logps(self.copy, inputs, labels)
+            return self.logps(self.copy, batch)
         with self.switched():
-            return self.logps(model, inputs, labels)
+            return self.logps(model, batch)
 
     def switched(self) -> AbstractContextManager:
         """The policy turned into the reference for one forward."""
@@ -86,32 +86,34 @@ class PrecomputedReference:
                f"{self.path})"
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed log-probs, labelled tokens) per row of the pair batch, looked up by its pairs' rows."""
-        labels = batch["labels"]
+        """(summed log-probs, labelled tokens) per sequence of the pair batch, looked up by its pairs' rows."""
         chosen, rejected = self.table[batch["row"]].unbind(1)
-        return torch.cat([chosen, rejected]), (labels[:, 1:] != IGNORE_INDEX).sum(1)
+        return torch.cat([chosen, rejected]), sequence_token_counts(batch)
 
 
 @torch.no_grad()
-def reference_table(logps, model, rows: PairRows, batch_size: int, pad_id: int, device) -> torch.Tensor:
+def reference_table(logps, model, rows: PairRows, batch_size: int, collate: PairCollator, device) -> torch.Tensor:
     """Every row's (chosen, rejected) summed log-probs under `model` as it is now, in eval mode, [rows, 2]."""
     table = torch.zeros(len(rows), 2)
     training = model.training
     model.eval()
-    for batch in build_preference_loader(rows, batch_size, pad_id, shuffle=False):
+    for batch in build_preference_loader(rows, batch_size, collate.pad_token_id, shuffle=False, collate=collate):
         batch = send_to_device(batch, device)
-        sums, _ = logps(model, model_inputs(batch), batch["labels"])
+        sums, _ = logps(model, batch)
         table[batch["row"].cpu() - rows.first_row] = torch.stack(sums.float().chunk(2), dim=1).cpu()
     model.train(training)
     return table
 
 
-def reference_key(cfg, rows: list[PairRows]) -> str:
-    """What the precomputed reference depends on: the base, the start adapter, quantization, precision, the data."""
+def reference_key(cfg, rows: list[PairRows], layout: str | None) -> str:
+    """What the precomputed reference depends on: the base, the start adapter, quantization, precision, the data.
+
+    And the batch layout (`PairCollator.shared_mask`): one row per pair or two give sums apart by rounding.
+    """
     adapter = cfg.model.adapter
     start = file_signature(Path(adapter) / "adapter_model.safetensors") if adapter else None
     return fingerprint(base_signature(cfg.model), start, dataclasses.asdict(cfg.quant), cfg.method.name,
-                       cfg.trainer.mixed_precision, cfg.trainer.loss_chunk_size, [r.key for r in rows])
+                       cfg.trainer.mixed_precision, cfg.trainer.loss_chunk_size, [r.key for r in rows], layout)
 
 
 class adapter_switched(AbstractContextManager):  # noqa: N801 (used as a context manager, like nullcontext)
@@ -137,7 +139,8 @@ class PreferenceObjective(Objective):
         self.frozen_copy = None
         self.policy_logps = self.reference = None
         self.splits: list[PairRows] = []  # train, then held-out: what a precomputed reference covers
-        self.pad_id = None
+        self.collator: PairCollator | None = None  # both loaders' (DPO): its layout is set when the model attaches
+        self.unshared_because = "objective=kto (unpaired rows)"
 
     @property
     def needs_reference_adapter(self) -> bool:
@@ -147,10 +150,13 @@ class PreferenceObjective(Objective):
         cfg, batch = self.cfg, self.cfg.trainer.micro_batch_size
         multiple = pad_multiple(cfg.data.pad_to_multiple_of)
         train, train_stats = build_preference_split(cfg.data, tokenizer, split="train")
-        self.pad_id, self.splits = tokenizer.pad_token_id, [train]
+        self.splits = [train]
+        if cfg.objective.name == "dpo":
+            self.collator = PairCollator(tokenizer.pad_token_id, multiple)
         loaders = {"train": build_preference_loader(train, batch, tokenizer.pad_token_id, shuffle=True, seed=cfg.seed,
                                                     group_by_length=cfg.data.group_by_length,
-                                                    pad_to_multiple_of=multiple, workers=cfg.trainer.num_workers),
+                                                    pad_to_multiple_of=multiple, workers=cfg.trainer.num_workers,
+                                                    collate=self.collator),
                    "eval": None}
         stats = {"train": train_stats, "eval": None}
         if cfg.data.eval_path:
@@ -158,7 +164,7 @@ class PreferenceObjective(Objective):
             held_out = dataclasses.replace(held_out, first_row=len(train))  # one reference table for both
             self.splits.append(held_out)
             loaders["eval"] = build_preference_loader(held_out, batch, tokenizer.pad_token_id, shuffle=False,
-                                                      pad_to_multiple_of=multiple)
+                                                      pad_to_multiple_of=multiple, collate=self.collator)
         return loaders, stats
 
     def load_frozen(self) -> None:
@@ -173,6 +179,10 @@ class PreferenceObjective(Objective):
         self.reference = Reference(model, self.frozen_copy, self.cfg.trainer) if self.cfg.keeps_reference_model \
             else None
         self.token_loss = build_step_loss(model, self.cfg.trainer)
+        if self.collator is not None:
+            self.unshared_because = prompt_sharing_problem(self.cfg, model, self.policy_logps, self.collator)
+            if self.unshared_because is None:
+                self.collator.shared_mask = self.cfg.model.attn_implementation
 
     def start(self, model, accelerator: Accelerator) -> None:
         """`pref.reference=precompute`: the reference table, from the cache or computed now, on every rank.
@@ -182,12 +192,13 @@ class PreferenceObjective(Objective):
         """
         if self.cfg.pref.reference != "precompute":
             return
-        path = cache_dir("reference") / f"{reference_key(self.cfg, self.splits)}.pt"
+        layout = self.collator.shared_mask if self.collator is not None else None
+        path = cache_dir("reference") / f"{reference_key(self.cfg, self.splits, layout)}.pt"
         if path.is_file():
             self.reference = PrecomputedReference(torch.load(path).to(accelerator.device), path, from_cache=True)
             return
         batch = self.cfg.trainer.micro_batch_size
-        table = torch.cat([reference_table(self.policy_logps, model, rows, batch, self.pad_id, accelerator.device)
+        table = torch.cat([reference_table(self.policy_logps, model, rows, batch, self.collator, accelerator.device)
                            for rows in self.splits])
         if accelerator.is_main_process:
             with atomic_file(path) as staging:
@@ -198,12 +209,15 @@ class PreferenceObjective(Objective):
         pref = self.cfg.pref
         reference = self.reference.describe() if self.reference is not None else "none (reference-free loss)"
         loss = "kto" if self.cfg.objective.name == "kto" else pref.loss
+        prompt = "once per pair (one row: prompt, chosen, rejected)" if self.unshared_because is None else \
+            f"repeated for each response ({self.unshared_because})"
         return super().describe() | {"loss": f"{loss} (beta {pref.beta})", "reference": reference,
-                                     "dropout": "on" if pref.dropout else "off (policy = reference at step 0)"}
+                                     "dropout": "on" if pref.dropout else "off (policy = reference at step 0)",
+                                     "prompt": prompt}
 
     def scored(self, model, batch: dict):
         """(policy, reference) rows' (log-prob sums, labelled tokens); the reference is None when not used."""
-        policy = self.policy_logps(model, model_inputs(batch), batch["labels"])
+        policy = self.policy_logps(model, batch)
         reference = self.reference(model, batch) if self.reference is not None else None
         return policy, reference
 
@@ -274,7 +288,7 @@ class KtoObjective(PreferenceObjective):
         """TRL's KL(policy || reference) estimate from the mismatched rows, averaged over ranks, clamped at 0."""
         rows = {key: batch[f"kl_{key}"] for key in ("input_ids", "attention_mask", "labels")}
         with torch.no_grad():
-            policy, _ = self.policy_logps(model, model_inputs(rows), rows["labels"])
+            policy, _ = self.policy_logps(model, rows)
             reference, _ = self.reference(model, rows)
         return reduce((policy - reference).mean(), "mean").clamp(min=0)
 
