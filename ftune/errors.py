@@ -4,7 +4,6 @@
 CLI prints errors or calls `sys.exit` itself.
 """
 
-EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_GUARD = 3

@@ -12,19 +12,26 @@ LIBRARY_WORDS = ("DictConfig", "ListConfig", "ValueNode", "omegaconf", "OmegaCon
                  "Exception", "ValidationError", "Float", "Integer", "object_type", "full_key")
 
 WRONG = {
-    "train": [("optim.lrr=1", "optim.lrr: unknown key"), ("optim.lr=abc", "optim.lr: expected a number, got 'abc'"),
+    "train": [("optim.lrr=1", "optim.lrr: unknown key"), ("lora.target_modules={a:1}", "expected a list"),
+              ("optim.lr=abc", "optim.lr: expected a number, got 'abc'"),
               ("lora.r=1.5", "lora.r: expected a whole number, got 1.5"),
               ("trainer.max_steps=[1]", "trainer.max_steps: expected a whole number"),
               ("data.roles=x", "data.roles: expected a mapping"), ("~optim.lr", "~optim.lr: cannot remove"),
               ("=3", "argument '=3': expected key=value"), ("trainer", "argument 'trainer': expected key=value"),
               ("data.max_length.x=1", "data.max_length.x: unknown key (data.max_length is a whole number"),
               ("model=nope", "no option 'model/nope'"), ("recipe=./missing.yaml", "recipe=./missing.yaml: no such")],
-    "data": [("optim.lrr=1", "optim.lrr: unknown key"), ("data.packing=maybe", "data.packing: expected true or false")],
-    "plan": [("lora.r=x", "lora.r: expected a whole number"), ("gpus=0", "gpus=0: expected a positive number")],
+    "data": [("optim.lrr=1", "optim.lrr: unknown key"), ("data.packing=maybe", "data.packing: expected true or false"),
+             ("probe.tasks=[[a]]", "probe.tasks[0]=['a'] (expected a string: probe.tasks is a list of them)")],
+    "plan": [("lora.r=x", "lora.r: expected a whole number"), ("gpus=0", "gpus=0: expected a positive number"),
+             ("lora.target_modules={a:1}", "lora.target_modules: expected a list"),
+             ("lora.target_modules=[{a:1}]", "lora.target_modules[0]={'a': 1} (expected a string"),
+             ("optim.betas=[0.9,x]", "optim.betas[1]: expected a number, got 'x'")],
     "merge": [("foo=1", "foo: unknown key"), ("density=x", "density: expected a number"),
-              ("adapters=x", "out: missing"), ("out", "argument 'out': expected key=value")],
+              ("adapters=x", "out: missing"), ("out", "argument 'out': expected key=value"),
+              ("weights={a:1}", "weights: expected a list")],
     "eval": [("packing=true", "packing: unknown key"), ("data.packing=maybe", "data.packing: expected true or false"),
-             ("batch_size=x", "batch_size: expected a whole number, got 'x'"), ("+extra=1", "extra: unknown key")],
+             ("batch_size=x", "batch_size: expected a whole number, got 'x'"), ("+extra=1", "extra: unknown key"),
+             ("tasks=[{a:1}]", "tasks[0]={'a': 1} (expected a string")],
 }
 CASES = [(command, arg, expected) for command, items in WRONG.items() for arg, expected in items]
 

@@ -185,7 +185,8 @@ def check_override_shape(overrides: list[str]) -> None:
 def listify(schema: type, overrides: list[str]) -> list[str]:
     """Wrap a scalar given for a list field in a one-element list: `lora.target_modules=all-linear`.
 
-    PEFT and most peers spell a single target as a string; OmegaConf would refuse it for a list field.
+    PEFT and most peers spell a single target as a string; OmegaConf would refuse it for a list field. A mapping
+    stays as it is, for the schema to refuse (wrapped, it would pass as a list holding one mapping).
     """
     check_override_shape(overrides)
     rewritten = []
@@ -193,7 +194,7 @@ def listify(schema: type, overrides: list[str]) -> list[str]:
         key, eq, value = item.partition("=")
         field = schema_field(schema, key.lstrip("+"))
         is_list = field is not None and typing.get_origin(unwrap_optional(field.type)) is list
-        if eq and is_list and value and not value.lstrip().startswith("[") and value != "null":
+        if eq and is_list and value and value.lstrip()[:1] not in ("[", "{") and value != "null":
             item = f"{key}=[{value}]"
         rewritten.append(item)
     return rewritten
@@ -280,8 +281,10 @@ def describe_key_error(cause: OmegaConfBaseException, schema: type, outer: str) 
         return f"{key}: unknown key (known keys here: {', '.join(known_keys(schema, key))})"
     if outer.startswith("Error merging override ~"):
         return f"~{key}: cannot remove a key ftune defines (set it instead: {key}=VALUE, or {key}=null)"
-    given = getattr(cause, "value", None)
-    return f"{key}: expected {expected(field.type)}" + (f", got {given!r}" if given is not None else "")
+    given, annotation = getattr(cause, "value", None), unwrap_optional(field.type)
+    if key.endswith("]") and typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]  # the key is an item of the list: what each item must be
+    return f"{key}: expected {expected(annotation)}" + (f", got {given!r}" if given is not None else "")
 
 
 def known_keys(schema: type, full_key: str) -> list[str]:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ def field_problems(node: Any, prefix: str):
         if dataclasses.is_dataclass(value):
             yield from field_problems(value, prefix=f"{key}.")
             continue
+        yield from element_problems(f, value, key)
         allowed = allowed_values(f)
         if allowed is not None and value not in allowed:
             yield f"{key}={value!r} is not allowed (expected one of: {', '.join(allowed)})"
@@ -42,6 +44,23 @@ def field_problems(node: Any, prefix: str):
             yield f"{key}={value!r} is too small (expected >= {low})"
         if high is not None and value > high:
             yield f"{key}={value!r} is too large (expected <= {high})"
+
+
+SCALAR_NAMES = {str: "string", int: "integer", float: "number"}
+
+
+def element_problems(f: dataclasses.Field, value: Any, key: str):
+    """The items of a list of strings or numbers that are not one (`lora.target_modules=[{a: 1}]`).
+
+    OmegaConf types the list, not its items: a mapping or a list inside would reach the code that reads it.
+    """
+    expected = typing.get_args(f.type)[0] if typing.get_origin(f.type) is list else None
+    if expected not in SCALAR_NAMES or not isinstance(value, list):
+        return
+    allowed = (int, float) if expected is float else expected
+    for index, item in enumerate(value):
+        if not isinstance(item, allowed) or (expected is not str and isinstance(item, bool)):
+            yield f"{key}[{index}]={item!r} (expected a {SCALAR_NAMES[expected]}: {key} is a list of them)"
 
 
 def allowed_values(f: dataclasses.Field) -> tuple | None:

@@ -10,8 +10,6 @@ from pathlib import Path
 
 from ftune.config.schema import LoggerCfg
 
-SECRET_ENV_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-
 
 class NullLog:
     """The log of a non-main process: accepts rows and drops them."""
