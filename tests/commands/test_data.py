@@ -7,8 +7,8 @@ import pyarrow.parquet
 import pytest
 
 from ftune.cli import main
-from ftune.commands.data import render_tokens
 from ftune.data.mask import IGNORE_INDEX
+from ftune.data.show import render_tokens
 from ftune.data.templates import TEMPLATES_DIR
 
 ASSETS = TEMPLATES_DIR.parent / "data"
