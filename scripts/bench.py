@@ -227,7 +227,7 @@ def run_ftune(config: Config, model: Model, out: Path, started: float) -> dict:
 
     import ftune.train.objectives.preference as preference
     import ftune.train.objectives.tokens as tokens
-    from ftune.commands.train import run_train
+    from ftune.commands.train import train_job
     from ftune.config.compose import load_run_config
     from ftune.train.artefacts import read_metrics
 
@@ -267,7 +267,7 @@ def run_ftune(config: Config, model: Model, out: Path, started: float) -> dict:
         f"optim.warmup_ratio={WARMUP_RATIO}", f"optim.weight_decay={WEIGHT_DECAY}", f"seed={SEED}",
         f"output_dir={out / 'run'}", *config.overrides,
     ]
-    run_train(*load_run_config(overrides))
+    train_job(*load_run_config(overrides))
     rows = [row for row in read_metrics(out / "run") if "loss" in row]
     log.step_end, log.loss = [row["time"] for row in rows], [row["loss"] for row in rows]
     ran = OmegaConf.load(out / "run" / "config.yaml").trainer.mixed_precision  # `auto` as resolved

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ftune.commands.train import build_run
+from ftune.commands.train import build_training
 from ftune.config.compose import load_run_config
 from ftune.train.artefacts import save_final
 from ftune.train.loop import fit
@@ -18,7 +18,7 @@ from ftune.train.loop import fit
 
 def main(overrides: list[str]) -> None:
     cfg, resolved = load_run_config(overrides)
-    run, tokenizer, _ = build_run(cfg, resolved)
+    run, tokenizer, _ = build_training(cfg, resolved)
     fit(run)
     save_final(run, tokenizer, cfg.data)
     run.log.close()

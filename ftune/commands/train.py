@@ -54,7 +54,7 @@ def run(args) -> int:
             continue
         resolve_precision(typed, resolved)  # `auto` is compared with the process's precision as what it becomes
         fits = fits_this_process(typed)
-        code = run_train(typed, resolved) if fits else run_in_child(job, args.config_dir)
+        code = train_job(typed, resolved) if fits else run_in_child(job, args.config_dir)
         if code:
             return code
     return 0
@@ -94,24 +94,24 @@ def run_in_child(job: list[str], config_dirs: list[str]) -> int:
     return child.returncode
 
 
-def run_train(cfg: RunCfg, resolved: DictConfig) -> int:
+def train_job(cfg: RunCfg, resolved: DictConfig) -> int:
     """Train one run; returns the process exit code (0, 3 after a guard stop is raised, 130/143 interrupted)."""
     started = time.perf_counter()
-    run, tokenizer, resume = build_run(cfg, resolved)
+    training, tokenizer, resume = build_training(cfg, resolved)
     try:
-        stop_reason, exit_code = fit(run)
+        stop_reason, exit_code = fit(training)
         final_step = None
         if stop_reason != "interrupted":  # an interrupted run resumes from its checkpoint; final/ comes later
-            final_step = restore_best(run)
-            save_final(run, tokenizer, cfg.data)
-        if run.accelerator.is_main_process:
-            print_table("summary", write_summary(run, stop_reason, final_step, started, resume))
+            final_step = restore_best(training)
+            save_final(training, tokenizer, cfg.data)
+        if training.accelerator.is_main_process:
+            print_table("summary", write_summary(training, stop_reason, final_step, started, resume))
     finally:
-        run.log.close()
+        training.log.close()
     return exit_code
 
 
-def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, ResumeChanges | None]:
+def build_training(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, ResumeChanges | None]:
     """Build everything the loop needs, then (and only then) write the run directory."""
     resolve_precision(cfg, resolved)
     run_dir = Path(cfg.output_dir)
@@ -153,19 +153,19 @@ def build_run(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, Resu
 
     if accelerator.is_main_process:  # setup succeeded: the run directory is written from here on
         write_run_config(run_dir, resolved)
-    run = TrainRun(
+    training = TrainRun(
         accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
         train_loader=loaders["train"], eval_loader=loaders.get("eval"), probe_loader=loaders.get("probe"),
-        cfg=cfg.trainer, early_stop=cfg.early_stop, probe=cfg.probe, max_grad_norm=cfg.optim.max_grad_norm,
+        trainer=cfg.trainer, early_stop=cfg.early_stop, probe=cfg.probe, max_grad_norm=cfg.optim.max_grad_norm,
         total_steps=total_steps, run_dir=run_dir, log=open_log(cfg, resolved, accelerator, run_dir), state=state,
         on_checkpoint=lambda: draw_plots(run_dir), objective=objective, task_probe=task_probe,
         sampler=build_sampler(cfg, tokenizer, run_dir),
     )
     if resume is not None:
-        run.log.log(resume.as_row(state.step))
+        training.log.log(resume.as_row(state.step))
     if accelerator.is_main_process:
-        print_table(f"ftune train: {cfg.recipe} -> {run_dir}", describe_run(run, stats))
-    return run, tokenizer, resume
+        print_table(f"ftune train: {cfg.recipe} -> {run_dir}", describe_training(training, stats))
+    return training, tokenizer, resume
 
 
 def resolve_precision(cfg: RunCfg, resolved: DictConfig) -> None:
@@ -173,7 +173,7 @@ def resolve_precision(cfg: RunCfg, resolved: DictConfig) -> None:
 
     Both in the typed config and in what config.yaml records, so a resume on the same machine compares equal.
     """
-    if cfg.trainer.mixed_precision == "auto":  # build_run calls this too, for callers that skip `run`
+    if cfg.trainer.mixed_precision == "auto":  # build_training calls this too, for callers that skip `run`
         cfg.trainer.mixed_precision = resolved.trainer.mixed_precision = native_mixed_precision()
 
 
@@ -269,19 +269,19 @@ def announce(cfg: RunCfg, accelerator: Accelerator, resume: ResumeChanges | None
             console.print(f"resume: {key}: {old!r} -> {new!r} {kind}", markup=False, highlight=False, soft_wrap=True)
 
 
-def describe_run(run: TrainRun, stats: dict) -> dict:
+def describe_training(training: TrainRun, stats: dict) -> dict:
     """The table printed before the first step."""
-    total, trainable = count_parameters(run.accelerator.unwrap_model(run.model))
+    total, trainable = count_parameters(training.accelerator.unwrap_model(training.model))
     train, held_out = stats["train"], stats["eval"]
     streamed = train is None  # data.streaming: counted only as the stream is read
     return {
         "examples (train / eval)": f"{'streamed' if streamed else train.kept} / {held_out.kept if held_out else 0}",
         "truncated / dropped": "streamed" if streamed else f"{train.truncated} / {sum(train.dropped.values())}",
         "parameters (trainable / total)": f"{trainable:,} / {total:,} ({100 * trainable / total:.2f}%)",
-        "optimizer steps": f"{run.total_steps} (from step {run.state.step})",
-        **run.objective.describe(),
-        "base probe ppl": run.state.base_probe_ppl,
-        "processes": run.accelerator.num_processes,
+        "optimizer steps": f"{training.total_steps} (from step {training.state.step})",
+        **training.objective.describe(),
+        "base probe ppl": training.state.base_probe_ppl,
+        "processes": training.accelerator.num_processes,
     }
 
 

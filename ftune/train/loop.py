@@ -49,7 +49,7 @@ class TrainRun:
     """A prepared DataLoader, or with `data.streaming` a `ftune.data.stream.StreamLoader`."""
     eval_loader: DataLoader | None
     probe_loader: DataLoader | None
-    cfg: TrainerCfg
+    trainer: TrainerCfg
     early_stop: EarlyStopCfg
     probe: ProbeCfg
     max_grad_norm: float
@@ -69,11 +69,11 @@ class TrainRun:
 
 def fit(run: TrainRun) -> tuple[str, int]:
     """Train until a stop condition; returns (stop reason, exit code)."""
-    state, cfg = run.state, run.cfg
-    epochs = None if cfg.max_steps > 0 else cfg.epochs
+    state, trainer = run.state, run.trainer
+    epochs = None if trainer.max_steps > 0 else trainer.epochs
     clock = Throughput(state)
     progress_bar = TrainProgress(run.total_steps, start=state.step, enabled=run.accelerator.is_main_process)
-    if cfg.eval_on_start and state.step == 0:
+    if trainer.eval_on_start and state.step == 0:
         evaluate(run, judged=False)
         sample(run)
     with progress_bar as progress, StopSignals() as signals:
@@ -87,14 +87,14 @@ def fit(run: TrainRun) -> tuple[str, int]:
             state.advance(tokens=int(values["tokens"]), learned_tokens=int(values["learned"]))
             last = state.step >= run.total_steps
             metrics = run.objective.summarize({k: values[k] for k in sums}, values["count"])
-            row = log_step(run, metrics, lr, values["grad_norm"], clock) if due(state.step, cfg.log_every) or last \
+            row = log_step(run, metrics, lr, values["grad_norm"], clock) if due(state.step, trainer.log_every) or last \
                 else None
             progress.update(state.step, row)
-            verdict = evaluate(run) if due(state.step, cfg.eval_every) or last else None
-            if cfg.sample_every and (due(state.step, cfg.sample_every) or last):
+            verdict = evaluate(run) if due(state.step, trainer.eval_every) or last else None
+            if trainer.sample_every and (due(state.step, trainer.sample_every) or last):
                 sample(run)
-            keep_best = verdict and verdict.improved and cfg.final_weights == "best"  # final/ will reload it
-            if due(state.step, cfg.save_every) or keep_best or signals.requested(run.accelerator):
+            keep_best = verdict and verdict.improved and trainer.final_weights == "best"  # final/ will reload it
+            if due(state.step, trainer.save_every) or keep_best or signals.requested(run.accelerator):
                 checkpoint(run)
             if signals.signum is not None:
                 return "interrupted", signals.exit_code()
@@ -116,7 +116,7 @@ def step_batches(run: TrainRun, epochs: int | None):
     while epochs is None or state.epoch < epochs:
         loader.set_epoch(state.epoch)  # the seedable sampler shuffles by (seed, epoch)
         batches = iter(resume_within_epoch(run.accelerator, loader, state.batch_in_epoch))
-        while group := list(itertools.islice(batches, run.cfg.grad_accum)):
+        while group := list(itertools.islice(batches, run.trainer.grad_accum)):
             state.batch_in_epoch += len(group)
             yield group
         state.epoch += 1
@@ -189,7 +189,7 @@ def guard_finite(run: TrainRun, loss_sum: float) -> None:
 
     The optimizer has not stepped yet, so the checkpoint saved here holds the last good weights.
     """
-    if run.cfg.nan_guard and not math.isfinite(loss_sum):
+    if run.trainer.nan_guard and not math.isfinite(loss_sum):
         step = run.state.step + 1
         run.optimizer.zero_grad(set_to_none=True)
         checkpoint(run)
@@ -237,7 +237,7 @@ def evaluate(run: TrainRun, judged: bool = True):
     """
     row = {"step": run.state.step}
     if run.eval_loader is not None:
-        row |= run.objective.evaluate(run.model, run.eval_loader, run.cfg.eval_batches)
+        row |= run.objective.evaluate(run.model, run.eval_loader, run.trainer.eval_batches)
     if run.probe_loader is not None:
         ppl = probe_ppl(run.model, run.probe_loader, run.objective.token_loss)
         row |= {"probe_ppl": ppl, "probe_drift": ppl / run.state.base_probe_ppl - 1.0}
@@ -259,7 +259,7 @@ def sample(run: TrainRun) -> None:
 
 def checkpoint(run: TrainRun) -> None:
     """Save a resumable checkpoint and let the caller refresh what depends on it (plots)."""
-    save_checkpoint(run.accelerator, run.run_dir, run.state, run.cfg.keep_last)
+    save_checkpoint(run.accelerator, run.run_dir, run.state, run.trainer.keep_last)
     if run.on_checkpoint is not None and run.accelerator.is_main_process:
         run.on_checkpoint()
 
@@ -268,7 +268,7 @@ def restore_best(run: TrainRun) -> int:
     """Load the best evaluation's weights back for final/ (with `final_weights=best`); returns their step."""
     state = run.state
     path = best_checkpoint(run.run_dir, state)
-    if run.cfg.final_weights != "best" or path is None or state.best_step == state.step:
+    if run.trainer.final_weights != "best" or path is None or state.best_step == state.step:
         return state.step
     run.accelerator.load_state(str(path), strict=False)  # the TrainState of the run stays that of its end
     return state.best_step
