@@ -99,3 +99,28 @@ def test_init_edit_train_a_user_recipe(installed):
     assert (work / "run" / "final" / "adapter_config.json").is_file()
     summary = json.loads((work / "run" / "summary.json").read_text())
     assert summary["steps"] == 5
+
+
+def test_a_zero3_launcher_file_from_the_package_trains_outside_the_checkout(installed):
+    """`accelerate launch --config_file <site-packages>/ftune/configs/accelerate/zero3.yaml` from the user's folder.
+
+    The file names no other file (its DeepSpeed settings are inside), so it works where the package is installed;
+    two gloo processes on DeepSpeed's CPU accelerator stand in for GPUs. final/ is one gathered model.
+    """
+    bin_dir, env, work = installed
+    run([bin_dir / "python", "-m", "pip", "install", "-q", "deepspeed"], work, env, 1200)
+    script = "import ftune, pathlib; print(pathlib.Path(ftune.__file__).parent / 'configs/accelerate/zero3.yaml')"
+    launcher = run([bin_dir / "python", "-c", script], work, env, 120).stdout.strip()
+    launch_env = env | {"ACCELERATE_USE_CPU": "true", "DS_ACCELERATOR": "cpu"}
+    run([bin_dir / "accelerate", "launch", "--config_file", launcher, "--num_processes", "2", "-m", "ftune", "train",
+         "recipe=tiny_full", "trainer.max_steps=2", "trainer.mixed_precision=no", "output_dir=zero3"],
+        work, launch_env, 900)
+    summary = json.loads((work / "zero3" / "summary.json").read_text())
+    assert summary["steps"] == 2
+    check = ("from safetensors import safe_open; from transformers import AutoConfig; import sys\n"
+             "names = safe_open(sys.argv[1] + '/model.safetensors', 'pt').keys()\n"
+             "layers = AutoConfig.from_pretrained(sys.argv[1]).num_hidden_layers\n"
+             "print(len([n for n in names if '.layers.' in n]) // layers, any('embed_tokens' in n for n in names))")
+    per_layer, embeddings = run([bin_dir / "python", "-c", check, work / "zero3" / "final"], work, env,
+                                120).stdout.split()
+    assert int(per_layer) >= 9 and embeddings == "True"  # every block's weights, gathered from both shards
