@@ -20,6 +20,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 
+from ftune.compat import BITSANDBYTES_CPU_LOGGER
 from ftune.errors import EXIT_FAILURE, EXIT_INTERRUPTED, FtuneError
 
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
@@ -120,7 +121,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger(BITSANDBYTES_CPU_LOGGER).setLevel(logging.ERROR)
     logging.getLogger("kernels").setLevel(logging.ERROR)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
 

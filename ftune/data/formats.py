@@ -39,6 +39,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from ftune.cache import file_signature
+from ftune.compat import dataset_hash
 from ftune.config.schema import DataCfg
 from ftune.data.messages import (
     EMPTY_CONTENT,
@@ -314,7 +315,7 @@ def source_signature(source: str) -> dict:
         files = sorted(f for f in path.rglob("*") if f.is_file())
         return {"dir": str(path.resolve()), "files": [file_signature(f) for f in files]}
     dataset, name = load_dataset_split(source)
-    return {"dataset": name, "fingerprint": dataset._fingerprint}
+    return {"dataset": name, "fingerprint": dataset_hash(dataset)}
 
 
 def rename_columns(records: Iterable[Record], columns: Mapping[str, str], source: str) -> Iterator[Record]:

@@ -32,6 +32,7 @@ import jinja2
 import jinja2.meta
 import jinja2.nodes
 
+from ftune.compat import compile_chat_template
 from ftune.data.messages import ROLES
 from ftune.errors import ConfigError, DataError
 
@@ -200,12 +201,11 @@ def compiled(jinja: str) -> jinja2.Template:
     through it: for ftune's canonical messages (plain JSON from `ftune.data.messages`) its per-call work (turning
     message objects into dicts twice, copying every value into plain types) cost three times the Jinja
     rendering, and labels render each learned turn twice. transformers has no public entry point below
-    `apply_chat_template`, hence its private compiler, whose cache `apply_chat_template` shares;
-    `tests/data/test_templates.py` pins the result to `apply_chat_template`'s for every registry template.
+    `apply_chat_template`, hence its private compiler (`ftune.compat.compile_chat_template`), whose cache
+    `apply_chat_template` shares; `tests/data/test_templates.py` pins the result to `apply_chat_template`'s for
+    every registry template.
     """
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
-    return _compile_jinja_template(jinja)
+    return compile_chat_template(jinja)
 
 
 def template_message(message: dict) -> dict:

@@ -11,6 +11,7 @@ from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTu
 from peft.tuners.lora import LoraLayer, ParamWrapper
 from peft.utils.constants import EMBEDDING_LAYER_NAMES
 
+from ftune.compat import convolution_base
 from ftune.config.architecture import expert_count
 from ftune.config.schema import LoraCfg, MethodCfg
 from ftune.model.dropout import use_sparse_dropout
@@ -72,7 +73,7 @@ def expert_parameters(model) -> list[str]:
     experts = routed_experts(model)
     found = set()
     for module_name, module in model.named_modules():
-        if isinstance(module, torch.nn.modules.conv._ConvNd) or "lora_" in module_name:
+        if isinstance(module, convolution_base()) or "lora_" in module_name:
             continue
         for param_name, param in module.named_parameters(recurse=False):
             if experts > 1 and param.dim() == EXPERT_DIMS and param.shape[0] == experts:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftune.compat import fake_mode_active
+
 SPARSE_UP_TO = 0.25
 """Largest p for which drawing gaps beats drawing one number per element (measured: ~1 gap costs ~4 uniforms)."""
 BLOCK_MARGIN = 6.0
@@ -44,7 +46,7 @@ def dropped_positions(numel: int, p: float) -> torch.Tensor:
     On fake tensors (`ftune plan`'s trace, model/trace.py), which hold no values to draw, the expected number.
     """
     expected = numel * p
-    if torch._guards.detect_fake_mode() is not None:
+    if fake_mode_active():
         return torch.empty(round(expected), dtype=torch.int64)
     block = max(1, int(expected + BLOCK_MARGIN * math.sqrt(expected * (1 - p)) + 16))
     ends, reached = [], 0

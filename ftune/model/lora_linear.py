@@ -29,6 +29,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ftune.compat import register_lora_layers
 from ftune.model.dropout import (
     SPARSE_UP_TO,
     autocast_dtype,
@@ -146,7 +147,8 @@ def fused_lora_layer(target: nn.Module, adapter_name: str, config, **kwargs) -> 
 def with_fused_layers(config):
     """`config` (a PEFT `LoraConfig`) set to build its plain linear layers as `FusedLoraLinear`, and returned.
 
-    Through PEFT's custom-module dispatch (its documented, experimental API); PEFT builds every other layer.
+    Through PEFT's custom-module dispatch (its documented, experimental API, `ftune.compat.register_lora_layers`);
+    PEFT builds every other layer.
     """
-    config._register_custom_module({nn.Linear: fused_lora_layer})
+    register_lora_layers(config, {nn.Linear: fused_lora_layer})
     return config

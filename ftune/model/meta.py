@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from peft import prepare_model_for_kbit_training
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.quantizers.base import get_keys_to_not_convert
 
+from ftune.compat import modules_kept_unquantized
 from ftune.config.architecture import HUB_CONFIGS, config_dir
 from ftune.config.schema import RunCfg
 from ftune.errors import ConfigError, ResourceError
@@ -184,9 +184,9 @@ def meta_teacher(cfg: RunCfg, device: str = "cuda") -> tuple[torch.nn.Module, di
 def quantized_storage(model: torch.nn.Module, bits: int, double_quant: bool) -> dict[int, int]:
     """Map id(weight) to the storage bytes of each weight transformers' bitsandbytes integration quantizes.
 
-    That is every nn.Linear but the ones `get_keys_to_not_convert` keeps (the output head, tied weights).
+    That is every nn.Linear but the ones `modules_kept_unquantized` names (the output head, tied weights).
     """
-    skip = set(get_keys_to_not_convert(model))
+    skip = set(modules_kept_unquantized(model))
     return {
         id(module.weight): memory.quantized_bytes(module.weight.numel(), module.out_features, bits, double_quant)
         for name, module in model.named_modules()

@@ -1,16 +1,17 @@
 """Mixture-of-experts training: the router's load-balancing loss joins ftune's loss with the model's coefficient.
 
 transformers adds `router_aux_loss_coef * aux_loss` only when it computes the loss itself from `labels`, and
-its `load_balancing_loss_func` reads a 2D padding mask (a packed row's 4D mask breaks it). ftune computes its own
+its balancing loss reads a 2D padding mask (a packed row's 4D mask breaks it). ftune computes its own
 token-summed loss, so without this module an MoE model would train with no balancing term at all and its
 routers could collapse onto a few experts. The router logits are recorded by forward hooks on the router
-modules (the classes the model itself declares for `output_router_logits`), cleared at the start of each
-forward of the decoder, and turned into the Switch-Transformer balancing loss by transformers' own function.
+modules (the classes the model itself declares for `output_router_logits`, `ftune.compat.recorded_output`),
+cleared at the start of each forward of the decoder, and turned into the Switch-Transformer balancing loss by
+transformers' own function (`ftune.compat.load_balancing_loss`).
 """
 
 import torch
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-from transformers.utils.output_capturing import OutputRecorder
+
+from ftune.compat import load_balancing_loss, recorded_output
 
 RECORD_ATTRIBUTE = "ftune_router_logits"
 """Where `record_router_logits` leaves its record on the model (PEFT and accelerate wrappers forward to it)."""
@@ -23,22 +24,13 @@ class RouterLogits:
         self.logits: list[torch.Tensor] = []
 
 
-def router_class(model) -> tuple[type, int] | None:
-    """The router module class of `model` and which output of it holds the logits; None for dense models."""
-    spec = getattr(model, "_can_record_outputs", None) or {}
-    spec = spec.get("router_logits")
-    if spec is None:
-        return None
-    return (spec.target_class, spec.index) if isinstance(spec, OutputRecorder) else (spec, 0)
-
-
 def record_router_logits(model) -> RouterLogits | None:
     """Hook the routers of an MoE `model` so each forward's router logits can be read.
 
     None for dense models, and for MoE models that transformers itself trains without a balancing loss (their
     causal LM has no `router_aux_loss_coef`, e.g. DeepSeek-V3's bias-balanced routers).
     """
-    found = router_class(model)
+    found = recorded_output(model, "router_logits")
     if found is None or not hasattr(model, "router_aux_loss_coef"):
         return None
     target, index = found
@@ -87,6 +79,6 @@ def add_router_loss(model, batch: dict, parts: dict[str, torch.Tensor], learned:
         return parts
     mask = batch.get("attention_mask")
     mask = mask if mask is not None and mask.dim() == 2 else None
-    aux = load_balancing_loss_func(tuple(record.logits), model.num_experts, model.num_experts_per_tok, mask)
+    aux = load_balancing_loss(tuple(record.logits), model.num_experts, model.num_experts_per_tok, mask)
     router = aux * learned
     return parts | {"loss": parts["loss"] + model.router_aux_loss_coef * router, "router_loss": router}

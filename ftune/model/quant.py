@@ -8,6 +8,7 @@ from accelerate import PartialState
 from peft import prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig
 
+from ftune.compat import turn_off_cpu_repacking
 from ftune.config.schema import QuantCfg, RunCfg
 from ftune.errors import ResourceError
 from ftune.model.dtypes import quant_compute_dtype
@@ -87,7 +88,7 @@ def disable_cpu_inference_repacking(model):
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+            turn_off_cpu_repacking(module)
     return model
 
 

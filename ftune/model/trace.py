@@ -1,11 +1,11 @@
 """Activation memory of one training step, measured on fake tensors: what autograd keeps for the backward pass.
 
-The model is built as the run builds it (`model/meta.py`), its tensors swapped for fake ones (torch's
-`FakeTensorMode`: shapes, dtypes and a CPU device, no data and no memory), and one micro-batch of the run's
-shape goes through its real forward and the run's real step loss (`train/losses.py`: chunked or not, with
-the distillation teacher), under the autocast training uses. Every tensor autograd saves for the backward is
-recorded with `saved_tensors_hooks`, each storage once, parameters excluded: what tests/model/test_plan.py
-measures on a real CPU step. The backward itself is not run: it saves nothing more.
+The model is built as the run builds it (`model/meta.py`), its tensors swapped for fake ones (torch's fake
+tensor mode, `ftune.compat.fake_mode`: shapes, dtypes and a CPU device, no data and no memory), and one
+micro-batch of the run's shape goes through its real forward and the run's real step loss (`train/losses.py`:
+chunked or not, with the distillation teacher), under the autocast training uses. Every tensor autograd saves for
+the backward is recorded with `saved_tensors_hooks`, each storage once, parameters excluded: what
+tests/model/test_plan.py measures on a real CPU step. The backward itself is not run: it saves nothing more.
 
 With gradient checkpointing a step keeps each decoder layer's input and, while the backward recomputes a layer,
 that layer's working set: both are read off the same trace, layer by layer. Identical layers keep identical bytes,
@@ -25,9 +25,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from ftune.compat import dispatch_mode, fake_like, fake_mode, grouped_mm_op, storage_key
 from ftune.config.schema import RunCfg
 from ftune.model.meta import decoder_layers, decoder_of
 
@@ -71,15 +70,15 @@ def trace_step(model: torch.nn.Module, cfg: RunCfg, seq_len: int, autocast: torc
         The saved bytes by place.
     """
     loss = step_loss(model, cfg.trainer, teacher, cfg.distill if teacher is not None else None)  # on real modules
-    mode = FakeTensorMode()
+    mode = fake_mode()
     for module in (model, teacher):
         if module is not None:
-            fake_tensors(module, mode)
+            make_fake(module, mode)
     layers = decoder_layers(model)
     kinds = list(range(len(layers))) if every_layer else representatives(layers, layer_types(model))
-    saved = SavedTensors({p.untyped_storage()._cdata for p in model.parameters()})
+    saved = SavedTensors({storage_key(p) for p in model.parameters()})
     cast = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
-    with only_layers(model, sorted(set(kinds))) as traced, watched(traced, saved), mode, FakeKernels(), \
+    with only_layers(model, sorted(set(kinds))) as traced, watched(traced, saved), mode, dispatch_mode(fake_kernel), \
             torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda tensor: tensor):
         ids = torch.zeros(cfg.trainer.micro_batch_size, seq_len, dtype=torch.long)
         with cast:  # accelerate autocasts the model's forward; the step loss picks the same matmul dtype
@@ -103,9 +102,9 @@ class SavedTensors:
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
         """The saved-tensor hook: note the tensor (weakly: autograd's graph is what keeps it) and keep it as is."""
-        storage = tensor.untyped_storage()
-        if storage._cdata not in self.parameters:
-            self.entries.append((weakref.ref(tensor), storage._cdata, storage.nbytes(), self.place))
+        key = storage_key(tensor)
+        if key not in self.parameters:
+            self.entries.append((weakref.ref(tensor), key, tensor.untyped_storage().nbytes(), self.place))
         return tensor
 
     def kept(self) -> dict[int | None, int]:
@@ -192,8 +191,8 @@ def watched(layers: dict[int, torch.nn.Module], saved: SavedTensors) -> Iterator
             handle.remove()
 
 
-def fake_tensors(model: torch.nn.Module, mode: FakeTensorMode) -> None:
-    """Swap every parameter and buffer of a meta-device `model` for a fake CPU tensor of its shape and dtype.
+def make_fake(model: torch.nn.Module, mode) -> None:
+    """Swap every parameter and buffer of a meta-device `model` for a fake CPU tensor of `mode` (its shape, dtype).
 
     Tied weights stay one tensor; `requires_grad` is kept.
     """
@@ -201,31 +200,30 @@ def fake_tensors(model: torch.nn.Module, mode: FakeTensorMode) -> None:
     for module in model.modules():
         for param in module._parameters.values():
             if param is not None and id(param) not in swapped:
-                swapped[id(param)] = torch.nn.Parameter(FakeTensor(mode, param.data, cpu), param.requires_grad)
+                swapped[id(param)] = torch.nn.Parameter(fake_like(mode, param.data, cpu), param.requires_grad)
         module._parameters.update({name: swapped[id(p)] for name, p in module._parameters.items() if p is not None})
-        module._buffers.update({name: FakeTensor(mode, b, cpu) for name, b in module._buffers.items() if b is not None})
+        buffers = module._buffers.items()
+        module._buffers.update({name: fake_like(mode, b, cpu) for name, b in buffers if b is not None})
 
 
-class FakeKernels(TorchDispatchMode):
-    """Where fake tensors cannot compute what the real kernels do, the same shapes and dtypes another way.
+def fake_kernel(func, args: tuple, kwargs: dict):
+    """An aten operation on fake tensors, called by the trace's dispatch mode (`ftune.compat.dispatch_mode`).
 
+    Where fake tensors cannot compute what the real kernel does, the same shapes and dtypes another way:
     - Boolean-mask indexing, whose result size depends on values fake tensors do not have, is computed as if
       every element were True. The only masks a step reads are of its labels (on CPU the step loss selects the
       learned rows) and every label of the traced batch is learned.
-    - Grouped matmuls of MoE experts (`_grouped_mm`) in fp32: the CPU kernel computes them, the fake one accepts
-      only bf16; computed in bf16 and returned in fp32.
+    - Grouped matmuls of MoE experts (`ftune.compat.grouped_mm_op`) in fp32: the CPU kernel computes them, the
+      fake one accepts only bf16; computed in bf16 and returned in fp32.
 
     Both run below autograd: it still sees, and saves, what a real step saves.
     """
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten.index.Tensor:
-            args = (args[0], [every_position(i) if i is not None and i.dtype == torch.bool else i for i in args[1]])
-        if func is torch.ops.aten._grouped_mm.default and args[0].dtype == torch.float32:
-            bf16 = [a.to(torch.bfloat16) if i < 2 else a for i, a in enumerate(args)]
-            return func(*bf16, **kwargs).to(torch.float32)
-        return func(*args, **kwargs)
+    if func is torch.ops.aten.index.Tensor:
+        args = (args[0], [every_position(i) if i is not None and i.dtype == torch.bool else i for i in args[1]])
+    if func is grouped_mm_op() and args[0].dtype == torch.float32:
+        bf16 = [a.to(torch.bfloat16) if i < 2 else a for i, a in enumerate(args)]
+        return func(*bf16, **kwargs).to(torch.float32)
+    return func(*args, **kwargs)
 
 
 def every_position(mask: torch.Tensor) -> torch.Tensor:

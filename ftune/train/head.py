@@ -10,8 +10,8 @@ from contextlib import contextmanager
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
-from peft.utils.other import ModulesToSaveWrapper
 
+from ftune.compat import module_to_run
 from ftune.train.chunked import LinearHead
 
 
@@ -35,22 +35,9 @@ def captured_head_input(head: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def active_head(head: torch.nn.Module) -> torch.nn.Module:
-    """The module a PEFT `modules_to_save` wrapper would run (its trained copy, or the original when disabled).
-
-    Written out because PEFT exposes the choice only through its forward; this mirrors
-    `ModulesToSaveWrapper.forward` (peft 0.21).
-    """
-    if isinstance(head, ModulesToSaveWrapper):
-        if head.disable_adapters or not head.active_adapters:
-            return head.original_module
-        return head.modules_to_save[head.active_adapters[0]]
-    return head
-
-
 def unsupported_reason(head: torch.nn.Module) -> str | None:
     """Why the chunked loss cannot take this head apart (None when it can): checked once, at setup."""
-    head = active_head(head)
+    head = module_to_run(head)  # a PEFT `modules_to_save` head: the copy it runs
     if isinstance(head, LoraLinear):
         if head.lora_variant or any(head.lora_bias.values()):
             return "LoRA variants (DoRA) and lora_bias on the output head"
@@ -70,7 +57,7 @@ def linear_head(head: torch.nn.Module, hidden: torch.Tensor, dtype: torch.dtype 
     matmul joins the chunked one. The small lora_A part runs under the model's autocast dtype, as it would
     inside the model's forward.
     """
-    head = active_head(head)
+    head = module_to_run(head)  # a PEFT `modules_to_save` head: the copy it runs
     inputs, weights = [hidden], []
     if isinstance(head, LoraLinear) and not (head.disable_adapters or head.merged):
         with torch.autocast(hidden.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

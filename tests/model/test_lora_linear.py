@@ -13,9 +13,10 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 from ftune.config.schema import LoraCfg, MethodCfg
+from ftune.model import adapters
 from ftune.model.adapters import lora_config
 from ftune.model.dropout import DroppedLinear, use_sparse_dropout
-from ftune.model.lora_linear import FusedLoraLinear, fused_lora_layer, fuses
+from ftune.model.lora_linear import FusedLoraLinear, fused_lora_layer, fuses, with_fused_layers
 
 IN, OUT, RANK = 24, 16, 4
 
@@ -36,7 +37,7 @@ def adapted_layer(fused: bool, p: float, bias: bool = False, dtype: torch.dtype 
     torch.manual_seed(0)
     config = LoraConfig(r=RANK, lora_alpha=8, lora_dropout=p, target_modules=["proj"], **lora)
     if fused:
-        config._register_custom_module({nn.Linear: fused_lora_layer})
+        with_fused_layers(config)
     model = get_peft_model(Holder(bias, dtype), config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -154,15 +155,16 @@ def test_quantized_layers_stay_peft_layers():
     assert fused_lora_layer(target, "default", LoraConfig(r=RANK)) is None
 
 
-def test_ftune_lora_models_fuse_every_linear_and_train_like_peft(random_llama):
+def test_ftune_lora_models_fuse_every_linear_and_train_like_peft(random_llama, monkeypatch):
     """lora_config gives FusedLoraLinear layers with PEFT's state-dict keys; training and merging match PEFT."""
     cfg, method = LoraCfg(r=4, alpha=8, dropout=0.1), MethodCfg(name="lora")
     models = []
     for fused in (False, True):
         base = random_llama()
-        config = lora_config(method, cfg, base)
-        if not fused:
-            config._custom_modules = None
+        with monkeypatch.context() as patch:
+            if not fused:
+                patch.setattr(adapters, "with_fused_layers", lambda config: config)  # PEFT's own layers
+            config = lora_config(method, cfg, base)
         model = get_peft_model(base, config)
         use_sparse_dropout(model)
         models.append(model)

@@ -26,6 +26,7 @@ import pytest
 import torch
 import yaml
 
+from ftune.compat import storage_key
 from ftune.config.compose import load_run_config
 from ftune.errors import ConfigError, ResourceError
 from ftune.model import memory
@@ -117,7 +118,7 @@ def measure_step(cfg) -> tuple[dict[str, int], dict, torch.nn.Module]:
     model = prepare_model(cfg)
     model.train()
     optimizer = build_optimizer(model, cfg.optim)
-    params = {p.untyped_storage()._cdata: p for p in model.parameters()}
+    params = {storage_key(p): p for p in model.parameters()}
     layer = ["outside"]
     for index, block in enumerate(decoder_layers(model)):
         block.register_forward_pre_hook(lambda module, args, index=index: layer.__setitem__(0, index))
@@ -125,7 +126,7 @@ def measure_step(cfg) -> tuple[dict[str, int], dict, torch.nn.Module]:
     saved: list[tuple[weakref.ref, int, object, int]] = []
 
     def pack(tensor):
-        key = tensor.untyped_storage()._cdata
+        key = storage_key(tensor)
         if key not in params:
             saved.append((weakref.ref(tensor), key, layer[0], tensor.untyped_storage().nbytes()))
         return tensor
@@ -143,7 +144,7 @@ def measure_step(cfg) -> tuple[dict[str, int], dict, torch.nn.Module]:
         if ref() is not None:
             live.setdefault(key, (where, size))
     for tensor in context_inputs(loss):
-        live.setdefault(tensor.untyped_storage()._cdata, ("outside", tensor.untyped_storage().nbytes()))
+        live.setdefault(storage_key(tensor), ("outside", tensor.untyped_storage().nbytes()))
     loss.backward()
     optimizer.step()
     by_layer = collections.Counter()
