@@ -1,5 +1,6 @@
 """Cross-field rules of the fine-tuning methods: each bad combination is one line naming its keys."""
 
+import functools
 import sys
 
 import pytest
@@ -26,14 +27,20 @@ def test_bad_method_combinations_are_rejected(overrides, expected):
         load_run_config(overrides)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["recipe=tiny_qlora", "lora.init=olora", "lora.dora=true", "lora.target_modules=[attention,up_proj]"],
-    ["recipe=tiny_full", "method.freeze=[embed_tokens,'layers[.]0[.]']", "optim.name=paged_adamw_8bit"],
-    ["recipe=tiny_distill", "distill.teacher_bits=4", "optim.name=adamw_8bit"],
-    ["recipe=tiny_lora", "optim.loraplus_lr_ratio=16", "lora.rslora=true"],
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["recipe=tiny_qlora", "lora.init=olora", "lora.dora=true", "lora.target_modules=[attention,up_proj]"],
+     {"lora.init": "olora", "lora.dora": True, "lora.target_modules": ["attention", "up_proj"], "quant.bits": 4}),
+    (["recipe=tiny_full", "method.freeze=[embed_tokens,'layers[.]0[.]']", "optim.name=paged_adamw_8bit"],
+     {"method.freeze": ["embed_tokens", "layers[.]0[.]"], "optim.name": "paged_adamw_8bit", "method.name": "full"}),
+    (["recipe=tiny_distill", "distill.teacher_bits=4", "optim.name=adamw_8bit"],
+     {"distill.teacher_bits": 4, "optim.name": "adamw_8bit", "objective.name": "distill"}),
+    (["recipe=tiny_lora", "optim.loraplus_lr_ratio=16", "lora.rslora=true"],
+     {"optim.loraplus_lr_ratio": 16.0, "lora.rslora": True, "method.name": "lora"}),
 ])
-def test_good_method_combinations_pass(overrides):
-    load_run_config(overrides)
+def test_good_method_combinations_pass_with_their_values(overrides, expected):
+    typed, _ = load_run_config(overrides)
+    for key, value in expected.items():
+        assert functools.reduce(getattr, key.split("."), typed) == value, key
 
 
 def test_bitsandbytes_users_need_it_installed(monkeypatch):
