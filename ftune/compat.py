@@ -10,7 +10,7 @@ checked on and what ftune uses it for; how to update one is in docs/design.md ("
 This module imports nothing of ftune (every layer may import it) and no library at import time (`ftune --help`
 stays instant, and bitsandbytes may be missing): each function imports what it fences when called.
 
-Not fenced: `nn.Module._modules`, `_parameters` and `_buffers`, which `model/trace.py` swaps to trace a few
+Not fenced: `nn.Module._modules`, `_parameters` and `_buffers`, which `plan/trace.py` swaps to trace a few
 layers on fake tensors. They are underscored but are torch's stable module state in practice (`state_dict`,
 `named_parameters` and every wrapper library read and write them), not internals that move between releases.
 """
@@ -65,7 +65,7 @@ def modules_kept_unquantized(model) -> list[str]:
     """Names of the modules transformers' quantizers leave unquantized: the output head and tied weights.
 
     transformers' `transformers.quantizers.base.get_keys_to_not_convert` (checked on transformers 5.25.0), an
-    undocumented helper of its quantizers. `ftune.model.meta` plans the quantized storage of every other linear.
+    undocumented helper of its quantizers. `ftune.plan.meta` plans the quantized storage of every other linear.
     """
     from transformers.quantizers.base import get_keys_to_not_convert
 
@@ -124,7 +124,7 @@ def fake_mode_active() -> bool:
 def fake_mode():
     """A new torch `FakeTensorMode`, under which operations compute shapes and dtypes, no values, no memory.
 
-    torch's private `torch._subclasses.fake_tensor.FakeTensorMode` (checked on torch 2.13.0). `ftune.model.trace`
+    torch's private `torch._subclasses.fake_tensor.FakeTensorMode` (checked on torch 2.13.0). `ftune.plan.trace`
     runs a training step under it to measure what autograd keeps.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -136,7 +136,7 @@ def fake_like(mode, meta, device):
     """A fake tensor of `mode` with the shape, dtype and strides of the meta tensor `meta`, said to be on `device`.
 
     torch's private `torch._subclasses.fake_tensor.FakeTensor` constructor (checked on torch 2.13.0).
-    `ftune.model.trace` swaps a meta-device model's parameters and buffers for these.
+    `ftune.plan.trace` swaps a meta-device model's parameters and buffers for these.
     """
     from torch._subclasses.fake_tensor import FakeTensor
 
@@ -147,7 +147,7 @@ def dispatch_mode(handler):
     """A context manager under which every aten operation calls `handler(func, args, kwargs)` for its result.
 
     torch's private `torch.utils._python_dispatch.TorchDispatchMode` (checked on torch 2.13.0): it runs below
-    autograd, which still records (and saves for) the operation as called. `ftune.model.trace` computes there
+    autograd, which still records (and saves for) the operation as called. `ftune.plan.trace` computes there
     what fake tensors cannot.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -163,7 +163,7 @@ def storage_key(tensor) -> int:
     """A number that tells the storage under `tensor` apart from every other storage alive (fake ones too).
 
     torch's private `UntypedStorage._cdata` (checked on torch 2.13.0), the address of the C++ storage: views of
-    one tensor share it. `data_ptr()` cannot serve: a fake tensor has no data. `ftune.model.trace` counts each
+    one tensor share it. `data_ptr()` cannot serve: a fake tensor has no data. `ftune.plan.trace` counts each
     saved storage once.
     """
     return tensor.untyped_storage()._cdata
@@ -173,7 +173,7 @@ def grouped_mm_op():
     """The aten operation of grouped matrix products (MoE experts), as a dispatch mode sees it.
 
     torch's private `torch.ops.aten._grouped_mm.default` (checked on torch 2.13.0), the operation below the
-    public `torch.nn.functional.grouped_mm`. `ftune.model.trace` runs it in bf16 on fake tensors, whose kernel
+    public `torch.nn.functional.grouped_mm`. `ftune.plan.trace` runs it in bf16 on fake tensors, whose kernel
     refuses fp32.
     """
     import torch

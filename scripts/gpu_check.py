@@ -53,7 +53,7 @@ def random_model(cfg, device: torch.device, quantize: bool):
     from transformers import AutoModelForCausalLM
 
     from ftune.model.dtypes import DTYPES
-    from ftune.model.meta import load_model_config
+    from ftune.plan.meta import load_model_config
 
     config = load_model_config(cfg.model.name_or_path)  # a directory, or a shipped public config
     config._attn_implementation = attention(device)
@@ -83,7 +83,7 @@ def quantize_linears(model, double_quant: bool) -> None:
     """
     import bitsandbytes as bnb
 
-    from ftune.model.meta import decoder_of
+    from ftune.plan.meta import decoder_of
 
     for layer in decoder_of(model).layers:
         for name, module in list(layer.named_modules()):
@@ -217,7 +217,7 @@ def packing_check(device: torch.device, smoke_dir: Path | None) -> dict:
 
 def check(model_name: str, method: str, args, device: torch.device, smoke_dir: Path | None) -> dict:
     """One (model, method): ftune's and TRL's steps and the plan's estimate."""
-    from ftune.model.plan import GIB, plan_run
+    from ftune.plan.estimate import GIB, plan_run
     from ftune.train.losses import build_step_loss
 
     cfg = run_config(model_name, method, args.seq_len, args.micro_batch, smoke_dir)

@@ -221,7 +221,7 @@ def merge_gap(path: Path) -> float:
 
 def plan_and_model_counts(path: Path, method: str) -> tuple[tuple[int, int], tuple[int, int]]:
     """(total, trainable) as `ftune plan` counts them (`plan_run` on CPU), and on the instantiated model."""
-    from ftune.model.plan import plan_run
+    from ftune.plan.estimate import plan_run
     from ftune.train.losses import build_step_loss
 
     cfg = run_cfg(path, f"method.name={method}")

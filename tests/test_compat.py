@@ -241,7 +241,7 @@ def test_storage_key_tells_storages_apart_on_real_and_fake_tensors():
 
 
 def test_grouped_mm_op_is_what_grouped_mm_dispatches_and_its_fake_kernel_still_refuses_fp32():
-    """When the fake kernel takes fp32, `ftune.model.trace.fake_kernel`'s bf16 detour can go."""
+    """When the fake kernel takes fp32, `ftune.plan.trace.fake_kernel`'s bf16 detour can go."""
     a, b, offsets = torch.randn(4, 8), torch.randn(2, 8, 8), torch.tensor([2, 4], dtype=torch.int32)
     seen = []
 

@@ -13,12 +13,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "ftune"
 
 FORBIDDEN = {
-    "config": {"data", "model", "train", "eval", "report", "commands"},
-    "data": {"model", "train", "eval", "commands"},
-    "model": {"data", "train", "eval", "commands"},
-    "report": {"data", "model", "train", "eval", "commands"},
-    "eval": {"train", "commands"},
-    "train": {"commands"},
+    "config": {"data", "model", "plan", "train", "eval", "report", "commands"},
+    "data": {"model", "plan", "train", "eval", "commands"},
+    "model": {"data", "plan", "train", "eval", "commands"},
+    "plan": {"data", "train", "eval", "commands"},
+    "report": {"data", "model", "plan", "train", "eval", "commands"},
+    "eval": {"plan", "train", "commands"},
+    "train": {"plan", "commands"},
 }
 """Package -> the ftune packages its modules must not import (`commands/` and `cli.py` import the rest)."""
 

@@ -1,7 +1,7 @@
 """`ftune plan recipe=NAME [overrides] [gpus=N] [sharding=none|zero2|zero3|fsdp] [--json]`.
 
 Composes and validates the recipe as `ftune train` would, then counts parameters and estimates memory per GPU
-on the meta device (`ftune.model.plan`, which traces one step of the run's own loss on fake tensors): nothing is
+on the meta device (`ftune.plan.estimate`, which traces one step of the run's own loss on fake tensors): nothing is
 downloaded and no weight is loaded. `gpus` and `sharding` are this command's own options, not config keys: the
 distribution is chosen at launch time (the accelerate config file), not in the recipe.
 """
@@ -19,7 +19,7 @@ OWN_KEYS = ("gpus", "sharding")
 
 def run(args) -> int:
     """Print the plan of each job (one, or a `-m` sweep): a table, or JSON with `--json`."""
-    from ftune.model.plan import plan_rows, plan_run, plan_to_json
+    from ftune.plan.estimate import plan_rows, plan_run, plan_to_json
     from ftune.train.losses import build_step_loss
 
     own, overrides = pop_command_keys(args.overrides, OWN_KEYS)

@@ -29,7 +29,7 @@ from ftune.eval.probe import base_probe_ppl, build_probe_loader
 from ftune.eval.tasks import TaskProbe, load_tasks
 from ftune.model.dtypes import native_mixed_precision
 from ftune.model.load import count_parameters, load_tokenizer, prepare_model
-from ftune.model.plan import distribution_from_env, plan_rows, plan_run
+from ftune.plan.estimate import distribution_from_env, plan_rows, plan_run
 from ftune.report.console import console, print_table
 from ftune.report.metrics import MetricsLog, NullLog
 from ftune.train.artefacts import METRICS_FILE, draw_plots, save_final, write_summary

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 HUB_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "hub"
-"""config.json of public models, at hub/<org>/<name>/config.json (the same folder `model/meta.py` reads)."""
+"""config.json of public models, at hub/<org>/<name>/config.json (the same folder `plan/meta.py` reads)."""
 FULL, SLIDING = "full_attention", "sliding_attention"
 """transformers 5's `layer_types` of causal attention, whole or windowed: the masks ftune builds for packed rows."""
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")

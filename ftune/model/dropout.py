@@ -43,7 +43,7 @@ def dropped_positions(numel: int, p: float) -> torch.Tensor:
     sum of the first k gaps. Draws in blocks of the expected count plus six standard deviations until the
     sum passes `numel`, so the result is exact whatever the draw (a second block is needed about once in 10^9).
     Draws from the global CPU generator, whose state ftune's checkpoints save: resumed runs draw the same masks.
-    On fake tensors (`ftune plan`'s trace, model/trace.py), which hold no values to draw, the expected number.
+    On fake tensors (`ftune plan`'s trace, plan/trace.py), which hold no values to draw, the expected number.
     """
     expected = numel * p
     if fake_mode_active():

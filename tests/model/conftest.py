@@ -23,33 +23,3 @@ def save_llama(random_llama, tmp_path):
         return path
 
     return save
-
-
-def built_once(tmp_path_factory, module: str):
-    """A factory that builds a tiny model with `scripts/<module>.py`'s `build(name, out, base)`, once per name."""
-    import importlib
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # scripts/ is not a package
-    builder, tiny_arch = importlib.import_module(module), importlib.import_module("tiny_arch")
-    out, built, base = tmp_path_factory.mktemp(module), {}, tiny_arch.base_tokenizer()
-
-    def build(name: str) -> Path:
-        if name not in built:
-            built[name] = builder.build(name, out, base)
-        return built[name]
-
-    return build
-
-
-@pytest.fixture(scope="session")
-def tiny_arch(tmp_path_factory):
-    """A factory of tiny random models of real families (scripts/tiny_arch.py), each built once per session."""
-    return built_once(tmp_path_factory, "tiny_arch")
-
-
-@pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory):
-    """A factory of tiny random models of any causal-LM architecture (scripts/arch_zoo.py), each built once."""
-    return built_once(tmp_path_factory, "arch_zoo")

@@ -1,4 +1,4 @@
-"""`ftune.model.plan`: exact counts, memory checked against a measured training step, and hand arithmetic.
+"""`ftune.plan.estimate`: exact counts, memory checked against a measured training step, and hand arithmetic.
 
 What "measured" means here, on CPU where there is no allocator to read a peak from:
 - weights, gradients and optimizer state: the bytes of the tensors a real step leaves behind (parameters and
@@ -6,7 +6,7 @@ What "measured" means here, on CPU where there is no allocator to read a peak fr
   `prepare_model`, `build_optimizer` and loss;
 - activations: the bytes of every tensor autograd saves for the backward (`saved_tensors_hooks`, each storage
   once, parameters excluded, still held when the forward ends) during that step's forward: what the plan traces
-  on fake tensors (`model/trace.py`); with gradient checkpointing, the layer that is recomputed during the
+  on fake tensors (`plan/trace.py`); with gradient checkpointing, the layer that is recomputed during the
   backward adds its working set, measured layer by layer on the same model without checkpointing.
 The plan (estimated for a CPU run: ftune's CPU LoRA kernels and dropout) must agree within 15%.
 """
@@ -29,13 +29,13 @@ import yaml
 from ftune.compat import storage_key
 from ftune.config.compose import load_run_config
 from ftune.errors import ConfigError, ResourceError
-from ftune.model import memory
 from ftune.model.dtypes import cpu_has_bf16, native_mixed_precision
 from ftune.model.load import count_parameters, prepare_model
-from ftune.model.meta import build_meta_model, decoder_layers
-from ftune.model.plan import GIB, distribution_from_env
-from ftune.model.plan import plan_run as plan_with
-from ftune.model.trace import trace_step
+from ftune.plan import memory
+from ftune.plan.estimate import GIB, distribution_from_env
+from ftune.plan.estimate import plan_run as plan_with
+from ftune.plan.meta import build_meta_model, decoder_layers
+from ftune.plan.trace import trace_step
 from ftune.train.losses import build_step_loss
 from ftune.train.optim import build_optimizer
 
@@ -427,8 +427,8 @@ def test_lora_7b_activations_by_hand():
 
 def test_a_model_the_trace_cannot_run_keeps_its_counts_and_says_why(tiny_dir, monkeypatch):
     """Fake tensors reaching code that needs real ones: the counts and the other parts stand, the total does not."""
-    import ftune.model.plan as planning
-    from ftune.model.plan import plan_rows, plan_to_json
+    import ftune.plan.estimate as planning
+    from ftune.plan.estimate import plan_rows, plan_to_json
 
     def cannot_trace(*args, **kwargs):
         raise RuntimeError("Cannot call .item() on a fake tensor\nsecond line")

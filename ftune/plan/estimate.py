@@ -1,12 +1,12 @@
 """`ftune plan`: exact parameter counts and a per-GPU memory estimate, without downloading or loading weights.
 
-The model is built on the meta device from its config.json (`model/meta.py`), the recipe's method applied to
+The model is built on the meta device from its config.json (`plan/meta.py`), the recipe's method applied to
 it exactly as training does, and the counts and dtypes are read off its tensors. Memory per GPU is the sum of:
-- weights: every tensor at its dtype, quantized ones by bitsandbytes' storage (`model/memory.py`);
+- weights: every tensor at its dtype, quantized ones by bitsandbytes' storage (`plan/memory.py`);
 - gradients: the trainable tensors at their dtype;
-- optimizer state: by `optim.name` (`model/memory.py`);
+- optimizer state: by `optim.name` (`plan/memory.py`);
 - activations: what autograd keeps of one micro-batch of `data.max_length` tokens, measured by tracing the
-  run's forward and step loss on fake tensors (`model/trace.py`);
+  run's forward and step loss on fake tensors (`plan/trace.py`);
 - logits: the loss's transient logits, one chunk's (`trainer.loss_chunk_size`) or, unfused, the micro-batch's:
   arithmetic (`logits_bytes`), since the trace sees what is kept, not what passes through;
 - the distillation teacher's weights;
@@ -20,10 +20,10 @@ import torch
 
 from ftune.config.schema import RunCfg, TrainerCfg
 from ftune.errors import ConfigError
-from ftune.model import memory
 from ftune.model.dtypes import DTYPES, native_mixed_precision
 from ftune.model.load import count_parameters
-from ftune.model.meta import (
+from ftune.plan import memory
+from ftune.plan.meta import (
     build_meta_model,
     decoder_layers,
     decoder_of,
@@ -31,7 +31,7 @@ from ftune.model.meta import (
     meta_teacher,
     unique_parameters,
 )
-from ftune.model.trace import StepLossBuilder, trace_step
+from ftune.plan.trace import StepLossBuilder, trace_step
 
 GIB = 2**30
 """The `*_gb` figures are GiB, the unit GPU memory is sold and reported in."""
@@ -261,7 +261,7 @@ def head_trains(model: torch.nn.Module) -> bool:
 
 def activation_estimate(model: torch.nn.Module, cfg: RunCfg, sharding: str, device: str,
                         step_loss: StepLossBuilder, tokens: int) -> tuple[int | None, str]:
-    """Activation bytes of one micro-batch of `tokens` tokens, traced (`model/trace.py`), and how they were got.
+    """Activation bytes of one micro-batch of `tokens` tokens, traced (`plan/trace.py`), and how they were got.
 
     One GPU or DDP autocast the forward to the mixed-precision dtype; DeepSpeed and FSDP run the model in
     that dtype instead (weights cast, no autocast). The loss is the one this distribution runs (`loss_chunk`).

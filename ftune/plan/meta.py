@@ -1,6 +1,6 @@
 """The model as training prepares it, built on the meta device from its config.json: shapes and dtypes, no memory.
 
-`ftune plan` reads parameter counts and dtypes off it, and traces a training step through it (`model/trace.py`).
+`ftune plan` reads parameter counts and dtypes off it, and traces a training step through it (`plan/trace.py`).
 The config comes from a local directory, from the config.json files shipped for public models
 (ftune/configs/hub/<org>/<name>/config.json, so planning needs no network), or from the hub cache.
 
@@ -20,11 +20,11 @@ from ftune.compat import modules_kept_unquantized
 from ftune.config.architecture import HUB_CONFIGS, config_dir
 from ftune.config.schema import RunCfg
 from ftune.errors import ConfigError, ResourceError
-from ftune.model import memory
 from ftune.model.adapters import add_adapter
 from ftune.model.dropout import DroppedLinear
 from ftune.model.dtypes import DTYPES, quant_compute_dtype
 from ftune.model.load import freeze_matching
+from ftune.plan import memory
 
 TRACED_SDPA = "ftune_traced_sdpa"
 """The attention `model.attn_implementation=sdpa` is traced with (see `traced_sdpa`); flash-attention keeps what

@@ -1,6 +1,6 @@
 """Activation memory of one training step, measured on fake tensors: what autograd keeps for the backward pass.
 
-The model is built as the run builds it (`model/meta.py`), its tensors swapped for fake ones (torch's fake
+The model is built as the run builds it (`plan/meta.py`), its tensors swapped for fake ones (torch's fake
 tensor mode, `ftune.compat.fake_mode`: shapes, dtypes and a CPU device, no data and no memory), and one
 micro-batch of the run's shape goes through its real forward and the run's real step loss (`train/losses.py`:
 chunked or not, with the distillation teacher), under the autocast training uses. Every tensor autograd saves for
@@ -28,10 +28,10 @@ import torch
 
 from ftune.compat import dispatch_mode, fake_like, fake_mode, grouped_mm_op, storage_key
 from ftune.config.schema import RunCfg
-from ftune.model.meta import decoder_layers, decoder_of
+from ftune.plan.meta import decoder_layers, decoder_of
 
 StepLossBuilder = Callable[..., Callable[[torch.nn.Module, dict], dict]]
-"""`ftune.train.losses.build_step_loss`, handed in by the command: model/ does not import train/."""
+"""`ftune.train.losses.build_step_loss`, handed in by the command: plan/ does not import train/."""
 
 
 @dataclass
