@@ -136,7 +136,7 @@ class DataCfg:
     which computes every pad slot for nothing (see ftune.data.collate.pad_multiple)."""
     group_by_length: bool = False
     """Without packing, batch examples of similar length (shuffled within windows of 50 batches) so padding
-    wastes few slots; measured fastest on CPU for short chat data (scripts/bench.py)."""
+    wastes few slots; measured fastest on CPU for short chat data (docs/benchmarks.md)."""
     train_on_reasoning: bool = True
     """Learn the reasoning (`<think>` block) of assistant turns wherever the chat template renders it. Qwen3's
     renders it only after the last user query, so ftune learns each earlier turn in an example that ends with
@@ -191,8 +191,8 @@ class LoraCfg:
     dropout: float = bounded(0.05, 0.0, 1.0)
     """Dropout on the adapter input. PEFT draws an independent mask over the full input of every adapted module
     (q, k and v each their own), which has no exact cheaper form: one shared mask would correlate the adapters'
-    noise. It is not free: a quarter of a CPU step on the 64M bench model (0 gave 654 against 527 tokens/s),
-    and one mask per adapted module kept for the backward (`ftune plan` counts them). 0 turns it off."""
+    noise. It is not free: a sizeable share of a CPU step on small models (docs/benchmarks.md), and one mask per
+    adapted module kept for the backward (`ftune plan` counts them). 0 turns it off."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt, or a preset: `all-linear` (every linear layer but the head), `attention`."""
     rslora: bool = False
@@ -326,15 +326,15 @@ class TrainerCfg:
     """DataLoader worker processes."""
     compile: bool = False
     """Compile each decoder layer with torch.compile (inductor, through accelerate's regional compilation). The
-    first steps pay the compile time; fixed shapes (packing) avoid recompiles. On CPU, scripts/bench.py measured
-    -7% to +10% after warm-up: meant for GPUs and long runs."""
+    first steps pay the compile time; fixed shapes (packing) avoid recompiles. On CPU it gained little after
+    warm-up (docs/benchmarks.md): meant for GPUs and long runs."""
     nan_guard: bool = True
     """Stop with exit code 3 (after saving the last good state) when a step's loss is not finite."""
     loss_chunk_size: int = bounded(256, 0)
     """Tokens per chunk of the loss: the head and the loss run this many tokens at a time from the last hidden
-    states, so the [tokens, vocab] logits never exist (one chunk's: 256 x 128,256 fp32 = 131 MB). 1024 measured
-    12% faster on the loss alone on CPU but holds 4x the memory (scripts/bench.py --only headloss). 0 computes
-    the full logits (the unfused loss)."""
+    states, so the [tokens, vocab] logits never exist (one chunk's: 256 x 128,256 fp32 = 131 MB). Larger chunks
+    are a little faster and hold proportionally more memory (docs/benchmarks.md, "The loss variants alone"). 0
+    computes the full logits (the unfused loss)."""
     loss_recompute: bool = False
     """Chunked loss only: recompute each chunk's logits in the backward instead of computing their gradient in
     the forward pass (one more head matmul per step, no gradient buffers held until the backward)."""

@@ -222,7 +222,7 @@ def pad_multiple(configured: int) -> int:
     """`data.pad_to_multiple_of`, its 0 (the default) resolved for the device this machine trains on.
 
     A GPU gets multiples of 8, which tensor-core matmul and attention kernels prefer. A CPU gets no rounding: its
-    kernels gain nothing from it and compute each pad slot for nothing. On the bench's chat batches, rounding to
-    8 doubled the padded slots, 2.8% -> 5.5% (scripts/bench.py `--only base100m`, `ftune_default_pad8`).
+    kernels gain nothing from it and compute each pad slot for nothing: on short chat batches rounding to 8
+    about doubles the padded slots (docs/benchmarks.md).
     """
     return configured or (GPU_PAD_MULTIPLE if local_device() == "cuda" else 1)

@@ -22,9 +22,9 @@ def native_mixed_precision(device: str | None = None) -> str:
     """The autocast dtype `trainer.mixed_precision=auto` resolves to: the fastest one `device` computes.
 
     CUDA: bf16 where the GPU has it (Ampere and later; assumed when planning for a GPU this machine lacks),
-    else fp16. CPU: bf16 only with native bf16 matmul instructions. Without them torch emulates bf16, and a
-    bf16 matmul measured 3-4.5x slower than an fp32 one on this project's 2-core CI machines (`scripts/bench.py`
-    GEMM sweep), so autocast would only slow the run. `device` None: the one a run here would use.
+    else fp16. CPU: bf16 only with native bf16 matmul instructions. Without them torch emulates bf16, several
+    times slower than fp32 (docs/benchmarks.md, "GEMM rates"), so autocast would only slow the run. `device`
+    None: the one a run here would use.
 
     `FTUNE_CPU_BF16=1` (or `0`) takes the CPU as one with (or without) bf16 instructions: the switch to run the
     test suite here as it runs on the other kind of machine (`FTUNE_CPU_BF16=1 python -m pytest`; bf16 is then
@@ -43,7 +43,7 @@ def quant_compute_dtype(name: str, device: str | None = None) -> torch.dtype:
     """`quant.compute_dtype` as a torch dtype; `auto`: bf16 where `device` computes it natively, else fp32.
 
     Not fp16 on GPUs without bf16: QLoRA's dequantized matmuls can overflow in fp16. On a CPU without bf16
-    instructions an emulated bf16 matmul ran at 1-2% of fp32's rate (`scripts/bench.py`'s GEMM sweep), which
+    instructions bf16 is emulated, a small fraction of fp32's rate (docs/benchmarks.md, "GEMM rates"), which
     made a tiny QLoRA step take seconds.
     """
     if name == "auto":

@@ -2,9 +2,9 @@
 
 PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as five autograd nodes per adapted layer, with
 three output-sized temporaries (the LoRA product, its scaled copy, the sum), and autograd adds the two
-branches' input gradients in the backward as a sixth. On a 100M-parameter model trained on ~130-token chat
-rows, each of those ops is small and their count, not the matmuls, sets the step time (scripts/bench.py
-`--only base100m`). `FusedLoraLinear` computes the same function in one `torch.autograd.Function`:
+branches' input gradients in the backward as a sixth. On short chat rows each of those ops is small and their
+count, not the matmuls, sets the step time (docs/benchmarks.md, "Where the step goes"). `FusedLoraLinear`
+computes the same function in one `torch.autograd.Function`:
 
     forward:   y = x W^T + b;  h = dropout(x) A^T;  y += s * h B^T          (in place: one addmm)
     backward:  g_h = s * g B;  grad_B = s * g^T h;  grad_A = g_h^T dropout(x)
