@@ -11,13 +11,23 @@ import torch
 
 from ftune.config.schema import DataCfg
 from ftune.data.formats import read_records, resolve_format
-from ftune.data.preference import PAIRED_FORMATS, build_preference_loader, build_preference_split
+from ftune.data.preference import OBJECTIVE_FORMATS, PAIRED_FORMATS, build_preference_loader, build_preference_split
+from ftune.errors import DataError
 from ftune.eval.loss import unfused_sequence_logps
 
 
 def holds_pairs(cfg: DataCfg) -> bool:
-    """Whether `data.eval_path` holds preference pairs (with `data.format=auto`, as its first record says)."""
-    return resolve_format(read_records(cfg.eval_path, cfg), cfg.eval_path, cfg.format) in PAIRED_FORMATS
+    """Whether `data.eval_path` holds preference pairs (with `data.format=auto`, as its first record says).
+
+    Raises:
+        DataError: it holds KTO's unpaired rows, which ftune eval does not score (nor read as conversations).
+    """
+    fmt = resolve_format(read_records(cfg.eval_path, cfg), cfg.eval_path, cfg.format)
+    if fmt not in PAIRED_FORMATS and fmt in OBJECTIVE_FORMATS["kto"]:
+        raise DataError(f"data.eval_path={cfg.eval_path}: unpaired preference rows (prompt, completion, label: "
+                        "KTO's data), which ftune eval does not score (expected conversations or preference pairs)",
+                        "give the held-out pairs or conversations, or pass KTO rows to ftune train objective=kto")
+    return fmt in PAIRED_FORMATS
 
 
 @torch.no_grad()

@@ -116,15 +116,18 @@ def plan_run(cfg: RunCfg, gpus: int = 1, sharding: str = "none", device: str = "
     gathered = memory.GATHERED_LAYERS * max_layer_bytes(model, quantized, cfg, sharding)
     weights, grads, optimizer = memory.per_gpu(weights, grads, optimizer, gathered, sharding, gpus)
     reference = reference_bytes(model, quantized, cfg)
-    tokens = cfg.trainer.micro_batch_size * sequences_per_example(cfg) * planned_seq_len(cfg)
+    sequences = sequences_per_example(cfg)
+    rows = cfg.trainer.micro_batch_size * sequences
+    tokens = rows * planned_seq_len(cfg)
     logits, notes["logits"] = logits_estimate(model, cfg, sharding, tokens)
-    activation_total, notes["activations"] = activation_estimate(model, cfg, sharding, device, step_loss, tokens)
+    activation_total, notes["activations"] = activation_estimate(model, cfg, sharding, device, step_loss, rows,
+                                                                 tokens)
     for part, how in sharding_notes(sharding, gpus).items():
         notes[part] += how
     return Plan(
         recipe=cfg.recipe, model=cfg.model.name_or_path, method=method_label(cfg), optimizer=cfg.optim.name,
         gpus=gpus, sharding=sharding, micro_batch_size=cfg.trainer.micro_batch_size, seq_len=planned_seq_len(cfg),
-        sequences_per_example=sequences_per_example(cfg),
+        sequences_per_example=sequences,
         grad_accum=cfg.trainer.grad_accum, effective_batch=effective_batch(cfg.trainer, gpus),
         gradient_checkpointing=cfg.model.gradient_checkpointing, total_params=total, trainable_params=trainable,
         memory=Memory(weights, grads, optimizer, activation_total, teacher_bytes(cfg, device), reference, logits),
@@ -192,7 +195,9 @@ def max_layer_bytes(model: torch.nn.Module, quantized: dict[int, int], cfg: RunC
 def sequences_per_example(cfg: RunCfg) -> int:
     """Sequences one example puts through the trained forward: a DPO pair's chosen and rejected share one.
 
-    The reference's forward runs without gradient, so it saves nothing for the backward; KTO's KL rows likewise.
+    Planned as two full rows: an upper bound for a pair whose prompt both responses share in one row
+    (`pref.share_prompt`), which holds the prompt once. The reference's forward runs without gradient, so it saves
+    nothing for the backward; KTO's KL rows likewise.
     """
     return 2 if cfg.objective.name == "dpo" else 1
 
@@ -260,8 +265,8 @@ def head_trains(model: torch.nn.Module) -> bool:
 
 
 def activation_estimate(model: torch.nn.Module, cfg: RunCfg, sharding: str, device: str,
-                        step_loss: StepLossBuilder, tokens: int) -> tuple[int | None, str]:
-    """Activation bytes of one micro-batch of `tokens` tokens, traced (`plan/trace.py`), and how they were got.
+                        step_loss: StepLossBuilder, rows: int, tokens: int) -> tuple[int | None, str]:
+    """Activation bytes of one micro-batch of `rows` sequences, `tokens` tokens, traced (`plan/trace.py`).
 
     One GPU or DDP autocast the forward to the mixed-precision dtype; DeepSpeed and FSDP run the model in
     that dtype instead (weights cast, no autocast). The loss is the one this distribution runs (`loss_chunk`).
@@ -272,7 +277,6 @@ def activation_estimate(model: torch.nn.Module, cfg: RunCfg, sharding: str, devi
     if mixed is not None and sharding != "none":
         model.to(mixed)
     teacher = meta_teacher(cfg, device)[0] if cfg.distill.teacher is not None else None
-    rows = cfg.trainer.micro_batch_size * sequences_per_example(cfg)
     run = replace(cfg, trainer=replace(cfg.trainer, micro_batch_size=rows, loss_chunk_size=loss_chunk(cfg, sharding)))
     autocast = mixed if sharding == "none" else None
     try:

@@ -153,3 +153,14 @@ def test_bad_input_is_one_line(bad_models, small_data, tmp_path, capsys, case):
     errors = [line for line in err.splitlines() if line.startswith("ftune: error: ")]
     assert len(errors) == 1 and expected in errors[0] and err.strip().endswith(errors[0]), err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_kto_rows_as_held_out_data_are_refused_in_one_line(tiny_model_path, tmp_path, capsys):
+    """Unpaired rows are neither conversations nor pairs: one line naming the file, before any model loads."""
+    kto = tiny_model_path.parents[1] / "data" / "pairs" / "kto_validation.jsonl"
+    out = tmp_path / "eval.json"
+    assert main(["eval", f"model={tiny_model_path}", f"data.eval_path={kto}", "probe.path=null", "generate=0",
+                 f"out={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ftune: error: data.eval_path={kto}: unpaired preference rows") and "\n" not in err
+    assert not out.exists()
