@@ -193,14 +193,18 @@ def test_pairs_sharing_their_prompt_row_give_the_two_row_log_probs_and_gradients
         torch.testing.assert_close(shared_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def dpo_objective(model, **pref):
+def dpo_objective(model, name: str = "dpo", **pref):
     cfg = RunCfg()
-    cfg.objective.name, cfg.trainer = "dpo", TrainerCfg(loss_chunk_size=7)
+    cfg.objective.name, cfg.trainer = name, TrainerCfg(loss_chunk_size=7)
     for key, value in pref.items():
         setattr(cfg.pref, key, value)
     objective = build_objective(cfg)
     objective.attach(model, tokenizer=None)
     return objective
+
+
+def kto_objective(model):
+    return dpo_objective(model, name="kto")
 
 
 def lora_llama(random_llama, seed: int = 0):
@@ -261,3 +265,35 @@ def test_start_adapter_is_the_reference_and_the_first_loss_is_ln2(random_llama, 
     assert parts["reward_margin"].item() == pytest.approx(0.0, abs=1e-6)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # the switch gave them back
     assert model.active_adapter == "default" and "model.adapter" in objective.reference.describe()
+
+
+@pytest.mark.parametrize("objective_name", ["dpo", "kto"])
+def test_an_moe_policys_router_loss_comes_from_its_own_forward(objective_name):
+    """The balancing loss reads the latest forward's router logits: the policy's, not the reference's."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    from ftune.data.collate import KtoCollator
+    from ftune.model.moe import add_router_loss, record_router_logits
+
+    torch.manual_seed(0)
+    config = OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                         max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    base = OlmoeForCausalLM(config)
+    record_router_logits(base)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.3)
+    rows = pair_rows(3, vocab=64, seed=8)
+    if objective_name == "dpo":
+        objective, batch = dpo_objective(model), PairCollator(pad_token_id=0)(rows)
+    else:
+        kto_rows = [{"prompt_ids": r["prompt_ids"], "completion_ids": r["chosen_ids"], "label": i % 2 == 0}
+                    for i, r in enumerate(rows)]
+        objective, batch = kto_objective(model), KtoCollator(pad_token_id=0)(kto_rows)
+    parts = add_router_loss(model, batch, objective.loss(model, batch), torch.tensor(1))
+    assert parts["router_loss"].requires_grad  # the policy's routers, which the loss can train
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    policy_aux = model(**inputs, output_router_logits=True).aux_loss
+    torch.testing.assert_close(parts["router_loss"], policy_aux)

@@ -216,10 +216,13 @@ class PreferenceObjective(Objective):
                                      "prompt": prompt}
 
     def scored(self, model, batch: dict):
-        """(policy, reference) rows' (log-prob sums, labelled tokens); the reference is None when not used."""
-        policy = self.policy_logps(model, batch)
+        """(policy, reference) sequences' (log-prob sums, labelled tokens); the reference is None when not used.
+
+        The reference runs first: an MoE model's router loss (`ftune.model.moe`) reads the router logits of the
+        latest forward, which must be the policy's, with their gradient.
+        """
         reference = self.reference(model, batch) if self.reference is not None else None
-        return policy, reference
+        return self.policy_logps(model, batch), reference
 
 
 class DpoObjective(PreferenceObjective):
@@ -269,8 +272,9 @@ class KtoObjective(PreferenceObjective):
         return torch.tensor(batch["kto_label"].numel(), device=batch["kto_label"].device)
 
     def loss(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        kl = self.kl_estimate(model, batch)  # first: the policy's forward on the batch is the last (see `scored`)
         (policy, _), (reference, _) = self.scored(model, batch)
-        desirable, kl = batch["kto_label"], self.kl_estimate(model, batch)
+        desirable = batch["kto_label"]
         terms = kto_losses(self.cfg.pref, policy, reference, desirable, kl)
         reward, undesirable = terms["reward"], ~desirable
         return {
