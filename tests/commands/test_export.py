@@ -83,7 +83,7 @@ CASES = ["no source", "two sources", "quant without gguf", "bad format", "bad qu
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_and_writes_nothing(bad_inputs, adapter, tmp_path, capsys, case):
-    if case.startswith("gguf of"):
+    if case.startswith("gguf "):
         pytest.importorskip("gguf")  # the converter's own checks; llama-cpp-python is not needed to refuse
     arguments, expected = bad_inputs[case]
     out = tmp_path / "out"
