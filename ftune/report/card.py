@@ -6,6 +6,7 @@ and, for an export, how closely the served model matched the trained one. The fr
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from huggingface_hub import ModelCardData
 
@@ -60,8 +61,8 @@ def render_card(facts: CardFacts) -> str:
 
 
 def hub_id_or_none(name: str | None) -> str | None:
-    """`name` when it reads as a Hub id (`org/name`); a local path means nothing on the Hub."""
-    if not name or name.startswith(("/", ".", "~")) or name.count("/") != 1:
+    """`name` when it reads as a Hub id (`org/name`) and is no local path; a local path means nothing on the Hub."""
+    if not name or name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name).exists():
         return None
     return name
 
