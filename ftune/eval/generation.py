@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ftune.data.templates import ChatTemplate, render
+from ftune.model.dropout import eval_mode
 
 GENERATIONS_FILE = "generations.jsonl"
 """Where answers are written: next to `ftune eval`'s JSON, and in a run directory (`trainer.sample_every`)."""
@@ -179,10 +180,9 @@ class Sampler:
         """Answer every prompt with `model` (every process generates, as sharded models need; the main one writes)."""
         from accelerate import PartialState
 
-        was_training = model.training
-        model.eval()
-        scores = score_generations(model, self.tokenizer, self.template, self.conversations, SAMPLE_MAX_NEW_TOKENS)
-        model.train(was_training)
+        with eval_mode(model):
+            scores = score_generations(model, self.tokenizer, self.template, self.conversations,
+                                       SAMPLE_MAX_NEW_TOKENS)
         if not PartialState().is_main_process:
             return
         with self.path.open("a", encoding="utf-8") as handle:  # an append-only log, like metrics.jsonl

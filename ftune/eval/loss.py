@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from ftune.data.mask import IGNORE_INDEX
+from ftune.model.dropout import eval_mode
 from ftune.model.dtypes import DTYPES
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -80,16 +81,14 @@ def evaluate_loss(model, loader, max_batches: int = -1, loss: BatchLoss = cross_
     from accelerate import PartialState
     from accelerate.utils import reduce
 
-    was_training = model.training
-    model.eval()
     device = PartialState().device
     loss_sum, count = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
-    for index, batch in enumerate(loader):
-        if index == max_batches:
-            break
-        loss_sum += loss(model, batch)["loss"]
-        count += learned_token_count(batch["labels"])
-    model.train(was_training)
+    with eval_mode(model):
+        for index, batch in enumerate(loader):
+            if index == max_batches:
+                break
+            loss_sum += loss(model, batch)["loss"]
+            count += learned_token_count(batch["labels"])
     loss_sum, count = reduce(loss_sum, "sum"), reduce(count, "sum")
     mean = (loss_sum / count.clamp(min=1)).item()
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": int(count.item())}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ftune.errors import ConfigError, ResourceError
 from ftune.eval.probe import adapters_disabled
+from ftune.model.dropout import eval_mode
 
 SHIPPED_TASKS = Path(__file__).resolve().parents[1] / "assets" / "tasks"
 """ftune's own lm-eval tasks (YAML plus local data), always on the task path."""
@@ -151,10 +152,8 @@ class TaskProbe:
 
     def scores(self, model) -> dict[str, TaskScore]:
         """The first metric of each task (lm-eval's main one, e.g. `acc`) for `model`."""
-        was_training = model.training
-        model.eval()
-        results = run_tasks(model, self.tokenizer, self.tasks, self.names, self.limit, self.batch_size)
-        model.train(was_training)
+        with eval_mode(model):
+            results = run_tasks(model, self.tokenizer, self.tasks, self.names, self.limit, self.batch_size)
         return {task: next(iter(metrics.values())) for task, metrics in results.items()}
 
     def measure_base(self, model) -> None:

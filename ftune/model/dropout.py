@@ -23,6 +23,8 @@ would break the graph) both call `F.dropout`.
 """
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -255,3 +257,18 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with `model` in eval mode (no dropout), then give it back in the mode it was in.
+
+    For forwards inside a training run that must not draw masks: evaluation, probes, the reference table,
+    sampled answers. The mode comes back even when the block raises.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -17,6 +17,7 @@ from accelerate.utils import send_to_device
 from ftune.data.collate import PackedCollator, PairCollator
 from ftune.data.packing import pack
 from ftune.errors import ConfigError
+from ftune.model.dropout import eval_mode
 
 PROBE_LENGTHS = (24, 16)
 """Tokens of the two probe documents: short (the check costs two forwards of 40 tokens), longer than a conv."""
@@ -76,20 +77,15 @@ def packing_gap(model: torch.nn.Module, pad_token_id: int, attn_implementation: 
     batch = PackedCollator(pad_token_id, attn_implementation)([row])  # as the run's own collator builds it
     device = model.get_input_embeddings().weight.device
     inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            packed = model(**inputs).logits[0].float()
-            starts = [sum(row["seq_lens"][:index]) for index in range(len(row["seq_lens"]))]
-            gaps, largest = [], 0.0
-            for start, length in zip(starts, row["seq_lens"], strict=True):
-                ids = batch["input_ids"][:, start:start + length].to(device)
-                alone = model(input_ids=ids).logits[0].float()
-                gaps.append((packed[start:start + length] - alone).abs().max().item())
-                largest = max(largest, alone.abs().max().item())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        packed = model(**inputs).logits[0].float()
+        starts = [sum(row["seq_lens"][:index]) for index in range(len(row["seq_lens"]))]
+        gaps, largest = [], 0.0
+        for start, length in zip(starts, row["seq_lens"], strict=True):
+            ids = batch["input_ids"][:, start:start + length].to(device)
+            alone = model(input_ids=ids).logits[0].float()
+            gaps.append((packed[start:start + length] - alone).abs().max().item())
+            largest = max(largest, alone.abs().max().item())
     return max(gaps) / max(largest, 1e-9)
 
 
@@ -136,11 +132,6 @@ def shared_prompt_gap(model: torch.nn.Module, logps, collator: PairCollator, att
             for lengths in PROBE_PAIRS]
     device = model.get_input_embeddings().weight.device
     layouts = [dataclasses.replace(collator, shared_mask=mask) for mask in (attn_implementation, None)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            shared, alone = (logps(model, send_to_device(layout(rows), device))[0].float() for layout in layouts)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        shared, alone = (logps(model, send_to_device(layout(rows), device))[0].float() for layout in layouts)
     return ((shared - alone).abs().max() / alone.abs().max().clamp(min=1e-9)).item()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftune.model import dropout as sparse
-from ftune.model.dropout import DroppedLinear, SparseDropout, dropped_positions, use_sparse_dropout
+from ftune.model.dropout import DroppedLinear, SparseDropout, dropped_positions, eval_mode, use_sparse_dropout
 
 P = 0.05
 N = 400_000
@@ -199,3 +199,14 @@ def test_folded_dropout_trains_and_merges(random_llama):
     model.eval()
     adapted = model(input_ids=ids).logits
     torch.testing.assert_close(model.merge_and_unload()(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eval_mode_gives_the_model_back_in_its_mode_even_when_the_block_raises(training):
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train(training)
+    with eval_mode(model):
+        assert not model.training and not model[1].training
+    assert model.training == training
+    with pytest.raises(ValueError), eval_mode(model):
+        raise ValueError("inside")
+    assert model.training == training and model[1].training == training

@@ -11,6 +11,7 @@ from accelerate.utils import reduce
 
 from ftune.config.schema import RunCfg
 from ftune.eval.loss import learned_token_count
+from ftune.model.dropout import eval_mode
 from ftune.train.losses import StepLoss
 
 
@@ -72,17 +73,15 @@ class Objective:
 @torch.no_grad()
 def summed_over(objective: Objective, model, loader, max_batches: int) -> tuple[dict[str, float], float]:
     """The objective's sums and count over the loader's first `max_batches` batches (-1: all), on every process."""
-    was_training = model.training
-    model.eval()
     sums: dict[str, torch.Tensor] = {}
     count = None
-    for index, batch in enumerate(loader):
-        if index == max_batches:
-            break
-        for key, value in objective.loss(model, batch).items():
-            sums[key] = sums.get(key, 0) + value.detach().float()
-        count = objective.count(batch) + (0 if count is None else count)
-    model.train(was_training)
+    with eval_mode(model):
+        for index, batch in enumerate(loader):
+            if index == max_batches:
+                break
+            for key, value in objective.loss(model, batch).items():
+                sums[key] = sums.get(key, 0) + value.detach().float()
+            count = objective.count(batch) + (0 if count is None else count)
     if count is None:
         return {}, 0.0
     totals = reduce(torch.stack([*sums.values(), count.float()]), "sum").tolist()

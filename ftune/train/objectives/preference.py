@@ -26,7 +26,7 @@ from ftune.cache import cache_dir, file_signature, fingerprint
 from ftune.data.collate import PairCollator, pad_multiple
 from ftune.data.preference import PairRows, build_preference_loader, build_preference_split
 from ftune.eval.probe import base_signature
-from ftune.model.dropout import disable_dropout
+from ftune.model.dropout import disable_dropout, eval_mode
 from ftune.model.load import REFERENCE_ADAPTER, load_frozen
 from ftune.train.isolation import prompt_sharing_problem
 from ftune.train.losses import build_sequence_logps, build_step_loss, sequence_token_counts
@@ -95,13 +95,11 @@ class PrecomputedReference:
 def reference_table(logps, model, rows: PairRows, batch_size: int, collate: PairCollator, device) -> torch.Tensor:
     """Every row's (chosen, rejected) summed log-probs under `model` as it is now, in eval mode, [rows, 2]."""
     table = torch.zeros(len(rows), 2)
-    training = model.training
-    model.eval()
-    for batch in build_preference_loader(rows, batch_size, collate.pad_token_id, shuffle=False, collate=collate):
-        batch = send_to_device(batch, device)
-        sums, _ = logps(model, batch)
-        table[batch["row"].cpu() - rows.first_row] = torch.stack(sums.float().chunk(2), dim=1).cpu()
-    model.train(training)
+    with eval_mode(model):
+        for batch in build_preference_loader(rows, batch_size, collate.pad_token_id, shuffle=False, collate=collate):
+            batch = send_to_device(batch, device)
+            sums, _ = logps(model, batch)
+            table[batch["row"].cpu() - rows.first_row] = torch.stack(sums.float().chunk(2), dim=1).cpu()
     return table
 
 
