@@ -56,3 +56,12 @@ class GuardStop(FtuneError):
     """A run stopped by a guard the user asked for (e.g. non-finite loss), after saving; exit 3."""
 
     exit_code = EXIT_GUARD
+
+
+def first_line(err: BaseException, limit: int) -> str:
+    """A library's exception as part of one of ftune's lines: its message's first line, at most `limit` characters.
+
+    The class name stands in for an empty message. Used where ftune reports what a model's own code raised on a
+    probe or a trace (a traceback would break the one-line rule).
+    """
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from ftune.config.schema import RunCfg, TrainerCfg
-from ftune.errors import ConfigError
+from ftune.errors import ConfigError, first_line
 from ftune.model.dtypes import DTYPES, native_mixed_precision
 from ftune.model.load import count_parameters
 from ftune.plan import memory
@@ -282,8 +282,7 @@ def activation_estimate(model: torch.nn.Module, cfg: RunCfg, sharding: str, devi
     try:
         trace = trace_step(model, run, cfg.data.max_length, autocast, step_loss, teacher)
     except Exception as err:  # noqa: BLE001 -- the trace runs the library's modelling code, whatever it raises
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        return None, f"not traced ({reason}); please report it"
+        return None, f"not traced ({first_line(err, 200)}); please report it"
     activations = trace.activations(cfg.model.gradient_checkpointing)
     return activations, f"{activations / tokens / 1024:.1f} KiB x {tokens} tokens"
 

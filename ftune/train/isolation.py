@@ -16,7 +16,7 @@ from accelerate.utils import send_to_device
 
 from ftune.data.collate import PackedCollator, PairCollator
 from ftune.data.packing import pack
-from ftune.errors import ConfigError
+from ftune.errors import ConfigError, first_line
 from ftune.model.dropout import eval_mode
 
 PROBE_LENGTHS = (24, 16)
@@ -46,8 +46,7 @@ def check_packing_isolates(model: torch.nn.Module, pad_token_id: int, attn_imple
     except ConfigError:  # ftune's own mask code refusing a layer kind it cannot mask (model/attention.py)
         raise
     except Exception as err:  # noqa: BLE001 -- the model's own code on a packed row, whatever it raises
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        gap_text = f"its forward fails on a packed row ({reason})"
+        gap_text = f"its forward fails on a packed row ({first_line(err, 160)})"
     else:
         if gap <= TOLERANCE.get(model.get_input_embeddings().weight.dtype, HALF):
             return
@@ -116,8 +115,7 @@ def prompt_sharing_problem(cfg, model: torch.nn.Module, logps, collator: PairCol
     try:
         gap = shared_prompt_gap(model, logps, collator, attn)
     except Exception as err:  # noqa: BLE001 -- the model's own code on a shared-prompt row, whatever it raises
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        return f"its forward fails on a one-row pair: {reason}"
+        return f"its forward fails on a one-row pair: {first_line(err, 160)}"
     if gap > TOLERANCE.get(model.get_input_embeddings().weight.dtype, HALF):
         return f"a probe pair's log-probs in one row differ from two rows' by {gap:.1e} of their size"
     return None
