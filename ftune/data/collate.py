@@ -6,7 +6,7 @@ import torch
 
 from ftune.config.schema import DataCfg
 from ftune.data.mask import IGNORE_INDEX
-from ftune.data.packing import block_causal_mask
+from ftune.data.packing import attention_mask, block_causal_mask
 from ftune.device import local_device
 
 GPU_PAD_MULTIPLE = 8
@@ -158,10 +158,7 @@ def shared_prompt_mask(segment: torch.Tensor, attn_implementation: str) -> torch
     query, key = segment.unsqueeze(2), segment.unsqueeze(1)
     allowed = ((query == key) | ((key == 0) & (query > 0))) & torch.ones(segment.size(1), segment.size(1),
                                                                          dtype=torch.bool).tril()
-    allowed = allowed.unsqueeze(1)
-    if attn_implementation == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return attention_mask(allowed.unsqueeze(1), None if attn_implementation == "sdpa" else torch.float32)
 
 
 @dataclass

@@ -149,7 +149,15 @@ def block_causal_mask(seq_lens: list[list[int]], width: int, dtype: torch.dtype 
     pads = document < 0
     document[pads] = -2 - torch.nonzero(pads)[:, 1]  # each pad position is a document of its own
     same = document.unsqueeze(2) == document.unsqueeze(1)
-    allowed = (same & torch.ones(width, width, dtype=torch.bool).tril()).unsqueeze(1)
+    return attention_mask((same & torch.ones(width, width, dtype=torch.bool).tril()).unsqueeze(1), dtype)
+
+
+def attention_mask(allowed: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`allowed` (bool, True = attend) as the 4D mask an attention kernel takes.
+
+    Itself for sdpa (`dtype` None); for eager attention additive in `dtype`: 0 to attend, the dtype's minimum to
+    block.
+    """
     if dtype is None:
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
