@@ -297,3 +297,23 @@ def test_an_moe_policys_router_loss_comes_from_its_own_forward(objective_name):
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     policy_aux = model(**inputs, output_router_logits=True).aux_loss
     torch.testing.assert_close(parts["router_loss"], policy_aux)
+
+
+@pytest.mark.parametrize(("share", "expected"), [
+    (True, "once per pair (one row: prompt, chosen, rejected)"),
+    (False, "repeated for each response (pref.share_prompt=false)"),
+])
+def test_the_start_table_says_whether_pairs_share_their_prompt_row(random_llama, share, expected):
+    cfg = RunCfg()
+    cfg.objective.name, cfg.pref.share_prompt = "dpo", share
+    objective = build_objective(cfg)
+    objective.collator = PairCollator(pad_token_id=0)  # what build_loaders makes for DPO
+    model = random_llama()
+    objective.attach(model, tokenizer=None)
+    assert objective.describe()["prompt"] == expected
+    assert objective.collator.shared_mask == ("sdpa" if share else None)
+    kto = RunCfg()
+    kto.objective.name = "kto"
+    kto_objective = build_objective(kto)
+    kto_objective.attach(model, tokenizer=None)
+    assert "prompt" not in kto_objective.describe()  # one response per row: nothing to share

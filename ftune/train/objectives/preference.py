@@ -138,7 +138,7 @@ class PreferenceObjective(Objective):
         self.policy_logps = self.reference = None
         self.splits: list[PairRows] = []  # train, then held-out: what a precomputed reference covers
         self.collator: PairCollator | None = None  # both loaders' (DPO): its layout is set when the model attaches
-        self.unshared_because = "objective=kto (unpaired rows)"
+        self.unshared_because: str | None = None  # why DPO's pairs keep two rows (`prompt_sharing_problem`)
 
     @property
     def needs_reference_adapter(self) -> bool:
@@ -207,11 +207,12 @@ class PreferenceObjective(Objective):
         pref = self.cfg.pref
         reference = self.reference.describe() if self.reference is not None else "none (reference-free loss)"
         loss = "kto" if self.cfg.objective.name == "kto" else pref.loss
-        prompt = "once per pair (one row: prompt, chosen, rejected)" if self.unshared_because is None else \
-            f"repeated for each response ({self.unshared_because})"
-        return super().describe() | {"loss": f"{loss} (beta {pref.beta})", "reference": reference,
-                                     "dropout": "on" if pref.dropout else "off (policy = reference at step 0)",
-                                     "prompt": prompt}
+        rows = {"loss": f"{loss} (beta {pref.beta})", "reference": reference,
+                "dropout": "on" if pref.dropout else "off (policy = reference at step 0)"}
+        if self.collator is not None:  # pairs (KTO's rows hold one response each)
+            rows["prompt"] = "once per pair (one row: prompt, chosen, rejected)" if self.unshared_because is None \
+                else f"repeated for each response ({self.unshared_because})"
+        return super().describe() | rows
 
     def scored(self, model, batch: dict):
         """(policy, reference) sequences' (log-prob sums, labelled tokens); the reference is None when not used.
