@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ftune.config.schema import RunCfg
-from ftune.config.validate import field_problems, resolve_automatic, validate
+from ftune.config.validate import SCALAR_WORDS, field_problems, resolve_automatic, validate
 from ftune.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -234,7 +234,7 @@ def expected(annotation) -> str:
     """What a field of this type takes, in a user's words (never a library's class names)."""
     optional = type(None) in typing.get_args(annotation)
     annotation = unwrap_optional(annotation)
-    words = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}.get(annotation)
+    words = SCALAR_WORDS.get(annotation)
     if words is None:
         origin = typing.get_origin(annotation)
         if origin is list:

@@ -46,7 +46,8 @@ def field_problems(node: Any, prefix: str):
             yield f"{key}={value!r} is too large (expected <= {high})"
 
 
-SCALAR_NAMES = {str: "string", int: "integer", float: "number"}
+SCALAR_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+"""What a value of each scalar type is, in a user's words (the schema's messages, and compose's)."""
 
 
 def element_problems(f: dataclasses.Field, value: Any, key: str):
@@ -55,12 +56,12 @@ def element_problems(f: dataclasses.Field, value: Any, key: str):
     OmegaConf types the list, not its items: a mapping or a list inside would reach the code that reads it.
     """
     expected = typing.get_args(f.type)[0] if typing.get_origin(f.type) is list else None
-    if expected not in SCALAR_NAMES or not isinstance(value, list):
+    if expected not in (str, int, float) or not isinstance(value, list):
         return
     allowed = (int, float) if expected is float else expected
     for index, item in enumerate(value):
         if not isinstance(item, allowed) or (expected is not str and isinstance(item, bool)):
-            yield f"{key}[{index}]={item!r} (expected a {SCALAR_NAMES[expected]}: {key} is a list of them)"
+            yield f"{key}[{index}]={item!r} (expected {SCALAR_WORDS[expected]}: {key} is a list of them)"
 
 
 def allowed_values(f: dataclasses.Field) -> tuple | None:

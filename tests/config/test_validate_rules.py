@@ -93,3 +93,23 @@ def test_streaming_needs_max_steps_and_refuses_what_a_stream_cannot_do():
     assert "trainer.num_workers=2 with data.streaming=true (expected 0" in line
     streaming, _ = load_run_config(["data.streaming=true", "trainer.max_steps=10", "data.packing=true"])
     assert streaming.data.shuffle_buffer == 10000
+
+
+def test_list_items_of_the_wrong_type_are_named_with_what_each_item_must_be():
+    import dataclasses as dc
+
+    from ftune.config.validate import field_problems
+
+    @dc.dataclass
+    class Lists:
+        names: list[str] = dc.field(default_factory=list)
+        counts: list[int] = dc.field(default_factory=list)
+        rates: list[float] = dc.field(default_factory=list)
+
+    assert list(field_problems(Lists(["a", {"b": 1}], [1, True, 2.5], [0.5, 2, "x"]), prefix="")) == [
+        "names[1]={'b': 1} (expected a string: names is a list of them)",
+        "counts[1]=True (expected a whole number: counts is a list of them)",
+        "counts[2]=2.5 (expected a whole number: counts is a list of them)",
+        "rates[2]='x' (expected a number: rates is a list of them)",
+    ]
+    assert list(field_problems(Lists(["a"], [1], [0.5, 2]), prefix="")) == []
