@@ -36,7 +36,6 @@ data cache (`ftune.cache`), keyed as SFT rows are.
 """
 
 import dataclasses
-import itertools
 import json
 from dataclasses import dataclass, field
 
@@ -405,22 +404,32 @@ def pair_outcome(canonical: dict, where: str, context: PairContext, decode_check
     return Outcome(row=row, truncated=len(fitted) < len(prompt_ids))
 
 
-def tokenize_preference_source(path: str, tokenizer, template: ChatTemplate, cfg: DataCfg, writer: RowWriter,
-                               formats: tuple[str, ...] = PREFERENCE_FORMATS) -> PairStats:
-    """Tokenize every record of a preference source into `writer`, counting what is dropped and why.
+def preference_format(path: str, cfg: DataCfg, formats: tuple[str, ...]) -> str:
+    """The format of a preference source (its first record's, with `data.format=auto`), one of `formats`.
+
+    Checked before the cache is looked up: the cached rows of the same file serve any objective, so a hit must not
+    let DPO read unpaired rows or KTO read pairs.
 
     Raises:
-        DataError: the source is not in one of `formats`, a bad record (with `on_bad_record=error`), or no pair
-            left.
-        ConfigError: a `data.columns` entry names no column of the first record.
+        DataError: the source is in none of `formats`.
     """
-    records, first = itertools.tee(read_records(path, cfg))
-    fmt = resolve_format(first, path, cfg.format)
-    del first  # tee holds what one copy read ahead of the other only while both exist
+    fmt = resolve_format(read_records(path, cfg), path, cfg.format)
     if fmt not in formats:
         fields = "; ".join(f"{name} ({', '.join(FORMATS[name])})" for name in formats)
         raise DataError(f"{path}: format {fmt} is not the preference data this objective trains on (expected the "
                         f"fields of: {fields})", "map other column names with data.columns")
+    return fmt
+
+
+def tokenize_preference_source(path: str, tokenizer, template: ChatTemplate, cfg: DataCfg, writer: RowWriter,
+                               fmt: str) -> PairStats:
+    """Tokenize every record of a preference source (in format `fmt`) into `writer`, counting what is dropped and why.
+
+    Raises:
+        DataError: a bad record (with `on_bad_record=error`), or no pair left.
+        ConfigError: a `data.columns` entry names no column of the first record.
+    """
+    records = read_records(path, cfg)
     if cfg.format == "auto":
         say(f"data: {path}: format {fmt} (detected from its first record)")
     context = PairContext(tokenizer, template, cfg, fmt)
@@ -507,6 +516,7 @@ def build_preference_split(cfg: DataCfg, tokenizer, template: ChatTemplate | Non
     check_preference_settings(cfg)
     path = preference_path(cfg, split)
     template = template or resolve_template(cfg.chat_template, tokenizer)
+    fmt = preference_format(path, cfg, formats)
     source = DataSourceCfg(path, 1.0, cfg.format)
     # the eval set is in SFT's key for its overlap check, which pairs do not have (data.dedup is refused)
     source_key = split_fingerprint([source], tokenizer, dataclasses.replace(cfg, eval_path=None), seed=0)
@@ -516,7 +526,7 @@ def build_preference_split(cfg: DataCfg, tokenizer, template: ChatTemplate | Non
         with atomic_dir(entry, replace=False) as staging:
             writer = RowWriter(staging)
             try:
-                stats = tokenize_preference_source(path, tokenizer, template, cfg, writer, formats)
+                stats = tokenize_preference_source(path, tokenizer, template, cfg, writer, fmt)
             finally:
                 writer.close()
             write_about(staging, [source], tokenizer, cfg, stats.kept,

@@ -110,3 +110,16 @@ def test_eval_scores_the_base_and_the_dpo_adapter_side_by_side_as_the_run_did(tm
     assert adapter["reward_accuracy"] == pytest.approx(logged["eval_reward_accuracy"], abs=1 / 64)
     assert adapter["pair_margin"] - base["pair_margin"] == pytest.approx(
         logged["eval_reward_margin"] / 0.1, rel=0.05)
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["objective=kto"], "train.jsonl: format preference is not the preference data this objective trains on"),
+    (KTO[1:], "kto_train.jsonl: format unpaired_preference is not the preference data this objective trains on"),
+], ids=["kto on pairs", "dpo on unpaired rows"])
+def test_each_preference_objective_refuses_the_others_data_in_one_line(overrides, expected, tmp_path, capsys):
+    """Before any model loads, exit 2, nothing written (KTO on pairs ended in a KeyError in its first step)."""
+    out = tmp_path / "run"
+    assert main(["train", "recipe=tiny_dpo", *overrides, f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ftune: error: ") and expected in err, err
+    assert not out.exists()

@@ -24,7 +24,7 @@ from accelerate.utils import reduce, send_to_device
 from ftune.atomic import atomic_file
 from ftune.cache import cache_dir, file_signature, fingerprint
 from ftune.data.collate import PairCollator, pad_multiple
-from ftune.data.preference import PairRows, build_preference_loader, build_preference_split
+from ftune.data.preference import OBJECTIVE_FORMATS, PairRows, build_preference_loader, build_preference_split
 from ftune.eval.probe import base_signature
 from ftune.model.dropout import disable_dropout, eval_mode
 from ftune.model.load import REFERENCE_ADAPTER, load_frozen
@@ -147,7 +147,8 @@ class PreferenceObjective(Objective):
     def build_loaders(self, tokenizer, accelerator: Accelerator) -> tuple[dict, dict]:
         cfg, batch = self.cfg, self.cfg.trainer.micro_batch_size
         multiple = pad_multiple(cfg.data.pad_to_multiple_of)
-        train, train_stats = build_preference_split(cfg.data, tokenizer, split="train")
+        formats = OBJECTIVE_FORMATS[cfg.objective.name]  # DPO reads pairs, KTO unpaired rows: each refuses the other
+        train, train_stats = build_preference_split(cfg.data, tokenizer, split="train", formats=formats)
         self.splits = [train]
         if cfg.objective.name == "dpo":
             self.collator = PairCollator(tokenizer.pad_token_id, multiple)
@@ -158,7 +159,7 @@ class PreferenceObjective(Objective):
                    "eval": None}
         stats = {"train": train_stats, "eval": None}
         if cfg.data.eval_path:
-            held_out, stats["eval"] = build_preference_split(cfg.data, tokenizer, split="eval")
+            held_out, stats["eval"] = build_preference_split(cfg.data, tokenizer, split="eval", formats=formats)
             held_out = dataclasses.replace(held_out, first_row=len(train))  # one reference table for both
             self.splits.append(held_out)
             loaders["eval"] = build_preference_loader(held_out, batch, tokenizer.pad_token_id, shuffle=False,
