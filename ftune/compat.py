@@ -72,17 +72,6 @@ def modules_kept_unquantized(model) -> list[str]:
     return get_keys_to_not_convert(model)
 
 
-def register_lora_layers(config, mapping: dict) -> None:
-    """Have PEFT build LoRA layers with ftune's factories: `mapping` is base layer type -> factory.
-
-    PEFT's experimental `LoraConfig._register_custom_module` (checked on peft 0.21.2; "subject to change", its
-    docs say). A factory is called as `factory(target, adapter_name, config=config, **kwargs)` before PEFT's own
-    dispatch, and its None hands the layer on to that dispatch. `ftune.model.lora_linear` registers
-    `FusedLoraLinear` for nn.Linear this way.
-    """
-    config._register_custom_module(mapping)
-
-
 def module_to_run(module):
     """The module whose forward `module`'s forward runs: for PEFT's `modules_to_save` wrapper, the one it picks.
 
@@ -113,7 +102,7 @@ def dataset_hash(dataset) -> str:
 def fake_mode_active() -> bool:
     """Whether a torch `FakeTensorMode` is active: tensors made now hold shapes and dtypes, no values.
 
-    torch's private `torch._guards.detect_fake_mode` (checked on torch 2.13.0). `ftune.model.dropout` draws
+    torch's private `torch._guards.detect_fake_mode` (checked on torch 2.13.0). `ftune.kernels.dropout` draws
     nothing on fake tensors (`ftune plan`'s trace).
     """
     import torch._guards

@@ -1,6 +1,6 @@
 """One LoRA step of a random Llama sharded over 2 gloo processes, FSDP2 or DeepSpeed ZeRO-3 (test helper).
 
-Run with torchrun by tests/model/test_lora_linear.py: `sharded_lora_grads.py fsdp2|zero3 DROPOUT`. Rank 0 prints,
+Run with torchrun by tests/kernels/test_lora_linear.py: `sharded_lora_grads.py fsdp2|zero3 DROPOUT`. Rank 0 prints,
 as JSON, the sharded step's loss, the unsharded step's loss on the same rank, the largest relative difference of
 any adapter gradient between the two, and how many times the fused LoRA layer's autograd function ran in the
 sharded step. The fused layer reads its children's weights (base_layer, lora_A, lora_B) without calling them:
@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import ftune.model.lora_linear as lora_linear
+import ftune.kernels.lora_linear as lora_linear
 from ftune.config.schema import LoraCfg, MethodCfg
 from ftune.model.adapters import add_adapter
+from ftune.model.instrument import instrument
 
 SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
@@ -39,6 +40,7 @@ def lora_model(dropout: float) -> torch.nn.Module:
     torch.manual_seed(0)
     model = add_adapter(LlamaForCausalLM(LlamaConfig(**SHAPE)), MethodCfg(name="lora"),
                         LoraCfg(r=4, alpha=8, dropout=dropout, target_modules=["all-linear"]), False)
+    instrument(model, kernels=True)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param)

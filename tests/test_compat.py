@@ -132,24 +132,6 @@ def test_modules_kept_unquantized_are_the_head_alone(random_llama):
         assert kept & linears == {"lm_head"}, f"the linears kept unquantized are {sorted(kept & linears)}"
 
 
-def test_registered_lora_layers_come_before_peft_dispatch():
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import Linear as PeftLoraLinear
-
-    from ftune.model.lora_linear import FusedLoraLinear, fused_lora_layer
-
-    def adapted(factory) -> nn.Module:
-        config = LoraConfig(r=2, target_modules=["0"])
-        compat.register_lora_layers(config, {nn.Linear: factory})
-        return get_peft_model(nn.Sequential(nn.Linear(8, 8)), config).base_model.model[0]
-
-    with fenced("peft", "LoraConfig._register_custom_module"):
-        layer = adapted(fused_lora_layer)
-        assert type(layer) is FusedLoraLinear, f"the registered factory built a {type(layer).__name__}"
-        layer = adapted(lambda target, adapter_name, config, **kwargs: None)
-        assert type(layer) is PeftLoraLinear, f"a factory's None gave a {type(layer).__name__}, not PEFT's layer"
-
-
 def test_module_to_run_is_what_modules_to_save_wrapper_runs():
     from peft import LoraConfig, get_peft_model
 

@@ -13,11 +13,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "ftune"
 
 FORBIDDEN = {
-    "config": {"data", "model", "plan", "train", "eval", "report", "commands"},
-    "data": {"model", "plan", "train", "eval", "commands"},
+    "config": {"data", "kernels", "model", "plan", "train", "eval", "report", "commands"},
+    "kernels": {"config", "data", "model", "plan", "train", "eval", "report", "commands"},
+    "data": {"kernels", "model", "plan", "train", "eval", "commands"},
     "model": {"data", "plan", "train", "eval", "commands"},
     "plan": {"data", "train", "eval", "commands"},
-    "report": {"data", "model", "plan", "train", "eval", "commands"},
+    "report": {"data", "kernels", "model", "plan", "train", "eval", "commands"},
     "eval": {"plan", "train", "commands"},
     "train": {"plan", "commands"},
 }

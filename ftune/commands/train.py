@@ -27,14 +27,15 @@ from ftune.errors import ConfigError, FtuneError
 from ftune.eval.generation import GENERATIONS_FILE, Sampler, held_out_conversations
 from ftune.eval.probe import base_probe_ppl, build_probe_loader
 from ftune.eval.tasks import TaskProbe, load_tasks
+from ftune.kernels import kernels_on
 from ftune.model.dtypes import native_mixed_precision
+from ftune.model.instrument import instrument_process, model_changes
 from ftune.model.load import count_parameters, load_tokenizer, prepare_model
 from ftune.plan.estimate import distribution_from_env, plan_rows, plan_run
 from ftune.report.console import console, print_table
 from ftune.report.metrics import MetricsLog, NullLog
 from ftune.train.artefacts import METRICS_FILE, draw_plots, save_final, write_summary
 from ftune.train.checkpoint import load_checkpoint, resolve_resume, save_trainable_weights_only
-from ftune.train.host_memory import keep_freed_host_memory
 from ftune.train.isolation import check_packing_isolates
 from ftune.train.loop import TrainRun, fit, restore_best
 from ftune.train.losses import build_step_loss
@@ -105,7 +106,8 @@ def train_job(cfg: RunCfg, resolved: DictConfig) -> int:
             final_step = restore_best(training)
             save_final(training, tokenizer, cfg.data)
         if training.accelerator.is_main_process:
-            print_table("summary", write_summary(training, stop_reason, final_step, started, resume))
+            summary = write_summary(training, stop_reason, final_step, started, resume)
+            print_table("summary", {k: v for k, v in summary.items() if k != "model_changes"})  # in the start table
     finally:
         training.log.close()
     return exit_code
@@ -120,8 +122,7 @@ def build_training(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object,
     if checkpoint is None:
         check_fresh_output_dir(run_dir)
     accelerator = make_accelerator(cfg)
-    if accelerator.device.type == "cpu":
-        keep_freed_host_memory()  # each micro-batch reuses the last one's blocks (train/host_memory.py)
+    process_changes = instrument_process(kernels_on(cfg.trainer.cpu_kernels, accelerator.device.type))
     if accelerator.is_main_process:
         announce(cfg, accelerator, resume)
     set_seed(cfg.seed)
@@ -160,6 +161,7 @@ def build_training(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object,
         total_steps=total_steps, run_dir=run_dir, log=open_log(cfg, resolved, accelerator, run_dir), state=state,
         on_checkpoint=lambda: draw_plots(run_dir), objective=objective, task_probe=task_probe,
         sampler=build_sampler(cfg, tokenizer, run_dir),
+        changes=process_changes + model_changes(accelerator.unwrap_model(model)) + objective.model_changes(),
     )
     if resume is not None:
         training.log.log(resume.as_row(state.step))
@@ -282,6 +284,7 @@ def describe_training(training: TrainRun, stats: dict) -> dict:
         **training.objective.describe(),
         "base probe ppl": training.state.base_probe_ppl,
         "processes": training.accelerator.num_processes,
+        "changes to the model": "\n".join(change.line() for change in training.changes) or "none",
     }
 
 

@@ -328,6 +328,10 @@ class TrainerCfg:
     """Compile each decoder layer with torch.compile (inductor, through accelerate's regional compilation). The
     first steps pay the compile time; fixed shapes (packing) avoid recompiles. On CPU it gained little after
     warm-up (docs/benchmarks.md): meant for GPUs and long runs."""
+    cpu_kernels: str = choice("auto", "on", "off")
+    """ftune's CPU kernels (ftune/kernels/: the fused LoRA linear, LoRA dropout drawn as positions, freed host memory
+    kept for reuse): `auto` uses them when training on a CPU and not elsewhere. They compute what PEFT and torch
+    compute, faster on a CPU (docs/benchmarks.md); the start table lists what they changed."""
     nan_guard: bool = True
     """Stop with exit code 3 (after saving the last good state) when a step's loss is not finite."""
     loss_chunk_size: int = bounded(256, 0)

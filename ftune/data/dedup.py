@@ -273,17 +273,6 @@ class DuplicateFinder:
         return None
 
 
-def find_duplicates(records: list[tuple[str, dict]], held_out: list[tuple[str, dict]]) -> list[Finding]:
-    """Every training record that repeats an earlier one or an eval record, in order (see `DuplicateFinder`).
-
-    Example: records [a: "Hi", b: "Hi", c: "Bye"], held_out [v: "Bye"]
-        -> [Finding("exact duplicate", "b", "a", 1.0), Finding("exact eval overlap", "c", "v", 1.0)]
-    """
-    finder = DuplicateFinder(held_out)
-    findings = (finder.check(where, sketch(record, near=True)) for where, record in records)
-    return [finding for finding in findings if finding]
-
-
 def report(finder: DuplicateFinder, mode: str) -> dict:
     """The JSON-ready report: per kind, how many were found and removed (`mode`), and a few examples.
 

@@ -14,8 +14,6 @@ from peft.utils.constants import EMBEDDING_LAYER_NAMES
 from ftune.compat import convolution_base
 from ftune.config.architecture import expert_count
 from ftune.config.schema import LoraCfg, MethodCfg
-from ftune.model.dropout import use_sparse_dropout
-from ftune.model.lora_linear import with_fused_layers
 
 TASK_TYPE = "CAUSAL_LM"
 ALL_LINEAR = "all-linear"
@@ -145,11 +143,10 @@ def lora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoraConfig:
     an nn.Linear in transformers 4), and a LoRA on the router would change which experts each token reaches.
     PEFT refuses `lora_dropout` on target_parameters, so such a config has none: `add_adapter` gives the linear
     layers theirs (`drop_linear_inputs`). On a model with tied embeddings, PEFT keeps the head tied to a trained
-    embedding (`ensure_weight_tying`). Plain linear layers get `FusedLoraLinear` (model/lora_linear.py) through
-    PEFT's custom-module dispatch.
+    embedding (`ensure_weight_tying`).
     """
     experts = expert_parameters(model) if model is not None and cfg.target_modules == [ALL_LINEAR] else []
-    config = LoraConfig(
+    return LoraConfig(
         task_type=TASK_TYPE,
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -164,7 +161,6 @@ def lora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoraConfig:
         # the head does not use; the merged model, re-tied on loading, then answers differently (tested).
         ensure_weight_tying=model is not None and embeddings_tied(model) and names_an_embedding(cfg),
     )
-    return with_fused_layers(config)
 
 
 def ia3_config(method: MethodCfg, cfg: LoraCfg, model=None) -> IA3Config:
@@ -211,9 +207,9 @@ def add_adapter(model, method: MethodCfg, lora: LoraCfg, gradient_checkpointing:
         gradient_checkpointing: whether the base recomputes activations in the backward pass.
 
     Returns:
-        The PeftModel, its LoRA dropouts folded into lora_A (`DroppedLinear`, model/dropout.py) or, for LoRA
-        variants, replaced by `SparseDropout`. On a mixture-of-experts model the fused experts have none (see
-        `drop_linear_inputs`; the run prints a note saying so).
+        The PeftModel, as PEFT builds it (`ftune.model.instrument` then applies ftune's CPU kernels). On a
+        mixture-of-experts model the fused experts have no dropout (see `drop_linear_inputs`; the run prints a
+        note saying so).
     """
     if gradient_checkpointing:
         # With a frozen embedding no input requires grad, and checkpointed blocks would get no gradient.
@@ -222,5 +218,4 @@ def add_adapter(model, method: MethodCfg, lora: LoraCfg, gradient_checkpointing:
     model = get_peft_model(model, config)
     if getattr(config, "target_parameters", None) and lora.dropout:
         drop_linear_inputs(model, lora.dropout)
-    use_sparse_dropout(model)  # LoRA dropout's mask at a fraction of the cost on CPU, same distribution
     return model

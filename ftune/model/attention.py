@@ -90,8 +90,8 @@ def layer_masks(config, mask: torch.Tensor,
     return banded if kinds == {SLIDING} else {FULL: mask, SLIDING: banded}
 
 
-def isolate_sliding_windows(model: torch.nn.Module) -> torch.nn.Module:
-    """Make the decoder of `model` narrow packed rows' 4D masks to each layer's window; returns `model`.
+def isolate_sliding_windows(model: torch.nn.Module) -> bool:
+    """Make the decoder of `model` narrow packed rows' 4D masks to each layer's window; False where none is needed.
 
     A forward pre-hook on the decoder (not on the causal LM: PEFT calls the causal LM's `forward` directly,
     which skips hooks) rewrites the `attention_mask` argument with `layer_masks`. Models whose layers all
@@ -99,7 +99,7 @@ def isolate_sliding_windows(model: torch.nn.Module) -> torch.nn.Module:
     """
     config = model.config.get_text_config()
     if attention_kinds(config) == {FULL}:
-        return model
+        return False
 
     def narrow(module, args, kwargs):
         mask = kwargs.get("attention_mask")
@@ -108,4 +108,4 @@ def isolate_sliding_windows(model: torch.nn.Module) -> torch.nn.Module:
         return args, kwargs
 
     model.get_decoder().register_forward_pre_hook(narrow, with_kwargs=True)
-    return model
+    return True

@@ -10,23 +10,17 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from peft import LoraConfig, PeftConfig, PeftModel
+from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ftune.config.schema import ModelCfg, RunCfg
+from ftune.device import local_device
 from ftune.errors import ConfigError, ResourceError
+from ftune.kernels import kernels_on
 from ftune.model.adapters import add_adapter
-from ftune.model.attention import isolate_sliding_windows
-from ftune.model.dropout import use_sparse_dropout
 from ftune.model.dtypes import DTYPES
-from ftune.model.lora_linear import with_fused_layers
-from ftune.model.moe import record_router_logits
-from ftune.model.quant import (
-    disable_cpu_inference_repacking,
-    prepare_quantized,
-    student_load_kwargs,
-    teacher_load_kwargs,
-)
+from ftune.model.instrument import instrument
+from ftune.model.quant import prepare_quantized, student_load_kwargs, teacher_load_kwargs
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 RESERVED_PADS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>")
@@ -59,8 +53,13 @@ def shared_vocab_size(tokenizer) -> int:
     return len(tokenizer)
 
 
-def load_base_model(cfg: ModelCfg, key: str = "model.name_or_path", **kwargs) -> PreTrainedModel:
-    """The pretrained causal LM in `cfg.dtype` with the chosen attention kernel (`key` names it in errors)."""
+def load_base_model(cfg: ModelCfg, key: str = "model.name_or_path", instrumented: bool = True,
+                    **kwargs) -> PreTrainedModel:
+    """The pretrained causal LM in `cfg.dtype` with the chosen attention kernel (`key` names it in errors).
+
+    `instrumented`: with ftune's changes for running it (`ftune.model.instrument`); False for a caller that
+    builds more on it first (adapters) and instruments the result itself.
+    """
     model = from_pretrained(
         AutoModelForCausalLM,
         cfg.name_or_path,
@@ -69,7 +68,9 @@ def load_base_model(cfg: ModelCfg, key: str = "model.name_or_path", **kwargs) ->
         attn_implementation=cfg.attn_implementation,
         **kwargs,
     )
-    return isolate_sliding_windows(disable_cpu_inference_repacking(model))
+    if instrumented:
+        instrument(model)
+    return model
 
 
 def from_pretrained(auto_class, name_or_path: str, key: str = "model.name_or_path", **kwargs):
@@ -89,22 +90,24 @@ REFERENCE_ADAPTER = "reference"
 
 
 def prepare_model(cfg: RunCfg, reference_adapter: bool = False) -> PreTrainedModel:
-    """Load the base (quantized for QLoRA) and make the right weights trainable for `cfg.method`.
+    """Load the base (quantized for QLoRA), make the right weights trainable for `cfg.method`, and instrument it.
 
     With `model.adapter`, the adapter methods start from that trained adapter (`load_start_adapter`); with
-    `reference_adapter` it is also loaded a second time, frozen, as `REFERENCE_ADAPTER`.
+    `reference_adapter` it is also loaded a second time, frozen, as `REFERENCE_ADAPTER`. ftune's changes to the
+    model (`ftune.model.instrument`, `trainer.cpu_kernels` for this machine) are listed by `model_changes`.
     """
-    model = prepare_quantized(load_base_model(cfg.model, **student_load_kwargs(cfg)))
+    model = prepare_quantized(load_base_model(cfg.model, instrumented=False, **student_load_kwargs(cfg)))
     model.config.use_cache = False  # the KV cache is useless in training and wastes memory
-    record_router_logits(model)  # MoE: the router's balancing loss joins the loss (model/moe.py)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method.name == "full":
         freeze_matching(model, cfg.method.freeze)
-        return model
-    if cfg.model.adapter is not None:
-        return load_start_adapter(model, cfg.model, reference_adapter)
-    return add_adapter(model, cfg.method, cfg.lora, cfg.model.gradient_checkpointing)
+    elif cfg.model.adapter is not None:
+        model = load_start_adapter(model, cfg.model, reference_adapter)
+    else:
+        model = add_adapter(model, cfg.method, cfg.lora, cfg.model.gradient_checkpointing)
+    instrument(model, trains=True, kernels=kernels_on(cfg.trainer.cpu_kernels, local_device()))
+    return model
 
 
 def load_start_adapter(model: PreTrainedModel, cfg: ModelCfg, reference_adapter: bool) -> PeftModel:
@@ -113,19 +116,13 @@ def load_start_adapter(model: PreTrainedModel, cfg: ModelCfg, reference_adapter:
     Two copies of one small adapter on one base, switched with `set_adapter` (as TRL's `ref_adapter_name`), make
     the reference exactly the model training starts from, for quantized bases too, with no second base. Merging
     the adapter into the base instead would make the trained adapter one of the merged model, not of the base
-    the user names, and cannot be done exactly on a 4-bit base. A LoRA's plain linear layers are the ones
-    `add_adapter` builds (`FusedLoraLinear`, as `ftune eval` and `ftune merge` load them too), so the run continues
-    computing as the adapter trained; the reference copy joins those same layers.
+    the user names, and cannot be done exactly on a 4-bit base.
     """
-    config = PeftConfig.from_pretrained(cfg.adapter)
-    if isinstance(config, LoraConfig):
-        config = with_fused_layers(config)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()  # a frozen embedding would leave checkpointed blocks without gradient
-    model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True, config=config)
+    model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
     if reference_adapter:
         model.load_adapter(cfg.adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-    use_sparse_dropout(model)
     return model
 
 

@@ -20,11 +20,12 @@ from transformers import AutoTokenizer, GenerationConfig
 from ftune.atomic import atomic_dir
 from ftune.config.commands import MergeCfg
 from ftune.config.schema import ModelCfg
+from ftune.device import local_device
 from ftune.errors import ConfigError, ResourceError
+from ftune.kernels import kernels_on
 from ftune.model.adapters import can_merge
-from ftune.model.dropout import use_sparse_dropout
+from ftune.model.instrument import instrument
 from ftune.model.load import from_pretrained, load_base_model
-from ftune.model.lora_linear import with_fused_layers
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -237,31 +238,30 @@ def check_output_dir(out: Path, inputs: list[str], overwrite: bool) -> None:
 def load_adapted(base: str, adapter_dir: str, dtype: str):
     """The base in full precision with the adapter of `adapter_dir` attached (a PeftModel), computing as it trained.
 
-    LoRA layers are the ones `ftune train` builds (`FusedLoraLinear`, the dropout folded into lora_A): under
-    bf16 autocast PEFT's own layer rounds base and adapter outputs separately before adding them, which moved
-    the tiny model's held-out loss by 1e-3, so `ftune eval run=` would not reproduce the run's evaluation.
+    Instrumented as `ftune train` instruments a model on this machine (`trainer.cpu_kernels=auto`): on a CPU,
+    under bf16 autocast, PEFT's own layer rounds base and adapter outputs separately before adding them where the
+    fused layer adds first, which moved the tiny model's held-out loss by 1e-3, so `ftune eval run=` would not
+    reproduce the run's evaluation.
 
     Raises:
         ResourceError: the base is missing or cannot be loaded.
         ConfigError: the base is a quantized checkpoint, or does not fit the adapter (shapes, module names).
     """
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
 
     config = read_adapter_config(adapter_dir, "adapter")
-    if isinstance(config, LoraConfig):
-        config = with_fused_layers(config)
-    base_model = load_full_precision(base, dtype)
+    base_model = load_full_precision(base, dtype, instrumented=False)
     try:
         model = PeftModel.from_pretrained(base_model, adapter_dir, adapter_name="ftune_0", config=config)
     except (RuntimeError, ValueError) as err:
         raise ConfigError(f"base={base} does not fit adapter={adapter_dir}: {mismatch_detail(err)}",
                           "pass the base the adapter was trained on with base=PATH_OR_ID") from None
-    use_sparse_dropout(model)
+    instrument(model, kernels=kernels_on("auto", local_device()))
     return model
 
 
-def load_full_precision(base: str, dtype: str):
-    """The base model in `dtype`, refusing checkpoints that are themselves quantized.
+def load_full_precision(base: str, dtype: str, instrumented: bool = True):
+    """The base model in `dtype` (`instrumented` as `load_base_model`), refusing quantized checkpoints.
 
     Raises:
         ResourceError: a local base that does not exist, or a base transformers cannot load.
@@ -274,7 +274,7 @@ def load_full_precision(base: str, dtype: str):
     if getattr(from_pretrained(AutoConfig, base, "base"), "quantization_config", None) is not None:
         raise ConfigError(f"base={base}: is a quantized checkpoint; merging into quantized weights adds their "
                           "quantization error to every merged weight", "pass the full-precision base with base=")
-    return load_base_model(ModelCfg(name_or_path=base, dtype=dtype), "base")
+    return load_base_model(ModelCfg(name_or_path=base, dtype=dtype), "base", instrumented)
 
 
 def looks_local(name_or_path: str) -> bool:

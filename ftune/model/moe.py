@@ -24,15 +24,15 @@ class RouterLogits:
         self.logits: list[torch.Tensor] = []
 
 
-def record_router_logits(model) -> RouterLogits | None:
-    """Hook the routers of an MoE `model` so each forward's router logits can be read.
+def record_router_logits(model) -> int:
+    """Hook the routers of an MoE `model` so each forward's router logits can be read; returns how many.
 
-    None for dense models, and for MoE models that transformers itself trains without a balancing loss (their
+    0 for dense models, and for MoE models that transformers itself trains without a balancing loss (their
     causal LM has no `router_aux_loss_coef`, e.g. DeepSeek-V3's bias-balanced routers).
     """
     found = recorded_output(model, "router_logits")
     if found is None or not hasattr(model, "router_aux_loss_coef"):
-        return None
+        return 0
     target, index = found
     record = RouterLogits()
 
@@ -43,12 +43,12 @@ def record_router_logits(model) -> RouterLogits | None:
         record.logits.clear()
         return args, kwargs
 
-    for module in model.modules():
-        if isinstance(module, target):
-            module.register_forward_hook(keep)
+    routers = [module for module in model.modules() if isinstance(module, target)]
+    for router in routers:
+        router.register_forward_hook(keep)
     model.get_decoder().register_forward_pre_hook(clear, with_kwargs=True)
     setattr(model, RECORD_ATTRIBUTE, record)
-    return record
+    return len(routers)
 
 
 def add_router_loss(model, batch: dict, parts: dict[str, torch.Tensor], learned: torch.Tensor

@@ -71,8 +71,8 @@ def require_bitsandbytes(key: str, bits: int) -> None:
         ) from err
 
 
-def disable_cpu_inference_repacking(model):
-    """Keep bitsandbytes' 4-bit weights in the layout that autograd and every shape support; returns `model`.
+def disable_cpu_inference_repacking(model) -> int:
+    """Keep bitsandbytes' 4-bit weights in the layout that autograd and every shape support; returns how many.
 
     bitsandbytes 0.50 (its fused CPU kernel, PR #1804) repacks a `Linear4bit`'s weight in place, for good,
     the first time it runs in eval mode without grad on a CPU with AVX512-BF16. After that, training forwards
@@ -83,13 +83,13 @@ def disable_cpu_inference_repacking(model):
     fixes this; then this function can go.
     """
     if not is_quantized(model):
-        return model
+        return 0
     import bitsandbytes as bnb
 
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            turn_off_cpu_repacking(module)
-    return model
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    for layer in layers:
+        turn_off_cpu_repacking(layer)
+    return len(layers)
 
 
 def is_quantized(model) -> bool:

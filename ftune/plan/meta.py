@@ -20,9 +20,11 @@ from ftune.compat import modules_kept_unquantized
 from ftune.config.architecture import HUB_CONFIGS, config_dir
 from ftune.config.schema import RunCfg
 from ftune.errors import ConfigError, ResourceError
+from ftune.kernels import kernels_on
+from ftune.kernels.dropout import DroppedLinear
 from ftune.model.adapters import add_adapter
-from ftune.model.dropout import DroppedLinear
 from ftune.model.dtypes import DTYPES, quant_compute_dtype
+from ftune.model.instrument import instrument
 from ftune.model.load import freeze_matching
 from ftune.plan import memory
 
@@ -68,9 +70,10 @@ def build_meta_model(cfg: RunCfg, device: str = "cuda") -> tuple[torch.nn.Module
 
     Mirrors `model/load.py`'s `prepare_model`: quantize (here: `QuantizedLinear` layers, and the storage
     bitsandbytes would give their weights), k-bit preparation (freeze, upcast the rest to fp32, as
-    `quant.prepare_quantized`), then the method: `method.freeze` for full fine-tuning, or `add_adapter` with
-    ftune's CPU kernels, and on CUDA what a CUDA run computes in their place (`as_on_cuda`). Gradient
-    checkpointing is left off: the trace reads each layer's working set.
+    `quant.prepare_quantized`), then the method: `method.freeze` for full fine-tuning, or `add_adapter`, then
+    `instrument` with ftune's CPU kernels where `trainer.cpu_kernels` uses them on `device`, and on CUDA what a
+    CUDA run computes for torch's dropout (`as_on_cuda`). Gradient checkpointing is left off: the trace reads each
+    layer's working set.
     """
     bits = cfg.quant.bits
     model = meta_model(load_model_config(cfg.model.name_or_path), cfg.model.dtype, cfg.model.attn_implementation)
@@ -84,6 +87,7 @@ def build_meta_model(cfg: RunCfg, device: str = "cuda") -> tuple[torch.nn.Module
         return model, quantized
     with torch.device("meta"):  # the adapter's weights on the meta device too
         model = add_adapter(model, cfg.method, cfg.lora, cfg.model.gradient_checkpointing)
+    instrument(model, kernels=kernels_on(cfg.trainer.cpu_kernels, device))
     if device == "cuda":
         as_on_cuda(model, quantized, cfg.trainer.mixed_precision != "no")
     return model, quantized
@@ -147,12 +151,13 @@ class CudaDropout(torch.nn.Dropout):
 
 
 def as_on_cuda(model: torch.nn.Module, quantized: dict[int, int], autocast: bool) -> None:
-    """What a CUDA run computes where ftune's CPU kernels would run, in a model traced on CPU tensors.
+    """What a CUDA run computes for LoRA dropout and bitsandbytes' layers, in a model traced on CPU tensors.
 
-    LoRA dropout is torch's (`model/dropout.py` draws positions on CPU only): lora_A a plain linear again, the
-    dropout a `CudaDropout`, so the LoRA layer runs PEFT's forward (`FusedLoraLinear` fuses on CUDA only without
-    dropout, which it still does here). PEFT's LoRA layers over bitsandbytes weights leave their input uncast
-    under CUDA autocast (`torch.is_autocast_enabled()` reads CUDA's).
+    LoRA dropout is torch's CUDA kernel, also where `trainer.cpu_kernels=on` folded it into lora_A
+    (`kernels/dropout.py` draws positions on CPU only): lora_A a plain linear again, the dropout a `CudaDropout`,
+    so the LoRA layer runs PEFT's forward (`FusedLoraLinear` fuses on CUDA only without dropout, which it still
+    does here). PEFT's LoRA layers over bitsandbytes weights leave their input uncast under CUDA autocast
+    (`torch.is_autocast_enabled()` reads CUDA's).
     """
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)

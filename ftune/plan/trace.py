@@ -53,8 +53,7 @@ class Trace:
 
 
 def trace_step(model: torch.nn.Module, cfg: RunCfg, seq_len: int, autocast: torch.dtype | None,
-               step_loss: StepLossBuilder, teacher: torch.nn.Module | None = None,
-               every_layer: bool = False) -> Trace:
+               step_loss: StepLossBuilder, teacher: torch.nn.Module | None = None) -> Trace:
     """Run one micro-batch of `model` (built on the meta device) and its step loss on fake tensors.
 
     Args:
@@ -64,7 +63,6 @@ def trace_step(model: torch.nn.Module, cfg: RunCfg, seq_len: int, autocast: torc
         autocast: the dtype the forward autocasts to, None for none.
         step_loss: builds the run's loss from (model, trainer config, teacher, distillation config).
         teacher: the distillation teacher on the meta device, or None.
-        every_layer: trace every layer, not one per kind (what the tests compare the shortcut with).
 
     Returns:
         The saved bytes by place.
@@ -75,7 +73,7 @@ def trace_step(model: torch.nn.Module, cfg: RunCfg, seq_len: int, autocast: torc
         if module is not None:
             make_fake(module, mode)
     layers = decoder_layers(model)
-    kinds = list(range(len(layers))) if every_layer else representatives(layers, layer_types(model))
+    kinds = representatives(layers, layer_types(model))
     saved = SavedTensors({storage_key(p) for p in model.parameters()})
     cast = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with only_layers(model, sorted(set(kinds))) as traced, watched(traced, saved), mode, dispatch_mode(fake_kernel), \

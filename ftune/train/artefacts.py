@@ -116,6 +116,7 @@ def write_summary(run: TrainRun, stop_reason: str, final_step: int | None, start
         "wall_time_s": round(time.perf_counter() - started, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "hardware": describe_hardware(run.accelerator.device, run.accelerator.num_processes),
+        "model_changes": [change.as_record() for change in run.changes],
         **peak_accelerator_memory(run.accelerator.device),
     }
     if resume is not None:

@@ -12,7 +12,12 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 
 from ftune.compat import module_to_run
+from ftune.model.instrument import Change
 from ftune.train.chunked import LinearHead
+
+HEAD_CAPTURE = Change("the head's input taken for the chunked loss, the head given no positions",
+                      "forward pre-hook on the output head, during each training forward", "train/head.py")
+"""What `captured_head_input` puts on the model, for the run's list of changes (`ftune.model.instrument`)."""
 
 
 @contextmanager

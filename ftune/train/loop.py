@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from ftune.eval.generation import Sampler
 from ftune.eval.loss import learned_token_count
 from ftune.eval.probe import probe_ppl
 from ftune.eval.tasks import TaskProbe
+from ftune.model.instrument import Change
 from ftune.model.moe import add_router_loss
 from ftune.report.console import TrainProgress, print_table
 from ftune.report.metrics import MetricsLog, NullLog
@@ -65,6 +66,8 @@ class TrainRun:
     """Greedy answers to fixed held-out prompts every `trainer.sample_every` steps, or None."""
     on_checkpoint: Callable[[], None] | None = None
     """Called on the main process after each checkpoint (e.g. to redraw plots)."""
+    changes: list[Change] = field(default_factory=list)
+    """What ftune put on the model and the process (`ftune.model.instrument`): the start table and summary.json."""
 
 
 def fit(run: TrainRun) -> tuple[str, int]:

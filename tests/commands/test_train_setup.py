@@ -27,6 +27,20 @@ def test_no_eval_data_runs_to_the_end_on_the_probe(tmp_path):
     assert [r["lr"] for r in rows(run_dir) if "loss" in r] == [0.0, 0.001]
 
 
+
+@pytest.mark.parametrize("kernels", ["on", "off"])
+def test_the_start_table_and_summary_list_what_ftune_put_on_the_model(tmp_path, capsys, kernels):
+    """`trainer.cpu_kernels` decides the kernels' entries; the chunked loss's head hook is listed either way."""
+    run_dir = tmp_path / "run"
+    assert main(["train", *FAST, "trainer.max_steps=1", "data.eval_path=null", f"trainer.cpu_kernels={kernels}",
+                 f"output_dir={run_dir}"]) == 0
+    kernel_sources = ["kernels/host_memory.py", "kernels/lora_linear.py", "kernels/dropout.py"]
+    expected = (kernel_sources if kernels == "on" else []) + ["train/head.py"]
+    assert [change["source"] for change in summary(run_dir)["model_changes"]] == expected
+    table = capsys.readouterr().err  # ftune's console writes to stderr
+    assert "changes to the model" in table and ("FusedLoraLinear" in table) == (kernels == "on")
+
+
 def test_a_failed_start_leaves_nothing_and_the_retry_just_works(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", *FAST, "trainer.max_steps=1", "model.name_or_path=/no/such/model",

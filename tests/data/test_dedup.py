@@ -17,18 +17,31 @@ from ftune.data.dedup import (
     EVAL_NEAR,
     EXACT,
     NEAR,
+    DuplicateFinder,
     Finding,
     dedup_text,
-    find_duplicates,
     jaccard,
     overlap_warning,
     shingles,
+    sketch,
 )
 from ftune.data.pipeline import SplitStats, build_split, build_train_split, tokenize_split
 from ftune.data.templates import TEMPLATES_DIR
 
 PLANTED = TEMPLATES_DIR.parent / "data" / "dedup"
 TRAIN, EVAL = str(PLANTED / "train.jsonl"), str(PLANTED / "validation.jsonl")
+
+
+
+def find_duplicates(records: list[tuple[str, dict]], held_out: list[tuple[str, dict]]) -> list[Finding]:
+    """Every training record that repeats an earlier one or an eval record, in order, checked one by one.
+
+    Example: records [a: "Hi", b: "Hi", c: "Bye"], held_out [v: "Bye"]
+        -> [Finding("exact duplicate", "b", "a", 1.0), Finding("exact eval overlap", "c", "v", 1.0)]
+    """
+    finder = DuplicateFinder(held_out)
+    findings = (finder.check(where, sketch(record, near=True)) for where, record in records)
+    return [finding for finding in findings if finding]
 
 
 @pytest.fixture

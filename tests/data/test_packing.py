@@ -117,11 +117,12 @@ def test_packed_loss_equals_token_weighted_loss_of_documents_run_alone(random_ll
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_packed_loss_equals_unpacked_loss_with_per_layer_masks_on_every_cpu_kernel(family):
-    from ftune.model.attention import isolate_sliding_windows
+    from ftune.model.instrument import instrument
 
     settings = FAMILIES[family]
     for attn in kernels(family, **settings):
-        model = isolate_sliding_windows(random_family(family, attn, **settings))
+        model = random_family(family, attn, **settings)
+        instrument(model)
         packed, alone = packed_and_alone_losses(model, attn)
         torch.testing.assert_close(packed, alone, rtol=TOLERANCE, atol=0, msg=f"{family} on {attn}")
 

@@ -4,8 +4,9 @@ import torch
 from peft.tuners.lora import ParamWrapper
 
 from ftune.config.schema import LoraCfg, MethodCfg
+from ftune.kernels.dropout import DroppedLinear
 from ftune.model.adapters import add_adapter, embeddings_tied
-from ftune.model.dropout import DroppedLinear
+from ftune.model.instrument import instrument
 from ftune.model.moe import add_router_loss, record_router_logits
 
 
@@ -27,6 +28,9 @@ def test_lora_dropout_reaches_the_linear_layers_and_spares_the_fused_experts():
     experts = [m for m in model.modules() if isinstance(m, ParamWrapper)]
     linears = [m for m in model.modules() if hasattr(m, "lora_A") and not isinstance(m, ParamWrapper)]
     assert len(experts) == 4 and len(linears) == 8  # gate_up and down per layer; q, k, v, o per layer
+    assert all(type(m.lora_dropout["default"]) is torch.nn.Dropout and m.lora_dropout["default"].p == 0.05
+               for m in linears)
+    instrument(model, kernels=True)
     assert all(type(m.lora_A["default"]) is DroppedLinear and m.lora_A["default"].p == 0.05 for m in linears)
     assert all(isinstance(m.lora_dropout["default"], torch.nn.Identity) for m in experts + linears)
     assert model.peft_config["default"].lora_dropout == 0.0  # PEFT's ParamWrapper refuses any other value

@@ -31,7 +31,7 @@ from ftune.config.compose import load_run_config
 from ftune.errors import ConfigError, ResourceError
 from ftune.model.dtypes import cpu_has_bf16, native_mixed_precision
 from ftune.model.load import count_parameters, prepare_model
-from ftune.plan import memory
+from ftune.plan import memory, trace
 from ftune.plan.estimate import GIB, distribution_from_env
 from ftune.plan.estimate import plan_run as plan_with
 from ftune.plan.meta import build_meta_model, decoder_layers
@@ -210,8 +210,26 @@ def test_checkpointed_activations_are_layer_inputs_plus_one_recomputed_layer(tin
     assert abs(plan_run(cfg, device="cpu").memory.activations / measured - 1) < TOLERANCE
 
 
+
+def trace_every_layer(monkeypatch) -> None:
+    """Make `trace_step` trace every layer, not one per kind: what its shortcut is compared with."""
+    monkeypatch.setattr(trace, "representatives", lambda layers, types: list(range(len(layers))))
+
+
+
+@pytest.mark.parametrize("device, setting, kernels", [("cpu", "auto", True), ("cpu", "off", False),
+                                                      ("cuda", "auto", False), ("cuda", "on", True)])
+def test_the_plan_builds_the_layers_the_run_would_use(tiny_dir, device, setting, kernels):
+    """`trainer.cpu_kernels` for the planned device: the plan's model is instrumented as the run's would be."""
+    from ftune.kernels.lora_linear import FusedLoraLinear
+
+    model = build_meta_model(run_config(tiny_dir, "recipe=tiny_lora", f"trainer.cpu_kernels={setting}"), device)[0]
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert layers and all((type(m) is FusedLoraLinear) == kernels for m in layers)
+
+
 @pytest.mark.parametrize("p, cpu_mask, cpu_fuses", [(0.05, 8 * 0.05, True), (0.5, 4, False)], ids=["sparse", "torch"])
-def test_dropout_masks_per_device(tiny_dir, p, cpu_mask, cpu_fuses):
+def test_dropout_masks_per_device(tiny_dir, p, cpu_mask, cpu_fuses, monkeypatch):
     """CUDA keeps bool masks; on CPU SparseDropout keeps int64 dropped positions, torch's dropout an fp32 mask.
 
     Where the CPU fuses the LoRA layers (sparse dropout; CUDA with dropout keeps PEFT's), o_proj's bf16 input is
@@ -222,8 +240,9 @@ def test_dropout_masks_per_device(tiny_dir, p, cpu_mask, cpu_fuses):
     """
     cfg = run_config(tiny_dir, "recipe=tiny_lora", f"lora.dropout={p}", "trainer.mixed_precision=bf16",
                      "model.gradient_checkpointing=false")
-    cpu, cuda = (trace_step(build_meta_model(cfg, device)[0], cfg, 256, torch.bfloat16, build_step_loss,
-                            every_layer=True) for device in ("cpu", "cuda"))
+    trace_every_layer(monkeypatch)
+    cpu, cuda = (trace_step(build_meta_model(cfg, device)[0], cfg, 256, torch.bfloat16, build_step_loss)
+                 for device in ("cpu", "cuda"))
     tokens, fan_ins = 4 * 256, 6 * 256 + 688  # 7 LoRA sites per layer: q, k, v, o, gate, up (256 in), down (688)
     o_proj_copy = 2 * 256 * tokens if cpu_fuses else 0
     per_layer = (cpu_mask - 1) * fan_ins * tokens - o_proj_copy
@@ -261,7 +280,7 @@ EAGER_ONLY = {"gemma2-2b-it", "bloom"}
 
 @pytest.mark.models
 @pytest.mark.parametrize("builder, name", [("tiny_arch", f) for f in FAMILIES] + [("tiny_zoo", z) for z in ZOO])
-def test_every_family_plans_what_a_measured_step_keeps(request, builder, name):
+def test_every_family_plans_what_a_measured_step_keeps(request, builder, name, monkeypatch):
     """Counts and tensors exact, activations within 15% of a real bf16-autocast step, on each architecture.
 
     And tracing one layer of each kind gives what tracing every layer gives, byte for byte.
@@ -277,9 +296,9 @@ def test_every_family_plans_what_a_measured_step_keeps(request, builder, name):
     for part in ("weights", "grads", "optimizer"):
         assert getattr(plan.memory, part) == measured[part], part
     assert abs(plan.memory.activations / measured["activations"] - 1) < TOLERANCE
-    every, kinds = (trace_step(build_meta_model(cfg, "cpu")[0], cfg, 64, torch.bfloat16, build_step_loss,
-                               every_layer=every) for every in (True, False))
-    assert every == kinds
+    kinds = trace_step(build_meta_model(cfg, "cpu")[0], cfg, 64, torch.bfloat16, build_step_loss)
+    trace_every_layer(monkeypatch)
+    assert trace_step(build_meta_model(cfg, "cpu")[0], cfg, 64, torch.bfloat16, build_step_loss) == kinds
 
 
 PEAK_SCRIPT = """
@@ -410,9 +429,9 @@ def test_lora_7b_activations_by_hand():
     batch, tokens = cfg.trainer.micro_batch_size, cfg.trainer.micro_batch_size * cfg.data.max_length
     plan = plan_run(cfg).memory
     # gradient checkpointing keeps each layer's bf16 input, and one recomputed layer's working set
-    trace = trace_step(build_meta_model(cfg)[0], cfg, cfg.data.max_length, torch.bfloat16, build_step_loss)
-    assert trace.inputs == [2 * h * tokens] * layers
-    assert plan.activations == trace.outside + layers * 2 * h * tokens + max(trace.layers)
+    traced = trace_step(build_meta_model(cfg)[0], cfg, cfg.data.max_length, torch.bfloat16, build_step_loss)
+    assert traced.inputs == [2 * h * tokens] * layers
+    assert plan.activations == traced.outside + layers * 2 * h * tokens + max(traced.layers)
     chunk = cfg.trainer.loss_chunk_size
     # one chunk's logits: fp32 logits and logsumexp's fp32 temporary, the bf16 matmul output and bf16 gradient
     assert plan.logits == chunk * vocab * (4 + 4 + 2 + 2)

@@ -5,7 +5,7 @@ training path is timed). Any change to data rendering, masking, batching, the lo
 the optimizer moves these numbers; an intended change re-pins them (run the test, copy the new losses).
 
 How the tolerances were chosen (2 Xeon AVX-512 cores, torch 2.13.0+cpu; pinned at 89eb3ee, unchanged at 39b2681;
-re-pinned when LoRA dropout started drawing its masks as dropped positions, model/dropout.py, which moved steps 3
+re-pinned when LoRA dropout started drawing its masks as dropped positions, kernels/dropout.py, which moved steps 3
 and 4 by 1.1e-3 and 3.3e-3 in fp32; re-pinned when CPU batches stopped being padded to multiples of 8,
 `data.pad_to_multiple_of=0`, which lays the dropout masks over narrower batches and moved steps 3 and 4 by 6.3e-4
 in fp32 and 9.3e-4 in bf16; with `data.pad_to_multiple_of=8` the old values come back to 3e-7):

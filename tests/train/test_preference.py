@@ -155,13 +155,15 @@ def sliding_mistral(attn: str):
     """A tiny random Mistral whose window (3) is shorter than the probe rows, with ftune's window hook."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from ftune.model.attention import isolate_sliding_windows
+    from ftune.model.instrument import instrument
 
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=1, sliding_window=3, pad_token_id=0)
     config._attn_implementation = attn
-    return isolate_sliding_windows(MistralForCausalLM(config).float())
+    model = MistralForCausalLM(config).float()
+    assert [change.source for change in instrument(model)] == ["model/attention.py"]
+    return model
 
 
 @pytest.mark.parametrize(("family", "attn", "chunk"), [

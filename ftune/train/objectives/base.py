@@ -12,6 +12,8 @@ from accelerate.utils import reduce
 from ftune.config.schema import RunCfg
 from ftune.eval.loss import learned_token_count
 from ftune.model.dropout import eval_mode
+from ftune.model.instrument import Change
+from ftune.train.head import HEAD_CAPTURE
 from ftune.train.losses import StepLoss
 
 
@@ -68,6 +70,11 @@ class Objective:
     def describe(self) -> dict[str, str]:
         """Rows of the table printed before the first step (e.g. what the reference is)."""
         return {"objective": self.cfg.objective.name}
+
+    def model_changes(self) -> list[Change]:
+        """What the objective's loss puts on the model while it runs (beside `ftune.model.instrument`'s list)."""
+        chunked = self.token_loss is not None and self.token_loss.head is not None
+        return [HEAD_CAPTURE] if chunked else []
 
 
 @torch.no_grad()

@@ -11,11 +11,11 @@ computes the same function in one `torch.autograd.Function`:
                grad_x = g W + dropout'(g_h A)                                 (one addmm)
 
 with s the LoRA scaling. The dropout is the one `use_sparse_dropout` folds into lora_A (`DroppedLinear`,
-model/dropout.py): the same dropped positions, drawn from the same generator, so runs draw the same masks as
+kernels/dropout.py): the same dropped positions, drawn from the same generator, so runs draw the same masks as
 before, and resumed runs the same masks as uninterrupted ones. It keeps what PEFT's layer keeps for the
 backward (the input, the rank-r product, the dropped positions), less one copy under autocast: PEFT casts a
-16-bit input to the fp32 adapter dtype and back (`ftune plan` counts both, through `fuses`). Exact up to
-floating-point rounding (tests/model/test_lora_linear.py).
+16-bit input to the fp32 adapter dtype and back (`ftune plan` traces the layers a run uses, so it counts
+what each keeps). Exact up to floating-point rounding (tests/kernels/test_lora_linear.py).
 
 Hand-written because neither PEFT nor torch fuses a LoRA layer on CPU. PEFT's own forward runs wherever this one
 does not apply: merged or disabled adapters, several active adapters, LoRA variants (DoRA), a LoRA bias, a
@@ -26,18 +26,15 @@ dropout that `DroppedLinear` leaves to `F.dropout` (CUDA, p > 0.25).
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ftune.compat import register_lora_layers
-from ftune.model.dropout import (
+from ftune.kernels.dropout import (
     SPARSE_UP_TO,
     autocast_dtype,
     draws_positions,
     dropped_matmul_grads,
     dropped_positions,
     dropped_times,
-    folds_into_lora_a,
 )
 
 NO_POSITIONS = torch.empty(0, dtype=torch.int64)
@@ -79,7 +76,8 @@ class _LoraMatmul(torch.autograd.Function):
 class FusedLoraLinear(LoraLinear):
     """PEFT's LoRA `Linear` whose forward is `_LoraMatmul` where it applies, PEFT's own forward elsewhere.
 
-    Same parameters, state-dict keys, merge and unload as PEFT's layer: only the forward differs.
+    Same parameters, state-dict keys, merge and unload as PEFT's layer: only the forward differs, which is why
+    `use_fused_layers` can turn PEFT's layers into this class in place.
     """
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -106,8 +104,6 @@ class FusedLoraLinear(LoraLinear):
         if len(active) != 1 or not fuses(self, active[0], x.device.type):
             return None
         adapter = active[0]
-        if not isinstance(self.lora_dropout[adapter], nn.Identity):  # not folded yet: PEFT applies the dropout
-            return None
         base, lora_a, lora_b = self.base_layer, self.lora_A[adapter], self.lora_B[adapter]
         p = getattr(lora_a, "p", 0.0)
         if self.training and p > 0 and not draws_positions(x, p):
@@ -119,36 +115,30 @@ class FusedLoraLinear(LoraLinear):
 def fuses(layer: nn.Module, adapter: str, device: str) -> bool:
     """Whether `layer` trains `adapter` through `_LoraMatmul` on `device` (for inputs of one dtype or autocast).
 
-    A vanilla adapter (no variant, no LoRA bias) on a frozen plain nn.Linear whose dropout, if any, is folded into
-    lora_A (or will be: `ftune plan` reads models `use_sparse_dropout` has not run on) and drawn as positions:
-    on CPU up to SPARSE_UP_TO (`draws_positions`).
+    A vanilla adapter (no variant, no LoRA bias) on a frozen plain nn.Linear with no dropout of its own (none, or
+    folded into lora_A by `use_sparse_dropout`) drawn as positions: on CPU up to SPARSE_UP_TO (`draws_positions`).
     """
     if not isinstance(layer, FusedLoraLinear) or adapter not in layer.lora_A:
         return False
-    base, dropout = layer.base_layer, layer.lora_dropout[adapter]
-    p = getattr(layer.lora_A[adapter], "p", getattr(dropout, "p", 0.0))
-    folded = isinstance(dropout, nn.Identity) or (type(dropout) is nn.Dropout and folds_into_lora_a(layer, adapter))
-    return (folded and adapter not in layer.lora_variant and not layer.lora_bias.get(adapter)
+    base = layer.base_layer
+    p = getattr(layer.lora_A[adapter], "p", 0.0)
+    return (isinstance(layer.lora_dropout[adapter], nn.Identity) and adapter not in layer.lora_variant
+            and not layer.lora_bias.get(adapter)
             and type(base) is nn.Linear and not any(t.requires_grad for t in (base.weight, base.bias) if t is not None)
             and (p == 0 or (device == "cpu" and p <= SPARSE_UP_TO)))
 
 
-def fused_lora_layer(target: nn.Module, adapter_name: str, config, **kwargs) -> LoraLinear | None:
-    """PEFT's custom-module dispatch: a FusedLoraLinear for a plain nn.Linear, else None (PEFT dispatches).
+def use_fused_layers(model: nn.Module) -> int:
+    """Turn each of PEFT's LoRA layers over a plain nn.Linear into a `FusedLoraLinear`; returns how many.
 
-    Registered for nn.Linear, which bitsandbytes' quantized layers subclass: those go on to PEFT's own layers.
+    A class change in place, not a copy: the subclass adds a forward and no state, so parameters, hooks and
+    PEFT's bookkeeping stay as PEFT built them, and adapters added later (a reference copy) join the same layer.
+    Layers over bitsandbytes' quantized linears (their own PEFT classes) and over fused MoE experts are left as
+    they are. Each layer still runs PEFT's own forward wherever the fused one does not apply (`fusable_adapter`).
     """
-    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if type(base) is not nn.Linear or kwargs.get("parameter_name") is not None:
-        return None
-    return FusedLoraLinear(target, adapter_name, config=config, **kwargs)
-
-
-def with_fused_layers(config):
-    """`config` (a PEFT `LoraConfig`) set to build its plain linear layers as `FusedLoraLinear`, and returned.
-
-    Through PEFT's custom-module dispatch (its documented, experimental API, `ftune.compat.register_lora_layers`);
-    PEFT builds every other layer.
-    """
-    register_lora_layers(config, {nn.Linear: fused_lora_layer})
-    return config
+    swapped = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and type(module.get_base_layer()) is nn.Linear:
+            module.__class__ = FusedLoraLinear
+            swapped += 1
+    return swapped

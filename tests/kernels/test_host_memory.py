@@ -18,7 +18,7 @@ LATER_STEPS = 5
 
 FAULTS_OF_STEPS = f"""
 import ctypes, resource, sys
-from ftune.train.host_memory import keep_freed_host_memory
+from ftune.kernels.host_memory import keep_freed_host_memory
 if sys.argv[1] == "keep":
     assert keep_freed_host_memory()
 libc = ctypes.CDLL(None)

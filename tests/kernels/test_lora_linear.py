@@ -13,10 +13,10 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 from ftune.config.schema import LoraCfg, MethodCfg
-from ftune.model import adapters
-from ftune.model.adapters import lora_config
-from ftune.model.dropout import DroppedLinear, use_sparse_dropout
-from ftune.model.lora_linear import FusedLoraLinear, fused_lora_layer, fuses, with_fused_layers
+from ftune.kernels.dropout import DroppedLinear, use_sparse_dropout
+from ftune.kernels.lora_linear import FusedLoraLinear, fuses, use_fused_layers
+from ftune.model.adapters import add_adapter
+from ftune.model.instrument import instrument
 
 IN, OUT, RANK = 24, 16, 4
 
@@ -36,13 +36,13 @@ def adapted_layer(fused: bool, p: float, bias: bool = False, dtype: torch.dtype 
     """The adapted `proj` of a fresh Holder (same seed, so the same weights), PEFT's or ftune's, dropout folded."""
     torch.manual_seed(0)
     config = LoraConfig(r=RANK, lora_alpha=8, lora_dropout=p, target_modules=["proj"], **lora)
-    if fused:
-        with_fused_layers(config)
     model = get_peft_model(Holder(bias, dtype), config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_()  # B starts at zero: give the adapter an output to compare
+    if fused:
+        use_fused_layers(model)
     use_sparse_dropout(model)
     return model.base_model.model.proj.train()
 
@@ -149,43 +149,47 @@ def test_sharded_fused_layers_give_the_unsharded_gradients(sharding):
 
 
 def test_quantized_layers_stay_peft_layers():
-    """Registered for nn.Linear, which bitsandbytes' layers subclass: those go on to PEFT's own dispatch."""
+    """Only PEFT's layer over a plain nn.Linear becomes fused: bitsandbytes' layers keep PEFT's own classes."""
     bnb = pytest.importorskip("bitsandbytes")
-    target = bnb.nn.Linear8bitLt(IN, OUT, bias=False, has_fp16_weights=False)
-    assert fused_lora_layer(target, "default", LoraConfig(r=RANK)) is None
+    holder = Holder(False, torch.float32)
+    holder.proj = bnb.nn.Linear8bitLt(IN, OUT, bias=False, has_fp16_weights=False)
+    model = get_peft_model(holder, LoraConfig(r=RANK, target_modules=["proj"]))
+    assert use_fused_layers(model) == 0 and type(model.base_model.model.proj) is not FusedLoraLinear
 
 
-def test_ftune_lora_models_fuse_every_linear_and_train_like_peft(random_llama, monkeypatch):
-    """lora_config gives FusedLoraLinear layers with PEFT's state-dict keys; training and merging match PEFT."""
+@pytest.mark.parametrize("kernels", [False, True])
+def test_cpu_kernels_switch_gives_fused_or_peft_layers_that_train_alike(random_llama, kernels):
+    """`instrument(kernels=...)`: fused layers and folded dropout, or PEFT's own; the same keys and training.
+
+    Compared with PEFT's layers whose dropout draws the same masks (`use_sparse_dropout` alone) where the kernels
+    are on; with them off, the dropout is torch's (other masks), so only learning and merging are compared.
+    """
     cfg, method = LoraCfg(r=4, alpha=8, dropout=0.1), MethodCfg(name="lora")
-    models = []
-    for fused in (False, True):
-        base = random_llama()
-        with monkeypatch.context() as patch:
-            if not fused:
-                patch.setattr(adapters, "with_fused_layers", lambda config: config)  # PEFT's own layers
-            config = lora_config(method, cfg, base)
-        model = get_peft_model(base, config)
-        use_sparse_dropout(model)
-        models.append(model)
-    peft_model, fused_model = models
-    layers = [m for m in fused_model.modules() if hasattr(m, "lora_A")]
-    assert layers and all(type(m) is FusedLoraLinear for m in layers)
-    assert list(fused_model.state_dict()) == list(peft_model.state_dict())
+    peft_model = add_adapter(random_llama(), method, cfg, False)
+    use_sparse_dropout(peft_model)
+    model = add_adapter(random_llama(), method, cfg, False)
+    changes = instrument(model, kernels=kernels)
+    assert [c.source for c in changes] == (["kernels/lora_linear.py", "kernels/dropout.py"] if kernels else [])
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert layers and all((type(m) is FusedLoraLinear) == kernels for m in layers)
+    assert all(isinstance(m.lora_A["default"], DroppedLinear) == kernels for m in layers)
+    assert all(type(m.lora_dropout["default"]) is (nn.Identity if kernels else nn.Dropout) for m in layers)
+    assert list(model.state_dict()) == list(peft_model.state_dict())
     ids = torch.randint(1, 64, (4, 32), generator=torch.Generator().manual_seed(11))
     losses = []
-    for model in models:
-        optimizer = torch.optim.AdamW([t for t in model.parameters() if t.requires_grad], lr=1e-2)
+    for trained in (peft_model, model):
+        optimizer = torch.optim.AdamW([t for t in trained.parameters() if t.requires_grad], lr=1e-2)
         torch.manual_seed(12)
         losses.append([])
         for _ in range(4):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = trained(input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             losses[-1].append(loss.item())
     assert losses[1][-1] < losses[1][0]
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
-    fused_model.eval()
-    adapted = fused_model(input_ids=ids).logits
-    torch.testing.assert_close(fused_model.merge_and_unload()(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
+    if kernels:
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    model.eval()
+    adapted = model(input_ids=ids).logits
+    torch.testing.assert_close(model.merge_and_unload()(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
