@@ -58,6 +58,10 @@ class GuardStop(FtuneError):
     exit_code = EXIT_GUARD
 
 
+class StepError(FtuneError):
+    """User code that failed inside a training step (a reward function), after a checkpoint to resume from; exit 1."""
+
+
 def first_line(err: BaseException, limit: int) -> str:
     """A library's exception as part of one of ftune's lines: its message's first line, at most `limit` characters.
 

@@ -1,12 +1,14 @@
-"""Write ftune's shipped datasets: a chat task, a forgetting probe, and the items of the shipped lm-eval task.
+"""Write ftune's shipped datasets: chat, pairs, GRPO prompts, a forgetting probe, and the shipped lm-eval task's items.
 
-    python scripts/build_datasets.py    # -> ftune/assets/data/{chat,probe,pairs}/, ftune/assets/tasks/tinyworld_tense/
+    python scripts/build_datasets.py    # -> ftune/assets/data/{chat,probe,pairs,prompts}/, ftune/assets/tasks/...
 
 The lm-eval task (tense agreement, multiple choice) is described in its YAML. The preference pairs (`pairs/`) ask
 for a rewrite as the chat task does, with the sentence in the asked tense as chosen and the same rewrite with its
 verbs misconjugated as rejected; the KTO files hold the same answers unpaired, each with its label.
 The task is new to the embedded model: its pretraining corpus (scripts/build_tiny_model.py) has tinyworld
-sentences in every tense but never asks to rewrite one. Every split uses its own seed, distinct from the
+sentences in every tense but never asks to rewrite one. The GRPO prompts (`prompts/`) ask for one sentence about a
+person at a time ("Write a sentence about Nora tomorrow."); the time decides the tense, which the reward functions
+of ftune/assets/rewards/tinyworld_tense.py check. Every split uses its own seed, distinct from the
 pretraining and evaluation seeds, so all texts here are held out. Output is deterministic.
 """
 
@@ -22,6 +24,7 @@ TASK_FILE = Path("tasks", "tinyworld_tense", "test.jsonl")
 """The shipped lm-eval task's items, relative to the assets directory (the parent of --out)."""
 SPLITS = {"train": (400, 4), "validation": (50, 5)}  # split -> (conversations, seed)
 PAIR_SPLITS = {"train": (320, 7), "validation": (64, 8)}  # split -> (pairs, seed)
+PROMPT_SPLITS = {"train": (400, 9), "validation": (64, 10)}  # split -> (prompts, seed)
 PROBE_DOCUMENTS, PROBE_SEED = 200, 3
 TASK_ITEMS, TASK_SEED = 200, 6
 CHOICE_TENSES = ("present", "past", "future", "present_progressive")
@@ -55,6 +58,12 @@ REQUESTS = (
     "Can you put this sentence in the {tense}? {sentence}",
 )
 FOLLOW_UPS = ("Now in the {tense}.", "And in the {tense}?", "Now put it in the {tense}.")
+SENTENCE_REQUESTS = (
+    "Write a sentence about {person} {time}.",
+    "Write one sentence about {person} {time}.",
+    "Tell me something about {person} {time}, in one sentence.",
+)
+"""GRPO prompts: none names the tense or has a verb that gives it away ("what {person} did"); only the time does."""
 
 
 def make_conversation(rng: random.Random) -> list[dict[str, str]]:
@@ -134,6 +143,24 @@ def pair_files() -> dict[str, list[dict]]:
     return files
 
 
+def make_prompt(rng: random.Random) -> dict:
+    """A GRPO prompt: a sentence about a person at a time, whose tense the time decides.
+
+    Columns: `prompt` (one user message), `person`, `time`, `tense` (the tinyworld tense the time asks for, one of
+    CHOICE_TENSES) and `reference`, an answer that earns every reward ("Tomorrow, Nora will bake a cake.").
+    The embedded model has seen "Write a few sentences about someone." answered with a story in a random tense, so
+    its first answers get the tense right about one time in five; the time phrases are the ones that fit one tense
+    only (UNAMBIGUOUS_TIMES), so the reward is never ambiguous.
+    """
+    name, pronoun = world.person(rng)
+    tense = rng.choice(CHOICE_TENSES)
+    time = rng.choice(UNAMBIGUOUS_TIMES[tense])
+    clause = world.make_clause(rng, subject=(name, pronoun))
+    user = rng.choice(SENTENCE_REQUESTS).format(person=name, time=time)
+    return {"prompt": [{"role": "user", "content": user}], "person": name, "time": time, "tense": tense,
+            "reference": world.render(world.Sentence((clause,)), tense, time, time_first=True)}
+
+
 def make_tense_item(rng: random.Random) -> dict:
     """A multiple-choice item: a time phrase and subject, then the clause in each tense; the time phrase decides.
 
@@ -158,7 +185,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def main() -> None:
-    """Write the chat splits, the preference pairs and the probe set under --out, and the lm-eval task's items."""
+    """Write the chat, pairs, prompts and probe files under --out, and the lm-eval task's items."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DATA_DIR)
     out = parser.parse_args().out
@@ -167,6 +194,9 @@ def main() -> None:
         write_jsonl(out / "chat" / f"{split}.jsonl", [{"messages": make_conversation(rng)} for _ in range(count)])
     for name, records in pair_files().items():
         write_jsonl(out / name, records)
+    for split, (count, seed) in PROMPT_SPLITS.items():
+        rng = random.Random(seed)
+        write_jsonl(out / "prompts" / f"{split}.jsonl", [make_prompt(rng) for _ in range(count)])
     probe = world.generate_documents(PROBE_DOCUMENTS, PROBE_SEED)
     write_jsonl(out / "probe" / "general.jsonl", [{"text": text} for text in probe])
     rng = random.Random(TASK_SEED)

@@ -4,6 +4,7 @@
     ftune data recipe=tiny_lora data.packing=true n=5 out=rows.jsonl
     ftune data recipe=tiny_lora data.streaming=true trainer.max_steps=9   the first 3 rows of the stream
     ftune data recipe=tiny_dpo n=3 out=pairs.jsonl            preference pairs: statistics, the first 3 pairs
+    ftune data recipe=tiny_grpo                               GRPO's prompts: statistics, the first 3 prompts
     ftune data --cache-info                                   the data cache: entries, sizes, what made them
     ftune data --cache-clear                                  remove them
 
@@ -32,10 +33,12 @@ from ftune.data.show import (
     batch_fill,
     describe,
     describe_pairs,
+    describe_prompts,
     explain_examples,
     show_duplicates,
     show_examples,
     show_pairs,
+    show_prompts,
     summarize,
     write_rows,
 )
@@ -63,6 +66,8 @@ def run(args) -> int:
         raise ResourceError(f"out={out}: no such directory {out.parent}", "create it, or write elsewhere")
     if cfg.objective.learns_preferences:
         return report_pairs(cfg, count, out, args.json)
+    if cfg.objective.samples_completions:
+        return report_prompts(cfg, count, args.json)
     if cfg.data.streaming:
         return preview_stream(cfg, count, out, args.json)
     tokenizer, split, loader, seconds = build_train_data(cfg)
@@ -97,6 +102,27 @@ def report_pairs(cfg, count: int, out: Path | None, as_json: bool) -> int:
     if out is not None:
         write_rows(rows, out, as_pairs=True)
         console.print(f"wrote {len(rows)} rows to {out}", markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
+def report_prompts(cfg, count: int, as_json: bool) -> int:
+    """GRPO's prompts: read and rendered as `ftune train` does, then their statistics and the first `count`."""
+    from ftune.data.prompts import build_prompt_rows
+    from ftune.data.templates import resolve_template
+    from ftune.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    started = time.perf_counter()
+    template = resolve_template(cfg.data.chat_template, tokenizer)
+    rows, stats = build_prompt_rows(cfg.data.path, tokenizer, template, cfg.data, cfg.grpo.max_completion_length)
+    report = {"stats": dataclasses.asdict(stats), "columns": sorted({name for row in rows for name in row.columns}),
+              "prompt_tokens": sum(len(row.prompt_ids) for row in rows),
+              "seconds": round(time.perf_counter() - started, 3)}
+    if as_json:
+        print(json.dumps(report))
+    else:
+        print_table(f"ftune data: {cfg.recipe}", describe_prompts(report))
+        show_prompts(rows, tokenizer, count)
     return 0
 
 

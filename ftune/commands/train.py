@@ -160,7 +160,7 @@ def build_training(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object,
         trainer=cfg.trainer, early_stop=cfg.early_stop, probe=cfg.probe, max_grad_norm=cfg.optim.max_grad_norm,
         total_steps=total_steps, run_dir=run_dir, log=open_log(cfg, resolved, accelerator, run_dir), state=state,
         on_checkpoint=lambda: draw_plots(run_dir), objective=objective, task_probe=task_probe,
-        sampler=build_sampler(cfg, tokenizer, run_dir),
+        sampler=None if objective.samples_itself else build_sampler(cfg, tokenizer, run_dir),
         changes=process_changes + model_changes(accelerator.unwrap_model(model)) + objective.model_changes(),
     )
     if resume is not None:

@@ -247,13 +247,19 @@ REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 
 @dataclass
 class ObjectiveCfg:
-    name: str = choice("sft", "distill", "dpo", "kto")
+    name: str = choice("sft", "distill", "dpo", "kto", "grpo")
     """What the run learns from (whatever `method` trains): `sft` the labelled tokens; `distill` labels and a frozen
-    teacher (`distill.*`); `dpo` preference pairs (`pref.*`); `kto` completions labelled desirable or not."""
+    teacher (`distill.*`); `dpo` preference pairs (`pref.*`); `kto` completions labelled desirable or not; `grpo`
+    prompts and the user's reward functions, on completions sampled from the policy as it trains (`grpo.*`)."""
 
     @property
     def learns_preferences(self) -> bool:
         return self.name in PREFERENCE_OBJECTIVES
+
+    @property
+    def samples_completions(self) -> bool:
+        """Whether the run samples its completions from the model as it trains (GRPO): its data are prompts."""
+        return self.name == "grpo"
 
 
 @dataclass
@@ -289,6 +295,41 @@ class PrefCfg:
     that repeat the prompt: the same log-probs for less work. Used where the model's attention takes such a mask
     and a probe pair at start gives the two layouts' log-probs equal; else (flash-attention, prompt or prefix
     tuning, a layer a mask cannot steer) each response repeats its prompt, and the run's table says why."""
+
+
+@dataclass
+class GrpoCfg:
+    num_generations: int = bounded(8, 2)
+    """Completions sampled per prompt (a group); each one's advantage is its reward against its group's."""
+    reward_funcs: list[str] = field(default_factory=list)
+    """The reward functions, each `path/to/file.py:function` (relative to the current directory) or
+    `package.module:function`, with TRL's signature `fn(prompts, completions, **columns) -> list[float | None]`;
+    every column of the prompts file but `prompt` arrives by name. Required with objective=grpo."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function (null: all 1); the reward is the weighted sum."""
+    loss: str = choice("dapo", "grpo", "bnpo", "dr_grpo")
+    """How the per-token loss is averaged, as TRL defines it: `dapo` (TRL's default) and `bnpo` over the step's
+    completion tokens, `grpo` over each completion's tokens then over completions, `dr_grpo` over completions x
+    max_completion_length. ftune divides by the whole step's count, so every type is exact under accumulation."""
+    scale_rewards: str = choice("group", "batch", "none")
+    """Divide advantages by the group's reward std (`group`, TRL's default), the batch's (`batch`), or not at all
+    (`none`, as Dr. GRPO argues: the std favours groups that are almost all right or all wrong)."""
+    epsilon: float = bounded(0.2, 0.0)
+    """The importance ratio is clipped to [1 - epsilon, 1 + epsilon_high]."""
+    epsilon_high: float | None = None
+    """Upper clip (DAPO's clip-higher, e.g. 0.28); null: epsilon."""
+    beta: float = bounded(0.0, 0.0)
+    """Weight of the KL term to the reference (TRL's k3 estimate); 0, TRL's default, needs no reference. The
+    reference is the policy with its adapter off (LoRA, QLoRA) or a frozen copy (full fine-tuning)."""
+    max_completion_length: int = bounded(64, 1)
+    """Most tokens sampled per completion; data.max_length must leave room for it after the prompt."""
+    temperature: float = bounded(1.0, 0.0)
+    """Sampling temperature (> 0)."""
+    top_p: float = bounded(1.0, 0.0, 1.0)
+    """Nucleus sampling: the smallest set of tokens whose probabilities reach top_p (1: all)."""
+    mask_truncated_completions: bool = False
+    """Leave completions cut at max_completion_length out of the loss (they still count in grpo's and dr_grpo's
+    averages, as TRL counts them): a cut answer is not rewarded or punished for an ending it never reached."""
 
 
 @dataclass
@@ -417,6 +458,7 @@ class RunCfg:
     objective: ObjectiveCfg = field(default_factory=ObjectiveCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
     pref: PrefCfg = field(default_factory=PrefCfg)
+    grpo: GrpoCfg = field(default_factory=GrpoCfg)
     trainer: TrainerCfg = field(default_factory=TrainerCfg)
     early_stop: EarlyStopCfg = field(default_factory=EarlyStopCfg)
     probe: ProbeCfg = field(default_factory=ProbeCfg)
@@ -424,11 +466,15 @@ class RunCfg:
 
     @property
     def uses_reference(self) -> bool:
-        """Whether the objective compares the policy with a reference model (KTO, and DPO but its free losses)."""
+        """Whether the objective compares the policy with a reference (KTO, DPO but its free losses, GRPO's KL)."""
         return self.objective.name == "kto" or \
-            self.objective.name == "dpo" and self.pref.loss not in REFERENCE_FREE_LOSSES
+            self.objective.name == "dpo" and self.pref.loss not in REFERENCE_FREE_LOSSES or \
+            self.objective.name == "grpo" and self.grpo.beta > 0
 
     @property
     def keeps_reference_model(self) -> bool:
-        """Whether the reference runs at every step (not precomputed): full fine-tuning then keeps a frozen copy."""
-        return self.uses_reference and self.pref.reference == "model"
+        """Whether the reference runs at every step (not precomputed): full fine-tuning then keeps a frozen copy.
+
+        GRPO's completions are sampled as it trains, so its reference always runs (`pref.reference` is DPO's).
+        """
+        return self.uses_reference and (self.objective.name == "grpo" or self.pref.reference == "model")

@@ -238,6 +238,7 @@ HELD_OUT_METRICS = {
     "distill": (("eval_loss", "min"), ("eval_ppl", "min")),
     "dpo": (("eval_reward_accuracy", "max"), ("eval_reward_margin", "max"), ("eval_loss", "min")),
     "kto": (("eval_reward_accuracy", "max"), ("eval_reward_margin", "max"), ("eval_loss", "min")),
+    "grpo": (("eval_reward", "max"),),
 }
 """What each objective's evaluation logs on held-out data (`ftune.train.objectives`), its default early-stopping
 metric first, with the direction in which it improves."""
@@ -338,8 +339,41 @@ def check_probe(cfg: RunCfg) -> list[str]:
     return problems
 
 
+def check_grpo(cfg: RunCfg) -> list[str]:
+    """What GRPO needs: reward functions, a sampling distribution, room for completions, unpacked rows."""
+    grpo, problems = cfg.grpo, []
+    if cfg.objective.name != "grpo":
+        return [f"grpo.reward_funcs={list(grpo.reward_funcs)} with objective={cfg.objective.name} (expected "
+                "objective=grpo, or no reward functions)"] if grpo.reward_funcs else []
+    if not grpo.reward_funcs:
+        problems.append("objective=grpo without grpo.reward_funcs (expected [path/to/file.py:function, ...] or "
+                        "[package.module:function, ...])")
+    if grpo.reward_weights is not None and len(grpo.reward_weights) != len(grpo.reward_funcs):
+        problems.append(f"grpo.reward_weights has {len(grpo.reward_weights)} weights for {len(grpo.reward_funcs)} "
+                        "reward functions (expected one per function, or null)")
+    if grpo.temperature <= 0:
+        problems.append(f"grpo.temperature={grpo.temperature} (expected > 0: completions are sampled)")
+    if grpo.top_p <= 0:
+        problems.append(f"grpo.top_p={grpo.top_p} (expected in (0, 1])")
+    if grpo.epsilon_high is not None and grpo.epsilon_high < 0:
+        problems.append(f"grpo.epsilon_high={grpo.epsilon_high} (expected >= 0, or null for grpo.epsilon)")
+    if cfg.data.max_length <= grpo.max_completion_length:
+        problems.append(f"data.max_length={cfg.data.max_length} with grpo.max_completion_length="
+                        f"{grpo.max_completion_length} (expected data.max_length larger: it holds the prompt and the "
+                        "completion)")
+    if cfg.data.packing or cfg.data.streaming:
+        problems.append(f"data.{'packing' if cfg.data.packing else 'streaming'}=true with objective=grpo (expected "
+                        "false: each row is a prompt and one sampled completion)")
+    if cfg.method.name in ("prompt_tuning", "prefix_tuning"):
+        problems.append(f"method={cfg.method.name} with objective=grpo (expected lora, ia3 or full: sampling through "
+                        "virtual tokens is not tested)")
+    return problems
+
+
 def check_sampling(cfg: RunCfg) -> list[str]:
-    """Sampled answers need held-out conversations to prompt with."""
+    """Sampled answers need held-out conversations to prompt with (GRPO logs the completions it trains on)."""
+    if cfg.objective.name == "grpo":
+        return []
     if cfg.trainer.sample_every and (cfg.data.eval_path is None or cfg.data.format == "text"):
         return [f"trainer.sample_every={cfg.trainer.sample_every} needs held-out conversations (expected "
                 "data.eval_path set to chat data, or trainer.sample_every=0)"]
@@ -390,6 +424,7 @@ CROSS_FIELD_RULES: list[Callable[[RunCfg], list[str]]] = [
     check_freeze,
     check_distillation,
     check_preference,
+    check_grpo,
     check_start_adapter,
     check_bitsandbytes,
     check_betas,

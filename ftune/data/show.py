@@ -76,6 +76,28 @@ def show_pairs(rows, tokenizer, count: int) -> None:
             console.print(Text(f"{name}:", style="bold"), render_tokens(ids, ids, tokenizer, marks))
 
 
+
+def describe_prompts(report: dict) -> dict[str, str]:
+    """The statistics table's rows for GRPO's prompts."""
+    stats = report["stats"]
+    dropped = ", ".join(f"{reason}: {count}" for reason, count in stats["dropped"].items())
+    return {
+        "prompts kept": str(stats["kept"]),
+        "dropped": f"{sum(stats['dropped'].values())}" + (f" ({dropped})" if dropped else ""),
+        "columns (for the reward functions)": ", ".join(report["columns"]) or "none",
+        "prompt tokens": f"{report['prompt_tokens']:,} (completions are sampled while training)",
+        "time": f"{report['seconds']:.2f} s",
+    }
+
+
+def show_prompts(rows, tokenizer, count: int) -> None:
+    """Print the first `count` prompts as the model reads them (up to the answer) and their columns."""
+    marks = console.color_system is None
+    for index, row in enumerate(itertools.islice(rows, count)):
+        console.rule(f"prompt {index}: {len(row.prompt_ids)} tokens")
+        console.print(render_tokens(row.prompt_ids, [IGNORE_INDEX] * len(row.prompt_ids), tokenizer, marks))
+        console.print(Text(json.dumps(row.columns, ensure_ascii=False), style="italic"))
+
 def batch_fill(loader, lengths) -> float:
     """Real tokens over token slots (rows x padded width) in one shuffled pass over the training batches.
 

@@ -104,6 +104,68 @@ def greedy_answer(model, tokenizer, template: ChatTemplate, prompt: list[dict], 
     return answer.split(template.end_of_turn)[0].strip(), len(new)
 
 
+@dataclass(frozen=True)
+class Sampled:
+    """Completions sampled for a batch of prompts, `num_generations` per prompt, prompt-major (row i: prompt i // G).
+
+    `prompt_ids` and `prompt_mask` are the prompts left-padded to one width and repeated for each completion;
+    `completion_ids` holds each completion up to `max_new_tokens` (padding after its end); `completion_mask` is 1
+    on its tokens up to and including the stop token; `truncated` marks completions that reached the limit
+    without one.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    truncated: torch.Tensor
+
+
+def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded to the longest (ids, attention mask): a batch's prompts end where generation starts."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[index, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def completion_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, truncated): 1 on each completion's tokens up to and including its first stop token, 0 after it.
+
+    Example: stop 9, completion [4, 9, 0, 0] -> mask [1, 1, 0, 0], not truncated; [4, 5, 6, 7] -> all 1, truncated.
+    """
+    stops = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
+    stopped_before = (stops.cumsum(dim=1) - stops.long()) > 0  # a stop token earlier in the row
+    return (~stopped_before).long(), ~stops.any(dim=1)
+
+
+@torch.no_grad()
+def sample_completions(model, prompt_ids: list[list[int]], num_generations: int, max_new_tokens: int,
+                       temperature: float, top_p: float, stop_ids: list[int], pad_id: int,
+                       suppress: list[int] | None = None) -> Sampled:
+    """Sample `num_generations` completions of each prompt from `model` as it is now, with a KV cache.
+
+    transformers' `generate` in one batch: prompts left-padded (their positions counted from each prompt's first
+    token, as `generate` counts them from the attention mask), stopping each completion at a stop token or
+    `max_new_tokens`, never emitting `suppress` (embedding rows no token maps to, `padding_rows`). Draws from
+    torch's global generator, which checkpoints save: a resumed run samples what the uninterrupted one did.
+    """
+    from transformers import GenerationConfig
+
+    ids, mask = left_padded(prompt_ids, pad_id, model.device)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
+                              top_k=0, num_return_sequences=num_generations, eos_token_id=stop_ids,
+                              pad_token_id=pad_id, suppress_tokens=suppress or None, use_cache=True)
+    output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    completions = output[:, ids.size(1):]
+    keep, truncated = completion_mask(completions, stop_ids)
+    return Sampled(ids.repeat_interleave(num_generations, 0), mask.repeat_interleave(num_generations, 0),
+                   completions, keep, truncated)
+
+
 def score_generations(model, tokenizer, template: ChatTemplate, conversations: list[list[dict]],
                       max_new_tokens: int) -> list[GenerationScore]:
     """Greedy answers for the last assistant turn of each conversation, scored against its reference.

@@ -49,10 +49,15 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 def unfused_sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each row's summed log-probability of its labelled tokens, from the full logits (in fp32)."""
+    return unfused_token_logps(logits, labels).sum(1)
+
+
+def unfused_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each labelled token's log-probability, [rows, length - 1] aligned with `labels[:, 1:]`, 0 where ignored."""
     logits, labels = text_logits(logits, labels)[:, :-1].float(), labels[:, 1:]
     learned = labels != IGNORE_INDEX
     token = torch.log_softmax(logits, dim=-1).gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
-    return (token * learned).sum(1)
+    return token * learned
 
 
 def learned_token_count(labels: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""PNG plots of a run, drawn from metrics.jsonl rows: loss curves, preference rewards and probe drift, steps on x."""
+"""PNG plots of a run, drawn from metrics.jsonl rows: loss curves, rewards, completion lengths and probe drift."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ from ftune.atomic import atomic_file
 
 
 def write_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
-    """Draw `loss.png`, `reward_accuracy.png` and `reward_margin.png` (preferences), `probe.png` (the probe).
+    """Draw `loss.png`, the preference and GRPO reward plots, and `probe.png` (the probe).
 
     Each only where its metrics were logged; returns the files written.
     """
@@ -20,10 +20,24 @@ def write_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
         if any(key in r for r in rows):
             written.append(plot_series(rows, plot_dir / f"{key}.png", title, f"{title.lower()} (chosen vs rejected)",
                                        {f"train {key}": key, f"eval {key}": f"eval_{key}"}))
+    written += online_reward_plots(rows, plot_dir)
     if any("probe_drift" in r for r in rows):
         written.append(plot_series(rows, plot_dir / "probe.png", "Forgetting probe", "probe perplexity drift vs base",
                                    {"probe drift": "probe_drift"}, zero_line=True))
     return written
+
+
+def online_reward_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
+    """GRPO: `rewards.png` (the weighted reward and each function's, train and eval) and `completion_length.png`."""
+    if not any("reward_std" in r for r in rows):  # GRPO's rows (a preference run logs its rewards per response)
+        return []
+    keys = sorted({k for r in rows for k in r if k.startswith("reward") and k != "reward_std"})
+    splits = (("train", ""), ("eval", "eval_"))
+    series = {f"{split} {key}": f"{prefix}{key}" for key in keys for split, prefix in splits}
+    return [plot_series(rows, plot_dir / "rewards.png", "Rewards", "mean reward per completion", series),
+            plot_series(rows, plot_dir / "completion_length.png", "Completion length", "tokens per completion",
+                        {"mean": "completion_length", "min": "completion_length_min",
+                         "max": "completion_length_max"})]
 
 
 def plot_series(rows: list[dict], path: Path, title: str, ylabel: str, series: dict[str, str],

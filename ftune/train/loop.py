@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
 from ftune.config.schema import EarlyStopCfg, ProbeCfg, TrainerCfg
-from ftune.errors import GuardStop
+from ftune.errors import GuardStop, StepError
 from ftune.eval.generation import Sampler
 from ftune.eval.loss import learned_token_count
 from ftune.eval.probe import probe_ppl
@@ -81,7 +81,7 @@ def fit(run: TrainRun) -> tuple[str, int]:
         sample(run)
     with progress_bar as progress, StopSignals() as signals:
         for batches in step_batches(run, epochs):
-            sums, counts = forward_backward(run, batches)
+            sums, counts = forward_backward_or_checkpoint(run, batches)
             lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on in the step)
             grad_norm = clip_gradients(run)
             values = to_host(sums | counts | {"grad_norm": grad_norm})
@@ -153,6 +153,7 @@ def forward_backward(run: TrainRun, batches: list[dict]) -> tuple[dict[str, torc
         each over all ranks, as tensors.
     """
     acc, model, objective = run.accelerator, run.model, run.objective
+    batches = objective.prepare_step(model, batches, run.state.step + 1)
     counts = acc.reduce(torch.stack([
         torch.stack([objective.count(b), learned_token_count(b["labels"]), b["num_tokens"]]) for b in batches
     ]).sum(0), "sum")
@@ -169,6 +170,23 @@ def forward_backward(run: TrainRun, batches: list[dict]) -> tuple[dict[str, torc
             sums[key] = sums.get(key, 0) + value.detach()
     return {k: acc.reduce(v, "sum") for k, v in sums.items()}, dict(zip(("count", "learned", "tokens"), counts,
                                                                          strict=True))
+
+
+def forward_backward_or_checkpoint(run: TrainRun, batches: list[dict]):
+    """`forward_backward`, or on failing user code (`StepError`) a checkpoint of the state before this step.
+
+    The step's batches are not counted as taken, so the run resumes there once the code is fixed.
+
+    On one process only: the others would wait for the failed one at the checkpoint's barrier.
+    """
+    try:
+        return forward_backward(run, batches)
+    except StepError:
+        if run.accelerator.num_processes == 1:
+            run.optimizer.zero_grad(set_to_none=True)
+            run.state.batch_in_epoch -= len(batches)
+            checkpoint(run)
+        raise
 
 
 def to_host(values: dict[str, torch.Tensor | float | None]) -> dict[str, float]:

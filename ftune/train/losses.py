@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ftune.config.schema import DistillCfg, TrainerCfg
 from ftune.data.mask import IGNORE_INDEX
-from ftune.eval.loss import cross_entropy_sum, model_inputs, shifted, text_logits, unfused_sequence_logps
+from ftune.eval.loss import cross_entropy_sum, model_inputs, shifted, text_logits, unfused_token_logps
 from ftune.model.dtypes import DTYPES
 from ftune.train.chunked import ChunkSpec, chunked_loss, chunked_token_logps
 from ftune.train.head import captured_head_input, linear_head, unsupported_reason
@@ -155,14 +155,21 @@ class SequenceLogps:
         """(summed log-probs, labelled tokens), one of each per sequence."""
         if "logp_source" in batch:
             return self.gathered(model, batch)
-        inputs, labels, counts = model_inputs(batch), batch["labels"], sequence_token_counts(batch)
+        return self.per_token(model, batch).sum(1), sequence_token_counts(batch)
+
+    def per_token(self, model, batch: dict) -> torch.Tensor:
+        """Each labelled token's log-probability, [rows, length - 1] aligned with `labels[:, 1:]`, 0 where ignored.
+
+        What GRPO's per-token ratios are made of; one sequence per row.
+        """
+        inputs, labels = model_inputs(batch), batch["labels"]
         if self.head is None:
-            return unfused_sequence_logps(model(**inputs).logits, labels), counts
+            return unfused_token_logps(model(**inputs).logits, labels)
         rows, targets, keep = shifted_rows(head_input(model, self.head, inputs), labels)
         logps = chunked_token_logps(linear_head(self.head, rows, self.dtype), targets, self.spec)
-        row_of = torch.arange(labels.size(0), device=labels.device).repeat_interleave(labels.size(1) - 1)
-        row_of = row_of if keep is None else row_of[keep]
-        return torch.zeros(labels.size(0), dtype=logps.dtype, device=logps.device).index_add(0, row_of, logps), counts
+        if keep is not None:  # on CPU only the labelled rows went through the head
+            logps = torch.zeros(keep.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
+        return logps.view(labels.size(0), -1)
 
     def gathered(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Shared-prompt pairs: each listed token's log p from the hidden state its `logp_source` names.

@@ -347,3 +347,11 @@ def test_bad_preference_input_is_one_line_and_leaves_nothing_behind(lines, extra
     assert (code, err.strip().splitlines()[-1]) == (2, "ftune: error: " + message.format(p=data))
     cache = tmp_path / "cache" / "data"  # refused before the cache is looked up, or while building an entry
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_grpo_prompts_are_counted_with_the_columns_the_rewards_read(capsys):
+    assert main(["data", "recipe=tiny_grpo", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stats"]["kept"] == 400 and report["columns"] == ["person", "reference", "tense", "time"]
+    assert main(["data", "recipe=tiny_grpo", "n=1"]) == 0
+    assert "prompt 0:" in capsys.readouterr().err

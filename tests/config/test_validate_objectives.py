@@ -20,6 +20,13 @@ from ftune.errors import ConfigError
     (["recipe=tiny_dpo", "objective=kto", "pref.reference=precompute"], "pref.reference=precompute with objective=kto"),
     (["recipe=tiny_dpo", "pref.loss=simpo", "pref.reference=precompute"],
      r"pref.reference=precompute with pref.loss=simpo \(expected pref.reference=model: simpo uses no reference\)"),
+    (["recipe=tiny_grpo", "grpo.reward_funcs=[]"], r"objective=grpo without grpo.reward_funcs \(expected"),
+    (["recipe=tiny_lora", "grpo.reward_funcs=[a.py:f]"], r"grpo.reward_funcs=\['a.py:f'\] with objective=sft"),
+    (["recipe=tiny_grpo", "grpo.reward_weights=[1.0]"], "grpo.reward_weights has 1 weights for 2 reward functions"),
+    (["recipe=tiny_grpo", "grpo.temperature=0"], r"grpo.temperature=0.0 \(expected > 0"),
+    (["recipe=tiny_grpo", "grpo.max_completion_length=128"], "data.max_length=128 with grpo.max_completion_length=128"),
+    (["recipe=tiny_grpo", "data.packing=true"], "data.packing=true with objective=grpo"),
+    (["recipe=tiny_grpo", "method=prompt_tuning"], "method=prompt_tuning with objective=grpo"),
 ])
 def test_bad_objective_settings_are_rejected(overrides, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -56,6 +63,7 @@ def test_a_start_adapter_of_another_base_or_method_is_refused_in_one_line(tmp_pa
     (["recipe=tiny_dpo", "objective=kto"], "eval_reward_accuracy", "max"),
     (["recipe=tiny_lora"], "eval_loss", "min"),
     (["recipe=tiny_distill"], "eval_loss", "min"),
+    (["recipe=tiny_grpo"], "eval_reward", "max"),
 ])
 def test_early_stopping_follows_the_objective(overrides, metric, mode):
     cfg, _ = load_run_config(overrides)

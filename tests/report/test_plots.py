@@ -82,6 +82,22 @@ def test_preference_runs_get_reward_plots_with_train_and_eval_curves(tmp_path, f
     assert figures["Reward margin"].axes[0].get_ylabel() == "reward margin (chosen vs rejected)"
 
 
+
+def test_grpo_runs_get_a_curve_per_reward_function_and_the_completion_lengths(tmp_path, figures):
+    rows = [{"step": 1, "loss": 0.1, "reward": 0.5, "reward_tense": 0.25, "reward_std": 0.3, "completion_length": 9.0,
+             "completion_length_min": 4.0, "completion_length_max": 24.0},
+            {"step": 2, "loss": 0.1, "reward": 1.0, "reward_tense": 0.75, "reward_std": 0.2, "completion_length": 8.0,
+             "completion_length_min": 5.0, "completion_length_max": 20.0},
+            {"step": 2, "eval_reward": 0.9, "eval_reward_tense": 0.7}]
+    written = write_plots(rows, tmp_path)
+    assert written == [tmp_path / "loss.png", tmp_path / "rewards.png", tmp_path / "completion_length.png"]
+    assert curves(figures["Rewards"]) == {"train reward": ([1, 2], [0.5, 1.0]), "eval reward": ([2], [0.9]),
+                                          "train reward_tense": ([1, 2], [0.25, 0.75]),
+                                          "eval reward_tense": ([2], [0.7])}
+    assert curves(figures["Completion length"]) == {"mean": ([1, 2], [9.0, 8.0]), "min": ([1, 2], [4.0, 5.0]),
+                                                    "max": ([1, 2], [24.0, 20.0])}
+
+
 def test_the_probe_plot_shows_the_drift_against_a_zero_line(tmp_path, figures):
     rows = [*SFT_ROWS[:3], {"step": 2, "probe_ppl": 10.0, "probe_drift": 0.0},
             {"step": 4, "probe_ppl": 10.5, "probe_drift": 0.05}]

@@ -10,6 +10,7 @@ from ftune.data.collate import PadCollator
 from ftune.data.mask import IGNORE_INDEX
 from ftune.train.loop import due, forward_backward, to_host
 from ftune.train.objectives import build_objective
+from ftune.train.state import TrainState
 
 
 def ragged_examples(n: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -30,7 +31,7 @@ def step_gradient(model, examples: list[dict], micro_batch: int) -> dict[str, to
     batches = [collate(examples[i:i + micro_batch]) for i in range(0, len(examples), micro_batch)]
     objective = build_objective(RunCfg(trainer=TrainerCfg(loss_chunk_size=5)))  # chunks split micro-batches unevenly
     objective.attach(model, tokenizer=None)
-    run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, objective=objective)
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, objective=objective, state=TrainState())
     forward_backward(run, batches)
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 

@@ -20,6 +20,7 @@ from ftune.train.loop import forward_backward
 from ftune.train.losses import SequenceLogps, build_sequence_logps
 from ftune.train.objectives import build_objective
 from ftune.train.objectives.pair_losses import PairLogps, kto_losses, pair_losses
+from ftune.train.state import TrainState
 
 
 def logps(seed: int, n: int = 6) -> PairLogps:
@@ -221,7 +222,8 @@ def step_gradient(model, rows: list[dict], micro_batch: int, shared_mask: str | 
     model.zero_grad(set_to_none=True)
     collate = PairCollator(pad_token_id=0, shared_mask=shared_mask)
     batches = [collate(rows[i:i + micro_batch]) for i in range(0, len(rows), micro_batch)]
-    run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, objective=dpo_objective(model))
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, objective=dpo_objective(model),
+                          state=TrainState())
     forward_backward(run, batches)
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 

@@ -6,6 +6,7 @@ how to add one.
 
 from ftune.config.schema import RunCfg
 from ftune.train.objectives.base import Objective
+from ftune.train.objectives.grpo import GrpoObjective
 from ftune.train.objectives.preference import DpoObjective, KtoObjective
 from ftune.train.objectives.tokens import TokenObjective
 
@@ -14,6 +15,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "distill": TokenObjective,
     "dpo": DpoObjective,
     "kto": KtoObjective,
+    "grpo": GrpoObjective,
 }
 """`objective.name` -> its class (the names are `ObjectiveCfg.name`'s choices)."""
 

@@ -24,6 +24,9 @@ class Objective:
     """What `count` counts (what the step's sums are divided by): `learned_tokens`, `pairs`, `completions`."""
     needs_reference_adapter = False
     """Whether a start adapter (`model.adapter`) is also loaded frozen, as the reference, by `prepare_model`."""
+    samples_itself = False
+    """Whether the objective writes generations.jsonl itself (`trainer.sample_every`): online objectives log what
+    they sampled and were rewarded for, instead of greedy answers to held-out conversations."""
 
     def __init__(self, cfg: RunCfg):
         self.cfg = cfg
@@ -49,6 +52,13 @@ class Objective:
 
         A precomputed reference, for instance. Nothing by default.
         """
+
+    def prepare_step(self, model, batches: list[dict], step: int) -> list[dict]:
+        """The step's micro-batches as `loss` takes them, before the step's first gradient (`step`: its number).
+
+        The loader's batches as they are by default; an online objective samples its completions here.
+        """
+        return batches
 
     def loss(self, model, batch: dict) -> dict[str, torch.Tensor]:
         """The micro-batch's summed terms: `loss` (backpropagated) and the logged sums `summarize` turns into means."""

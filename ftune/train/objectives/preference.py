@@ -54,13 +54,21 @@ class Reference:
             return "the base with model.adapter (frozen copy of the start adapter)"
         return "the base (the policy with its adapter disabled)"
 
-    @torch.no_grad()
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed log-probs, labelled tokens) per sequence under the reference; `model` is the (wrapped) policy."""
+        return self.scored(self.logps, model, batch)
+
+    def per_token(self, model, batch: dict) -> torch.Tensor:
+        """Each labelled token's log-prob under the reference (`SequenceLogps.per_token`): GRPO's KL term."""
+        return self.scored(self.logps.per_token, model, batch)
+
+    @torch.no_grad()
+    def scored(self, logps, model, batch: dict):
+        """`logps(reference, batch)`: on the frozen copy, or on the policy switched to the reference."""
         if self.copy is not None:
-            return self.logps(self.copy, batch)
+            return logps(self.copy, batch)
         with self.switched():
-            return self.logps(model, batch)
+            return logps(model, batch)
 
     def switched(self) -> AbstractContextManager:
         """The policy turned into the reference for one forward."""

@@ -1,0 +1,258 @@
+"""`objective=grpo`: online RL on verifiable rewards, completions sampled from the policy as it trains.
+
+Each optimizer step takes its micro-batches of prompts (`ftune.data.prompts`) and, before any gradient, turns them
+into rollouts (`prepare_step`): `grpo.num_generations` completions per prompt sampled from the policy as it is
+(`ftune.eval.generation.sample_completions`, with a KV cache, dropout off), each scored by the user's reward
+functions (`ftune.train.rewards`, TRL's signature), and each group's rewards turned into advantages
+(`grpo_losses.group_advantages`). The loss is the clipped policy gradient on the completion tokens only
+(`grpo_losses.policy_loss`, TRL's definitions of `grpo.loss`), computed as a sum over the micro-batch that the loop
+divides by the whole step's count: completions for `grpo`, completion tokens for `dapo` and `bnpo`, completions x
+`max_completion_length` for `dr_grpo`, so 2 micro-batches x 4 prompts give the gradient of 8.
+
+One optimizer step per batch of generations (TRL's `num_iterations=1`), so the sampling policy is the trained one
+and the importance ratio is 1 with its gradient (`old_per_token_logps=None`). With `grpo.beta > 0` the reference's
+per-token log-probs are computed with the rollouts (LoRA: the adapter off; full fine-tuning: a frozen copy).
+
+The reward statistics are logged with the step (`reward`, `reward_std`, `reward_<function>`, `completion_length`
+and its min and max, `clipped_ratio`, `clip_ratio`, `kl`), and every `trainer.sample_every` steps the step's
+prompts, completions and rewards are appended to generations.jsonl.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from ftune.data.mask import IGNORE_INDEX
+from ftune.data.prompts import build_prompt_loader, build_prompt_rows
+from ftune.data.templates import resolve_template
+from ftune.eval.generation import GENERATIONS_FILE, Sampled, padding_rows, sample_completions, stop_token_ids
+from ftune.model.dropout import disable_dropout, eval_mode
+from ftune.model.load import load_frozen
+from ftune.train.losses import build_sequence_logps, build_step_loss
+from ftune.train.objectives.base import Objective
+from ftune.train.objectives.grpo_losses import group_advantages, policy_loss
+from ftune.train.objectives.preference import Reference
+from ftune.train.rewards import load_reward_funcs, reward_weights, score
+
+
+@dataclass
+class Rollout:
+    """One micro-batch's completions, what the loss needs of them, and the texts the reward functions read."""
+
+    batch: dict
+    prompts: list
+    completions: list
+    rewards: torch.Tensor
+    per_function: torch.Tensor
+
+
+class GrpoObjective(Objective):
+    """`objective=grpo`: the clipped policy gradient on sampled completions, with the user's rewards."""
+
+    count_name = "completions"
+    samples_itself = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        grpo = cfg.grpo
+        self.reward_funcs = load_reward_funcs(grpo.reward_funcs)  # a wrong spec fails here, before any model loads
+        self.weights = reward_weights(grpo.reward_weights, len(self.reward_funcs))
+        self.epsilon_high = grpo.epsilon if grpo.epsilon_high is None else grpo.epsilon_high
+        self.frozen_copy = self.reference = self.accelerator = None
+        self.extremes: dict[str, float] = {}
+        self.last_rollouts: list[Rollout] = []
+
+    @property
+    def needs_reference_adapter(self) -> bool:
+        return self.cfg.keeps_reference_model
+
+    def build_loaders(self, tokenizer, accelerator: Accelerator) -> tuple[dict, dict]:
+        cfg = self.cfg
+        self.tokenizer, self.template = tokenizer, resolve_template(cfg.data.chat_template, tokenizer)
+        room = cfg.grpo.max_completion_length
+        train, train_stats = build_prompt_rows(cfg.data.path, tokenizer, self.template, cfg.data, room)
+        loaders = {"train": build_prompt_loader(train, cfg.trainer.micro_batch_size, shuffle=True), "eval": None}
+        stats = {"train": train_stats, "eval": None}
+        if cfg.data.eval_path:
+            held_out, stats["eval"] = build_prompt_rows(cfg.data.eval_path, tokenizer, self.template, cfg.data, room)
+            loaders["eval"] = build_prompt_loader(held_out, cfg.trainer.micro_batch_size, shuffle=False)
+        return loaders, stats
+
+    def load_frozen(self) -> None:
+        """Full fine-tuning with `grpo.beta > 0`: a frozen copy of the base as the reference."""
+        if self.cfg.keeps_reference_model and self.cfg.method.name == "full":
+            self.frozen_copy = load_frozen(self.cfg.model, "model.name_or_path")
+
+    def attach(self, model, tokenizer) -> None:
+        disable_dropout(model)  # the sampling policy is the one trained: ratio 1 at each step's start, as in TRL
+        self.logps = build_sequence_logps(model, self.cfg.trainer)
+        self.token_loss = build_step_loss(model, self.cfg.trainer)
+        self.reference = Reference(model, self.frozen_copy, self.cfg.trainer) if self.cfg.keeps_reference_model \
+            else None
+        self.stop_ids = stop_token_ids(self.template, tokenizer)
+        self.suppress = padding_rows(model, tokenizer)
+
+    def start(self, model, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+
+    def prepare_step(self, model, batches: list[dict], step: int) -> list[dict]:
+        """Sample, score and weigh every micro-batch's completions before the step's first gradient."""
+        policy = self.accelerator.unwrap_model(model)
+        rollouts = [self.rollout(policy, batch) for batch in batches]
+        rewards = torch.cat([r.rewards for r in rollouts])
+        advantages, group_std = group_advantages(rewards, self.cfg.grpo.num_generations, self.cfg.grpo.scale_rewards)
+        start = 0
+        for rollout in rollouts:
+            n = rollout.rewards.numel()
+            rollout.batch["rewards"], rollout.batch["reward_per_function"] = rollout.rewards, rollout.per_function
+            rollout.batch["advantages"] = advantages[start:start + n].to(rollout.batch["input_ids"].device)
+            rollout.batch["group_std"] = group_std[start // self.cfg.grpo.num_generations:
+                                                   (start + n) // self.cfg.grpo.num_generations]
+            start += n
+        lengths = torch.cat([r.batch["completion_mask"].sum(1) for r in rollouts]).float()
+        self.extremes = {"completion_length_min": lengths.min().item(), "completion_length_max": lengths.max().item()}
+        self.last_rollouts = rollouts
+        if self.cfg.trainer.sample_every and (step % self.cfg.trainer.sample_every == 0):
+            self.write_generations(step)
+        return [r.batch for r in rollouts]
+
+    @torch.no_grad()
+    def rollout(self, policy, batch: dict) -> Rollout:
+        """One micro-batch of prompts: completions sampled, scored, and laid out for the loss (prompt then answer)."""
+        grpo = self.cfg.grpo
+        with eval_mode(policy):
+            sampled = sample_completions(policy, batch["prompt_ids"], grpo.num_generations, grpo.max_completion_length,
+                                         grpo.temperature, grpo.top_p, self.stop_ids, self.tokenizer.pad_token_id,
+                                         self.suppress)
+        repeat = grpo.num_generations
+        prompts = [prompt for prompt in batch["prompts"] for _ in range(repeat)]
+        texts = self.completion_texts(sampled)
+        completions = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+                       for prompt, text in zip(prompts, texts, strict=True)]
+        columns = {name: [value for value in values for _ in range(repeat)]
+                   for name, values in batch["columns"].items()}
+        ids = [row[mask.bool()].tolist() for row, mask in zip(sampled.completion_ids, sampled.completion_mask,
+                                                               strict=True)]
+        rewards, per_function = score(self.reward_funcs, self.weights, prompts, completions, columns, ids)
+        return Rollout(self.training_batch(policy, sampled), prompts, completions, rewards, per_function)
+
+    def completion_texts(self, sampled: Sampled) -> list[str]:
+        """Each completion decoded up to its stop token, cut at the template's end of turn, as `ftune eval` reads it."""
+        texts = []
+        for row, mask in zip(sampled.completion_ids, sampled.completion_mask, strict=True):
+            text = self.tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
+            texts.append(text.split(self.template.end_of_turn)[0].strip() if self.template.end_of_turn else text)
+        return texts
+
+    def training_batch(self, policy, sampled: Sampled) -> dict:
+        """Prompt and completion in one row: the completion's kept tokens labelled, positions counted as sampled.
+
+        `generate` counts a left-padded prompt's positions from its first token; the training forward passes the
+        same `position_ids`, so each token's log-prob is the one it was sampled with.
+        """
+        grpo = self.cfg.grpo
+        keep = sampled.completion_mask
+        if grpo.mask_truncated_completions:
+            keep = keep * (~sampled.truncated).unsqueeze(1)
+        input_ids = torch.cat([sampled.prompt_ids, sampled.completion_ids], dim=1)
+        attention = torch.cat([sampled.prompt_mask, sampled.completion_mask], dim=1)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        width = sampled.prompt_ids.size(1)
+        labels[:, width:] = torch.where(keep.bool(), sampled.completion_ids, IGNORE_INDEX)
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+        batch = {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions, "labels": labels,
+                 "num_tokens": attention.sum(), "completion_mask": sampled.completion_mask,
+                 "truncated": sampled.truncated}
+        if self.reference is not None:
+            batch["ref_logps"] = self.reference.per_token(policy, batch)
+        return batch
+
+    def count(self, batch: dict) -> torch.Tensor:
+        """What the step divides the summed loss by (see the module docstring)."""
+        completions = torch.tensor(batch["labels"].size(0), device=batch["labels"].device)
+        if self.cfg.grpo.loss == "grpo":
+            return completions
+        if self.cfg.grpo.loss == "dr_grpo":
+            return completions * self.cfg.grpo.max_completion_length
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+    def loss(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        grpo = self.cfg.grpo
+        labelled = batch["labels"][:, 1:] != IGNORE_INDEX
+        reference = batch.get("ref_logps")
+        parts = policy_loss(self.logps.per_token(model, batch), None, reference, batch["advantages"], labelled,
+                            loss_type=grpo.loss, epsilon_low=grpo.epsilon, epsilon_high=self.epsilon_high,
+                            beta=grpo.beta, max_completion_length=grpo.max_completion_length)
+        return {"loss": parts["loss"], **self.logged_sums(batch, parts)}
+
+    def logged_sums(self, batch: dict, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sums over this micro-batch's completions and tokens that `summarize` turns into the step's means."""
+        device = parts["loss"].device
+        rollout_sums = {"completions": parts["completions"], "completion_tokens": parts["tokens"],
+                        "completion_length": batch["completion_mask"].sum().float(),
+                        "clipped": batch["truncated"].sum().float(), "groups": torch.tensor(
+                            float(batch["group_std"].numel()), device=device),
+                        "reward_std": batch["group_std"].sum().to(device)}
+        return rollout_sums | {key: parts[key] for key in ("clip_region", "kl") if key in parts} | \
+            self.reward_sums(batch, device)
+
+    def reward_sums(self, batch: dict, device) -> dict[str, torch.Tensor]:
+        """The micro-batch's summed rewards, weighted and per function (None rewards left out of the sums)."""
+        sums = {"reward": torch.nansum(batch["rewards"])}
+        for index, func in enumerate(self.reward_funcs):
+            sums[f"reward_{func.name}"] = torch.nansum(batch["reward_per_function"][:, index])
+        return {key: value.to(device) for key, value in sums.items()}
+
+    def summarize(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        """The step's means: the loss over its count, rewards and lengths over completions, ratios over tokens."""
+        completions, tokens = max(sums["completions"], 1), max(sums["completion_tokens"], 1)
+        metrics = {"loss": sums["loss"] / max(count, 1)}
+        metrics |= {key: sums[key] / completions for key in sums if key.startswith("reward") and key != "reward_std"}
+        metrics |= {"reward_std": sums["reward_std"] / max(sums["groups"], 1),
+                    "completion_length": sums["completion_length"] / completions,
+                    "clipped_ratio": sums["clipped"] / completions, "clip_ratio": sums["clip_region"] / tokens}
+        if "kl" in sums:
+            metrics["kl"] = sums["kl"] / tokens
+        return metrics | self.extremes
+
+    def evaluate(self, model, loader, max_batches: int) -> dict[str, float]:
+        """Held-out prompts: the mean reward (weighted and per function) of completions sampled as in training."""
+        policy = self.accelerator.unwrap_model(model)
+        totals, count = None, 0
+        for index, batch in enumerate(loader):
+            if index == max_batches:
+                break
+            rollout = self.rollout(policy, batch)
+            sums = torch.cat([torch.nansum(rollout.rewards).view(1), torch.nansum(rollout.per_function, dim=0)])
+            totals = sums if totals is None else totals + sums
+            count += rollout.rewards.numel()
+        totals = self.accelerator.reduce(totals.to(self.accelerator.device), "sum").tolist()
+        count = self.accelerator.reduce(torch.tensor(count, device=self.accelerator.device), "sum").item()
+        names = ["eval_reward", *(f"eval_reward_{func.name}" for func in self.reward_funcs)]
+        return {name: total / max(count, 1) for name, total in zip(names, totals, strict=True)}
+
+    def write_generations(self, step: int) -> None:
+        """Append the step's prompts, completions and rewards to generations.jsonl (main process only)."""
+        if not self.accelerator.is_main_process:
+            return
+        path = Path(self.cfg.output_dir) / GENERATIONS_FILE
+        with path.open("a", encoding="utf-8") as handle:  # an append-only log, like metrics.jsonl
+            for rollout in self.last_rollouts:
+                for index, (prompt, completion) in enumerate(zip(rollout.prompts, rollout.completions, strict=True)):
+                    rewards = {func.name: rollout.per_function[index, k].item()
+                               for k, func in enumerate(self.reward_funcs)}
+                    handle.write(json.dumps({"step": step, "prompt": prompt, "completion": completion,
+                                             "reward": rollout.rewards[index].item(), "rewards": rewards}) + "\n")
+
+    def describe(self) -> dict[str, str]:
+        grpo = self.cfg.grpo
+        reference = self.reference.describe() if self.reference is not None else "none (grpo.beta=0)"
+        funcs = ", ".join(f"{func.name} ({func.source})" for func in self.reward_funcs)
+        return super().describe() | {
+            "loss": f"{grpo.loss} (epsilon {grpo.epsilon}/{self.epsilon_high}, beta {grpo.beta})",
+            "rewards": funcs, "generations": f"{grpo.num_generations} per prompt, up to {grpo.max_completion_length} "
+                                             f"tokens, temperature {grpo.temperature}, top_p {grpo.top_p}",
+            "reference": reference}

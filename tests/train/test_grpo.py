@@ -1,0 +1,177 @@
+"""objective=grpo: completions cut at their stop token, log-probs as sampled, exact accumulation, the user's rewards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftune.cli import main
+from ftune.config.compose import load_run_config
+from ftune.eval.generation import Sampled, completion_mask, left_padded
+from ftune.model.load import load_tokenizer, prepare_model
+from ftune.train.objectives import build_objective
+
+FAST = ["recipe=tiny_grpo", "grpo.num_generations=2", "grpo.max_completion_length=8", "trainer.micro_batch_size=2",
+        "trainer.eval_every=0", "data.eval_path=null", "grpo.reward_weights=null"]
+
+
+def test_completions_are_masked_after_their_stop_token():
+    ids = torch.tensor([[4, 9, 0, 0], [4, 5, 6, 7], [9, 9, 3, 0]])
+    mask, truncated = completion_mask(ids, [9])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False]
+
+
+def test_left_padding_puts_every_prompt_against_the_completion():
+    ids, mask = left_padded([[5, 6, 7], [8]], pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def objective_and_model(*overrides):
+    cfg = load_run_config(["recipe=tiny_grpo", *overrides])[0]
+    tokenizer = load_tokenizer(cfg.model)
+    objective = build_objective(cfg)
+    loaders, _ = objective.build_loaders(tokenizer, None)
+    model = prepare_model(cfg)
+    objective.attach(model, tokenizer)
+    return objective, model, loaders["train"]
+
+
+def fixed_rollout(prompts: list[list[int]], completions: list[list[int]], pad: int) -> Sampled:
+    """What `sample_completions` returns for these prompts (one completion each), without sampling."""
+    prompt_ids, prompt_mask = left_padded(prompts, pad, "cpu")
+    width = max(map(len, completions))
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row in completions])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in completions])
+    return Sampled(prompt_ids, prompt_mask, ids, mask, torch.zeros(len(prompts), dtype=torch.bool))
+
+
+def test_a_left_padded_row_scores_its_completion_as_the_row_alone_does():
+    """Positions count from each prompt's first token, as `generate` counts them: padding changes nothing."""
+    objective, model, _ = objective_and_model()
+    model.eval()
+    prompts, completions = [[1, 20, 21, 22, 23, 24], [1, 30]], [[40, 41, 42], [50, 51]]
+    pad = objective.tokenizer.pad_token_id
+    together = objective.training_batch(model, fixed_rollout(prompts, completions, pad))
+    with torch.no_grad():
+        both = objective.logps.per_token(model, together)
+        for row in range(2):
+            alone = objective.training_batch(model, fixed_rollout(prompts[row:row + 1], completions[row:row + 1], pad))
+            single = objective.logps.per_token(model, alone)[0]
+            labelled = alone["labels"][0, 1:] != -100
+            torch.testing.assert_close(both[row][together["labels"][row, 1:] != -100], single[labelled],
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["dapo", "grpo", "dr_grpo", "bnpo"])
+def test_two_micro_batches_of_four_prompts_give_the_gradient_of_eight(loss, monkeypatch):
+    """The loop's normalisation (the summed losses over the step's summed counts) on fixed completions."""
+    objective, model, loader = objective_and_model(f"grpo.loss={loss}", "grpo.num_generations=2",
+                                                   "trainer.micro_batch_size=8", "grpo.beta=0.04")
+    objective.accelerator = type("One", (), {"unwrap_model": staticmethod(lambda m: m), "num_processes": 1})()
+    generator = torch.Generator().manual_seed(0)
+
+    def sampled(model, prompt_ids, n, length, *args, **kwargs):
+        completions = [torch.randint(5, 60, (int(torch.randint(2, length + 1, (), generator=generator)),),
+                                     generator=generator).tolist() for _ in range(len(prompt_ids) * n)]
+        return fixed_rollout([p for p in prompt_ids for _ in range(n)], completions, 0)
+
+    monkeypatch.setattr("ftune.train.objectives.grpo.sample_completions", sampled)
+    batch = next(iter(loader))
+    whole = objective.prepare_step(model, [batch], step=1)
+    halves = [{**whole[0], **{k: v[rows] for k, v in whole[0].items() if isinstance(v, torch.Tensor) and v.dim()}}
+              for rows in (slice(0, 8), slice(8, 16))]
+    for half, rows in zip(halves, (slice(0, 4), slice(4, 8)), strict=True):
+        half["group_std"] = whole[0]["group_std"][rows]
+        half["num_tokens"] = half["attention_mask"].sum()
+    grads = []
+    for step in ([whole[0]], halves):
+        model.zero_grad()
+        total = sum(objective.count(b) for b in step)
+        for b in step:
+            (objective.loss(model, b)["loss"] / total).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+REWARDS = '''
+SEEN = []
+
+def column_reward(prompts, completions, tense, person, **kwargs):
+    """1 for each completion that came with its prompt's columns."""
+    return [1.0 if isinstance(t, str) and isinstance(p, str) else 0.0 for t, p in zip(tense, person)]
+
+def raising_reward(prompts, completions, **kwargs):
+    raise KeyError("no such verb")
+
+def short_reward(prompts, completions, **kwargs):
+    return [1.0]
+'''
+
+
+def test_a_users_reward_file_outside_the_checkout_trains_and_sees_the_columns(tmp_path, monkeypatch):
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    assert main(["train", *FAST, "trainer.max_steps=2", "grpo.reward_funcs=[./rewards.py:column_reward]",
+                 f"output_dir={run_dir}"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["reward_column_reward"] for row in rows if "loss" in row] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("spec, code, said", [
+    ("./missing.py:fn", 2, "grpo.reward_funcs: './missing.py:fn': no file"),
+    ("./rewards.py:nothing", 2, "has no attribute 'nothing'"),
+    ("./rewards.py:raising_reward", 1, "reward function raising_reward (./rewards.py:raising_reward) raised KeyError"),
+    ("./rewards.py:short_reward", 1, "returned 1 rewards for 4 completions"),
+])
+def test_each_reward_error_is_one_line(tmp_path, monkeypatch, capsys, spec, code, said):
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    assert main(["train", *FAST, "trainer.max_steps=2", f"grpo.reward_funcs=[{spec}]", f"output_dir={run_dir}"]) == code
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("ftune: error:"))
+    assert said in line and "Traceback" not in err
+    if code == 2:  # refused before any model loads: nothing written
+        assert not run_dir.exists()
+    else:  # stopped in the first step, after a checkpoint of the start to resume from
+        assert (run_dir / "checkpoints" / "step-0").is_dir()
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_exactly(tmp_path):
+    run = [*FAST, "trainer.max_steps=4", "trainer.save_every=2"]
+    straight = tmp_path / "straight"
+    assert main(["train", *run, f"output_dir={straight}"]) == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "ftune", "train", *run, f"output_dir={killed}"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = killed / "checkpoints" / "step-2" / "train_state.json"
+    while not state.exists():
+        assert process.poll() is None, process.stderr.read()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert main(["train", *run, f"output_dir={killed}", "resume=auto"]) == 0
+    expected, resumed = (load_file(d / "final" / "adapter_model.safetensors") for d in (straight, killed))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_the_shipped_recipe_raises_the_mean_reward(tmp_path):
+    """`recipe=tiny_grpo`: the mean reward of the last five steps at least 0.3 above that of the first five."""
+    run_dir = tmp_path / "run"
+    assert main(["train", "recipe=tiny_grpo", f"output_dir={run_dir}"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rewards = [row["reward"] for row in rows if "loss" in row]
+    assert sum(rewards[-5:]) / 5 - sum(rewards[:5]) / 5 >= 0.3
+    assert {"rewards.png", "completion_length.png"} <= {p.name for p in (run_dir / "plots").iterdir()}
