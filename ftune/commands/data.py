@@ -94,11 +94,7 @@ def report_pairs(cfg, count: int, out: Path | None, as_json: bool) -> int:
     rows, stats = build_preference_split(cfg.data, tokenizer, formats=OBJECTIVE_FORMATS[cfg.objective.name])
     report = {"stats": dataclasses.asdict(stats), "from_cache": rows.from_cache,
               "seconds": round(time.perf_counter() - started, 3)}
-    if as_json:
-        print(json.dumps(report))
-    else:
-        print_table(f"ftune data: {cfg.recipe}", describe_pairs(report))
-        show_pairs(rows, tokenizer, count)
+    print_report(cfg, report, as_json, describe_pairs, lambda: show_pairs(rows, tokenizer, count))
     if out is not None:
         write_rows(rows, out, as_pairs=True)
         console.print(f"wrote {len(rows)} rows to {out}", markup=False, highlight=False, soft_wrap=True)
@@ -118,12 +114,17 @@ def report_prompts(cfg, count: int, as_json: bool) -> int:
     report = {"stats": dataclasses.asdict(stats), "columns": sorted({name for row in rows for name in row.columns}),
               "prompt_tokens": sum(len(row.prompt_ids) for row in rows),
               "seconds": round(time.perf_counter() - started, 3)}
+    print_report(cfg, report, as_json, describe_prompts, lambda: show_prompts(rows, tokenizer, count))
+    return 0
+
+
+def print_report(cfg, report: dict, as_json: bool, table_rows, show_examples_of) -> None:
+    """The report as one JSON line, or its statistics table (`table_rows(report)`) and then its examples."""
     if as_json:
         print(json.dumps(report))
     else:
-        print_table(f"ftune data: {cfg.recipe}", describe_prompts(report))
-        show_prompts(rows, tokenizer, count)
-    return 0
+        print_table(f"ftune data: {cfg.recipe}", table_rows(report))
+        show_examples_of()
 
 
 def show_cache(clear: bool, as_json: bool) -> int:
