@@ -1,6 +1,7 @@
 """Prompts for online objectives (`objective=grpo`): each record's `prompt`, rendered up to the answer, and its columns.
 
-A record is `{"prompt": ..., <any other columns>}`. A string prompt is text the model continues as it is; a list of
+A record is `{"prompt": ..., <any other columns>}` (`data.columns.prompt=question` reads the prompt from another
+column). A string prompt is text the model continues as it is; a list of
 messages is rendered by the chat template with the generation prompt (the header of the assistant turn), as
 `ftune eval` and the training sampler prompt a model. Every other column reaches the reward functions by name,
 as TRL passes them, which is how a reward sees its answer key. A prompt longer than `data.max_length` minus the
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from torch.utils.data import DataLoader
 
 from ftune.config.schema import DataCfg
-from ftune.data.formats import read_source
+from ftune.data.formats import read_source, rename_columns
 from ftune.data.pipeline import private_generator
 from ftune.data.preference import prompt_messages
 from ftune.data.templates import ChatTemplate, render
@@ -53,7 +54,7 @@ def build_prompt_rows(path: str, tokenizer, template: ChatTemplate, cfg: DataCfg
     """
     longest = cfg.max_length - room
     rows, stats = [], PromptStats()
-    for where, record in read_source(path):
+    for where, record in rename_columns(read_source(path), cfg.columns, path):  # data.columns: {prompt: question}
         if isinstance(record, Exception):  # a line that is not JSON
             raise record
         if not isinstance(record, dict) or PROMPT_COLUMN not in record:

@@ -57,3 +57,12 @@ def test_a_bad_record_names_its_file_and_line(tmp_path, tokenizer, line, said):
     path = write(tmp_path, '{"prompt": "fine"}', line)
     with pytest.raises(DataError, match=said):
         build_prompt_rows(path, tokenizer, resolve_template("chatml", tokenizer), DataCfg(), room=16)
+
+
+def test_data_columns_names_the_prompt_column(tmp_path, tokenizer):
+    from ftune.data.templates import resolve_template
+
+    path = write(tmp_path, '{"question": "2 + 3 = ?", "answer": "#### 5"}')
+    cfg = DataCfg(columns={"prompt": "question"})
+    rows, _ = build_prompt_rows(path, tokenizer, resolve_template("chatml", tokenizer), cfg, room=16)
+    assert rows[0].prompt == "2 + 3 = ?" and rows[0].columns == {"answer": "#### 5"}

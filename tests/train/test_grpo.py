@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -158,6 +159,7 @@ def test_a_killed_run_resumes_exactly(tmp_path):
     state = killed / "checkpoints" / "step-2" / "train_state.json"
     while not state.exists():
         assert process.poll() is None, process.stderr.read()
+        time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert main(["train", *run, f"output_dir={killed}", "resume=auto"]) == 0
