@@ -1,6 +1,6 @@
 """Write ftune's shipped datasets: chat, pairs, GRPO prompts, a forgetting probe, and the shipped lm-eval task's items.
 
-    python scripts/build_datasets.py    # -> ftune/assets/data/{chat,probe,pairs,prompts}/, ftune/assets/tasks/...
+    python scripts/build_datasets.py    # -> ftune/assets/data/{chat,probe,pairs,prompts,arithmetic}/ and tasks/
 
 The lm-eval task (tense agreement, multiple choice) is described in its YAML. The preference pairs (`pairs/`) ask
 for a rewrite as the chat task does, with the sentence in the asked tense as chosen and the same rewrite with its
@@ -25,6 +25,8 @@ TASK_FILE = Path("tasks", "tinyworld_tense", "test.jsonl")
 SPLITS = {"train": (400, 4), "validation": (50, 5)}  # split -> (conversations, seed)
 PAIR_SPLITS = {"train": (320, 7), "validation": (64, 8)}  # split -> (pairs, seed)
 PROMPT_SPLITS = {"train": (400, 9), "validation": (64, 10)}  # split -> (prompts, seed)
+ARITHMETIC_SPLITS = {"train": (200, 11), "validation": (32, 12)}  # split -> (problems, seed)
+ARITHMETIC_THINGS = ("apples", "books", "cups", "letters", "stamps", "pencils", "coins", "plates")
 PROBE_DOCUMENTS, PROBE_SEED = 200, 3
 TASK_ITEMS, TASK_SEED = 200, 6
 CHOICE_TENSES = ("present", "past", "future", "present_progressive")
@@ -161,6 +163,25 @@ def make_prompt(rng: random.Random) -> dict:
             "reference": world.render(world.Sentence((clause,)), tense, time, time_first=True)}
 
 
+
+def make_arithmetic(rng: random.Random) -> dict:
+    """A word problem in GSM8K's shape, `question` and `answer` ending in "#### <number>", for GRPO recipes.
+
+    Example: {"question": "Nora has 12 books. Nora gets 7 more books and gives away 5. How many books does Nora have
+    now?", "answer": "12 + 7 - 5 = 14" then a new line and "#### 14"}. Small enough for any model to check a reward
+    pipeline with.
+    """
+    name, pronoun = world.person(rng)
+    verb = "have" if pronoun == "they" else "has"
+    things = rng.choice(ARITHMETIC_THINGS)
+    start, more, less = rng.randint(5, 40), rng.randint(2, 30), rng.randint(1, 5)
+    question = (f"{name[0].upper()}{name[1:]} {verb} {start} {things}. {name[0].upper()}{name[1:]} "
+                f"{'get' if pronoun == 'they' else 'gets'} {more} more {things} and "
+                f"{'give' if pronoun == 'they' else 'gives'} away {less}. How many {things} "
+                f"{'do' if pronoun == 'they' else 'does'} {name} have now?")
+    total = start + more - less
+    return {"question": question, "answer": f"{start} + {more} - {less} = {total}\n#### {total}"}
+
 def make_tense_item(rng: random.Random) -> dict:
     """A multiple-choice item: a time phrase and subject, then the clause in each tense; the time phrase decides.
 
@@ -185,7 +206,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def main() -> None:
-    """Write the chat, pairs, prompts and probe files under --out, and the lm-eval task's items."""
+    """Write the chat, pairs, prompts, arithmetic and probe files under --out, and the lm-eval task's items."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DATA_DIR)
     out = parser.parse_args().out
@@ -197,6 +218,9 @@ def main() -> None:
     for split, (count, seed) in PROMPT_SPLITS.items():
         rng = random.Random(seed)
         write_jsonl(out / "prompts" / f"{split}.jsonl", [make_prompt(rng) for _ in range(count)])
+    for split, (count, seed) in ARITHMETIC_SPLITS.items():
+        rng = random.Random(seed)
+        write_jsonl(out / "arithmetic" / f"{split}.jsonl", [make_arithmetic(rng) for _ in range(count)])
     probe = world.generate_documents(PROBE_DOCUMENTS, PROBE_SEED)
     write_jsonl(out / "probe" / "general.jsonl", [{"text": text} for text in probe])
     rng = random.Random(TASK_SEED)

@@ -72,6 +72,7 @@ class Plan:
     recipe: str
     model: str
     method: str
+    objective: str
     optimizer: str
     gpus: int
     sharding: str
@@ -125,7 +126,8 @@ def plan_run(cfg: RunCfg, gpus: int = 1, sharding: str = "none", device: str = "
     for part, how in sharding_notes(sharding, gpus).items():
         notes[part] += how
     return Plan(
-        recipe=cfg.recipe, model=cfg.model.name_or_path, method=method_label(cfg), optimizer=cfg.optim.name,
+        recipe=cfg.recipe, model=cfg.model.name_or_path, method=method_label(cfg), objective=cfg.objective.name,
+        optimizer=cfg.optim.name,
         gpus=gpus, sharding=sharding, micro_batch_size=cfg.trainer.micro_batch_size, seq_len=planned_seq_len(cfg),
         sequences_per_example=sequences,
         grad_accum=cfg.trainer.grad_accum, effective_batch=effective_batch(cfg.trainer, gpus),
@@ -193,13 +195,23 @@ def max_layer_bytes(model: torch.nn.Module, quantized: dict[int, int], cfg: RunC
 
 
 def sequences_per_example(cfg: RunCfg) -> int:
-    """Sequences one example puts through the trained forward: a DPO pair's chosen and rejected share one.
+    """Sequences one example puts through the trained forward: a DPO pair's two, a GRPO prompt's completions.
 
-    Planned as two full rows: an upper bound for a pair whose prompt both responses share in one row
+    A pair is planned as two full rows: an upper bound for a pair whose prompt both responses share in one row
     (`pref.share_prompt`), which holds the prompt once. The reference's forward runs without gradient, so it saves
-    nothing for the backward; KTO's KL rows likewise.
+    nothing for the backward; KTO's KL rows likewise. A GRPO prompt trains `grpo.num_generations` rows of prompt
+    and completion (generation's KV cache, freed before the backward, is not counted).
     """
+    if cfg.objective.name == "grpo":
+        return cfg.grpo.num_generations
     return 2 if cfg.objective.name == "dpo" else 1
+
+
+def per_example_label(plan) -> str:
+    """How the batch row names an example's sequences: `pairs x 2`, `prompts x 8` completions, or nothing."""
+    if plan.sequences_per_example == 1:
+        return ""
+    return f" {'pairs' if plan.objective == 'dpo' else 'prompts'} x {plan.sequences_per_example}"
 
 
 def reference_bytes(model: torch.nn.Module, quantized: dict[int, int], cfg: RunCfg) -> int:
@@ -367,7 +379,7 @@ def plan_rows(plan: Plan) -> dict[str, str]:
         "model": plan.model,
         "method / optimizer": f"{plan.method} / {plan.optimizer}",
         "distribution": f"{plan.gpus} GPU(s), sharding {plan.sharding}",
-        "batch": f"{plan.micro_batch_size}{' pairs x 2' if plan.sequences_per_example == 2 else ''} x {plan.seq_len} "
+        "batch": f"{plan.micro_batch_size}{per_example_label(plan)} x {plan.seq_len} "
                  f"tokens per GPU, accumulation {plan.grad_accum}, "
                  f"effective {plan.effective_batch}; gradient checkpointing "
                  f"{'on' if plan.gradient_checkpointing else 'off'}",

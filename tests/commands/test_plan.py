@@ -47,6 +47,13 @@ def test_plan_reports_the_recipe_model_and_method(capsys):
     assert distill["params"]["total"] == 1_100_048_384 and distill["memory"]["teacher_gb"] > 3
 
 
+
+def test_a_grpo_step_plans_every_completion_of_each_prompt(capsys):
+    grpo = plan_json(capsys, "recipe=grpo_qlora_qwen3_8b")
+    assert grpo["batch"]["sequences_per_example"] == 8
+    four = plan_json(capsys, "recipe=grpo_qlora_qwen3_8b", "grpo.num_generations=4")
+    assert grpo["memory"]["activations_gb"] == pytest.approx(2 * four["memory"]["activations_gb"], rel=0.05)
+
 def test_a_dpo_step_counts_both_sequences_of_each_pair_and_a_full_runs_reference_copy(capsys):
     dpo, sft = plan_json(capsys, "recipe=tiny_dpo"), plan_json(capsys, "recipe=tiny_dpo", "objective=sft")
     assert (dpo["batch"]["sequences_per_example"], sft["batch"]["sequences_per_example"]) == (2, 1)
