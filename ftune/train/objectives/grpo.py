@@ -120,8 +120,11 @@ class GrpoObjective(Objective):
         return [r.batch for r in rollouts]
 
     @torch.no_grad()
-    def rollout(self, policy, batch: dict) -> Rollout:
-        """One micro-batch of prompts: completions sampled, scored, and laid out for the loss (prompt then answer)."""
+    def rollout(self, policy, batch: dict, for_training: bool = True) -> Rollout:
+        """One micro-batch of prompts: completions sampled, scored, and laid out for the loss (prompt then answer).
+
+        `for_training=False` (evaluation, which reads the rewards only) skips the reference's forward.
+        """
         grpo = self.cfg.grpo
         with eval_mode(policy):
             sampled = sample_completions(policy, batch["prompt_ids"], grpo.num_generations, grpo.max_completion_length,
@@ -137,7 +140,7 @@ class GrpoObjective(Objective):
         ids = [row[mask.bool()].tolist() for row, mask in zip(sampled.completion_ids, sampled.completion_mask,
                                                                strict=True)]
         rewards, per_function = score(self.reward_funcs, self.weights, prompts, completions, columns, ids)
-        return Rollout(self.training_batch(policy, sampled), prompts, completions, rewards, per_function)
+        return Rollout(self.training_batch(policy, sampled, for_training), prompts, completions, rewards, per_function)
 
     def completion_texts(self, sampled: Sampled) -> list[str]:
         """Each completion decoded up to its stop token, cut at the template's end of turn, as `ftune eval` reads it."""
@@ -147,7 +150,7 @@ class GrpoObjective(Objective):
             texts.append(text.split(self.template.end_of_turn)[0].strip() if self.template.end_of_turn else text)
         return texts
 
-    def training_batch(self, policy, sampled: Sampled) -> dict:
+    def training_batch(self, policy, sampled: Sampled, with_reference: bool = True) -> dict:
         """Prompt and completion in one row: the completion's kept tokens labelled, positions counted as sampled.
 
         `generate` counts a left-padded prompt's positions from its first token; the training forward passes the
@@ -166,7 +169,7 @@ class GrpoObjective(Objective):
         batch = {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions, "labels": labels,
                  "num_tokens": attention.sum(), "completion_mask": sampled.completion_mask,
                  "truncated": sampled.truncated}
-        if self.reference is not None:
+        if self.reference is not None and with_reference:
             batch["ref_logps"] = self.reference.per_token(policy, batch)
         return batch
 
@@ -177,7 +180,7 @@ class GrpoObjective(Objective):
             return completions
         if self.cfg.grpo.loss == "dr_grpo":
             return completions * self.cfg.grpo.max_completion_length
-        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        return super().count(batch)  # the labelled completion tokens
 
     def loss(self, model, batch: dict) -> dict[str, torch.Tensor]:
         grpo = self.cfg.grpo
@@ -225,7 +228,7 @@ class GrpoObjective(Objective):
         for index, batch in enumerate(loader):
             if index == max_batches:
                 break
-            rollout = self.rollout(policy, batch)
+            rollout = self.rollout(policy, batch, for_training=False)
             sums = torch.cat([torch.nansum(rollout.rewards).view(1), torch.nansum(rollout.per_function, dim=0)])
             totals = sums if totals is None else totals + sums
             count += rollout.rewards.numel()
