@@ -327,6 +327,11 @@ class GrpoCfg:
     """Sampling temperature (> 0)."""
     top_p: float = bounded(1.0, 0.0, 1.0)
     """Nucleus sampling: the smallest set of tokens whose probabilities reach top_p (1: all)."""
+    num_iterations: int = bounded(1, 1)
+    """Optimizer steps taken on each batch of completions (TRL's `num_iterations`, the mu of the GRPO paper): the
+    same prompts train for this many steps, the later ones with importance ratios against the log-probs the
+    completions were sampled with. An epoch then counts this many steps per batch, and its last, incomplete step is
+    left out, as TRL leaves out an incomplete generation batch."""
     mask_truncated_completions: bool = False
     """Leave completions cut at max_completion_length out of the loss (they still count in grpo's and dr_grpo's
     averages, as TRL counts them): a cut answer is not rewarded or punished for an ending it never reached."""

@@ -13,12 +13,13 @@ end with the assistant header and whose `columns` are `{"answer": "5"}`.
 
 from dataclasses import dataclass, field
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from ftune.config.schema import DataCfg
 from ftune.data.formats import read_source, rename_columns
 from ftune.data.pipeline import private_generator
 from ftune.data.preference import prompt_messages
+from ftune.data.sampler import RepeatedSteps
 from ftune.data.templates import ChatTemplate, render
 from ftune.errors import DataError
 
@@ -87,7 +88,15 @@ def collate_prompts(rows: list[PromptRow]) -> dict:
             "columns": {name: [row.columns.get(name) for row in rows] for name in names}}
 
 
-def build_prompt_loader(rows: list[PromptRow], batch_size: int, shuffle: bool) -> DataLoader:
-    """Batches of `batch_size` prompts, drawn in random order each epoch when `shuffle`."""
-    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_prompts,
-                      generator=private_generator())
+def build_prompt_loader(rows: list[PromptRow], batch_size: int, shuffle: bool, step_batches: int = 1,
+                        times: int = 1) -> DataLoader:
+    """Batches of `batch_size` prompts, drawn in random order each epoch when `shuffle`.
+
+    `times` > 1: each optimizer step's `step_batches` batches come `times` times in a row (`RepeatedSteps`).
+    """
+    if times == 1:
+        return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_prompts,
+                          generator=private_generator())
+    order = RandomSampler(rows, generator=private_generator()) if shuffle else SequentialSampler(rows)
+    return DataLoader(rows, batch_sampler=RepeatedSteps(order, batch_size, step_batches, times),
+                      collate_fn=collate_prompts, generator=private_generator())

@@ -1,4 +1,6 @@
-"""Length-grouped sampling: batches of similar lengths, so padded batches waste few slots.
+"""Samplers: length-grouped batches (similar lengths, so padded batches waste few slots), and steps repeated.
+
+Length-grouped sampling:
 
 The order is transformers' `get_length_grouped_indices` (shuffle, cut into mega-batches of 50 batches, sort
 each by length, longest batch first), computed with numpy on the array of row lengths: the transformers
@@ -8,9 +10,11 @@ which accelerate calls through its prepared loader, so every epoch has its own o
 the same one.
 """
 
+import itertools
+
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 
 MEGA_BATCH_MULT = 50
 """Batches per mega-batch (transformers' default, fewer for small sets)."""
@@ -47,3 +51,29 @@ def length_grouped_indices(lengths: np.ndarray, batch_size: int, generator: torc
     longest = int(np.argmax([lengths[megabatch[0]] for megabatch in megabatches]))
     megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
     return np.concatenate(megabatches)
+
+
+class RepeatedSteps(BatchSampler):
+    """Batches in runs of one optimizer step's worth (`step_batches`), each run yielded `times` times in a row.
+
+    For an objective that trains several steps on one draw of data (`grpo.num_iterations`): the loader itself
+    repeats the step, so its length, the epoch and the resume position (`TrainState.batch_in_epoch`) count every
+    step that trains on it, and the loop needs no notion of reuse. An incomplete last run is left out (TRL leaves
+    out an incomplete generation batch), since the loop would otherwise join its repeats into one step. accelerate
+    replaces `sampler` with its seedable one and reaches it through `set_epoch`, as for a plain `BatchSampler`; on
+    several processes a run is the step's batches of every process (`step_batches` = accumulation x processes),
+    which accelerate deals out one per process in turn.
+    """
+
+    def __init__(self, sampler: Sampler, batch_size: int, step_batches: int, times: int):
+        super().__init__(sampler, batch_size, drop_last=False)
+        self.step_batches, self.times = step_batches, times
+
+    def __len__(self) -> int:
+        return super().__len__() // self.step_batches * self.step_batches * self.times
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while len(run := list(itertools.islice(batches, self.step_batches))) == self.step_batches:
+            for _ in range(self.times):
+                yield from run

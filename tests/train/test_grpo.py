@@ -74,7 +74,7 @@ def test_two_micro_batches_of_four_prompts_give_the_gradient_of_eight(loss, monk
     """The loop's normalisation (the summed losses over the step's summed counts) on fixed completions."""
     objective, model, loader = objective_and_model(f"grpo.loss={loss}", "grpo.num_generations=2",
                                                    "trainer.micro_batch_size=8", "grpo.beta=0.04")
-    objective.accelerator = type("One", (), {"unwrap_model": staticmethod(lambda m: m), "num_processes": 1})()
+    objective.accelerator = ONE_PROCESS
     generator = torch.Generator().manual_seed(0)
 
     def sampled(model, prompt_ids, n, length, *args, **kwargs):
@@ -100,6 +100,50 @@ def test_two_micro_batches_of_four_prompts_give_the_gradient_of_eight(loss, monk
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+ONE_PROCESS = type("One", (), {"unwrap_model": staticmethod(lambda m: m), "num_processes": 1})()
+
+
+def test_later_iterations_train_on_the_same_rollouts_with_ratios_to_their_sampling_logps(monkeypatch):
+    """Two iterations: step 2 trains on step 1's completions, with the ratio to the log-probs they were sampled with.
+
+    Step 1 samples and saves those log-probs (its ratio is 1); step 2 samples nothing, and its ratio moved with
+    the weights.
+    """
+    objective, model, loader = objective_and_model("grpo.num_iterations=2", "grpo.num_generations=2")
+    objective.accelerator = ONE_PROCESS
+    calls = []
+
+    def sampled(model, prompt_ids, n, length, *args, **kwargs):
+        calls.append(len(prompt_ids))
+        rows = [p for p in prompt_ids for _ in range(n)]
+        return fixed_rollout(rows, [[5 + i, 6, 7][: 1 + i % 3] for i in range(len(rows))], 0)
+
+    monkeypatch.setattr("ftune.train.objectives.grpo.sample_completions", sampled)
+    batches = iter(loader)
+    first = objective.prepare_step(model, [next(batches)], step=1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(first["old_logps"], objective.logps.per_token(model, first), rtol=0, atol=0)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.05)
+    second = objective.prepare_step(model, [next(batches)], step=2)[0]
+    assert len(calls) == 1 and second is first
+    with torch.no_grad():
+        ratio = (objective.logps.per_token(model, second) - second["old_logps"]).exp()
+    labelled = second["labels"][:, 1:] != -100
+    assert not torch.allclose(ratio[labelled], torch.ones_like(ratio[labelled]))
+
+
+def test_a_run_with_two_iterations_samples_every_other_step_and_checkpoints_its_rollouts(tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["train", *FAST, "trainer.max_steps=4", "trainer.save_every=3", "grpo.num_iterations=2",
+                 f"output_dir={run_dir}"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rewards = [(row["reward"], row["completion_length"]) for row in rows if "loss" in row]
+    assert rewards[0] == rewards[1] and rewards[2] == rewards[3]
+    assert (run_dir / "checkpoints" / "step-3" / "grpo_rollouts_0.pt").is_file()
 
 
 REWARDS = '''
@@ -148,15 +192,17 @@ def test_each_reward_error_is_one_line(tmp_path, monkeypatch, capsys, spec, code
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_exactly(tmp_path):
-    run = [*FAST, "trainer.max_steps=4", "trainer.save_every=2"]
+@pytest.mark.parametrize("iterations, kill_after", [(1, 2), (2, 3)])
+def test_a_killed_run_resumes_exactly(tmp_path, iterations, kill_after):
+    """With two iterations, killed after step 3: step 4 trains on step 3's completions, read from the checkpoint."""
+    run = [*FAST, "trainer.max_steps=4", f"trainer.save_every={kill_after}", f"grpo.num_iterations={iterations}"]
     straight = tmp_path / "straight"
     assert main(["train", *run, f"output_dir={straight}"]) == 0
     killed = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "ftune", "train", *run, f"output_dir={killed}"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    state = killed / "checkpoints" / "step-2" / "train_state.json"
+    state = killed / "checkpoints" / f"step-{kill_after}" / "train_state.json"
     while not state.exists():
         assert process.poll() is None, process.stderr.read()
         time.sleep(0.05)

@@ -9,9 +9,13 @@ functions (`ftune.train.rewards`, TRL's signature), and each group's rewards tur
 divides by the whole step's count: completions for `grpo`, completion tokens for `dapo` and `bnpo`, completions x
 `max_completion_length` for `dr_grpo`, so 2 micro-batches x 4 prompts give the gradient of 8.
 
-One optimizer step per batch of generations (TRL's `num_iterations=1`), so the sampling policy is the trained one
-and the importance ratio is 1 with its gradient (`old_per_token_logps=None`). With `grpo.beta > 0` the reference's
-per-token log-probs are computed with the rollouts (LoRA: the adapter off; full fine-tuning: a frozen copy).
+By default one optimizer step per batch of generations (TRL's `num_iterations=1`): the sampling policy is the
+trained one and the importance ratio is 1 with its gradient (`old_per_token_logps=None`). With
+`grpo.num_iterations` = k, k steps train on each batch, the later ones with the ratio to the log-probs saved with
+the rollouts (`old_logps`); the loader repeats each step's prompts k times (`ftune.data.sampler.RepeatedSteps`) and
+a checkpoint carries the rollouts, so a run resumed between two of those steps trains on the same completions.
+With `grpo.beta > 0` the reference's per-token log-probs are computed with the rollouts (LoRA: the adapter off;
+full fine-tuning: a frozen copy).
 
 The reward statistics are logged with the step (`reward`, `reward_std`, `reward_<function>`, `completion_length`
 and its min and max, `clipped_ratio`, `clip_ratio`, `kl`), and every `trainer.sample_every` steps the step's
@@ -28,6 +32,7 @@ from accelerate import Accelerator
 from ftune.data.mask import IGNORE_INDEX
 from ftune.data.prompts import build_prompt_loader, build_prompt_rows
 from ftune.data.templates import resolve_template
+from ftune.errors import DataError
 from ftune.eval.generation import GENERATIONS_FILE, Sampled, padding_rows, sample_completions, stop_token_ids
 from ftune.model.dropout import disable_dropout, eval_mode
 from ftune.model.load import load_frozen
@@ -36,6 +41,9 @@ from ftune.train.objectives.base import Objective
 from ftune.train.objectives.grpo_losses import group_advantages, policy_loss
 from ftune.train.objectives.preference import Reference
 from ftune.train.rewards import load_reward_funcs, reward_weights, score
+
+ROLLOUTS_FILE = "grpo_rollouts_{}.pt"
+"""A checkpoint's rollouts of one process (`grpo.num_iterations` > 1), by process index."""
 
 
 @dataclass
@@ -72,9 +80,16 @@ class GrpoObjective(Objective):
     def build_loaders(self, tokenizer, accelerator: Accelerator) -> tuple[dict, dict]:
         cfg = self.cfg
         self.tokenizer, self.template = tokenizer, resolve_template(cfg.data.chat_template, tokenizer)
-        room = cfg.grpo.max_completion_length
+        room, iterations = cfg.grpo.max_completion_length, cfg.grpo.num_iterations
         train, train_stats = build_prompt_rows(cfg.data.path, tokenizer, self.template, cfg.data, room)
-        loaders = {"train": build_prompt_loader(train, cfg.trainer.micro_batch_size, shuffle=True), "eval": None}
+        step_batches = cfg.trainer.grad_accum * (accelerator.num_processes if accelerator is not None else 1)
+        loaders = {"train": build_prompt_loader(train, cfg.trainer.micro_batch_size, shuffle=True,
+                                                step_batches=step_batches, times=iterations), "eval": None}
+        if not len(loaders["train"]):
+            step = cfg.trainer.micro_batch_size * step_batches
+            raise DataError(f"{cfg.data.path}: {len(train)} prompts, fewer than one optimizer step's {step} "
+                            f"(grpo.num_iterations={iterations} leaves out an incomplete step)",
+                            "lower trainer.micro_batch_size or trainer.grad_accum")
         stats = {"train": train_stats, "eval": None}
         if cfg.data.eval_path:
             held_out, stats["eval"] = build_prompt_rows(cfg.data.eval_path, tokenizer, self.template, cfg.data, room)
@@ -97,11 +112,32 @@ class GrpoObjective(Objective):
 
     def start(self, model, accelerator: Accelerator) -> None:
         self.accelerator = accelerator
+        if self.cfg.grpo.num_iterations > 1:  # a checkpoint between two steps on one rollout must carry it
+            accelerator.register_save_state_pre_hook(self.save_rollouts)
+            accelerator.register_load_state_pre_hook(self.load_rollouts)
+
+    def save_rollouts(self, _models, _weights, directory: str) -> None:
+        """Write this process's last rollouts into a checkpoint (each process has its own prompts)."""
+        saved = {"rollouts": [vars(rollout) for rollout in self.last_rollouts], "extremes": self.extremes}
+        torch.save(saved, Path(directory) / ROLLOUTS_FILE.format(self.accelerator.process_index))
+
+    def load_rollouts(self, _models, directory: str) -> None:
+        """Read back what `save_rollouts` wrote, so a resumed run trains its next steps on the same completions."""
+        path = Path(directory) / ROLLOUTS_FILE.format(self.accelerator.process_index)
+        saved = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        self.last_rollouts = [Rollout(**rollout) for rollout in saved["rollouts"]]
+        self.extremes = saved["extremes"]
 
     def prepare_step(self, model, batches: list[dict], step: int) -> list[dict]:
-        """Sample, score and weigh every micro-batch's completions before the step's first gradient."""
+        """Sample, score and weigh every micro-batch's completions before the step's first gradient.
+
+        With `grpo.num_iterations` = k, only every k-th step samples (steps 1, k + 1, ...); the steps between train
+        again on its rollouts, which the loader's repeated prompts (`RepeatedSteps`) stand for.
+        """
+        if (step - 1) % self.cfg.grpo.num_iterations:
+            return [rollout.batch for rollout in self.last_rollouts]
         policy = self.accelerator.unwrap_model(model)
-        rollouts = [self.rollout(policy, batch) for batch in batches]
+        rollouts = [self.rollout(policy, batch, scorer=model) for batch in batches]
         rewards = torch.cat([r.rewards for r in rollouts])
         advantages, group_std = group_advantages(rewards, self.cfg.grpo.num_generations, self.cfg.grpo.scale_rewards)
         start = 0
@@ -115,15 +151,17 @@ class GrpoObjective(Objective):
         lengths = torch.cat([r.batch["completion_mask"].sum(1) for r in rollouts]).float()
         self.extremes = {"completion_length_min": lengths.min().item(), "completion_length_max": lengths.max().item()}
         self.last_rollouts = rollouts
-        if self.cfg.trainer.sample_every and (step % self.cfg.trainer.sample_every == 0):
-            self.write_generations(step)
+        every = self.cfg.trainer.sample_every
+        if every and any(later % every == 0 for later in range(step, step + self.cfg.grpo.num_iterations)):
+            self.write_generations(step)  # once per rollout, when a step that trains on it is due
         return [r.batch for r in rollouts]
 
     @torch.no_grad()
-    def rollout(self, policy, batch: dict, for_training: bool = True) -> Rollout:
+    def rollout(self, policy, batch: dict, scorer=None) -> Rollout:
         """One micro-batch of prompts: completions sampled, scored, and laid out for the loss (prompt then answer).
 
-        `for_training=False` (evaluation, which reads the rewards only) skips the reference's forward.
+        `scorer`: the model as the training forward calls it (wrapped, under its autocast), which computes the
+        log-probs the loss needs besides the current ones; None (evaluation, which reads the rewards only) skips them.
         """
         grpo = self.cfg.grpo
         with eval_mode(policy):
@@ -140,7 +178,7 @@ class GrpoObjective(Objective):
         ids = [row[mask.bool()].tolist() for row, mask in zip(sampled.completion_ids, sampled.completion_mask,
                                                                strict=True)]
         rewards, per_function = score(self.reward_funcs, self.weights, prompts, completions, columns, ids)
-        return Rollout(self.training_batch(policy, sampled, for_training), prompts, completions, rewards, per_function)
+        return Rollout(self.training_batch(policy, sampled, scorer), prompts, completions, rewards, per_function)
 
     def completion_texts(self, sampled: Sampled) -> list[str]:
         """Each completion decoded up to its stop token, cut at the template's end of turn, as `ftune eval` reads it."""
@@ -150,11 +188,13 @@ class GrpoObjective(Objective):
             texts.append(text.split(self.template.end_of_turn)[0].strip() if self.template.end_of_turn else text)
         return texts
 
-    def training_batch(self, policy, sampled: Sampled, with_reference: bool = True) -> dict:
+    def training_batch(self, policy, sampled: Sampled, scorer=None) -> dict:
         """Prompt and completion in one row: the completion's kept tokens labelled, positions counted as sampled.
 
         `generate` counts a left-padded prompt's positions from its first token; the training forward passes the
-        same `position_ids`, so each token's log-prob is the one it was sampled with.
+        same `position_ids`, so each token's log-prob is the one it was sampled with. With a `scorer`, the row
+        also carries the reference's log-probs (`grpo.beta` > 0) and, when the rollout trains more than one step
+        (`grpo.num_iterations` > 1), the sampling policy's (`old_logps`, TRL's `old_per_token_logps`).
         """
         grpo = self.cfg.grpo
         keep = sampled.completion_mask
@@ -169,8 +209,10 @@ class GrpoObjective(Objective):
         batch = {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions, "labels": labels,
                  "num_tokens": attention.sum(), "completion_mask": sampled.completion_mask,
                  "truncated": sampled.truncated}
-        if self.reference is not None and with_reference:
+        if self.reference is not None and scorer is not None:
             batch["ref_logps"] = self.reference.per_token(policy, batch)
+        if grpo.num_iterations > 1 and scorer is not None:
+            batch["old_logps"] = self.logps.per_token(scorer, batch)
         return batch
 
     def count(self, batch: dict) -> torch.Tensor:
@@ -186,7 +228,8 @@ class GrpoObjective(Objective):
         grpo = self.cfg.grpo
         labelled = batch["labels"][:, 1:] != IGNORE_INDEX
         reference = batch.get("ref_logps")
-        parts = policy_loss(self.logps.per_token(model, batch), None, reference, batch["advantages"], labelled,
+        parts = policy_loss(self.logps.per_token(model, batch), batch.get("old_logps"), reference,
+                            batch["advantages"], labelled,
                             loss_type=grpo.loss, epsilon_low=grpo.epsilon, epsilon_high=self.epsilon_high,
                             beta=grpo.beta, max_completion_length=grpo.max_completion_length)
         return {"loss": parts["loss"], **self.logged_sums(batch, parts)}
@@ -228,7 +271,7 @@ class GrpoObjective(Objective):
         for index, batch in enumerate(loader):
             if index == max_batches:
                 break
-            rollout = self.rollout(policy, batch, for_training=False)
+            rollout = self.rollout(policy, batch)
             sums = torch.cat([torch.nansum(rollout.rewards).view(1), torch.nansum(rollout.per_function, dim=0)])
             totals = sums if totals is None else totals + sums
             count += rollout.rewards.numel()
@@ -257,5 +300,6 @@ class GrpoObjective(Objective):
         return super().describe() | {
             "loss": f"{grpo.loss} (epsilon {grpo.epsilon}/{self.epsilon_high}, beta {grpo.beta})",
             "rewards": funcs, "generations": f"{grpo.num_generations} per prompt, up to {grpo.max_completion_length} "
-                                             f"tokens, temperature {grpo.temperature}, top_p {grpo.top_p}",
+                                             f"tokens, temperature {grpo.temperature}, top_p {grpo.top_p}, "
+                                             f"{grpo.num_iterations} step(s) on each",
             "reference": reference}
