@@ -4,6 +4,7 @@
     python scripts/bench.py --json results/bench.json     # ~18 min on 2 CPU cores
     python scripts/bench.py --quick    # one repeat, a few steps, the tiny model only: a smoke test
     python scripts/bench.py --fp32 --bf16-base            # also fp32 autocast-free runs and bf16 frozen bases
+    python scripts/bench.py --only grpo --json results/bench.json     # GRPO against TRL's GRPOTrainer, ~4 min
 
 Every configuration trains the same LoRA (r=8, alpha 16, dropout 0.05, all linear layers) with the same AdamW,
 cosine schedule, learning rate, 512-token sequence length, micro-batch 4 x accumulation 2 and number of optimizer
@@ -23,9 +24,42 @@ FLOPs are left out of 4N, so MFU slightly understates the work on long rows.
 TRL caveat, measured on transformers 5: TRL's packing (`packing=True`, best-fit-decreasing, padding-free) passes
 position ids that `sdpa`/`eager` attention ignore, so its packed documents attend to each other. Its packed figure
 is reported, marked as not isolated; ftune's packing isolates documents with a block-diagonal mask.
+
+GRPO (`--only grpo`): ftune's `recipe=tiny_grpo` against TRL's GRPOTrainer (no vLLM) on the embedded model, fp32,
+no gradient checkpointing: the same LoRA (ftune's `method=lora`: r 8, alpha 16, dropout 0.05 on all linear layers;
+both tools switch dropout off, ftune always and TRL with `disable_dropout=True`), the shipped prompts in the file's
+order through the tokenizer's chat template (the same token ids), the two rewards of
+ftune/assets/rewards/tinyworld_tense.py weighted 1 and 0.5, 4 prompts x 8 completions of up to 24 tokens per step
+(temperature 1, top_p 1), the `dapo` loss with epsilon 0.2 and beta 0, AdamW at 2e-3 constant. Per step, each tool
+does the same work, in its own code:
+
+- ftune: `GrpoObjective.prepare_step` samples the 32 completions in one `generate` call (4 prompts, left-padded,
+  `num_return_sequences=8`, KV cache, eval mode), decodes them, scores them with the reward functions, turns each
+  group's rewards into advantages and lays prompt and completion out in one row with its position ids; then one
+  forward of those 32 rows through the policy (its fused CPU LoRA layers; the head and the log-probs chunked over
+  the completion tokens), the clipped loss, the backward, clipping and AdamW. No reference or old-policy forward:
+  beta 0 and one step per generation make the ratio 1 (`old_per_token_logps=None`).
+- TRL: `_prepare_inputs` renders and tokenizes the 32 prompt copies (its sampler repeats each prompt 8 times),
+  samples the 32 rows in one `generate` call on the PEFT model (KV cache), decodes them, scores them, computes the
+  advantages and buffers the batch; `compute_loss` then runs one forward of the 32 rows through PEFT's LoRA
+  layers, whose head (TRL's `add_fused_lm_head`) runs in tiles over the completion positions only and returns
+  their log-probs and entropies (a logged metric), the same clipped loss, then the backward, clipping and AdamW.
+  It too skips the old-policy and reference forwards here.
+
+Figures per run (after 2 warm-up steps): completions generated and trained per second, completion tokens per
+second, peak RSS, mean completion length, the mean reward of the first and the last 3 steps, and each step's
+seconds split into `generate`, the reward functions, the rest of the rollout (decoding, advantages, layout), the
+training forward with its loss, the backward, and the rest (optimizer, clipping, logging), each timed by a patch in
+the bench's worker process only (`PhaseClock`). Each tool samples its own completions, so once training starts
+their lengths part: a step decodes until its longest completion ends (`decoded_positions`), and the headline also
+gives the ratios at equal work, generation seconds per decoded position and training forward + backward seconds.
+The runs are deterministic (seed 0): repeats measure the machine's noise, not other samples.
 """
 
 import argparse
+import bisect
+import functools
+import inspect
 import json
 import math
 import os
@@ -47,6 +81,11 @@ TINY_MODEL = REPO / "ftune" / "assets" / "models" / "tiny"
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
 MAX_LENGTH, MICRO_BATCH, GRAD_ACCUM, LR, WARMUP_RATIO, WEIGHT_DECAY, SEED = 512, 4, 2, 1e-3, 0.1, 0.0, 0
 LAST_LOSSES = 5
+PROMPTS_TRAIN = REPO / "ftune" / "assets" / "data" / "prompts" / "train.jsonl"
+GRPO_REWARDS = REPO / "ftune" / "assets" / "rewards" / "tinyworld_tense.py"
+GRPO_REWARD_WEIGHTS = {"tense_reward": 1.0, "one_sentence_reward": 0.5}  # recipes/tiny_grpo.yaml's
+GRPO_PROMPTS, GRPO_GENERATIONS, GRPO_COMPLETION_LENGTH, GRPO_LR, GRPO_EPSILON = 4, 8, 24, 2e-3, 0.2
+GRPO_WARMUP, GRPO_REWARD_STEPS, GRPO_SPEED_TARGET = 2, 3, 1.5
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 AUTOCAST = {True: "bf16", False: "no", None: "auto"}
 """Config.bf16 -> ftune's trainer.mixed_precision."""
@@ -136,8 +175,17 @@ DPO_CONFIGS = [
 """DPO (sigmoid loss, beta 0.1, TRL's defaults) against TRL's DPOTrainer in each of its dtypes, with and without
 its default gradient checkpointing: TRL's lowest peak RSS and its fastest pairs/s are the best of these four."""
 
+GRPO_CONFIGS = [
+    Config("trl_grpo", "trl", "ordered", bf16=False, gradient_checkpointing=False, objective="grpo",
+           note="GRPOConfig: bf16=False, gradient_checkpointing=False, use_vllm=False, disable_dropout=True"),
+    Config("ftune_grpo", "ftune", "ordered", bf16=False, objective="grpo",
+           note="recipe=tiny_grpo, trainer.mixed_precision=no (CPU kernels on, ftune's CPU default)"),
+]
+"""GRPO against TRL's GRPOTrainer, both in fp32 without gradient checkpointing (bf16 is emulated on CPUs without
+bf16 instructions; checkpointing only costs time on a model this small)."""
+
 ALL_CONFIGS = (CONFIGS + BF16_BASE_CONFIGS + COMPILED_CONFIGS + FP32_CONFIGS + BASE_CONFIGS + BIG_VOCAB_CONFIGS
-               + DPO_CONFIGS)
+               + DPO_CONFIGS + GRPO_CONFIGS)
 assert len({c.name for c in ALL_CONFIGS}) == len(ALL_CONFIGS), "a worker finds its configuration by name"
 BIG_VOCAB = {"vocab_size": 128_256, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}
@@ -363,7 +411,10 @@ def worker(args: argparse.Namespace) -> None:
     config = next(c for c in ALL_CONFIGS if c.name == args.worker)
     model = Model(args.model_name, Path(args.model_path), args.warmup, args.timed, max_length=args.max_length,
                   grad_accum=args.grad_accum, data=Path(args.data), adapter=args.adapter and Path(args.adapter))
-    run = run_ftune if config.tool == "ftune" else {"sft": run_trl, "dpo": run_trl_dpo}[config.objective]
+    if config.objective == "grpo":
+        run = run_ftune_grpo if config.tool == "ftune" else run_trl_grpo
+    else:
+        run = run_ftune if config.tool == "ftune" else {"sft": run_trl, "dpo": run_trl_dpo}[config.objective]
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["FTUNE_CACHE"] = str(Path(tmp) / "cache")  # time data preparation, not a cache hit
         started = time.time()
@@ -539,10 +590,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration on the tiny model")
     parser.add_argument("--quick", action="store_true", help="tiny model, one repeat, 3 + 5 steps")
     parser.add_argument("--unfused", action="store_true", help="bigvocab: also ftune with the full logits")
-    parser.add_argument("--only", choices=("all", "base100m", "profile", "bigvocab", "headloss", "dpo"), default="all",
+    parser.add_argument("--only", choices=("all", "base100m", "profile", "bigvocab", "headloss", "dpo", "grpo"),
+                        default="all",
                         help="base100m: ftune's defaults against TRL's fastest on ~100M parameters; profile: where "
                              "ftune's step goes on that model; bigvocab: the 128,256-row vocabulary against TRL; "
-                             "headloss: the loss variants alone; dpo: DPO against TRL's DPOTrainer on both models")
+                             "headloss: the loss variants alone; dpo: DPO against TRL's DPOTrainer on both models; "
+                             "grpo: GRPO against TRL's GRPOTrainer on the tiny model (--quick: 1 repeat, 2 + 3 steps)")
     parser.add_argument("--fp32", action="store_true", help="also run the fp32 pair (ftune grouped, TRL default)")
     parser.add_argument("--bf16-base", action="store_true", help="also run ftune and TRL with a bf16 frozen base")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ftune-bench")
@@ -564,11 +617,15 @@ def main() -> None:
         return worker(args)
     started = time.time()
     report = {"date": date.today().isoformat(), "machine": machine(), "load_average_start": os.getloadavg()}
-    gemm = gemm_rates()
-    rates = gemm["best"]
-    report["gemm"] = gemm
-    print(f"GEMM (best sustained): bf16 {rates['bf16'] / 1e9:.0f}, fp32 {rates['no'] / 1e9:.0f} GFLOP/s", flush=True)
-    if args.only == "headloss":
+    if args.only != "grpo":  # GRPO reports no MFU: no GEMM sweep
+        gemm = gemm_rates()
+        rates = gemm["best"]
+        report["gemm"] = gemm
+        print(f"GEMM (best sustained): bf16 {rates['bf16'] / 1e9:.0f}, fp32 {rates['no'] / 1e9:.0f} GFLOP/s",
+              flush=True)
+    if args.only == "grpo":
+        report["models"] = {"tiny_grpo": bench_grpo(1 if args.quick else args.repeats, args.quick)}
+    elif args.only == "headloss":
         report["head_loss"] = bench_head_loss()
     elif args.only == "base100m":
         path = ensure_preset_model(args.cache, "base")
@@ -612,13 +669,7 @@ def bench_model(model: Model, configs: list[Config], repeats: int, rates: dict, 
     `same_batches(runs)` says whether every run trained on the same batches (`identical_batches` by default).
     """
     model.params = count_params(model.path)
-    runs: dict[str, list[dict]] = {c.name: [] for c in configs}
-    for repeat in range(repeats):
-        for config in configs[repeat % len(configs):] + configs[: repeat % len(configs)]:  # rotate the order
-            runs[config.name].append(run_config(config, model))
-            print(f"{model.name} repeat {repeat + 1}/{repeats} {config.name}: "
-                  f"{runs[config.name][-1]['real_tokens_per_s']:.0f} real tok/s, "
-                  f"peak RSS {runs[config.name][-1]['peak_rss_mb']:.0f} MB", flush=True)
+    runs = rotated_runs(model, configs, repeats, lambda r: f"{r['real_tokens_per_s']:.0f} real tok/s")
     results = {name: median_results(r) for name, r in runs.items()}
     for result in results.values():
         add_mfu(result, model, rates)
@@ -626,6 +677,20 @@ def bench_model(model: Model, configs: list[Config], repeats: int, rates: dict, 
     print_table(model, results, head)
     return {"params": model.params, "warmup_steps": model.warmup, "timed_steps": model.timed, "repeats": repeats,
             "results": results, "runs": runs, **head}
+
+
+def rotated_runs(model: Model, configs: list[Config], repeats: int, rate) -> dict[str, list[dict]]:
+    """Every configuration `repeats` times, each run its own process, the order rotated repeat by repeat.
+
+    `rate(result)` is the figure printed after each run, with its peak RSS.
+    """
+    runs: dict[str, list[dict]] = {c.name: [] for c in configs}
+    for repeat in range(repeats):
+        for config in configs[repeat % len(configs):] + configs[: repeat % len(configs)]:  # rotate the order
+            runs[config.name].append(run_config(config, model))
+            print(f"{model.name} repeat {repeat + 1}/{repeats} {config.name}: {rate(runs[config.name][-1])}, "
+                  f"peak RSS {runs[config.name][-1]['peak_rss_mb']:.0f} MB", flush=True)
+    return runs
 
 
 def identical_batches(runs: dict[str, list[dict]]) -> bool:
@@ -759,6 +824,286 @@ def same_pairs(runs: dict[str, list[dict]]) -> bool:
                      for sequences, tokens in batches)
 
     return len({ftune_view(name, run["batches"]) for name, config_runs in runs.items() for run in config_runs}) == 1
+
+
+class PhaseClock:
+    """Seconds spent in named calls (`generate`, the reward functions, the loss, ...), with when each call ended.
+
+    `wrap(phase, function)` returns the function timed; a call made inside another call of the same phase
+    counts once (the outer one). The bench's GRPO workers patch each tool's functions with it, in their own
+    process only.
+    """
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[tuple[float, float]]] = {}
+        self.running: set[str] = set()
+
+    def wrap(self, phase: str, function):
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            if phase in self.running:
+                return function(*args, **kwargs)
+            self.running.add(phase)
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.running.discard(phase)
+                self.calls.setdefault(phase, []).append((time.time(), time.perf_counter() - start))
+
+        return timed
+
+    def patch(self, owner, name: str, phase: str) -> None:
+        """Time `owner.name` (a class's method or a module's function) as `phase` from now on."""
+        setattr(owner, name, self.wrap(phase, getattr(owner, name)))
+
+    def per_step(self, step_end: list[float]) -> dict[str, list[float]]:
+        """Each phase's seconds in each step: a call belongs to the first step that ends after it."""
+        steps = {}
+        for phase, calls in self.calls.items():
+            seconds = [0.0] * len(step_end)
+            for end, spent in calls:
+                index = bisect.bisect_left(step_end, end)
+                if index < len(seconds):
+                    seconds[index] += spent
+            steps[phase] = seconds
+        return steps
+
+
+@dataclass
+class GrpoLog:
+    """What a GRPO worker records: when each step ends, each step's prompts, the phases' seconds."""
+
+    step_end: list[float] = field(default_factory=list)
+    prompts: list[list[str]] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    clock: PhaseClock = field(default_factory=PhaseClock)
+
+    def time_generate(self) -> None:
+        """Time transformers' `generate` (both tools sample with it) and count the positions each call decodes.
+
+        A batch decodes until its longest completion ends, so its time follows the longest, not the mean.
+        """
+        import torch
+        from transformers.generation.utils import GenerationMixin
+
+        generate = GenerationMixin.generate
+
+        def counted(model, *args, **kwargs):
+            output = generate(model, *args, **kwargs)
+            prompt = kwargs.get("input_ids", args[0] if args else None)
+            if isinstance(output, torch.Tensor) and prompt is not None:
+                self.positions.append(output.size(1) - prompt.size(1))
+            return output
+
+        GenerationMixin.generate = self.clock.wrap("generate", counted)
+
+    def record_prompts(self, prompts: list) -> None:
+        """The prompts a reward call scores, one per group (each comes `GRPO_GENERATIONS` times in a row)."""
+        self.prompts.append([p[-1]["content"] if isinstance(p, list) else p for p in prompts[::GRPO_GENERATIONS]])
+
+
+GRPO_PHASES = ("generate", "reward", "rollout_other", "forward", "backward", "other")
+"""A GRPO step's seconds: sampling, the reward functions, the rest of the rollout (decoding, advantages, the
+training rows), the training forward with its loss, the backward, and the rest (clipping, AdamW, logging)."""
+
+
+def summarize_grpo(log: GrpoLog, started: float, model: Model, rewards: list[float], lengths: list[float],
+                   extra: dict) -> dict:
+    """Completions and completion tokens per second over the timed steps, the rewards, and each step's split."""
+    steps, warmup = len(log.step_end), model.warmup
+    seconds = log.step_end[-1] - log.step_end[warmup - 1]
+    completions = GRPO_PROMPTS * GRPO_GENERATIONS
+    step_seconds = [end - start for start, end in zip([started, *log.step_end], log.step_end, strict=False)]
+    timed = log.clock.per_step(log.step_end)
+    zero = [0.0] * steps
+    split = {"generate": timed.get("generate", zero), "reward": timed.get("reward", zero),
+             "forward": timed.get("forward", zero), "backward": timed.get("backward", zero)}
+    split["rollout_other"] = [r - g - w for r, g, w in zip(timed.get("rollout", zero), split["generate"],
+                                                           split["reward"], strict=True)]
+    split["other"] = [s - r - f - b for s, r, f, b in zip(step_seconds, timed.get("rollout", zero), split["forward"],
+                                                          split["backward"], strict=True)]
+    return {
+        "steps": steps,
+        "completions_per_s": completions * (steps - warmup) / seconds,
+        "completion_tokens_per_s": completions * sum(lengths[warmup:]) / seconds,
+        "step_s": seconds / (steps - warmup),
+        **{f"{phase}_s": statistics.mean(split[phase][warmup:]) for phase in GRPO_PHASES},
+        "mean_completion_length": statistics.mean(lengths[warmup:]),
+        "decoded_positions": statistics.mean(log.positions[warmup:]) if len(log.positions) == steps else math.nan,
+        "generate_s_per_position": sum(split["generate"][warmup:]) / sum(log.positions[warmup:])
+        if len(log.positions) == steps else math.nan,
+        "reward_first": statistics.mean(rewards[:GRPO_REWARD_STEPS]),
+        "reward_last": statistics.mean(rewards[-GRPO_REWARD_STEPS:]),
+        "first_step_s": log.step_end[0] - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_average_end": os.getloadavg()[0],  # another process's load slows a run: compare with the cores
+        "rewards": rewards, "completion_lengths": lengths, "prompts": log.prompts,
+        "split": {phase: split[phase] for phase in GRPO_PHASES},
+        **extra,
+    }
+
+
+def grpo_reward_funcs() -> list:
+    """The shipped task's reward functions, imported from their file (what ftune's recipe names)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tinyworld_tense", GRPO_REWARDS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [getattr(module, name) for name in GRPO_REWARD_WEIGHTS]
+
+
+def run_ftune_grpo(config: Config, model: Model, out: Path, started: float) -> dict:
+    """`ftune train recipe=tiny_grpo` in this process, the prompts in the file's order, its phases timed."""
+    from accelerate import Accelerator
+
+    import ftune.train.objectives.grpo as grpo
+    from ftune.commands.train import train_job
+    from ftune.config.compose import load_run_config
+    from ftune.train.artefacts import read_metrics
+
+    log = GrpoLog()
+    build_loader, score = grpo.build_prompt_loader, grpo.score
+
+    def in_file_order(*args, **kwargs):  # the file's order, as TRL reads it with shuffle_dataset=False
+        bound = inspect.signature(build_loader).bind(*args, **kwargs)
+        bound.arguments["shuffle"] = False
+        return build_loader(*bound.args, **bound.kwargs)
+
+    def scored(*args, **kwargs):
+        log.record_prompts(inspect.signature(score).bind(*args, **kwargs).arguments["prompts"])
+        return score(*args, **kwargs)
+
+    grpo.build_prompt_loader, grpo.score = in_file_order, log.clock.wrap("reward", scored)
+    log.time_generate()
+    log.clock.patch(grpo.GrpoObjective, "prepare_step", "rollout")
+    log.clock.patch(grpo.GrpoObjective, "loss", "forward")
+    log.clock.patch(Accelerator, "backward", "backward")
+    funcs = ",".join(f"'{GRPO_REWARDS}:{name}'" for name in GRPO_REWARD_WEIGHTS)
+    overrides = [
+        "recipe=tiny_grpo", f"model.name_or_path={model.path}", "model.dtype=fp32",
+        "model.gradient_checkpointing=false", f"data.path={model.data}", "data.eval_path=null", "probe.path=null",
+        *[f"lora.{key}={value}" for key, value in LORA.items()],
+        f"grpo.reward_funcs=[{funcs}]", f"grpo.reward_weights=[{','.join(map(str, GRPO_REWARD_WEIGHTS.values()))}]",
+        f"grpo.num_generations={GRPO_GENERATIONS}", f"grpo.max_completion_length={GRPO_COMPLETION_LENGTH}",
+        "grpo.temperature=1.0", "grpo.top_p=1.0", "grpo.beta=0.0", "grpo.loss=dapo", f"grpo.epsilon={GRPO_EPSILON}",
+        f"trainer.max_steps={model.warmup + model.timed}", f"trainer.micro_batch_size={GRPO_PROMPTS}",
+        "trainer.grad_accum=1", "trainer.eval_every=0", "trainer.save_every=0", "trainer.log_every=1",
+        "trainer.sample_every=0", "trainer.final_weights=last", "trainer.mixed_precision=no", "trainer.compile=false",
+        f"optim.lr={GRPO_LR}", "optim.warmup_ratio=0.0", "optim.scheduler=constant", "optim.weight_decay=0.0",
+        "optim.max_grad_norm=1.0", f"seed={SEED}", f"output_dir={out / 'run'}", *config.overrides,
+    ]
+    train_job(*load_run_config(overrides))
+    rows = [row for row in read_metrics(out / "run") if "loss" in row]
+    log.step_end = [row["time"] for row in rows]
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    return summarize_grpo(log, started, model, [row["reward"] for row in rows],
+                          [row["completion_length"] for row in rows],
+                          {"mixed_precision": "no", "trainable_params": summary["trainable_params"]})
+
+
+def run_trl_grpo(config: Config, model: Model, out: Path, started: float) -> dict:
+    """TRL's GRPOTrainer on what ftune's run trains (see the module docstring), its phases timed."""
+    import torch
+    from accelerate import Accelerator
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    log = GrpoLog()
+    calculate = GRPOTrainer._calculate_rewards
+
+    def scored(self, inputs, prompts, *args, **kwargs):
+        log.record_prompts(prompts)
+        return calculate(self, inputs, prompts, *args, **kwargs)
+
+    GRPOTrainer._calculate_rewards = log.clock.wrap("reward", scored)
+    log.time_generate()
+    log.clock.patch(GRPOTrainer, "_generate_and_score_completions", "rollout")
+    log.clock.patch(GRPOTrainer, "compute_loss", "forward")
+    log.clock.patch(Accelerator, "backward", "backward")
+    args = GRPOConfig(
+        output_dir=str(out / "run"), max_steps=model.warmup + model.timed, seed=SEED, data_seed=SEED,
+        per_device_train_batch_size=GRPO_PROMPTS * GRPO_GENERATIONS,  # TRL counts completions
+        gradient_accumulation_steps=1, num_generations=GRPO_GENERATIONS,
+        max_completion_length=GRPO_COMPLETION_LENGTH, temperature=1.0, top_p=1.0, beta=0.0, loss_type="dapo",
+        epsilon=GRPO_EPSILON, reward_weights=list(GRPO_REWARD_WEIGHTS.values()), learning_rate=GRPO_LR,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False,
+        gradient_checkpointing=False, use_vllm=False, disable_dropout=True, shuffle_dataset=False,
+        logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=not cuda_available(),
+    )
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32),
+        reward_funcs=grpo_reward_funcs(), args=args,
+        train_dataset=load_dataset("json", data_files=str(model.data), split="train"),
+        processing_class=AutoTokenizer.from_pretrained(model.path),
+        peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                               target_modules="all-linear", task_type="CAUSAL_LM"),
+        callbacks=[step_clock(log)],
+    )
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return summarize_grpo(log, started, model, [row["reward"] for row in rows],
+                          [row["completions/mean_length"] for row in rows],
+                          {"mixed_precision": trainer.accelerator.mixed_precision, "trainable_params": trainable})
+
+
+def bench_grpo(repeats: int, quick: bool) -> dict:
+    """GRPO, ftune's against TRL's GRPOTrainer, on the embedded model and the shipped prompts (module docstring)."""
+    model = Model("tiny_grpo", TINY_MODEL, warmup=GRPO_WARMUP, timed=3 if quick else 10, grad_accum=1,
+                  data=PROMPTS_TRAIN, objective="grpo")
+    model.params = count_params(model.path)
+    runs = rotated_runs(model, GRPO_CONFIGS, repeats,
+                        lambda r: f"{r['completions_per_s']:.2f} completions/s ({r['step_s']:.2f} s/step, "
+                                  f"generate {r['generate_s']:.2f} s), reward {r['reward_first']:.2f} -> "
+                                  f"{r['reward_last']:.2f}")
+    results = {name: median_results(r) for name, r in runs.items()}
+    head = grpo_headline(results) | {"same_prompts": same_prompts(runs), "same_trainable_params": len(
+        {run["trainable_params"] for config_runs in runs.values() for run in config_runs}) == 1}
+    print_grpo_table(model, results, head)
+    return {"params": model.params, "warmup_steps": model.warmup, "timed_steps": model.timed, "repeats": repeats,
+            "completions_per_step": GRPO_PROMPTS * GRPO_GENERATIONS, "results": results, "runs": runs, **head}
+
+
+def grpo_headline(results: dict[str, dict]) -> dict:
+    """The GRPO targets: ftune's completions/s at least 1.5x TRL's, its peak RSS no higher."""
+    ftune, trl = results["ftune_grpo"], results["trl_grpo"]
+    speed, rss = ftune["completions_per_s"] / trl["completions_per_s"], ftune["peak_rss_mb"] / trl["peak_rss_mb"]
+    return {"speed_ratio_vs_trl": speed, "speed_target": GRPO_SPEED_TARGET,
+            "speed_target_met": speed >= GRPO_SPEED_TARGET,
+            "completion_tokens_ratio_vs_trl": ftune["completion_tokens_per_s"] / trl["completion_tokens_per_s"],
+            "rss_ratio_vs_trl": rss, "rss_target_met": rss <= 1.0,
+            # the same work per unit: each tool samples its own completions, so their lengths part as they train
+            "generate_per_position_ratio_vs_trl": trl["generate_s_per_position"] / ftune["generate_s_per_position"],
+            "train_ratio_vs_trl": (trl["forward_s"] + trl["backward_s"]) / (ftune["forward_s"] + ftune["backward_s"])}
+
+
+def same_prompts(runs: dict[str, list[dict]]) -> bool:
+    """Whether every run's steps sampled completions of the same prompts, in the same order."""
+    return len({tuple(map(tuple, run["prompts"])) for config_runs in runs.values() for run in config_runs}) == 1
+
+
+def print_grpo_table(model: Model, results: dict[str, dict], head: dict) -> None:
+    """The GRPO runs' medians, each step's seconds split by phase, and the headline ratios."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"GRPO on {model.name}: {model.params / 1e6:.1f}M params, {GRPO_PROMPTS} prompts x "
+                        f"{GRPO_GENERATIONS} completions per step, {model.timed} timed steps (medians)")
+    for column in ("config", "compl/s", "compl tok/s", "s/step", *(f"{p} s" for p in GRPO_PHASES), "peak RSS MB",
+                   "mean length", "decoded", "reward first -> last"):
+        table.add_column(column)
+    for name, r in results.items():
+        table.add_row(name, f"{r['completions_per_s']:.2f}", f"{r['completion_tokens_per_s']:.0f}",
+                      f"{r['step_s']:.2f}", *(f"{r[f'{p}_s']:.3f}" for p in GRPO_PHASES), f"{r['peak_rss_mb']:.0f}",
+                      f"{r['mean_completion_length']:.1f}", f"{r['decoded_positions']:.1f}",
+                      f"{r['reward_first']:.3f} -> {r['reward_last']:.3f}")
+    console = Console(width=180)
+    console.print(table)
+    console.print({k: round(v, 3) if isinstance(v, float) else v for k, v in head.items()})
 
 
 def ensure_start_adapter(cache: Path, model_path: Path) -> Path:

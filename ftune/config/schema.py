@@ -338,6 +338,14 @@ class GrpoCfg:
 
 
 @dataclass
+class GenerationCfg:
+    backend: str = registry_choice("transformers", "ftune.eval.generation:GENERATION_BACKENDS")
+    """What samples an online objective's completions (`objective=grpo`): `transformers` (its `generate` on the
+    policy, in the training process, with a KV cache; on CPU the adapter merged while sampling). docs/grpo.md says
+    what a vLLM backend would take and buy."""
+
+
+@dataclass
 class TrainerCfg:
     max_steps: int = bounded(-1, -1)
     """Optimizer steps to run; -1 runs `epochs` full passes instead."""
@@ -464,6 +472,7 @@ class RunCfg:
     distill: DistillCfg = field(default_factory=DistillCfg)
     pref: PrefCfg = field(default_factory=PrefCfg)
     grpo: GrpoCfg = field(default_factory=GrpoCfg)
+    generation: GenerationCfg = field(default_factory=GenerationCfg)
     trainer: TrainerCfg = field(default_factory=TrainerCfg)
     early_stop: EarlyStopCfg = field(default_factory=EarlyStopCfg)
     probe: ProbeCfg = field(default_factory=ProbeCfg)

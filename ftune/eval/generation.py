@@ -6,6 +6,7 @@ or EOS (the tokens training taught it to emit after an answer), or after `max_ne
 learned to stop shows up here as answers that run to the token limit and a low F1.
 """
 
+import dataclasses
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ftune.data.templates import ChatTemplate, render
+from ftune.kernels.lora_linear import merged_for_sampling
 from ftune.model.dropout import eval_mode
 
 GENERATIONS_FILE = "generations.jsonl"
@@ -69,9 +71,14 @@ def split_last_answer(messages: list[dict]) -> tuple[list[dict], str]:
     return messages[:last], messages[last]["content"]
 
 
-def stop_token_ids(template: ChatTemplate, tokenizer) -> list[int]:
-    """The template's end-of-turn token and the tokenizer's EOS: what a trained model emits after an answer."""
-    ids = {tokenizer.eos_token_id}
+def stop_token_ids(template: ChatTemplate, tokenizer, model) -> list[int]:
+    """What ends an answer: the template's end-of-turn token, the tokenizer's EOS, and the model's own.
+
+    The model's are those of its generation config (Qwen3: `<|im_end|>` and `<|endoftext|>`; Llama 3.1 also
+    `<|eom_id|>`), where transformers' `generate` and TRL stop by default.
+    """
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(declared if isinstance(declared, list) else [declared])}
     end_of_turn = tokenizer.encode(template.end_of_turn, add_special_tokens=False)
     if len(end_of_turn) == 1:
         ids.add(end_of_turn[0])
@@ -95,8 +102,8 @@ def greedy_answer(model, tokenizer, template: ChatTemplate, prompt: list[dict], 
 
     text = render(template, prompt, tokenizer, add_generation_prompt=True)
     input_ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=model.device)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                              eos_token_id=stop_token_ids(template, tokenizer), pad_token_id=tokenizer.pad_token_id,
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=stop_token_ids(template, tokenizer, model),
                               suppress_tokens=padding_rows(model, tokenizer) or None)
     output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
     new = output[0, input_ids.size(1):]
@@ -164,6 +171,40 @@ def sample_completions(model, prompt_ids: list[list[int]], num_generations: int,
     keep, truncated = completion_mask(completions, stop_ids)
     return Sampled(ids.repeat_interleave(num_generations, 0), mask.repeat_interleave(num_generations, 0),
                    completions, keep, truncated)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How an online objective samples: the arguments of `sample_completions` after the prompts."""
+
+    num_generations: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop_ids: list[int]
+    pad_id: int
+    suppress: list[int] | None = None
+
+
+class TransformersBackend:
+    """`generation.backend=transformers`: `sample_completions` on the policy itself, in the training process.
+
+    The policy is sampled as it is now, so there are no weights to hand over after an optimizer step. Where its
+    LoRA layers are ftune's CPU kernels, they sample with the adapter merged (`merged_for_sampling`: one matmul per
+    layer and token instead of three). A backend is any object with this `sample`; docs/grpo.md says what a vLLM
+    one would take (the weights pushed after each step, its own log-probs) and buy.
+    """
+
+    def __init__(self, settings: SamplingSettings):
+        self.settings = settings
+
+    def sample(self, policy, prompt_ids: list[list[int]]) -> Sampled:
+        with merged_for_sampling(policy):
+            return sample_completions(policy, prompt_ids, *dataclasses.astuple(self.settings))
+
+
+GENERATION_BACKENDS = {"transformers": TransformersBackend}
+"""`generation.backend` -> the class that samples completions (constructed with `SamplingSettings`)."""
 
 
 def score_generations(model, tokenizer, template: ChatTemplate, conversations: list[list[dict]],

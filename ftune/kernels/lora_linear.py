@@ -17,11 +17,18 @@ backward (the input, the rank-r product, the dropped positions), less one copy u
 16-bit input to the fp32 adapter dtype and back (`ftune plan` traces the layers a run uses, so it counts
 what each keeps). Exact up to floating-point rounding (tests/kernels/test_lora_linear.py).
 
+Sampling (`merged_for_sampling`, GRPO's completions) goes further: without gradient, nothing needs the rank-r
+product, so each layer computes x (W + s B A)^T with the merged weight, one matmul per decoded token instead of
+three, from a temporary copy of W made when sampling starts and dropped when it ends (PEFT's `merge_adapter`
+would add and later subtract s B A in place, and the frozen base would drift by a rounding each time).
+
 Hand-written because neither PEFT nor torch fuses a LoRA layer on CPU. PEFT's own forward runs wherever this one
 does not apply: merged or disabled adapters, several active adapters, LoRA variants (DoRA), a LoRA bias, a
 quantized or trainable base layer, mixed dtypes outside autocast, torch.compile (which fuses by itself), and a
 dropout that `DroppedLinear` leaves to `F.dropout` (CUDA, p > 0.25).
 """
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +87,15 @@ class FusedLoraLinear(LoraLinear):
     `use_fused_layers` can turn PEFT's layers into this class in place.
     """
 
+    sampling_weights: dict | None = None
+    """While `merged_for_sampling`: the merged weight W + s B A per dtype, made on first use."""
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter = None if args or kwargs else self.fusable_adapter(x)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
+        if self.sampling_weights is not None and not torch.is_grad_enabled():
+            return self.merged_forward(x, adapter)
         base, lora_a, lora_b = self.base_layer, self.lora_A[adapter], self.lora_B[adapter]
         p = getattr(lora_a, "p", 0.0) if self.training else 0.0
         weight, bias, a, b = base.weight, base.bias, lora_a.weight, lora_b.weight
@@ -95,6 +107,18 @@ class FusedLoraLinear(LoraLinear):
         with torch.autocast(x.device.type, enabled=False):
             out = _LoraMatmul.apply(flat, weight, bias, a, b, positions, self.scaling[adapter], 1.0 / (1.0 - p))
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def merged_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """The layer's output x (W + s B A)^T + b, in the dtype the fused forward would compute in."""
+        dtype = autocast_dtype(x) or x.dtype
+        if dtype not in self.sampling_weights:
+            base = self.base_layer.weight
+            merged = torch.addmm(base, self.lora_B[adapter].weight.to(base.dtype),
+                                 self.lora_A[adapter].weight.to(base.dtype), alpha=self.scaling[adapter])
+            self.sampling_weights[dtype] = merged.to(dtype)
+        bias = self.base_layer.bias
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), self.sampling_weights[dtype], None if bias is None else bias.to(dtype))
 
     def fusable_adapter(self, x: torch.Tensor) -> str | None:
         """The one active adapter `_LoraMatmul` computes exactly as PEFT would, or None (see the module docstring)."""
@@ -142,3 +166,20 @@ def use_fused_layers(model: nn.Module) -> int:
             module.__class__ = FusedLoraLinear
             swapped += 1
     return swapped
+
+
+@contextmanager
+def merged_for_sampling(model: nn.Module):
+    """Within: each `FusedLoraLinear` computes without gradient with its adapter merged (see the module docstring).
+
+    The merged weights live until the context ends, so the weights must not change inside it (sampling only).
+    A model with no fused layer (PEFT's own layers, kernels off) samples as it is.
+    """
+    layers = [module for module in model.modules() if isinstance(module, FusedLoraLinear)]
+    for layer in layers:
+        layer.sampling_weights = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.sampling_weights = None

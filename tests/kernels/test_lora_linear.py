@@ -14,7 +14,7 @@ from torch import nn
 
 from ftune.config.schema import LoraCfg, MethodCfg
 from ftune.kernels.dropout import DroppedLinear, use_sparse_dropout
-from ftune.kernels.lora_linear import FusedLoraLinear, fuses, use_fused_layers
+from ftune.kernels.lora_linear import FusedLoraLinear, fuses, merged_for_sampling, use_fused_layers
 from ftune.model.adapters import add_adapter
 from ftune.model.instrument import instrument
 
@@ -92,6 +92,27 @@ def test_an_input_without_gradient_gets_none_and_the_adapter_still_learns():
     (y, grad_x, grad_a, grad_b), expected = run(fused_layer, x, upstream), run(peft_layer, x, upstream)
     assert is_fused(y) and grad_x is None
     assert relative(grad_a, expected[2]) < 1e-12 and relative(grad_b, expected[3]) < 1e-12
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_sampling_with_the_adapter_merged_computes_what_peft_does_and_leaves_the_base_as_it_was(bias):
+    """Inside `merged_for_sampling` without gradient: one matmul by W + s B A, giving PEFT's output.
+
+    With gradient, and after the context, the fused forward again; the frozen base bitwise unchanged (no merge
+    and unmerge in place).
+    """
+    peft_layer, fused_layer = adapted_layer(False, 0.1, bias).eval(), adapted_layer(True, 0.1, bias).eval()
+    base = fused_layer.base_layer.weight.clone()
+    x = torch.randn(3, 5, IN, dtype=torch.float64)
+    with torch.no_grad():
+        expected = peft_layer(x)
+        with merged_for_sampling(fused_layer):
+            merged = fused_layer(x)
+            assert list(fused_layer.sampling_weights) == [torch.float64]
+        assert fused_layer.sampling_weights is None
+    assert relative(merged, expected) < 1e-12 and torch.equal(fused_layer.base_layer.weight, base)
+    with merged_for_sampling(fused_layer):
+        assert is_fused(fused_layer(x.requires_grad_()))
 
 
 def test_under_autocast_dtypes_are_peft_layers():

@@ -68,6 +68,49 @@ def test_same_pairs_takes_off_trls_extra_token_per_sequence_and_nothing_else():
     assert not bench.same_pairs({"ftune_dpo": [ftune], "trl_dpo_fp32": [{"batches": [(8, 648), (8, 678)]}]})
 
 
+def test_phase_clock_gives_each_call_to_the_step_it_ends_in_and_counts_a_nested_call_once(monkeypatch):
+    clock, ends = bench.PhaseClock(), iter([10.0, 10.5, 20.0])
+    monkeypatch.setattr(bench.time, "time", lambda: next(ends))  # each call's end, in the steps' clock
+    inner = clock.wrap("generate", lambda: None)
+    outer = clock.wrap("generate", lambda: inner())
+    outer()  # one call: the inner one runs inside it
+    outer()
+    clock.wrap("reward", lambda: None)()
+    assert [end for end, _ in clock.calls["generate"]] == [10.0, 10.5]
+    steps = clock.per_step([15.0, 25.0])
+    assert steps["generate"][1] == 0.0 and steps["generate"][0] > 0
+    assert steps["reward"][0] == 0.0 and steps["reward"][1] > 0
+
+
+def test_grpo_figures_count_the_timed_steps_completions_and_split_each_step():
+    log = bench.GrpoLog(step_end=[110.0, 112.0, 113.0, 115.0], positions=[24, 24, 20, 10])
+    log.clock.calls = {"generate": [(111.0, 1.0), (112.5, 0.5), (114.0, 1.2)], "rollout": [(114.1, 1.5)],
+                       "forward": [(114.5, 0.2)], "backward": [(114.8, 0.25)]}
+    model = bench.Model("m", Path("m"), warmup=2, timed=2, grad_accum=1)
+    result = bench.summarize_grpo(log, 100.0, model, rewards=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+                                  lengths=[20.0, 18.0, 10.0, 12.0], extra={"mixed_precision": "no"})
+    completions = bench.GRPO_PROMPTS * bench.GRPO_GENERATIONS
+    assert result["completions_per_s"] == pytest.approx(2 * completions / 3)  # steps 3-4: 2 steps in 3 s
+    assert result["completion_tokens_per_s"] == pytest.approx(22 * completions / 3)
+    assert result["step_s"] == pytest.approx(1.5) and result["mean_completion_length"] == pytest.approx(11.0)
+    assert result["decoded_positions"] == pytest.approx(15.0)
+    assert result["generate_s_per_position"] == pytest.approx((0.5 + 1.2) / 30)
+    assert result["split"]["generate"] == [0.0, 1.0, 0.5, 1.2]
+    assert result["split"]["rollout_other"][3] == pytest.approx(0.3)  # the rollout less generate (no reward timed)
+    assert result["split"]["other"][3] == pytest.approx(2.0 - 1.5 - 0.2 - 0.25)
+    assert result["reward_first"] == pytest.approx(0.2) and result["reward_last"] == pytest.approx(0.5)
+    assert result["first_step_s"] == pytest.approx(10.0)
+
+
+def test_grpo_prompts_are_recorded_once_per_group_and_compared_across_runs():
+    log = bench.GrpoLog()
+    log.record_prompts([[{"role": "user", "content": "a"}]] * bench.GRPO_GENERATIONS + ["b"] * bench.GRPO_GENERATIONS)
+    assert log.prompts == [["a", "b"]]
+    run = {"prompts": log.prompts}
+    assert bench.same_prompts({"ftune_grpo": [run, run], "trl_grpo": [run]})
+    assert not bench.same_prompts({"ftune_grpo": [run], "trl_grpo": [{"prompts": [["b", "a"]]}]})
+
+
 @pytest.mark.slow
 def test_ftune_and_trl_dpo_workers_train_the_same_pairs_to_the_same_losses(tmp_path):
     """The bench's DPO workers end to end on the embedded model, TRL's DPOTrainer and ftune.

@@ -43,6 +43,13 @@ def objective_and_model(*overrides):
     return objective, model, loaders["train"]
 
 
+def test_completions_stop_at_the_templates_end_of_turn_and_the_models_own_eos_ids():
+    """The embedded model declares `<|im_end|>` (2) and `<|endoftext|>` (0), as Qwen's do: both end a completion."""
+    objective, model, _ = objective_and_model()
+    assert objective.backend.settings.stop_ids == [0, 2]
+    assert objective.tokenizer.convert_ids_to_tokens([0, 2]) == ["<|endoftext|>", "<|im_end|>"]
+
+
 def fixed_rollout(prompts: list[list[int]], completions: list[list[int]], pad: int) -> Sampled:
     """What `sample_completions` returns for these prompts (one completion each), without sampling."""
     prompt_ids, prompt_mask = left_padded(prompts, pad, "cpu")
@@ -82,7 +89,7 @@ def test_two_micro_batches_of_four_prompts_give_the_gradient_of_eight(loss, monk
                                      generator=generator).tolist() for _ in range(len(prompt_ids) * n)]
         return fixed_rollout([p for p in prompt_ids for _ in range(n)], completions, 0)
 
-    monkeypatch.setattr("ftune.train.objectives.grpo.sample_completions", sampled)
+    monkeypatch.setattr("ftune.eval.generation.sample_completions", sampled)
     batch = next(iter(loader))
     whole = objective.prepare_step(model, [batch], step=1)
     halves = [{**whole[0], **{k: v[rows] for k, v in whole[0].items() if isinstance(v, torch.Tensor) and v.dim()}}
@@ -120,7 +127,7 @@ def test_later_iterations_train_on_the_same_rollouts_with_ratios_to_their_sampli
         rows = [p for p in prompt_ids for _ in range(n)]
         return fixed_rollout(rows, [[5 + i, 6, 7][: 1 + i % 3] for i in range(len(rows))], 0)
 
-    monkeypatch.setattr("ftune.train.objectives.grpo.sample_completions", sampled)
+    monkeypatch.setattr("ftune.eval.generation.sample_completions", sampled)
     batches = iter(loader)
     first = objective.prepare_step(model, [next(batches)], step=1)[0]
     with torch.no_grad():

@@ -33,7 +33,14 @@ from ftune.data.mask import IGNORE_INDEX
 from ftune.data.prompts import build_prompt_loader, build_prompt_rows
 from ftune.data.templates import resolve_template
 from ftune.errors import DataError
-from ftune.eval.generation import GENERATIONS_FILE, Sampled, padding_rows, sample_completions, stop_token_ids
+from ftune.eval.generation import (
+    GENERATION_BACKENDS,
+    GENERATIONS_FILE,
+    Sampled,
+    SamplingSettings,
+    padding_rows,
+    stop_token_ids,
+)
 from ftune.model.dropout import disable_dropout, eval_mode
 from ftune.model.load import load_frozen
 from ftune.train.losses import build_sequence_logps, build_step_loss
@@ -107,8 +114,11 @@ class GrpoObjective(Objective):
         self.token_loss = build_step_loss(model, self.cfg.trainer)
         self.reference = Reference(model, self.frozen_copy, self.cfg.trainer) if self.cfg.keeps_reference_model \
             else None
-        self.stop_ids = stop_token_ids(self.template, tokenizer)
-        self.suppress = padding_rows(model, tokenizer)
+        grpo = self.cfg.grpo
+        settings = SamplingSettings(grpo.num_generations, grpo.max_completion_length, grpo.temperature, grpo.top_p,
+                                    stop_token_ids(self.template, tokenizer, model), tokenizer.pad_token_id,
+                                    padding_rows(model, tokenizer))
+        self.backend = GENERATION_BACKENDS[self.cfg.generation.backend](settings)
 
     def start(self, model, accelerator: Accelerator) -> None:
         self.accelerator = accelerator
@@ -165,9 +175,7 @@ class GrpoObjective(Objective):
         """
         grpo = self.cfg.grpo
         with eval_mode(policy):
-            sampled = sample_completions(policy, batch["prompt_ids"], grpo.num_generations, grpo.max_completion_length,
-                                         grpo.temperature, grpo.top_p, self.stop_ids, self.tokenizer.pad_token_id,
-                                         self.suppress)
+            sampled = self.backend.sample(policy, batch["prompt_ids"])
         repeat = grpo.num_generations
         prompts = [prompt for prompt in batch["prompts"] for _ in range(repeat)]
         texts = self.completion_texts(sampled)
