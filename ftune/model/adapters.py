@@ -1,4 +1,4 @@
-"""PEFT adapters from ftune's config: LoRA (with its variants), IA3, prompt tuning and prefix tuning.
+"""PEFT adapters from ftune's config: LoRA (with its variants), VeRA, LoHa, LoKr, IA3, prompt and prefix tuning.
 
 Each method maps to one PEFT config builder in `PEFT_CONFIGS`; PEFT does the rest, so an adapter saved here
 loads with `PeftModel.from_pretrained` alone.
@@ -7,7 +7,17 @@ loads with `PeftModel.from_pretrained` alone.
 from collections.abc import Callable
 
 import torch
-from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import (
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    VeraConfig,
+    get_peft_model,
+)
 from peft.tuners.lora import LoraLayer, ParamWrapper
 from peft.utils.constants import EMBEDDING_LAYER_NAMES
 
@@ -26,7 +36,7 @@ LORA_INIT: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "pi
 """`lora.init` -> PEFT's `init_lora_weights` (True: Kaiming-uniform A and zero B)."""
 EXPERT_DIMS = 3
 """Fused MoE expert weights are (experts, out_features, in_features)."""
-MERGEABLE = frozenset({"lora", "ia3"})
+MERGEABLE = frozenset({"lora", "vera", "loha", "lokr", "ia3"})
 """Methods whose adapters fold into the base weights; prompt and prefix tuning add inputs, not weight deltas."""
 
 
@@ -38,7 +48,8 @@ def can_merge(method_name: str) -> bool:
             name (`lora`, `ia3`, `prompt_tuning`, `prefix_tuning`).
 
     Returns:
-        True for LoRA (all its variants) and IA3; False for prompt and prefix tuning, and for full fine-tuning,
+        True for LoRA (all its variants), VeRA, LoHa, LoKr and IA3; False for prompt and prefix tuning, and for
+        full fine-tuning,
         which has no adapter to merge.
     """
     return method_name in MERGEABLE
@@ -163,6 +174,34 @@ def lora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoraConfig:
     )
 
 
+def vera_config(method: MethodCfg, cfg: LoraCfg, model=None) -> VeraConfig:
+    """VeRA: frozen random projections shared by every adapted layer, and two trained scaling vectors per layer.
+
+    The projections have rank `lora.r` (256 in the paper and in `method=vera`) and are saved with the adapter, so
+    it loads alone; far fewer weights train than LoRA's. `lora.dropout` is its dropout on the layer input.
+    """
+    return VeraConfig(task_type=TASK_TYPE, r=cfg.r, target_modules=resolve_targets(cfg.target_modules),
+                      vera_dropout=cfg.dropout, save_projection=True)
+
+
+def loha_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoHaConfig:
+    """LoHa: the update is the Hadamard product of two rank-`lora.r` products, scaled by alpha / r (LyCORIS).
+
+    `lora.dropout` is LyCORIS's rank dropout (whole rank components dropped), the dropout it has in place of LoRA's.
+    """
+    return LoHaConfig(task_type=TASK_TYPE, r=cfg.r, alpha=cfg.alpha, rank_dropout=cfg.dropout,
+                      target_modules=resolve_targets(cfg.target_modules))
+
+
+def lokr_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoKrConfig:
+    """LoKr: the update is a Kronecker product of a small matrix and a rank-`lora.r` one, scaled by alpha / r.
+
+    `lora.dropout` is LyCORIS's rank dropout, as for LoHa.
+    """
+    return LoKrConfig(task_type=TASK_TYPE, r=cfg.r, alpha=cfg.alpha, rank_dropout=cfg.dropout,
+                      target_modules=resolve_targets(cfg.target_modules))
+
+
 def ia3_config(method: MethodCfg, cfg: LoraCfg, model=None) -> IA3Config:
     """PEFT's IA3Config with its per-architecture default targets (Llama: k, v and down projections)."""
     return IA3Config(task_type=TASK_TYPE)
@@ -185,6 +224,9 @@ def prefix_tuning_config(method: MethodCfg, cfg: LoraCfg, model=None) -> PrefixT
 
 PEFT_CONFIGS: dict[str, Callable[..., PeftConfig]] = {
     "lora": lora_config,
+    "vera": vera_config,
+    "loha": loha_config,
+    "lokr": lokr_config,
     "ia3": ia3_config,
     "prompt_tuning": prompt_tuning_config,
     "prefix_tuning": prefix_tuning_config,

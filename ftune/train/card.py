@@ -14,6 +14,8 @@ from ftune.report.card import EVAL_KEYS, CardFacts
 
 CONFIG_FILE = "config.yaml"
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "rslora", "dora")
+LORA_SHAPED = ("lora", "qlora", "vera", "loha", "lokr")
+"""Methods whose adapter is shaped by the `lora.*` keys (rank, scale, targets, dropout)."""
 OPTIM_KEYS = ("name", "lr", "scheduler", "warmup_ratio", "weight_decay")
 
 
@@ -67,7 +69,7 @@ def method_name(config: dict) -> str:
 def hyperparameters(config: dict, method: str, objective: str = "sft") -> dict[str, object]:
     """The settings that define the run: adapter shape, quantization, objective, optimizer, batch and precision."""
     values: dict[str, object] = {}
-    if method in ("lora", "qlora"):
+    if method in LORA_SHAPED:
         values |= {f"lora.{key}": config["lora"][key] for key in LORA_KEYS if key in config["lora"]}
     if method == "qlora":
         values |= {"quant.bits": config["quant"]["bits"], "quant.type": config["quant"]["type"]}

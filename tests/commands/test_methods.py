@@ -64,6 +64,31 @@ def test_method_fits_a_batch(recipe, tmp_path, one_batch, tiny_model_path):
         assert_only_unfrozen_weights_changed(load_file(final / "model.safetensors"), tiny_model_path)
 
 
+@pytest.mark.parametrize("method, peft_type, lr", [("vera", "VERA", "1e-2"), ("loha", "LOHA", "2e-3"),
+                                                   ("lokr", "LOKR", "2e-3")])
+def test_peft_methods_train_load_with_peft_alone_and_merge(method, peft_type, lr, tmp_path, one_batch):
+    """`recipe=tiny_lora method=<each>` fits the batch, and its final/ loads with PEFT alone.
+
+    `ftune merge`'s model then computes what the adapter on its base does.
+    """
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    assert_loss_falls(*train("tiny_lora", run, one_batch, f"method={method}", f"optim.lr={lr}"))
+    final = run / "final"
+    assert json.loads((final / "adapter_config.json").read_text())["peft_type"] == peft_type
+    ids = torch.tensor([[1, 20, 21, 22, 23, 24]])
+    with torch.no_grad():
+        adapted = AutoPeftModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+        logits = adapted(input_ids=ids).logits
+        with adapted.disable_adapter():
+            assert (adapted(input_ids=ids).logits - logits).abs().max() > 1e-3  # the adapter trained
+        assert main(["merge", f"adapter={final}", f"out={tmp_path / 'merged'}"]) == 0
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+        torch.testing.assert_close(merged(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-4)
+
+
 def assert_only_unfrozen_weights_changed(trained: dict, base_path) -> None:
     """Full fine-tuning with `method.freeze`: frozen tensors equal the base's, every other one moved."""
     from transformers import AutoModelForCausalLM

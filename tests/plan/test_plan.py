@@ -161,9 +161,10 @@ def measure_step(cfg) -> tuple[dict[str, int], dict, torch.nn.Module]:
     return measured, by_layer, model
 
 
-@pytest.mark.parametrize("recipe", ["tiny_lora", "tiny_full", "tiny_qlora", "tiny_ia3"])
+@pytest.mark.parametrize("recipe", ["tiny_lora", "tiny_full", "tiny_qlora", "tiny_ia3", "tiny_lora method=vera",
+                                    "tiny_lora method=loha", "tiny_lora method=lokr"])
 def test_parameter_counts_equal_the_loaded_model(tiny_dir, recipe):
-    cfg = run_config(tiny_dir, f"recipe={recipe}")
+    cfg = run_config(tiny_dir, *f"recipe={recipe}".split())
     plan = plan_run(cfg, device="cpu")
     assert (plan.total_params, plan.trainable_params) == count_parameters(prepare_model(cfg))
 
