@@ -30,7 +30,7 @@ from ftune.eval.tasks import TaskProbe, load_tasks
 from ftune.kernels import kernels_on
 from ftune.model.dtypes import native_mixed_precision
 from ftune.model.instrument import instrument_process, model_changes
-from ftune.model.load import count_parameters, load_tokenizer, prepare_model
+from ftune.model.load import check_selection_before_loading, count_parameters, load_tokenizer, prepare_model
 from ftune.plan.estimate import distribution_from_env, plan_rows, plan_run
 from ftune.report.console import console, print_table
 from ftune.report.metrics import MetricsLog, NullLog
@@ -121,6 +121,7 @@ def build_training(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object,
     resume = compare_with_checkpoint_config(checkpoint, resolved, cfg.resume_force) if checkpoint else None
     if checkpoint is None:
         check_fresh_output_dir(run_dir)
+    check_selection_before_loading(cfg)  # BitFit on a model without biases fails here, not after the load
     accelerator = make_accelerator(cfg)
     process_changes = instrument_process(kernels_on(cfg.trainer.cpu_kernels, accelerator.device.type))
     if accelerator.is_main_process:

@@ -178,6 +178,9 @@ class MethodCfg:
     """What trains: LoRA adapters (QLoRA with quant.bits=4), every weight, or another PEFT method."""
     freeze: list[str] = field(default_factory=list)
     """Full fine-tuning: regexes of parameter names that stay frozen (e.g. embeddings, the first layers)."""
+    train_only: list[str] = field(default_factory=list)
+    """Full fine-tuning: regexes of the only parameter names that train (empty: all but `freeze`'s). `method=bitfit`
+    sets it to the bias terms (BitFit)."""
     num_virtual_tokens: int = bounded(20, 1)
     """Prompt and prefix tuning: number of learned virtual tokens."""
 

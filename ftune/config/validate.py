@@ -102,16 +102,18 @@ def check_prompt_learning(cfg: RunCfg) -> list[str]:
 
 
 def check_freeze(cfg: RunCfg) -> list[str]:
-    patterns = cfg.method.freeze
-    if patterns and cfg.method.name != "full":
-        return [f"method.freeze={patterns} with method.name={cfg.method.name} (expected method.name=full: "
-                "adapter methods freeze the whole base already)"]
+    """`method.freeze` and `method.train_only`: regular expressions, for full fine-tuning only."""
     problems = []
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            problems.append(f"method.freeze: {pattern!r} is not a regular expression ({err})")
+    for key, patterns in (("freeze", cfg.method.freeze), ("train_only", cfg.method.train_only)):
+        if patterns and cfg.method.name != "full":
+            problems.append(f"method.{key}={patterns} with method.name={cfg.method.name} (expected "
+                            "method.name=full: adapter methods freeze the whole base already)")
+            continue
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                problems.append(f"method.{key}: {pattern!r} is not a regular expression ({err})")
     return problems
 
 

@@ -24,6 +24,8 @@ from ftune.model.quant import prepare_quantized, student_load_kwargs, teacher_lo
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 RESERVED_PADS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>")
+BIASES = "[.]bias$"
+"""`method.train_only` of `method=bitfit` (configs/method/bitfit.yaml): the bias terms."""
 """Tokens some vocabularies reserve for padding without declaring a pad token (Llama 3.1's
 `<|finetune_right_pad_id|>`): used before falling back to the EOS."""
 
@@ -101,7 +103,7 @@ def prepare_model(cfg: RunCfg, reference_adapter: bool = False) -> PreTrainedMod
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method.name == "full":
-        freeze_matching(model, cfg.method.freeze)
+        freeze_matching(model, cfg.method.freeze, cfg.method.train_only)
     elif cfg.model.adapter is not None:
         model = load_start_adapter(model, cfg.model, reference_adapter)
     else:
@@ -126,22 +128,46 @@ def load_start_adapter(model: PreTrainedModel, cfg: ModelCfg, reference_adapter:
     return model
 
 
-def freeze_matching(model: torch.nn.Module, patterns: list[str]) -> None:
-    """Full fine-tuning: freeze every parameter whose name matches one of the regexes `patterns`, train the rest.
+def freeze_matching(model: torch.nn.Module, patterns: list[str], train_only: tuple[str, ...] | list[str] = ()
+                    ) -> None:
+    """Full fine-tuning: train the parameters `train_only`'s regexes match (all when empty) but `patterns`'.
 
-    Example: `["embed_tokens", "layers[.]0[.]"]` freezes `model.embed_tokens.weight` and all of layer 0.
+    Example: `["embed_tokens", "layers[.]0[.]"]` freezes `model.embed_tokens.weight` and all of layer 0;
+    `train_only=["[.]bias$"]` (`method=bitfit`) trains the bias terms alone.
 
     Raises:
-        ConfigError: a pattern matches no parameter (most likely a typo that would silently train it all).
+        ConfigError: a pattern matches no parameter (most likely a typo that would silently train it all, or,
+            for BitFit, a model without bias terms).
     """
-    matched: set[str] = set()
+    frozen: set[str] = set()
+    kept: set[str] = set()
     for name, param in model.named_parameters():
         hits = {pattern for pattern in patterns if re.search(pattern, name)}
-        param.requires_grad_(not hits)
-        matched |= hits
-    if unmatched := [p for p in patterns if p not in matched]:
-        example = next(name for name, _ in model.named_parameters())
+        keeps = {pattern for pattern in train_only if re.search(pattern, name)}
+        param.requires_grad_(not hits and bool(keeps or not train_only))
+        frozen |= hits
+        kept |= keeps
+    example = next(name for name, _ in model.named_parameters())
+    if unmatched := [p for p in patterns if p not in frozen]:
         raise ConfigError(f"method.freeze={unmatched}: matches no parameter name", f"names look like {example}")
+    if unmatched := [p for p in train_only if p not in kept]:
+        bitfit = "; method=bitfit needs a model with bias terms (Qwen2's attention has them, Llama's and Mistral's " \
+                 "have none)" if BIASES in unmatched else ""
+        raise ConfigError(f"method.train_only={unmatched}: matches no parameter name of the model",
+                          f"names look like {example}{bitfit}")
+
+
+def check_selection_before_loading(cfg: RunCfg) -> None:
+    """`method.freeze` and `method.train_only` tried on the architecture's empty model (no weights, meta device).
+
+    A pattern that matches nothing (BitFit on a model without biases) then fails before the weights load.
+    """
+    if cfg.method.name != "full" or not (cfg.method.freeze or cfg.method.train_only):
+        return
+    config = from_pretrained(AutoConfig, cfg.model.name_or_path)
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(config)
+    freeze_matching(empty, cfg.method.freeze, cfg.method.train_only)
 
 
 def load_teacher(cfg: RunCfg) -> PreTrainedModel | None:

@@ -83,7 +83,7 @@ def build_meta_model(cfg: RunCfg, device: str = "cuda") -> tuple[torch.nn.Module
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.use_cache = False
     if cfg.method.name == "full":
-        freeze_matching(model, cfg.method.freeze)
+        freeze_matching(model, cfg.method.freeze, cfg.method.train_only)
         return model, quantized
     with torch.device("meta"):  # the adapter's weights on the meta device too
         model = add_adapter(model, cfg.method, cfg.lora, cfg.model.gradient_checkpointing)

@@ -146,3 +146,44 @@ def test_a_tied_model_is_adapted_without_a_library_warning(tiny_model_path, save
         model = prepare_model(cfg)
     assert not [str(w.message) for w in caught if "weight_tying" in str(w.message)]
     assert model.peft_config["default"].ensure_weight_tying == bool(saved)
+
+
+def save_qwen2(save_llama):
+    """A tiny random Qwen2 (biases on q, k and v, as Qwen2's attention has) with save_llama's tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = save_llama("qwen2", WORDS)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_bitfit_trains_exactly_the_bias_terms_and_the_plan_counts_them(save_llama):
+    from ftune.plan.estimate import plan_run
+    from ftune.train.losses import build_step_loss
+
+    cfg = config(save_qwen2(save_llama), "method=bitfit")
+    model = prepare_model(cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
+    assert trainable == biases and len(biases) == 2 * 3  # q, k and v in each of the 2 layers
+    planned = plan_run(cfg, device="cpu", step_loss=build_step_loss).trainable_params
+    assert planned == sum(p.numel() for n, p in model.named_parameters() if n in biases)
+
+
+def test_bitfit_on_a_model_without_biases_is_refused_before_its_weights_load(save_llama, monkeypatch, capsys,
+                                                                            tmp_path):
+    from ftune.cli import main
+
+    monkeypatch.setattr("ftune.model.load.load_base_model", lambda *a, **k: pytest.fail("the weights loaded"))
+    run_dir = tmp_path / "run"
+    assert main(["train", "recipe=tiny_lora", f"model.name_or_path={save_llama('m', WORDS)}", "method=bitfit",
+                 f"output_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "bias" in line] == [
+        "ftune: error: method.train_only=['[.]bias$']: matches no parameter name of the model (names look like "
+        "model.embed_tokens.weight; method=bitfit needs a model with bias terms (Qwen2's attention has them, "
+        "Llama's and Mistral's have none))"]
+    assert not run_dir.exists()
