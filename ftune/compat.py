@@ -189,3 +189,13 @@ def turn_off_cpu_repacking(layer) -> None:
     `ftune.model.quant.disable_cpu_inference_repacking` for why ftune turns it off).
     """
     layer.support_avx512bf16_for_cpu = False
+
+
+def neftune_noise(model, alpha: float) -> None:
+    """Put transformers' NEFTune forward hook on the input embeddings of `model` (a PreTrainedModel or a PeftModel).
+
+    Uniform noise of scale alpha / sqrt(L x d) on the embeddings while the module trains, none in eval mode.
+    """
+    from transformers.integrations.neftune import activate_neftune
+
+    activate_neftune(model, alpha)

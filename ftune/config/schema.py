@@ -358,6 +358,10 @@ class TrainerCfg:
     """Examples per forward/backward pass on each process."""
     grad_accum: int = bounded(1, 1)
     """Micro-batches per optimizer step; the loss is averaged over every learned token of the step."""
+    neftune_alpha: float = bounded(0.0, 0.0)
+    """NEFTune: uniform noise of scale alpha / sqrt(L x d) added to the input embeddings in training forwards only
+    (L the row's length, d the hidden size; the paper uses 5); evaluation, the probe and sampling see none. 0: off.
+    For the token objectives (sft, distill)."""
     mixed_precision: str = choice("auto", "no", "bf16", "fp16")
     """Autocast dtype for the forward pass (accelerate); master weights stay in model.dtype. `auto`: what the
     device computes natively (bf16 on recent GPUs, fp16 on older ones, bf16 on CPUs with bf16 instructions, else

@@ -341,6 +341,15 @@ def check_probe(cfg: RunCfg) -> list[str]:
     return problems
 
 
+def check_neftune(cfg: RunCfg) -> list[str]:
+    """NEFTune perturbs instruction tuning's inputs; preference and RL objectives compare log-probs it would shift."""
+    alpha, objective = cfg.trainer.neftune_alpha, cfg.objective.name
+    if alpha and objective not in ("sft", "distill"):
+        return [f"trainer.neftune_alpha={alpha} with objective={objective} (expected objective=sft or distill: the "
+                "noise would shift the log-probs the policy and its reference or its samples are compared by)"]
+    return []
+
+
 def check_grpo(cfg: RunCfg) -> list[str]:
     """What GRPO needs: reward functions, a sampling distribution, room for completions, unpacked rows."""
     grpo, problems = cfg.grpo, []
@@ -427,6 +436,7 @@ CROSS_FIELD_RULES: list[Callable[[RunCfg], list[str]]] = [
     check_distillation,
     check_preference,
     check_grpo,
+    check_neftune,
     check_start_adapter,
     check_bitsandbytes,
     check_betas,

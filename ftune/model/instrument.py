@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ftune.compat import neftune_noise
 from ftune.kernels.dropout import use_sparse_dropout
 from ftune.kernels.host_memory import keep_freed_host_memory
 from ftune.kernels.lora_linear import use_fused_layers
@@ -42,13 +43,16 @@ class Change:
         return dataclasses.asdict(self)
 
 
-def instrument(model: nn.Module, *, trains: bool = False, kernels: bool = False) -> list[Change]:
+def instrument(model: nn.Module, *, trains: bool = False, kernels: bool = False, neftune_alpha: float = 0.0
+               ) -> list[Change]:
     """Install every hook, module swap and setting ftune puts on `model`, and return (and keep) the list.
 
     Args:
         model: a loaded causal LM, or the PeftModel around one (built, adapters attached).
         trains: the model trains: its MoE routers are recorded for the balancing loss (`model/moe.py`).
         kernels: use ftune's CPU kernels (`trainer.cpu_kernels`, ftune/kernels/) on its LoRA layers.
+        neftune_alpha: NEFTune's noise on the input embeddings of a model that trains (`trainer.neftune_alpha`;
+            transformers' hook, which adds it in training mode only, so evaluation and sampling see none).
 
     Call it once per model, when the model is built and before any forward.
     """
@@ -63,6 +67,10 @@ def instrument(model: nn.Module, *, trains: bool = False, kernels: bool = False)
     if trains and (routers := record_router_logits(base)):
         changes.append(Change("router logits recorded for the load-balancing loss",
                               f"forward hooks on {routers} routers, a pre-hook on the decoder", "model/moe.py"))
+    if trains and neftune_alpha:
+        neftune_noise(base, neftune_alpha)
+        changes.append(Change(f"NEFTune noise (alpha {neftune_alpha}) on the input embeddings in training forwards",
+                              "forward hook on the input embeddings", "transformers.integrations.neftune"))
     if kernels and (fused := use_fused_layers(model)):
         changes.append(Change("LoRA layer computed as one autograd node",
                               f"{fused} LoRA linear layers made FusedLoraLinear", "kernels/lora_linear.py"))

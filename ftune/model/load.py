@@ -108,7 +108,8 @@ def prepare_model(cfg: RunCfg, reference_adapter: bool = False) -> PreTrainedMod
         model = load_start_adapter(model, cfg.model, reference_adapter)
     else:
         model = add_adapter(model, cfg.method, cfg.lora, cfg.model.gradient_checkpointing)
-    instrument(model, trains=True, kernels=kernels_on(cfg.trainer.cpu_kernels, local_device()))
+    instrument(model, trains=True, kernels=kernels_on(cfg.trainer.cpu_kernels, local_device()),
+               neftune_alpha=cfg.trainer.neftune_alpha)
     return model
 
 
