@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ftune.model.load import BIASES
 from ftune.report.card import EVAL_KEYS, CardFacts
 
 CONFIG_FILE = "config.yaml"
@@ -57,10 +58,12 @@ def read_json(path: Path) -> dict:
 
 
 def method_name(config: dict) -> str:
-    """lora, qlora (LoRA on a quantized base), full, distill (a full student: objective=distill), or PEFT's."""
+    """lora, qlora (LoRA on a quantized base), full, bitfit (biases alone), distill (a full student), or PEFT's."""
     name = config["method"]["name"]
     if name == "lora" and config.get("quant", {}).get("bits", 0) > 0:
         return "qlora"
+    if name == "full" and config["method"].get("train_only") == [BIASES]:
+        return "bitfit"
     if name == "full" and config.get("objective", {}).get("name") == "distill":
         return "distill"
     return name

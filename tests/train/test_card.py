@@ -91,3 +91,9 @@ def test_every_lora_shaped_method_lists_its_lora_keys(run_dir):
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config | {"data": CONFIG["data"] | {"mix": []}}))
         facts = run_card_facts(run_dir, hardware="CPU")
         assert facts.method == method and ("lora.r" in facts.hyperparameters) == listed
+
+
+def test_bitfit_is_named_as_such(run_dir):
+    config = CONFIG | {"method": {"name": "full", "train_only": ["[.]bias$"]}, "quant": {"bits": 0}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config | {"data": CONFIG["data"] | {"mix": []}}))
+    assert run_card_facts(run_dir, hardware="CPU").method == "bitfit"

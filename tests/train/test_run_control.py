@@ -82,6 +82,14 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["vera", "loha", "lokr"])
+def test_the_other_peft_methods_resume_exactly(tmp_path, method):
+    """With their dropouts on (VeRA's on the input, LoHa's and LoKr's rank dropout), so the RNG state counts too."""
+    run = [*SHORT, f"method={method}", "lora.dropout=0.1", "trainer.max_steps=6", "trainer.save_every=3"]
+    kill_after_checkpoint_then_resume(run, 3, tmp_path)
+
+
+@pytest.mark.slow
 def test_streaming_sigkill_after_checkpoint_then_resume_equals_uninterrupted_run(tmp_path):
     """The stream's position is the micro-batches taken; a killed run replays the stream to it (several passes in)."""
     source = tmp_path / "chat.jsonl"  # 60 conversations: about 7 packed micro-batches a pass
