@@ -2,7 +2,8 @@
 
 Each optimizer step takes its micro-batches of prompts (`ftune.data.prompts`) and, before any gradient, turns them
 into rollouts (`prepare_step`): `grpo.num_generations` completions per prompt sampled from the policy as it is
-(`ftune.eval.generation.sample_completions`, with a KV cache, dropout off), each scored by the user's reward
+(`generation.backend`, `ftune.eval.generation.GENERATION_BACKENDS`: transformers' `generate` with a KV cache,
+dropout off), each scored by the user's reward
 functions (`ftune.train.rewards`, TRL's signature), and each group's rewards turned into advantages
 (`grpo_losses.group_advantages`). The loss is the clipped policy gradient on the completion tokens only
 (`grpo_losses.policy_loss`, TRL's definitions of `grpo.loss`), computed as a sum over the micro-batch that the loop
