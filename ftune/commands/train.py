@@ -36,6 +36,7 @@ from ftune.report.console import console, print_table
 from ftune.report.metrics import MetricsLog, NullLog
 from ftune.train.artefacts import METRICS_FILE, draw_plots, save_final, write_summary
 from ftune.train.checkpoint import load_checkpoint, resolve_resume, save_trainable_weights_only
+from ftune.train.ewc import build_elastic_penalty
 from ftune.train.isolation import check_packing_isolates
 from ftune.train.loop import TrainRun, fit, restore_best
 from ftune.train.losses import build_step_loss
@@ -147,6 +148,8 @@ def build_training(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object,
     save_trainable_weights_only(accelerator)
     objective.attach(accelerator.unwrap_model(model), tokenizer)
     objective.start(model, accelerator)  # with the start weights: a checkpoint's replace them next
+    penalties = [build_elastic_penalty(cfg, accelerator.unwrap_model(model), loaders["probe"], objective.token_loss,
+                                       accelerator)] if cfg.ewc.weight else []  # anchored at the start weights too
     state = load_checkpoint(accelerator, checkpoint) if checkpoint else TrainState()
     if loaders.get("probe") is not None and state.base_probe_ppl is None:
         state.base_probe_ppl = base_probe_ppl(model, loaders["probe"], cfg.model, cfg.probe,
@@ -163,6 +166,7 @@ def build_training(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object,
         on_checkpoint=lambda: draw_plots(run_dir), objective=objective, task_probe=task_probe,
         sampler=None if objective.samples_itself else build_sampler(cfg, tokenizer, run_dir),
         changes=process_changes + model_changes(accelerator.unwrap_model(model)) + objective.model_changes(),
+        penalties=penalties,
     )
     if resume is not None:
         training.log.log(resume.as_row(state.step))

@@ -341,6 +341,16 @@ class GrpoCfg:
 
 
 @dataclass
+class EwcCfg:
+    weight: float = bounded(0.0, 0.0)
+    """EWC: the weight of sum_i F_i (theta_i - theta*_i)^2 added to the loss, F the base's Fisher diagonal on the
+    probe text and theta* the base weights (logged as `ewc_loss`); 0 turns it off. For weights that train (full
+    fine-tuning, BitFit) with the `sft` and `distill` objectives, and a `probe.path`."""
+    batches: int = bounded(16, 1)
+    """Probe batches the Fisher diagonal is estimated from (once per base and probe: it is cached)."""
+
+
+@dataclass
 class GenerationCfg:
     backend: str = registry_choice("transformers", "ftune.eval.generation:GENERATION_BACKENDS")
     """What samples an online objective's completions (`objective=grpo`): `transformers` (its `generate` on the
@@ -480,6 +490,7 @@ class RunCfg:
     pref: PrefCfg = field(default_factory=PrefCfg)
     grpo: GrpoCfg = field(default_factory=GrpoCfg)
     generation: GenerationCfg = field(default_factory=GenerationCfg)
+    ewc: EwcCfg = field(default_factory=EwcCfg)
     trainer: TrainerCfg = field(default_factory=TrainerCfg)
     early_stop: EarlyStopCfg = field(default_factory=EarlyStopCfg)
     probe: ProbeCfg = field(default_factory=ProbeCfg)

@@ -350,6 +350,23 @@ def check_neftune(cfg: RunCfg) -> list[str]:
     return []
 
 
+def check_ewc(cfg: RunCfg) -> list[str]:
+    """EWC holds trained base weights near the base, by a Fisher estimated on the probe, in a token objective."""
+    weight = cfg.ewc.weight
+    if not weight:
+        return []
+    problems = []
+    if cfg.method.name != "full":
+        problems.append(f"ewc.weight={weight} with method={cfg.method.name} (expected method=full or bitfit: EWC holds "
+                        "trained base weights near the base, and an adapter leaves the base frozen)")
+    if not cfg.probe.path:
+        problems.append(f"ewc.weight={weight} without probe.path (expected the probe's text: the Fisher information "
+                        "is estimated on it)")
+    if cfg.objective.name not in ("sft", "distill"):
+        problems.append(f"ewc.weight={weight} with objective={cfg.objective.name} (expected objective=sft or distill)")
+    return problems
+
+
 def check_grpo(cfg: RunCfg) -> list[str]:
     """What GRPO needs: reward functions, a sampling distribution, room for completions, unpacked rows."""
     grpo, problems = cfg.grpo, []
@@ -437,6 +454,7 @@ CROSS_FIELD_RULES: list[Callable[[RunCfg], list[str]]] = [
     check_preference,
     check_grpo,
     check_neftune,
+    check_ewc,
     check_start_adapter,
     check_bitsandbytes,
     check_betas,

@@ -68,6 +68,8 @@ class TrainRun:
     """Called on the main process after each checkpoint (e.g. to redraw plots)."""
     changes: list[Change] = field(default_factory=list)
     """What ftune put on the model and the process (`ftune.model.instrument`): the start table and summary.json."""
+    penalties: list[Callable[[], torch.Tensor]] = field(default_factory=list)
+    """Terms of the weights alone added to every step's loss once, each logged under its `name` (`ewc_loss`)."""
 
 
 def fit(run: TrainRun) -> tuple[str, int]:
@@ -165,11 +167,25 @@ def forward_backward(run: TrainRun, batches: list[dict]) -> tuple[dict[str, torc
             parts = objective.loss(model, batch)
             parts = add_router_loss(acc.unwrap_model(model), batch, parts,  # MoE only (model/moe.py)
                                     objective.count(batch))
+            parts = add_penalties(run.penalties, parts, objective.count(batch))
             acc.backward(parts["loss"] * scale)
         for key, value in parts.items():
             sums[key] = sums.get(key, 0) + value.detach()
     return {k: acc.reduce(v, "sum") for k, v in sums.items()}, dict(zip(("count", "learned", "tokens"), counts,
                                                                          strict=True))
+
+
+def add_penalties(penalties: list[Callable[[], torch.Tensor]], parts: dict[str, torch.Tensor], count: torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+    """Each penalty times the micro-batch's count, added to its summed loss and kept under the penalty's name.
+
+    The step divides its sums by the whole step's count, so the weights' penalty enters the step's loss (and its
+    logged mean) once, whatever the accumulation.
+    """
+    for penalty in penalties:
+        term = penalty() * count
+        parts = {**parts, "loss": parts["loss"] + term, penalty.name: term}
+    return parts
 
 
 def forward_backward_or_checkpoint(run: TrainRun, batches: list[dict]):

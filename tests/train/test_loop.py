@@ -31,7 +31,8 @@ def step_gradient(model, examples: list[dict], micro_batch: int) -> dict[str, to
     batches = [collate(examples[i:i + micro_batch]) for i in range(0, len(examples), micro_batch)]
     objective = build_objective(RunCfg(trainer=TrainerCfg(loss_chunk_size=5)))  # chunks split micro-batches unevenly
     objective.attach(model, tokenizer=None)
-    run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, objective=objective, state=TrainState())
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, objective=objective, state=TrainState(),
+                          penalties=[])
     forward_backward(run, batches)
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
