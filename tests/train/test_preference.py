@@ -223,7 +223,7 @@ def step_gradient(model, rows: list[dict], micro_batch: int, shared_mask: str | 
     collate = PairCollator(pad_token_id=0, shared_mask=shared_mask)
     batches = [collate(rows[i:i + micro_batch]) for i in range(0, len(rows), micro_batch)]
     run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, objective=dpo_objective(model),
-                          state=TrainState())
+                          state=TrainState(), penalties=[])
     forward_backward(run, batches)
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
