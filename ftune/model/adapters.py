@@ -49,8 +49,7 @@ def can_merge(method_name: str) -> bool:
 
     Returns:
         True for LoRA (all its variants), VeRA, LoHa, LoKr and IA3; False for prompt and prefix tuning, and for
-        full fine-tuning,
-        which has no adapter to merge.
+        full fine-tuning, which has no adapter to merge.
     """
     return method_name in MERGEABLE
 

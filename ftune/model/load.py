@@ -24,10 +24,10 @@ from ftune.model.quant import prepare_quantized, student_load_kwargs, teacher_lo
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 RESERVED_PADS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>")
-BIASES = "[.]bias$"
-"""`method.train_only` of `method=bitfit` (configs/method/bitfit.yaml): the bias terms."""
 """Tokens some vocabularies reserve for padding without declaring a pad token (Llama 3.1's
 `<|finetune_right_pad_id|>`): used before falling back to the EOS."""
+BIASES = "[.]bias$"
+"""`method.train_only` of `method=bitfit` (configs/method/bitfit.yaml): the bias terms."""
 
 
 def load_tokenizer(cfg: ModelCfg, key: str = "model.name_or_path"):
