@@ -167,7 +167,8 @@ def forward_backward(run: TrainRun, batches: list[dict]) -> tuple[dict[str, torc
             parts = objective.loss(model, batch)
             parts = add_router_loss(acc.unwrap_model(model), batch, parts,  # MoE only (model/moe.py)
                                     objective.count(batch))
-            parts = add_penalties(run.penalties, parts, objective.count(batch))
+            if index == 0:  # the weights' own terms, computed once per step (each costs a pass over the weights)
+                parts = add_penalties(run.penalties, parts, counts[0] / acc.num_processes)
             acc.backward(parts["loss"] * scale)
         for key, value in parts.items():
             sums[key] = sums.get(key, 0) + value.detach()
@@ -175,15 +176,17 @@ def forward_backward(run: TrainRun, batches: list[dict]) -> tuple[dict[str, torc
                                                                          strict=True))
 
 
-def add_penalties(penalties: list[Callable[[], torch.Tensor]], parts: dict[str, torch.Tensor], count: torch.Tensor
+def add_penalties(penalties: list[Callable[[], torch.Tensor]], parts: dict[str, torch.Tensor], weight: torch.Tensor
                   ) -> dict[str, torch.Tensor]:
-    """Each penalty times the micro-batch's count, added to its summed loss and kept under the penalty's name.
+    """Each penalty times `weight`, added to the summed loss and kept under the penalty's name.
 
-    The step divides its sums by the whole step's count, so the weights' penalty enters the step's loss (and its
-    logged mean) once, whatever the accumulation.
+    `forward_backward` adds them to a step's first micro-batch with weight = the step's count over the processes:
+    the step divides its sums by that count and each process's gradient is scaled by the number of processes,
+    which DDP's average undoes, so each penalty enters the step's gradient (and its logged mean) once, whatever the
+    accumulation.
     """
     for penalty in penalties:
-        term = penalty() * count
+        term = penalty() * weight
         parts = {**parts, "loss": parts["loss"] + term, penalty.name: term}
     return parts
 

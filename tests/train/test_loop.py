@@ -25,14 +25,14 @@ def ragged_examples(n: int, vocab: int, seed: int = 0) -> list[dict]:
     return examples
 
 
-def step_gradient(model, examples: list[dict], micro_batch: int) -> dict[str, torch.Tensor]:
+def step_gradient(model, examples: list[dict], micro_batch: int, penalties=()) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     collate = PadCollator(pad_token_id=0, pad_to_multiple_of=1)
     batches = [collate(examples[i:i + micro_batch]) for i in range(0, len(examples), micro_batch)]
     objective = build_objective(RunCfg(trainer=TrainerCfg(loss_chunk_size=5)))  # chunks split micro-batches unevenly
     objective.attach(model, tokenizer=None)
     run = SimpleNamespace(accelerator=Accelerator(cpu=True), model=model, objective=objective, state=TrainState(),
-                          penalties=[])
+                          penalties=list(penalties))
     forward_backward(run, batches)
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -44,6 +44,25 @@ def test_micro_batch_2_x_accum_4_equals_batch_8(random_llama):
     split = step_gradient(model, examples, micro_batch=2)
     for name, grad in whole.items():
         torch.testing.assert_close(split[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_penalty_enters_the_step_gradient_once_however_the_step_is_split(random_llama):
+    """Its gradient, 2 W F (theta - theta*), adds to the loss's once for 1 x 8 and for 4 x 2 micro-batches."""
+    from ftune.train.ewc import ElasticPenalty
+
+    model = random_llama()
+    examples = ragged_examples(8, vocab=64)
+    fisher = {name: torch.rand_like(param) for name, param in model.named_parameters()}
+    penalty = ElasticPenalty(model, fisher, weight=2.0)  # anchored at the weights as they are now
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01)
+    for micro_batch in (8, 2):
+        without = step_gradient(model, examples, micro_batch)
+        with_penalty = step_gradient(model, examples, micro_batch, penalties=[penalty])
+        for name, grad in without.items():
+            torch.testing.assert_close(with_penalty[name] - grad, 2 * 2.0 * fisher[name] * 0.01, rtol=1e-3,
+                                       atol=1e-6, msg=name)
 
 
 def test_step_gradient_equals_mean_token_loss_gradient(random_llama):
