@@ -103,3 +103,23 @@ def test_two_processes_train_on_a_stream(tmp_path, cache):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r and "eval_loss" not in r] == list(range(1, 9))
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+
+
+def test_gradual_unfreezing_under_ddp_trains_only_the_joined_blocks(tmp_path, cache, tiny_model_path):
+    """Blocks frozen after DDP wrapped the model are found unused each step: the run neither hangs nor moves them.
+
+    8 steps with a block joining every 2: blocks 5 to 2 train, blocks 0 and 1 keep the base's weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "unfreeze"
+    result = launch(["-m", "ftune", "train", "method=full", "method.unfreeze_every=2", "optim.lr=1e-4"], run_dir,
+                    cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trainable = [r["trainable_params"] for r in rows if "trainable_params" in r]
+    assert len(trainable) == 8 and trainable == sorted(trainable) and len(set(trainable)) == 4
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).state_dict()
+    for name, value in load_file(run_dir / "final" / "model.safetensors").items():
+        frozen = name.startswith(("model.layers.0.", "model.layers.1."))
+        assert torch.equal(value, base[name]) == frozen, name

@@ -15,22 +15,29 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, is_initialized
-from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, TorchDynamoPlugin, set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ftune.config.compose import expand_sweep, load_run_config
 from ftune.config.schema import RunCfg
 from ftune.config.validate import advisories
-from ftune.data.templates import resolve_template
+from ftune.data.templates import resolve_template, template_for_artefact
 from ftune.errors import ConfigError, FtuneError
 from ftune.eval.generation import GENERATIONS_FILE, Sampler, held_out_conversations
+from ftune.eval.loss import model_inputs
 from ftune.eval.probe import base_probe_ppl, build_probe_loader
 from ftune.eval.tasks import TaskProbe, load_tasks
 from ftune.kernels import kernels_on
 from ftune.model.dtypes import native_mixed_precision
 from ftune.model.instrument import instrument_process, model_changes
-from ftune.model.load import check_selection_before_loading, count_parameters, load_tokenizer, prepare_model
+from ftune.model.load import (
+    check_selection_before_loading,
+    count_parameters,
+    initialize_adapter,
+    load_tokenizer,
+    prepare_model,
+)
 from ftune.plan.estimate import distribution_from_env, plan_rows, plan_run
 from ftune.report.console import console, print_table
 from ftune.report.metrics import MetricsLog, NullLog
@@ -40,7 +47,9 @@ from ftune.train.ewc import build_elastic_penalty
 from ftune.train.isolation import check_packing_isolates
 from ftune.train.loop import TrainRun, fit, restore_best
 from ftune.train.losses import build_step_loss
+from ftune.train.method_steps import build_method_steps
 from ftune.train.objectives import build_objective
+from ftune.train.objectives.sequence_distill import resolve_teacher_responses
 from ftune.train.optim import build_optimizer, build_scheduler, optimizer_steps
 from ftune.train.rundir import ResumeChanges, check_fresh_output_dir, compare_with_checkpoint_config, write_run_config
 from ftune.train.state import TrainState
@@ -117,6 +126,7 @@ def train_job(cfg: RunCfg, resolved: DictConfig) -> int:
 def build_training(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object, ResumeChanges | None]:
     """Build everything the loop needs, then (and only then) write the run directory."""
     resolve_precision(cfg, resolved)
+    resolve_teacher_responses(cfg, resolved)  # recorded in config.yaml, compared on resume; generated with the data
     run_dir = Path(cfg.output_dir)
     checkpoint = resolve_resume(cfg.resume, run_dir) if cfg.resume is not None else None
     resume = compare_with_checkpoint_config(checkpoint, resolved, cfg.resume_force) if checkpoint else None
@@ -130,6 +140,7 @@ def build_training(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object,
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)
+    template_for_artefact(tokenizer, cfg.data)  # a template final/ cannot carry fails now, not after training
     objective = build_objective(cfg)
     with one_builder_per_disk(accelerator):
         loaders, stats = objective.build_loaders(tokenizer, accelerator)
@@ -138,6 +149,8 @@ def build_training(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object,
     probe_tasks = load_tasks(cfg.probe.tasks, cfg.probe.task_dir, "probe.tasks") if cfg.probe.tasks else None
     objective.load_frozen()  # a teacher or a reference copy, before the trained model: a wrong one fails first
     model = prepare_model(cfg, reference_adapter=objective.needs_reference_adapter)
+    if checkpoint is None:  # a resumed run's checkpoint replaces the start weights: LoftQ and EVA are not redone
+        initialize_adapter(model, cfg, loaders["train"], model_inputs)
     if cfg.data.packing:  # preference objectives refuse packing when they build their loaders, above
         check_packing_isolates(model, tokenizer.pad_token_id, cfg.model.attn_implementation, cfg.model.name_or_path)
     optimizer = build_optimizer(model, cfg.optim)
@@ -150,6 +163,7 @@ def build_training(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object,
     objective.start(model, accelerator)  # with the start weights: a checkpoint's replace them next
     penalties = [build_elastic_penalty(cfg, accelerator.unwrap_model(model), loaders["probe"], objective.token_loss,
                                        accelerator)] if cfg.ewc.weight else []  # anchored at the start weights too
+    method_steps, method_penalties = build_method_steps(cfg, accelerator.unwrap_model(model), total_steps, accelerator)
     state = load_checkpoint(accelerator, checkpoint) if checkpoint else TrainState()
     if loaders.get("probe") is not None and state.base_probe_ppl is None:
         state.base_probe_ppl = base_probe_ppl(model, loaders["probe"], cfg.model, cfg.probe,
@@ -166,7 +180,7 @@ def build_training(cfg: RunCfg, resolved: DictConfig) -> tuple[TrainRun, object,
         on_checkpoint=lambda: draw_plots(run_dir), objective=objective, task_probe=task_probe,
         sampler=None if objective.samples_itself else build_sampler(cfg, tokenizer, run_dir),
         changes=process_changes + model_changes(accelerator.unwrap_model(model)) + objective.model_changes(),
-        penalties=penalties,
+        penalties=penalties + method_penalties, method_steps=method_steps,
     )
     if resume is not None:
         training.log.log(resume.as_row(state.step))
@@ -193,6 +207,10 @@ def make_accelerator(cfg: RunCfg) -> Accelerator:
         mixed_precision=cfg.trainer.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         dynamo_plugin=dynamo_plugin(cfg),
+        # Gradual unfreezing freezes blocks after DDP has wrapped the model; DDP then finds them unused each step
+        # (and leaves their gradients None) instead of waiting for gradients that never come.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.method.unfreeze_every
+        else None,
     )
     check_world_size(accelerator)
     return accelerator

@@ -63,6 +63,13 @@ class ModelCfg:
     """A trained adapter directory (a run's final/) to start from: its weights are loaded and trained on (with the
     same method). A preference objective then takes the model with this adapter, not the bare base, as its
     reference."""
+    add_tokens: list[str] = field(default_factory=list)
+    """Tokens added to the tokenizer (each never split), with embedding and output-head rows that start at the mean
+    of the existing rows and train: in full with method=full, alone beside a LoRA adapter (method=lora and its
+    variants). Each must be new to the tokenizer."""
+    add_special_tokens: list[str] = field(default_factory=list)
+    """As add_tokens, but added as special tokens (skip_special_tokens drops them when decoding): an end-of-turn
+    marker such as `<|end|>` that a chat template needs and the tokenizer lacks."""
 
 
 FORMATS_REGISTRY = "ftune.data.formats:FORMATS"
@@ -173,6 +180,31 @@ class QuantCfg:
 
 
 @dataclass
+class AdaloraCfg:
+    """AdaLoRA's rank allocation (`method=adalora`; PEFT's AdaLoraConfig).
+
+    Each adapted matrix starts at rank `lora.r` and the total rank is cut, by a cubic schedule, to `target_r` per
+    matrix on average, keeping the singular directions whose importance (|weight x gradient|, smoothed) is highest.
+    """
+
+    target_r: int = bounded(8, 1)
+    """Average rank per adapted matrix once the budget is allocated (at most `lora.r`, the starting rank)."""
+    warmup: float = bounded(0.1, 0.0, 1.0)
+    """Fraction of the optimizer steps trained at the full starting rank before any is cut (PEFT's tinit)."""
+    final: float = bounded(0.2, 0.0, 1.0)
+    """Fraction of the optimizer steps, at the end, trained with the final allocation fixed (PEFT's tfinal)."""
+    every: int = bounded(1, 1)
+    """Optimizer steps between two reallocations while the budget shrinks (PEFT's deltaT)."""
+    beta1: float = bounded(0.85, 0.0, 1.0)
+    """Smoothing of the importance scores (an exponential moving average)."""
+    beta2: float = bounded(0.85, 0.0, 1.0)
+    """Smoothing of their uncertainty."""
+    orth_reg_weight: float = bounded(0.5, 0.0)
+    """Weight of the penalty that keeps the singular vectors orthogonal, added to the loss and logged as
+    `orth_loss`."""
+
+
+@dataclass
 class MethodCfg:
     name: str = registry_choice("lora", "ftune.model.adapters:PEFT_CONFIGS", "full")
     """What trains: LoRA adapters (QLoRA with quant.bits=4), every weight, or another PEFT method."""
@@ -183,6 +215,12 @@ class MethodCfg:
     sets it to the bias terms (BitFit)."""
     num_virtual_tokens: int = bounded(20, 1)
     """Prompt and prefix tuning: number of learned virtual tokens."""
+    unfreeze_every: int = bounded(0, 0)
+    """Gradual unfreezing (full fine-tuning): the head and the last block train first, and every `unfreeze_every`
+    optimizer steps the next block down joins (the input embedding last); training rows log `trainable_params`.
+    0: everything trains from the start."""
+    adalora: AdaloraCfg = field(default_factory=AdaloraCfg)
+    """`method=adalora`'s rank allocation."""
 
 
 @dataclass
@@ -204,8 +242,10 @@ class LoraCfg:
     """Weight-decomposed LoRA (DoRA)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head after adding tokens)."""
-    init: str = choice("default", "gaussian", "pissa", "olora")
-    """Initialisation of the adapter matrices (PEFT's init_lora_weights)."""
+    init: str = choice("default", "gaussian", "pissa", "olora", "loftq", "eva")
+    """Initialisation of the adapter matrices (PEFT's init_lora_weights). `loftq` (QLoRA, quant.bits=4): the
+    adapters start at the best rank-r correction of the 4-bit base's quantization error. `eva`: A starts at the
+    principal directions of each layer's inputs on the training data (computed before the first step)."""
 
 
 @dataclass
@@ -233,13 +273,28 @@ class OptimCfg:
 @dataclass
 class DistillCfg:
     teacher: str | None = None
-    """Teacher model (hub id or directory) of `objective=distill`. Must share the student's vocabulary."""
+    """Teacher model (hub id or directory) of `objective=distill`. With `mode=logits` it must share the student's
+    vocabulary; with `mode=sequence` only text passes, so any tokenizer will do."""
+    mode: str = choice("logits", "sequence")
+    """What the student learns from the teacher: `logits`, its distribution at every learned token (the KL term
+    beside the labels' cross-entropy); `sequence`, its answers: before training the teacher answers every training
+    prompt once (cached, `responses`) and the student trains on those answers as `objective=sft` would, without
+    the teacher in memory (docs/training.md)."""
     alpha: float = bounded(0.5, 0.0, 1.0)
     """Weight of the cross-entropy on labels; (1 - alpha) weighs the KL to the teacher."""
     temperature: float = bounded(2.0, 0.0)
     """Softmax temperature of both distributions in the KL term (scaled back by T^2)."""
     teacher_bits: int = 0
     """Load the teacher quantized to 4 or 8 bits; 0 keeps it in model.dtype."""
+    sample_temperature: float = bounded(0.0, 0.0)
+    """`mode=sequence`: 0 answers greedily; above 0 samples each answer at this temperature, seeded by `seed`
+    (`temperature` is the KL's)."""
+    max_new_tokens: int = bounded(256, 1)
+    """`mode=sequence`: the longest answer the teacher writes, in its tokens (a longer one is cut, and counted)."""
+    responses: str | None = None
+    """`mode=sequence`: the JSONL of the teacher's answers the student trains on (canonical `messages`, under
+    $FTUNE_CACHE/teacher), filled in by `ftune train` before anything loads so that config.yaml records it; a value
+    given is replaced."""
 
 
 PREFERENCE_OBJECTIVES = ("dpo", "kto")
@@ -338,6 +393,11 @@ class GrpoCfg:
     mask_truncated_completions: bool = False
     """Leave completions cut at max_completion_length out of the loss (they still count in grpo's and dr_grpo's
     averages, as TRL counts them): a cut answer is not rewarded or punished for an ending it never reached."""
+    share_prompt: bool = True
+    """Train each prompt's group in one row: the prompt once, then each completion, attending to the prompt and to
+    itself only (a 4D mask; positions continue from the prompt's end), instead of a row per completion that repeats
+    the prompt: the same log-probs for less work. Used where the model passes the probe `pref.share_prompt` uses
+    (else, as with flash-attention or prompt tuning, a row per completion, and the run's table says why)."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ftune.config.architecture import is_mixture_of_experts, packing_problem, read_model_config, sdpa_problem
-from ftune.config.schema import MAPPABLE_ROLES, RunCfg
+from ftune.config.schema import MAPPABLE_ROLES, ModelCfg, RunCfg
 
 
 def validate(cfg: RunCfg) -> list[str]:
@@ -82,11 +82,47 @@ def check_lora_targets(cfg: RunCfg) -> list[str]:
 
 
 def check_lora_init(cfg: RunCfg) -> list[str]:
-    """PEFT's PiSSA init takes an SVD of the base weights, which it cannot do on quantized ones."""
-    if cfg.lora.init == "pissa" and cfg.quant.bits:
-        bits = cfg.quant.bits
-        return [f"lora.init=pissa with quant.bits={bits} (expected default, gaussian or olora, or quant.bits=0)"]
-    return []
+    """The base each initialisation needs: PiSSA an unquantized one, LoftQ a 4-bit one.
+
+    PEFT's PiSSA init takes an SVD of the base weights, which it cannot do on quantized ones. LoftQ corrects the
+    4-bit base's quantization error (8-bit weights have little to correct, an unquantized base nothing), and
+    DoRA's magnitudes are fixed before LoftQ sets the adapters.
+    """
+    init, bits, problems = cfg.lora.init, cfg.quant.bits, []
+    if init == "pissa" and bits:
+        problems.append(f"lora.init=pissa with quant.bits={bits} (expected default, gaussian or olora, or "
+                        "quant.bits=0)")
+    if init == "loftq" and bits != 4:
+        problems.append(f"lora.init=loftq with quant.bits={bits} (expected quant.bits=4: LoftQ starts the adapters "
+                        "at the 4-bit base's quantization error)")
+    if init == "loftq" and cfg.lora.dora:
+        problems.append("lora.init=loftq with lora.dora=true (expected lora.dora=false: DoRA fixes its magnitudes "
+                        "before LoftQ sets the adapters)")
+    return problems
+
+
+def check_computed_init(cfg: RunCfg) -> list[str]:
+    """LoftQ and EVA are computed for a new LoRA adapter before the first step (`model.load.initialize_adapter`).
+
+    EVA reads the inputs of the training batches' learned tokens, which GRPO's prompt batches do not have, and
+    goes through the batches until its directions settle, which a stream (read once) does not allow.
+    """
+    init, problems = cfg.lora.init, []
+    if init not in ("loftq", "eva"):
+        return problems
+    if cfg.method.name != "lora":
+        problems.append(f"lora.init={init} with method.name={cfg.method.name} (expected method.name=lora: it "
+                        "initialises LoRA's matrices)")
+    if cfg.model.adapter is not None:
+        problems.append(f"lora.init={init} with model.adapter={cfg.model.adapter} (expected lora.init=default: "
+                        "training starts from the adapter's weights)")
+    if init == "eva" and cfg.objective.name == "grpo":
+        problems.append("lora.init=eva with objective.name=grpo (expected an objective that trains on labelled "
+                        "tokens: EVA reads the learned tokens' inputs, and GRPO's batches are prompts)")
+    if init == "eva" and cfg.data.streaming:
+        problems.append("lora.init=eva with data.streaming=true (expected data.streaming=false: EVA goes through "
+                        "the training batches until its directions settle, and a stream is read once)")
+    return problems
 
 
 def check_prompt_learning(cfg: RunCfg) -> list[str]:
@@ -128,6 +164,29 @@ def check_distillation(cfg: RunCfg) -> list[str]:
         problems.append(f"distill.teacher_bits={distill.teacher_bits} without distill.teacher (expected a teacher)")
     if distill.teacher is not None and distill.temperature <= 0:
         problems.append(f"distill.temperature={distill.temperature} (expected > 0)")
+    return problems
+
+
+def check_sequence_distillation(cfg: RunCfg) -> list[str]:
+    """`distill.mode=sequence` has the teacher answer the conversations of one chat source, read whole."""
+    data = cfg.data
+    if cfg.distill.mode != "sequence":
+        return []
+    if cfg.objective.name != "distill":
+        return [f"distill.mode=sequence with objective={cfg.objective.name} (expected objective=distill)"]
+    problems = []
+    if data.format == "text":
+        problems.append("data.format=text with distill.mode=sequence (expected chat data: a text record has no "
+                        "prompt for the teacher to answer; distill.mode=logits distills on text)")
+    if data.mix:
+        problems.append("data.mix with distill.mode=sequence (expected data.path alone: the teacher answers the "
+                        "prompts of one source)")
+    if data.columns:
+        problems.append(f"data.columns={dict(data.columns)} with distill.mode=sequence (expected none: they would "
+                        "rename the fields of the teacher's answers too; rename the source's columns instead)")
+    if data.streaming:
+        problems.append("data.streaming=true with distill.mode=sequence (expected false: the teacher answers every "
+                        "prompt before the first step, so the source is read whole anyway)")
     return problems
 
 
@@ -180,7 +239,63 @@ def check_start_adapter(cfg: RunCfg) -> list[str]:
     if base is not None and not same_model(base, cfg.model.name_or_path):
         problems.append(f"model.adapter={adapter} was trained on {base}, not on model.name_or_path="
                         f"{cfg.model.name_or_path} (expected an adapter of this base)")
+    if config.get("trainable_token_indices") and not (cfg.model.add_tokens or cfg.model.add_special_tokens):
+        problems.append(f"model.adapter={adapter} trained the rows of tokens its run added, and this run adds none "
+                        "(expected the same model.add_tokens / model.add_special_tokens as that run's config.yaml)")
     return problems
+
+
+VOCABULARY_METHODS = ("full", "lora", "adalora")
+"""Methods that train the rows of added tokens: full fine-tuning (every row), LoRA with its variants and AdaLoRA
+(the new rows alone, through PEFT's `trainable_token_indices`, which PEFT's other adapters do not have)."""
+
+
+def check_added_tokens(cfg: RunCfg) -> list[str]:
+    """`model.add_tokens` and `model.add_special_tokens`: distinct new tokens, for a run that can train their rows.
+
+    The tokenizer of a local model is read here (small, no weights); a hub model's is checked when it loads, still
+    before the weights (`ftune.model.vocab`).
+    """
+    model = cfg.model
+    tokens = [*model.add_tokens, *model.add_special_tokens]
+    if not tokens:
+        return []
+    problems = [f"model.{key}[{index}]='' (expected a non-empty token)"
+                for key in ("add_tokens", "add_special_tokens")
+                for index, token in enumerate(getattr(model, key)) if token == ""]
+    problems += [f"model.add_tokens/add_special_tokens: {token!r} is listed {tokens.count(token)} times (expected each "
+                 "token once, in one of the two lists)" for token in dict.fromkeys(tokens) if tokens.count(token) > 1]
+    if cfg.method.name not in VOCABULARY_METHODS:
+        problems.append(f"model.add_tokens/add_special_tokens with method={cfg.method.name} (expected one of method="
+                        f"{', '.join(VOCABULARY_METHODS)}: the new rows must train, and PEFT trains single rows beside "
+                        "LoRA adapters only)")
+    if cfg.objective.name == "distill" and cfg.distill.mode == "logits":
+        problems.append("model.add_tokens/add_special_tokens with objective=distill distill.mode=logits (expected "
+                        "distill.mode=sequence: the teacher has no logits for the new tokens to match)")
+    if os.path.isdir(model.name_or_path):
+        problems += known_token_problems(model, local_vocabulary(model.name_or_path))
+    return problems
+
+
+def local_vocabulary(directory: str) -> set[str]:
+    """Every token of the tokenizer in a local model directory (empty when it has none)."""
+    from transformers import AutoTokenizer  # imports torch: only when tokens are added
+
+    try:
+        return set(AutoTokenizer.from_pretrained(directory, local_files_only=True).get_vocab())
+    except (OSError, ValueError):  # no tokenizer files: the run's own load reports that
+        return set()
+
+
+def known_token_problems(model: ModelCfg, vocabulary: set[str]) -> list[str]:
+    """One line per token of `model.add_tokens`/`add_special_tokens` that `vocabulary` already has.
+
+    Adding such a token would give it no new row (the tokenizer keeps its id) and would overwrite a trained row
+    with the mean.
+    """
+    return [f"model.{key}: {token!r} is already a token of model.name_or_path={model.name_or_path} (expected tokens "
+            "the tokenizer lacks)" for key in ("add_tokens", "add_special_tokens")
+            for token in dict.fromkeys(getattr(model, key)) if token in vocabulary]
 
 
 def same_model(first: str, second: str) -> bool:
@@ -367,6 +482,46 @@ def check_ewc(cfg: RunCfg) -> list[str]:
     return problems
 
 
+def check_adalora(cfg: RunCfg) -> list[str]:
+    """AdaLoRA cuts ranks from `lora.r` down to `target_r` over a schedule that needs a step between its phases."""
+    if cfg.method.name != "adalora":
+        return []
+    ada, problems = cfg.method.adalora, []
+    if ada.target_r > cfg.lora.r:
+        problems.append(f"method.adalora.target_r={ada.target_r} above lora.r={cfg.lora.r} (expected at most the "
+                        "starting rank: AdaLoRA only cuts ranks)")
+    if ada.warmup + ada.final >= 1:
+        problems.append(f"method.adalora.warmup={ada.warmup} + method.adalora.final={ada.final} (expected a sum below "
+                        "1: the ranks are allocated between the two phases)")
+    elif cfg.trainer.max_steps > 0 and round(ada.warmup * cfg.trainer.max_steps) >= \
+            cfg.trainer.max_steps - round(ada.final * cfg.trainer.max_steps):
+        problems.append(f"method.adalora.warmup={ada.warmup} and final={ada.final} leave no step of "
+                        f"trainer.max_steps={cfg.trainer.max_steps} to allocate ranks in (expected more steps)")
+    if cfg.lora.dora or cfg.lora.init != "default":
+        problems.append("method=adalora with lora.dora or lora.init (expected neither: AdaLoRA has its own SVD-shaped "
+                        "update and initialisation)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        problems.append("method=adalora under FSDP (expected DDP or DeepSpeed: the rank allocator reads each adapter "
+                        "weight's whole gradient, which FSDP shards)")
+    return problems
+
+
+def check_unfreezing(cfg: RunCfg) -> list[str]:
+    """Gradual unfreezing stages the base's own weights, so it needs them trainable and unsharded."""
+    every = cfg.method.unfreeze_every
+    if not every:
+        return []
+    problems = []
+    if cfg.method.name != "full":
+        problems.append(f"method.unfreeze_every={every} with method={cfg.method.name} (expected method=full: an "
+                        "adapter's base stays frozen, there is nothing to unfreeze)")
+    sharded = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"]
+    if sharded:
+        problems.append(f"method.unfreeze_every={every} under {sharded[0].replace('DEEPSPEED', 'DeepSpeed')} (expected "
+                        "DDP or one process: a sharded optimizer cannot take weights joining during the run)")
+    return problems
+
+
 def check_grpo(cfg: RunCfg) -> list[str]:
     """What GRPO needs: reward functions, a sampling distribution, room for completions, unpacked rows."""
     grpo, problems = cfg.grpo, []
@@ -448,14 +603,19 @@ CROSS_FIELD_RULES: list[Callable[[RunCfg], list[str]]] = [
     check_sampling,
     check_lora_targets,
     check_lora_init,
+    check_computed_init,
     check_prompt_learning,
     check_freeze,
     check_distillation,
+    check_sequence_distillation,
     check_preference,
     check_grpo,
     check_neftune,
     check_ewc,
+    check_adalora,
+    check_unfreezing,
     check_start_adapter,
+    check_added_tokens,
     check_bitsandbytes,
     check_betas,
     check_schedule,

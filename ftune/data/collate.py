@@ -92,11 +92,13 @@ class PairCollator:
     - an attention implementation (`sdpa`, `eager`): one row per pair, prompt + chosen + rejected, whose 4D mask
       lets each response see the prompt and itself only and whose positions restart after the prompt for each
       response, so every response token gets the hidden state it would get in its own row. The prompt's tokens are
-      computed once instead of twice. `logp_source`, `logp_target`, `logp_slot` list every response token: the
-      flat index (row * width + position) of the hidden state that predicts it (for the rejected response's first
-      token, the prompt's last position), the token, and its sequence (pair b's chosen b, its rejected B + b).
+      computed once instead of twice. `logp_source`, `logp_target`, `logp_slot`, `logp_offset` list every response
+      token: the flat index (row * width + position) of the hidden state that predicts it (for the rejected
+      response's first token, the prompt's last position), the token, its sequence (pair b's chosen b, its rejected
+      B + b) and its place in its response (`shared_prompt_rows`, which GRPO's groups use too).
       The same pair -> input_ids [[5, 6, 7, 8, 9]], position_ids [[0, 1, 2, 3, 2]],
            labels [[-100, -100, 7, 8, 9]], logp_source [1, 2, 1], logp_target [7, 8, 9], logp_slot [0, 0, 1],
+           logp_offset [0, 1, 0],
            attention_mask (1 = attend) [[1, 0, 0, 0, 0],
                                         [1, 1, 0, 0, 0],
                                         [1, 1, 1, 0, 0],
@@ -123,36 +125,70 @@ class PairCollator:
         return {**batch, "num_pairs": torch.tensor(len(rows))}
 
     def shared_rows(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        """One row per pair: prompt, chosen, rejected, with the mask, positions and gather indices above."""
+        """One row per pair: prompt, chosen, rejected (`shared_prompt_rows`); pair b's sequences are b and B + b."""
         pairs = len(rows)
-        lengths = [len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"]) for row in rows]
-        width = padded_width(max(lengths), self.pad_to_multiple_of)
-        input_ids = torch.full((pairs, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((pairs, width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((pairs, width), dtype=torch.long)
-        segment = torch.arange(width).neg().sub(3).repeat(pairs, 1)  # padding: a segment per position
-        source, target, slot = [], [], []
-        for index, row in enumerate(rows):
-            prompt, chosen, rejected = row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]
-            p, c, r = len(prompt), len(chosen), len(rejected)
-            input_ids[index, :p + c + r] = torch.tensor([*prompt, *chosen, *rejected])
-            labels[index, p:p + c + r] = input_ids[index, p:p + c + r]
-            position_ids[index, :p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
-            segment[index, :p + c + r] = torch.tensor([0] * p + [1] * c + [2] * r)
-            base = index * width
-            source += [base + p - 1 + k for k in range(c)] + [base + p - 1] + [base + p + c + k for k in range(r - 1)]
-            target += [*chosen, *rejected]
-            slot += [index] * c + [pairs + index] * r
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                "attention_mask": shared_prompt_mask(segment, self.shared_mask),
-                "logp_source": torch.tensor(source), "logp_target": torch.tensor(target),
-                "logp_slot": torch.tensor(slot), "num_tokens": torch.tensor(sum(lengths))}
+        return shared_prompt_rows([row["prompt_ids"] for row in rows],
+                                  [[row["chosen_ids"], row["rejected_ids"]] for row in rows],
+                                  [[index, pairs + index] for index in range(pairs)],
+                                  self.pad_token_id, self.pad_to_multiple_of, self.shared_mask)
+
+
+def shared_prompt_rows(prompts: list[list[int]], responses: list[list[list[int]]], slots: list[list[int]],
+                       pad_token_id: int, multiple: int, attn_implementation: str) -> dict[str, torch.Tensor]:
+    """One row per prompt: the prompt once, then each of its responses, every response token labelled.
+
+    DPO's pairs (two responses) and GRPO's groups (a prompt's completions) train this way: each response attends to
+    the prompt and to itself only (`shared_prompt_mask`) and its positions continue from the prompt's end, so each
+    of its tokens gets the hidden state it would get in a row of its own, and the prompt is computed once.
+
+    Args:
+        prompts: each row's prompt.
+        responses: each row's responses, in the order they follow the prompt (an empty one takes no place).
+        slots: each response's sequence number in the batch (what `logp_slot` says of its tokens).
+        pad_token_id: what pads rows to one width.
+        multiple: the width is rounded up to this.
+        attn_implementation: `sdpa` (a bool mask) or `eager` (an additive one).
+
+    Returns:
+        `input_ids`, `labels`, `position_ids`, `attention_mask` (4D), `num_tokens` (real tokens), and per response
+        token, in order: `logp_source` (the flat index, row * width + place, of the hidden state that predicts it:
+        a response's first token is predicted from the prompt's last place), `logp_target` (the token),
+        `logp_slot` (its sequence) and `logp_offset` (its place in its response).
+    """
+    lengths = [len(prompt) + sum(map(len, answers)) for prompt, answers in zip(prompts, responses, strict=True)]
+    width = padded_width(max(lengths), multiple)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    segment = torch.arange(width).neg().sub(1).repeat(len(prompts), 1)  # padding: a negative segment per position
+    source, target, slot, offset = [], [], [], []
+    for index, (prompt, answers, answer_slots) in enumerate(zip(prompts, responses, slots, strict=True)):
+        p, base = len(prompt), index * width
+        ids, positions, segments = [*prompt], [*range(p)], [0] * p
+        for number, (answer, answer_slot) in enumerate(zip(answers, answer_slots, strict=True), start=1):
+            start, n = len(ids), len(answer)
+            source += [base + (p - 1 if k == 0 else start + k - 1) for k in range(n)]
+            target += answer
+            slot += [answer_slot] * n
+            offset += range(n)
+            ids += answer
+            positions += range(p, p + n)
+            segments += [number] * n
+        input_ids[index, :len(ids)] = torch.tensor(ids)
+        labels[index, p:len(ids)] = input_ids[index, p:len(ids)]
+        position_ids[index, :len(ids)] = torch.tensor(positions)
+        segment[index, :len(ids)] = torch.tensor(segments)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "attention_mask": shared_prompt_mask(segment, attn_implementation),
+            **{f"logp_{key}": torch.tensor(values, dtype=torch.long)
+               for key, values in (("source", source), ("target", target), ("slot", slot), ("offset", offset))},
+            "num_tokens": torch.tensor(sum(lengths))}
 
 
 def shared_prompt_mask(segment: torch.Tensor, attn_implementation: str) -> torch.Tensor:
-    """The (batch, 1, width, width) causal mask of one-row pairs, bool for sdpa (True = attend), additive for eager.
+    """The (batch, 1, width, width) causal mask of shared-prompt rows, bool for sdpa (True = attend), else additive.
 
-    A token sees earlier tokens of its own segment and, in a response (segment 1 or 2), the prompt (segment 0).
+    A token sees earlier tokens of its own segment and, in a response (segment 1, 2, ...), the prompt (segment 0).
     Padding (a negative segment per position) sees itself only, so no softmax row is empty.
     """
     query, key = segment.unsqueeze(2), segment.unsqueeze(1)

@@ -256,7 +256,8 @@ def template_for_artefact(tokenizer, data_cfg) -> tuple[str, list[int]]:
     if end_of_turn is None or tokenizer.convert_ids_to_tokens(end_of_turn) != template.end_of_turn:
         raise ConfigError(f"chat template {template.name!r} ends turns with {template.end_of_turn!r}, which is no "
                           "single token of this tokenizer, so generation could not stop there",
-                          "add it as a special token, or pick the model family's template")
+                          f"add it with model.add_special_tokens=[{template.end_of_turn!r}], or pick the model "
+                          "family's template")
     ids = [end_of_turn]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)

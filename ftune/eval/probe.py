@@ -62,10 +62,16 @@ def adapters_disabled(model):
 
 
 def base_signature(cfg: ModelCfg) -> dict:
-    """What identifies the base model's weights and numerics for the cache."""
+    """What identifies the base model's weights and numerics for the cache.
+
+    Added tokens (`model.add_tokens`) are part of it, when there are any (other runs keep their keys): their rows
+    join every softmax, and their tokenizer encodes the text.
+    """
     from pathlib import Path
 
     local = Path(cfg.name_or_path)
     weights = sorted(local.glob("*.safetensors")) if local.is_dir() else []
+    added = {"added_tokens": [cfg.add_tokens, cfg.add_special_tokens]} if cfg.add_tokens or cfg.add_special_tokens \
+        else {}
     return {"model": cfg.name_or_path, "weights": [file_signature(w) for w in weights], "dtype": cfg.dtype,
-            "attn": cfg.attn_implementation}
+            "attn": cfg.attn_implementation, **added}

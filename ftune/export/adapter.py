@@ -17,7 +17,7 @@ from ftune.export.hf import encode_probe
 from ftune.export.parity import within
 from ftune.export.source import ExportSource
 from ftune.model.load import from_pretrained
-from ftune.model.merge import load_full_precision, logit_difference, probe_logits, tokenizer_source
+from ftune.model.merge import fit_to_adapter, load_full_precision, logit_difference, probe_logits, tokenizer_source
 
 SERVED_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The projections vLLM (packed as qkv_proj and gate_up_proj) and TGI apply LoRA to in Llama-family models."""
@@ -38,8 +38,8 @@ def write_adapter(cfg: ExportCfg, source: ExportSource, to: Path) -> dict:
             shutil.copy2(path, to / path.name)
     tokenizer = from_pretrained(AutoTokenizer, tokenizer_source(str(source.directory), source.base), "tokenizer")
     _, batch = encode_probe(tokenizer)
-    model = peft.PeftModel.from_pretrained(load_full_precision(source.base, "fp32"), str(source.directory),
-                                           adapter_name="source")
+    base = fit_to_adapter(load_full_precision(source.base, "fp32"), str(source.directory), source.base)
+    model = peft.PeftModel.from_pretrained(base, str(source.directory), adapter_name="source")
     model.load_adapter(str(to), adapter_name="exported")
     logits = {}
     for name in ("source", "exported"):
@@ -74,4 +74,7 @@ def server_warnings(peft_config) -> list[str]:
         warnings.append(f"bias={peft_config.bias}: vLLM loads adapters without trained biases only")
     if getattr(peft_config, "target_parameters", None):
         warnings.append("target_parameters (MoE expert weights): vLLM and TGI do not load such adapters")
+    if getattr(peft_config, "trainable_token_indices", None):
+        warnings.append("trainable_token_indices (the rows of added tokens): vLLM refuses such adapters "
+                        "(vllm-project/vllm#36501; export format=hf to serve them merged)")
     return warnings

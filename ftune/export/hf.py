@@ -21,6 +21,7 @@ from ftune.model.load import from_pretrained, load_base_model
 from ftune.model.merge import (
     PROBE_TEXTS,
     carry_generation_config,
+    fit_to_adapter,
     load_adapted,
     load_full_precision,
     logit_difference,
@@ -106,6 +107,7 @@ def quantized_base_gap(source: ExportSource, batch: list[torch.Tensor], referenc
 
     kwargs = load_kwargs(source.quant, source.quant.bits, "quant.bits")
     base = load_base_model(ModelCfg(name_or_path=source.base, dtype="fp32"), "base", **kwargs)
+    base = fit_to_adapter(base, str(source.directory), source.base)
     adapted = PeftModel.from_pretrained(base, str(source.directory)).eval()
     return (probe_logits(adapted, batch) - reference.float()).abs().max().item()
 

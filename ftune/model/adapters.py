@@ -1,13 +1,16 @@
-"""PEFT adapters from ftune's config: LoRA (with its variants), VeRA, LoHa, LoKr, IA3, prompt and prefix tuning.
+"""PEFT adapters from ftune's config: LoRA (its variants), AdaLoRA, VeRA, LoHa, LoKr, IA3, prompt and prefix tuning.
 
 Each method maps to one PEFT config builder in `PEFT_CONFIGS`; PEFT does the rest, so an adapter saved here
 loads with `PeftModel.from_pretrained` alone.
 """
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from peft import (
+    AdaLoraConfig,
+    EvaConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
@@ -17,6 +20,7 @@ from peft import (
     PromptTuningConfig,
     VeraConfig,
     get_peft_model,
+    initialize_lora_eva_weights,
 )
 from peft.tuners.lora import LoraLayer, ParamWrapper
 from peft.utils.constants import EMBEDDING_LAYER_NAMES
@@ -32,11 +36,19 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 """Names in `lora.target_modules` that stand for several modules (Llama-style projection names)."""
-LORA_INIT: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
-"""`lora.init` -> PEFT's `init_lora_weights` (True: Kaiming-uniform A and zero B)."""
+LORA_INIT: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora",
+                                    "loftq": True, "eva": "eva"}
+"""`lora.init` -> PEFT's `init_lora_weights` (True: Kaiming-uniform A and zero B).
+
+`loftq` and `eva` are computed once the adapter exists (`loftq_init`, `eva_init`). LoftQ starts from PEFT's
+default: PEFT's own `"loftq"` needs the whole model unquantized in memory and rewrites its weights."""
+EVA_RHO = 1.0
+"""EVA's rank redistribution, off: every layer keeps rank `lora.r`. With rho > 1 the ranks would depend on the
+data, so `ftune plan` could not count the parameters before the data is read, and a resumed run would have to
+rebuild the saved shapes (`rank_pattern`) before loading its checkpoint."""
 EXPERT_DIMS = 3
 """Fused MoE expert weights are (experts, out_features, in_features)."""
-MERGEABLE = frozenset({"lora", "vera", "loha", "lokr", "ia3"})
+MERGEABLE = frozenset({"lora", "adalora", "vera", "loha", "lokr", "ia3"})
 """Methods whose adapters fold into the base weights; prompt and prefix tuning add inputs, not weight deltas."""
 
 
@@ -48,7 +60,7 @@ def can_merge(method_name: str) -> bool:
             name (`lora`, `ia3`, `prompt_tuning`, `prefix_tuning`).
 
     Returns:
-        True for LoRA (all its variants), VeRA, LoHa, LoKr and IA3; False for prompt and prefix tuning, and for
+        True for LoRA (all its variants), AdaLoRA, VeRA, LoHa, LoKr and IA3; False for prompt and prefix tuning, and for
         full fine-tuning, which has no adapter to merge.
     """
     return method_name in MERGEABLE
@@ -167,10 +179,27 @@ def lora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> LoraConfig:
         modules_to_save=list(cfg.modules_to_save) or None,
         init_lora_weights=LORA_INIT[cfg.init],
         target_parameters=experts or None,
+        eva_config=EvaConfig(rho=EVA_RHO) if cfg.init == "eva" else None,
         # A tied model with `embed_tokens` in modules_to_save would otherwise train a copy of the embedding that
         # the head does not use; the merged model, re-tied on loading, then answers differently (tested).
         ensure_weight_tying=model is not None and embeddings_tied(model) and names_an_embedding(cfg),
     )
+
+
+def adalora_config(method: MethodCfg, cfg: LoraCfg, model=None) -> AdaLoraConfig:
+    """AdaLoRA: LoRA in SVD form (P diag(E) Q) whose least important singular values are cut as it trains.
+
+    Each matrix starts at rank `lora.r`, and `method.adalora.target_r` per matrix remain on average (Zhang et al.,
+    2023).
+    The allocation needs the run's number of optimizer steps, which is known only once the data are prepared:
+    PEFT's config gets a one-step placeholder here, and `ftune.train.method_steps.AdaloraAllocation` sets the real
+    schedule before the first step. `lora.alpha` scales as in LoRA (alpha / the current rank).
+    """
+    return AdaLoraConfig(task_type=TASK_TYPE, init_r=cfg.r, target_r=method.adalora.target_r, lora_alpha=cfg.alpha,
+                         lora_dropout=cfg.dropout, target_modules=resolve_targets(cfg.target_modules),
+                         beta1=method.adalora.beta1, beta2=method.adalora.beta2, deltaT=method.adalora.every,
+                         orth_reg_weight=method.adalora.orth_reg_weight, total_step=1,
+                         modules_to_save=list(cfg.modules_to_save) or None)
 
 
 def vera_config(method: MethodCfg, cfg: LoraCfg, model=None) -> VeraConfig:
@@ -223,6 +252,7 @@ def prefix_tuning_config(method: MethodCfg, cfg: LoraCfg, model=None) -> PrefixT
 
 PEFT_CONFIGS: dict[str, Callable[..., PeftConfig]] = {
     "lora": lora_config,
+    "adalora": adalora_config,
     "vera": vera_config,
     "loha": loha_config,
     "lokr": lokr_config,
@@ -238,14 +268,17 @@ def peft_config(method: MethodCfg, lora: LoraCfg, model=None) -> PeftConfig:
     return PEFT_CONFIGS[method.name](method, lora, model)
 
 
-def add_adapter(model, method: MethodCfg, lora: LoraCfg, gradient_checkpointing: bool):
-    """Wrap `model` in a PeftModel whose only trainable weights are the adapter's (and `modules_to_save`).
+def add_adapter(model, method: MethodCfg, lora: LoraCfg, gradient_checkpointing: bool,
+                new_token_ids: Sequence[int] = ()):
+    """Wrap `model` in a PeftModel that trains only the adapter, `modules_to_save` and the added tokens' rows.
 
     Args:
         model: the loaded (possibly quantized) base model.
         method: which PEFT method, and its number of virtual tokens.
         lora: LoRA settings (read for `method.name=lora` only).
         gradient_checkpointing: whether the base recomputes activations in the backward pass.
+        new_token_ids: the ids of tokens the run added (`model.add_tokens`), whose rows train beside a LoRA adapter
+            (`new_token_rows`; validation allows added tokens with LoRA only).
 
     Returns:
         The PeftModel, as PEFT builds it (`ftune.model.instrument` then applies ftune's CPU kernels). On a
@@ -256,7 +289,107 @@ def add_adapter(model, method: MethodCfg, lora: LoraCfg, gradient_checkpointing:
         # With a frozen embedding no input requires grad, and checkpointed blocks would get no gradient.
         model.enable_input_require_grads()
     config = peft_config(method, lora, model)
-    model = get_peft_model(model, config)
+    if new_token_ids:
+        config.trainable_token_indices = new_token_rows(model, list(new_token_ids), lora.modules_to_save)
+    with warnings.catch_warnings():
+        # PEFT advises `low_cpu_mem_usage` for EVA: adapter weights created on the meta device. A resumed run
+        # loads its checkpoint into them without computing EVA, which needs them real; they are small anyway.
+        warnings.filterwarnings("ignore", "lora with eva initialization used with low_cpu_mem_usage=False")
+        model = get_peft_model(model, config)
     if getattr(config, "target_parameters", None) and lora.dropout:
         drop_linear_inputs(model, lora.dropout)
     return model
+
+
+def new_token_rows(model, ids: list[int], modules_to_save: list[str]) -> dict[str, list[int]] | None:
+    """PEFT's `trainable_token_indices` for added tokens: their rows of the input embedding and of an untied head.
+
+    Only those rows train: PEFT keeps them as the trainable weight and writes them over the frozen matrix in each
+    forward, and saves them with the adapter (`merge_and_unload` writes them into the matrix). A tied head follows
+    the embedding's rows (PEFT ties it). A matrix named in `lora.modules_to_save` trains in full already, its new
+    rows with it, and PEFT refuses both on one layer.
+
+    Example: a tied Llama, ids [1574, 1575] -> {"model.embed_tokens": [1574, 1575]}; untied, "lm_head" too.
+    """
+    layers = [model.get_input_embeddings(), *([] if embeddings_tied(model) else [model.get_output_embeddings()])]
+    names = [name for name, module in model.named_modules() if any(module is layer for layer in layers)]
+    rows = {name: ids for name in names if name.split(".")[-1] not in modules_to_save}
+    return rows or None
+
+
+@torch.no_grad()
+def loftq_init(model, stored_weight: Callable[[str], torch.Tensor]) -> None:
+    """LoftQ (Li et al., 2023): each 4-bit layer's LoRA starts at the best rank-r correction of its quantization error.
+
+    With W the stored weight and Q its 4-bit copy in `model`, scaling * B A is the rank-r truncated SVD of W - Q,
+    so Q + scaling * B A is as close to W as rank r allows. This is one LoftQ iteration, as PEFT's
+    `replace_lora_weights_loftq`: the 4-bit base stays the one loaded, so the adapter belongs to the base anyone
+    loads from `model.name_or_path` with the same quantization (merged into the unquantized base instead, its
+    start adds the correction to weights that had no error). Cost: each adapted weight is read from the model's files
+    (`stored_weight`, by parameter name) and decomposed by a full SVD on its layer's device, one at a time, so the
+    memory of one float32 matrix and its factors, and the time of one SVD per adapted matrix: a GPU's job for
+    large models (one 4096 x 4096 SVD took minutes on 2 CPU cores); the embedded model's take seconds.
+
+    Written here, not by calling `replace_lora_weights_loftq` (PEFT 0.21): that one computes on "cuda" (or XPU)
+    whatever the model's device, so it fails on a CPU, and it ignores the LoRA scaling: its B A is the error's
+    approximation itself, which the forward multiplies by alpha / r. At ftune's alpha = 2r the layer then
+    overshoots by as much as it corrects (Q + 2P is exactly as far from W as Q, P being an orthogonal projection
+    of W - Q).
+
+    Args:
+        model: a PeftModel with new LoRA adapters on a 4-bit base (`quant.bits=4`).
+        stored_weight: the base's full-precision weight of a parameter name (`model.load.stored_weights`).
+    """
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+
+    for name, layer in model.get_base_model().named_modules():
+        base = layer.get_base_layer() if isinstance(layer, LoraLayer) else None
+        if not isinstance(base, Linear4bit):
+            continue
+        weight = stored_weight(f"{name}.weight").to(base.weight.device, torch.float32)
+        error = weight - dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+        for adapter in layer.lora_A:
+            lora_a, lora_b = low_rank_factors(error, layer.r[adapter], layer.scaling[adapter])
+            layer.lora_A[adapter].weight.copy_(lora_a)
+            layer.lora_B[adapter].weight.copy_(lora_b)
+
+
+def low_rank_factors(matrix: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with scaling * B A the rank-`rank` truncated SVD of `matrix`, the singular values split evenly."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    root = (s[:rank] / scaling).sqrt()
+    return root[:, None] * vh[:rank], u[:, :rank] * root
+
+
+def eva_init(model, batches: Iterable[dict], model_inputs: Callable[[dict], dict]) -> None:
+    """EVA (Paischer et al., 2024): each A starts at the top principal directions of its layer's inputs; B at zero.
+
+    PEFT's `initialize_lora_eva_weights` runs the base (adapters off, no gradient) on `batches` and fits an
+    incremental SVD to each adapted layer's inputs at the learned tokens' positions, going through the batches
+    again until the directions settle (cosine similarity 0.99 between consecutive batches, PEFT's `tau`). Layers
+    that share an input (q, k and v) share one SVD. Cost: those forwards, each followed by a small SVD per distinct
+    layer input (tokens x hidden size), and the batches seen, which PEFT keeps for its next pass; about 20 batches
+    of the shipped data on the embedded model. The rank of every layer stays `lora.r` (`EVA_RHO`).
+
+    Every process computes it alone (no activations exchanged): `batches` is the training loader before
+    accelerate splits it, seeded, so each process reads the same batches and computes the same directions, and
+    DDP's wrapping starts every process from the main process's weights anyway.
+
+    Args:
+        model: a PeftModel with a new LoRA adapter built with `lora.init=eva`.
+        batches: the training batches (a loader with a length: PEFT goes through it in cycles).
+        model_inputs: a batch's keyword arguments for the model (`ftune.eval.loss.model_inputs`; model/ does not
+            import eval/).
+    """
+    initialize_lora_eva_weights(model, batches, forward_fn=lambda peft_model, batch: peft_model(**model_inputs(batch)),
+                                prepare_model_inputs_fn=learned_positions, gather_distributed_inputs=False)
+
+
+def learned_positions(batch: dict, config: LoraConfig) -> torch.Tensor:
+    """(row, position) of each learned token of `batch`: the inputs EVA's SVD reads (PEFT's label mask).
+
+    PEFT's own selection also reads a 2D attention mask; ftune's packed batches have a 4D one or none, and the
+    padding is never learned anyway.
+    """
+    return (batch["labels"] != config.eva_config.label_mask_value).nonzero()

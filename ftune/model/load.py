@@ -6,21 +6,25 @@ The method is decided here and nowhere else, so the training loop is the same fo
 
 import dataclasses
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from huggingface_hub import snapshot_download
 from peft import PeftModel
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ftune.config.schema import ModelCfg, RunCfg
 from ftune.device import local_device
 from ftune.errors import ConfigError, ResourceError
 from ftune.kernels import kernels_on
-from ftune.model.adapters import add_adapter
+from ftune.model.adapters import add_adapter, eva_init, loftq_init
 from ftune.model.dtypes import DTYPES
 from ftune.model.instrument import instrument
 from ftune.model.quant import prepare_quantized, student_load_kwargs, teacher_load_kwargs
+from ftune.model.vocab import added_token_ids, adds_tokens, embedding_matrices, extend_embeddings, extend_tokenizer
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 RESERVED_PADS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>")
@@ -31,7 +35,7 @@ BIASES = "[.]bias$"
 
 
 def load_tokenizer(cfg: ModelCfg, key: str = "model.name_or_path"):
-    """The model's tokenizer, with a pad token.
+    """The model's tokenizer, with a pad token and the tokens of `model.add_tokens`/`add_special_tokens`.
 
     Tokenizers without one (Llama 3, Mistral, Mixtral) get a reserved padding token of their own vocabulary
     when it has one (`RESERVED_PADS`), else the EOS. Padding with the EOS never unlearns it: ftune's labels come
@@ -42,6 +46,7 @@ def load_tokenizer(cfg: ModelCfg, key: str = "model.name_or_path"):
     if tokenizer.pad_token is None:
         vocab = tokenizer.get_vocab()
         tokenizer.pad_token = next((token for token in RESERVED_PADS if token in vocab), tokenizer.eos_token)
+    extend_tokenizer(tokenizer, cfg)
     return tokenizer
 
 
@@ -59,6 +64,9 @@ def load_base_model(cfg: ModelCfg, key: str = "model.name_or_path", instrumented
                     **kwargs) -> PreTrainedModel:
     """The pretrained causal LM in `cfg.dtype` with the chosen attention kernel (`key` names it in errors).
 
+    With `model.add_tokens`/`add_special_tokens`, it has a row for each, at the mean of the others (`model/vocab.py`):
+    the trained model, and the frozen reference copies of it, start from the same extended base.
+
     `instrumented`: with ftune's changes for running it (`ftune.model.instrument`); False for a caller that
     builds more on it first (adapters) and instruments the result itself.
     """
@@ -70,9 +78,15 @@ def load_base_model(cfg: ModelCfg, key: str = "model.name_or_path", instrumented
         attn_implementation=cfg.attn_implementation,
         **kwargs,
     )
+    extend_embeddings(model, new_token_ids(cfg, key))
     if instrumented:
         instrument(model)
     return model
+
+
+def new_token_ids(cfg: ModelCfg, key: str = "model.name_or_path") -> list[int]:
+    """The ids of the tokens `cfg` adds, in the tokenizer the run uses (empty when it adds none)."""
+    return added_token_ids(load_tokenizer(cfg, key), cfg) if adds_tokens(cfg) else []
 
 
 def from_pretrained(auto_class, name_or_path: str, key: str = "model.name_or_path", **kwargs):
@@ -96,7 +110,8 @@ def prepare_model(cfg: RunCfg, reference_adapter: bool = False) -> PreTrainedMod
 
     With `model.adapter`, the adapter methods start from that trained adapter (`load_start_adapter`); with
     `reference_adapter` it is also loaded a second time, frozen, as `REFERENCE_ADAPTER`. ftune's changes to the
-    model (`ftune.model.instrument`, `trainer.cpu_kernels` for this machine) are listed by `model_changes`.
+    model (`ftune.model.instrument`, `trainer.cpu_kernels` for this machine) are listed by `model_changes`. A new
+    adapter with `lora.init=loftq` or `eva` starts at PEFT's default here; `initialize_adapter` computes its init.
     """
     model = prepare_quantized(load_base_model(cfg.model, instrumented=False, **student_load_kwargs(cfg)))
     model.config.use_cache = False  # the KV cache is useless in training and wastes memory
@@ -107,10 +122,55 @@ def prepare_model(cfg: RunCfg, reference_adapter: bool = False) -> PreTrainedMod
     elif cfg.model.adapter is not None:
         model = load_start_adapter(model, cfg.model, reference_adapter)
     else:
-        model = add_adapter(model, cfg.method, cfg.lora, cfg.model.gradient_checkpointing)
+        model = add_adapter(model, cfg.method, cfg.lora, cfg.model.gradient_checkpointing, new_token_ids(cfg.model))
     instrument(model, trains=True, kernels=kernels_on(cfg.trainer.cpu_kernels, local_device()),
                neftune_alpha=cfg.trainer.neftune_alpha)
     return model
+
+
+def initialize_adapter(model: PeftModel, cfg: RunCfg, batches: Iterable[dict],
+                       model_inputs: Callable[[dict], dict]) -> None:
+    """The LoRA inits computed once the adapter is built: `lora.init=loftq` and `eva` (nothing for the others).
+
+    LoftQ reads the base's stored weights; EVA runs the model on the training `batches` (`model_inputs`: a batch's
+    keyword arguments for the model). Called for a new run only, after `prepare_model`: a resumed run's checkpoint
+    replaces the start weights, so they are not computed again (minutes on a large model). Every process computes
+    the same start from the same files or batches, and DDP's wrapping copies the main process's to all anyway.
+    """
+    if cfg.lora.init == "loftq":
+        loftq_init(model, stored_weights(cfg.model.name_or_path))
+    elif cfg.lora.init == "eva":
+        eva_init(model, batches, model_inputs)
+
+
+def stored_weights(name_or_path: str) -> Callable[[str], torch.Tensor]:
+    """The model's tensors as its safetensors files store them (full precision), read one at a time by name.
+
+    LoftQ needs each adapted matrix unquantized while the loaded model holds its 4-bit copy: one tensor at a time
+    costs the memory of one matrix, where loading the model again unquantized would cost all of it. A hub id is
+    read from the local cache, where loading the model put it.
+
+    Raises:
+        ResourceError: the model has no safetensors files (only .bin ones), or none holds the tensor asked for.
+    """
+    local = Path(name_or_path)
+    directory = local if local.is_dir() else Path(snapshot_download(name_or_path, local_files_only=True))
+    files = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as weights:
+            files.update(dict.fromkeys(weights.keys(), file))  # noqa: SIM118 (safe_open is not a mapping)
+    if not files:
+        raise ResourceError(f"lora.init=loftq: no safetensors weights in {directory}",
+                            "LoftQ reads the base's full-precision weights from its .safetensors files")
+
+    def read(name: str) -> torch.Tensor:
+        if name not in files:
+            raise ResourceError(f"lora.init=loftq: no tensor {name} in the safetensors files of {directory}",
+                                "LoftQ reads each adapted weight under the name the model gives it")
+        with safe_open(files[name], framework="pt") as weights:
+            return weights.get_tensor(name)
+
+    return read
 
 
 def load_start_adapter(model: PreTrainedModel, cfg: ModelCfg, reference_adapter: bool) -> PeftModel:
@@ -161,14 +221,20 @@ def freeze_matching(model: torch.nn.Module, patterns: list[str], train_only: tup
 def check_selection_before_loading(cfg: RunCfg) -> None:
     """`method.freeze` and `method.train_only` tried on the architecture's empty model (no weights, meta device).
 
-    A pattern that matches nothing (BitFit on a model without biases) then fails before the weights load.
+    A pattern that matches nothing (BitFit on a model without biases) then fails before the weights load, and so
+    does a selection that leaves the rows of added tokens (`model.add_tokens`) frozen at their starting mean.
     """
-    if cfg.method.name != "full" or not (cfg.method.freeze or cfg.method.train_only):
+    method = cfg.method
+    if method.name != "full" or not (method.freeze or method.train_only):
         return
     config = from_pretrained(AutoConfig, cfg.model.name_or_path)
     with torch.device("meta"):
         empty = AutoModelForCausalLM.from_config(config)
-    freeze_matching(empty, cfg.method.freeze, cfg.method.train_only)
+    freeze_matching(empty, method.freeze, method.train_only)
+    if adds_tokens(cfg.model) and not all(weight.requires_grad for weight in embedding_matrices(empty)):
+        raise ConfigError(f"model.add_tokens/add_special_tokens with method.freeze={method.freeze} and "
+                          f"method.train_only={method.train_only}: the input embedding or the output head stays "
+                          "frozen (expected both to train: the new tokens' rows start at the mean)")
 
 
 def load_teacher(cfg: RunCfg) -> PreTrainedModel | None:

@@ -26,6 +26,7 @@ from ftune.kernels import kernels_on
 from ftune.model.adapters import can_merge
 from ftune.model.instrument import instrument
 from ftune.model.load import from_pretrained, load_base_model
+from ftune.model.vocab import grow_to_tokenizer
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -250,7 +251,7 @@ def load_adapted(base: str, adapter_dir: str, dtype: str):
     from peft import PeftModel
 
     config = read_adapter_config(adapter_dir, "adapter")
-    base_model = load_full_precision(base, dtype, instrumented=False)
+    base_model = fit_to_adapter(load_full_precision(base, dtype, instrumented=False), adapter_dir, base)
     try:
         model = PeftModel.from_pretrained(base_model, adapter_dir, adapter_name="ftune_0", config=config)
     except (RuntimeError, ValueError) as err:
@@ -258,6 +259,17 @@ def load_adapted(base: str, adapter_dir: str, dtype: str):
                           "pass the base the adapter was trained on with base=PATH_OR_ID") from None
     instrument(model, kernels=kernels_on("auto", local_device()))
     return model
+
+
+def fit_to_adapter(base_model, adapter_dir: str, base: str):
+    """`base_model` with a row for every token of the adapter's tokenizer, ready for the adapter to load onto.
+
+    A run that added tokens (`model.add_tokens`) saves a tokenizer longer than the base's embedding and the
+    trained rows of its new tokens; PEFT loads them only onto a base grown to that length (as
+    `AutoPeftModelForCausalLM` grows it). A base already long enough is left as it is.
+    """
+    grow_to_tokenizer(base_model, from_pretrained(AutoTokenizer, tokenizer_source(adapter_dir, base), "adapter"))
+    return base_model
 
 
 def load_full_precision(base: str, dtype: str, instrumented: bool = True):

@@ -20,13 +20,12 @@ import torch
 
 from ftune.config.schema import RunCfg, TrainerCfg
 from ftune.errors import ConfigError, first_line
+from ftune.model.blocks import decoder_layers, decoder_of
 from ftune.model.dtypes import DTYPES, native_mixed_precision
 from ftune.model.load import count_parameters
 from ftune.plan import memory
 from ftune.plan.meta import (
     build_meta_model,
-    decoder_layers,
-    decoder_of,
     embedding_ids,
     meta_teacher,
     unique_parameters,
@@ -185,6 +184,14 @@ def method_label(cfg: RunCfg) -> str:
     return f"{name}+distill" if cfg.distill.teacher else name
 
 
+def teacher_trains_along(cfg: RunCfg) -> bool:
+    """Whether a teacher is loaded beside the student while it trains: logit distillation.
+
+    With `distill.mode=sequence` the teacher has answered before the student loads, and is gone by then.
+    """
+    return cfg.distill.teacher is not None and cfg.distill.mode == "logits"
+
+
 def max_layer_bytes(model: torch.nn.Module, quantized: dict[int, int], cfg: RunCfg, sharding: str) -> int:
     """Bytes of the largest decoder layer as ZeRO-3/FSDP gather it (in the mixed-precision dtype, if any)."""
     if sharding not in ("zero3", "fsdp"):
@@ -235,7 +242,7 @@ def logits_estimate(model: torch.nn.Module, cfg: RunCfg, sharding: str, tokens: 
     config = decoder_of(model).config
     embeddings = model.get_input_embeddings().weight
     matmul = AUTOCAST_BYTES if cfg.trainer.mixed_precision != "no" else embeddings.element_size()
-    distill, trains = cfg.distill.teacher is not None, head_trains(model)
+    distill, trains = teacher_trains_along(cfg), head_trains(model)
     chunk = loss_chunk(cfg, sharding)
     sizes = (config.vocab_size, config.hidden_size, matmul, tokens)
     chunked = logits_bytes(*sizes, chunk, distill, trains)
@@ -288,7 +295,7 @@ def activation_estimate(model: torch.nn.Module, cfg: RunCfg, sharding: str, devi
     mixed = DTYPES.get(cfg.trainer.mixed_precision)
     if mixed is not None and sharding != "none":
         model.to(mixed)
-    teacher = meta_teacher(cfg, device)[0] if cfg.distill.teacher is not None else None
+    teacher = meta_teacher(cfg, device)[0] if teacher_trains_along(cfg) else None
     run = replace(cfg, trainer=replace(cfg.trainer, micro_batch_size=rows, loss_chunk_size=loss_chunk(cfg, sharding)))
     autocast = mixed if sharding == "none" else None
     try:
@@ -301,7 +308,7 @@ def activation_estimate(model: torch.nn.Module, cfg: RunCfg, sharding: str, devi
 
 def teacher_bytes(cfg: RunCfg, device: str) -> int:
     """Weights of the frozen distillation teacher (replicated on every GPU), 0 without one."""
-    if cfg.distill.teacher is None:
+    if not teacher_trains_along(cfg):
         return 0
     model, quantized = meta_teacher(cfg, device)
     return memory.weights_bytes(unique_parameters(model), quantized)

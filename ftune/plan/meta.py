@@ -9,6 +9,7 @@ unquantized weight (its storage is counted apart, `quantized_storage`), computin
 computes in the dtypes it computes in, and keeping for the backward what its matmul keeps.
 """
 
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +19,15 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ftune.compat import modules_kept_unquantized
 from ftune.config.architecture import HUB_CONFIGS, config_dir
-from ftune.config.schema import RunCfg
-from ftune.errors import ConfigError, ResourceError
+from ftune.config.schema import ModelCfg, RunCfg
+from ftune.errors import ResourceError
 from ftune.kernels import kernels_on
 from ftune.kernels.dropout import DroppedLinear
 from ftune.model.adapters import add_adapter
 from ftune.model.dtypes import DTYPES, quant_compute_dtype
 from ftune.model.instrument import instrument
-from ftune.model.load import freeze_matching
+from ftune.model.load import freeze_matching, new_token_ids
+from ftune.model.vocab import adds_tokens, extend_embeddings
 from ftune.plan import memory
 
 TRACED_SDPA = "ftune_traced_sdpa"
@@ -76,7 +78,10 @@ def build_meta_model(cfg: RunCfg, device: str = "cuda") -> tuple[torch.nn.Module
     layer's working set.
     """
     bits = cfg.quant.bits
-    model = meta_model(load_model_config(cfg.model.name_or_path), cfg.model.dtype, cfg.model.attn_implementation)
+    config = load_model_config(cfg.model.name_or_path)
+    model = meta_model(config, cfg.model.dtype, cfg.model.attn_implementation)
+    token_ids = planned_token_ids(cfg.model, config)
+    extend_embeddings(model, token_ids)
     quantized = quantized_storage(model, bits, cfg.quant.double_quant) if bits else {}
     if quantized:
         use_quantized_layers(model, quantized, bits, quant_compute_dtype(cfg.quant.compute_dtype, device), device)
@@ -86,11 +91,26 @@ def build_meta_model(cfg: RunCfg, device: str = "cuda") -> tuple[torch.nn.Module
         freeze_matching(model, cfg.method.freeze, cfg.method.train_only)
         return model, quantized
     with torch.device("meta"):  # the adapter's weights on the meta device too
-        model = add_adapter(model, cfg.method, cfg.lora, cfg.model.gradient_checkpointing)
+        model = add_adapter(model, cfg.method, cfg.lora, cfg.model.gradient_checkpointing, token_ids)
     instrument(model, kernels=kernels_on(cfg.trainer.cpu_kernels, device))
     if device == "cuda":
         as_on_cuda(model, quantized, cfg.trainer.mixed_precision != "no")
     return model, quantized
+
+
+def planned_token_ids(cfg: ModelCfg, config: PretrainedConfig) -> list[int]:
+    """The ids `model.add_tokens`/`add_special_tokens` get, for the rows the run adds and trains (empty: none).
+
+    Read from the tokenizer of a local model. A hub model's tokenizer is not at hand offline, so its new tokens are
+    taken to follow the config's `vocab_size`: for a matrix padded beyond its tokenizer (Qwen2.5), the plan then
+    counts rows that the run finds among the padding instead of adding (the trainable count is the same).
+    """
+    if not adds_tokens(cfg):
+        return []
+    if Path(cfg.name_or_path).is_dir():
+        return new_token_ids(cfg)
+    vocab = config.get_text_config().vocab_size
+    return list(range(vocab, vocab + len(cfg.add_tokens) + len(cfg.add_special_tokens)))
 
 
 def meta_model(config: PretrainedConfig, dtype: str, attention: str = "sdpa") -> torch.nn.Module:
@@ -209,23 +229,3 @@ def unique_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return list({id(p): p for p in model.parameters()}.values())
 
 
-def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack (embeddings, layers, final norm) inside a causal LM or a PeftModel around one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder()
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder's layers: the longest `nn.ModuleList` among the decoder's own children.
-
-    Architectures name it differently (`layers` for Llama and most, `h` for GPT-2, Falcon and Bloom, `blocks`
-    elsewhere), and hybrid ones mix layer classes in it (attention and Mamba layers), so it is found by place
-    and length, not by name or class. A direct child, so that a layer's own lists (unfused MoE experts, often
-    more than the layers) are not taken for it.
-    """
-    decoder = decoder_of(model)
-    lists = [child for child in decoder.children() if isinstance(child, torch.nn.ModuleList)]
-    if not lists:
-        raise ConfigError(f"model.name_or_path: {type(decoder).__name__} (model_type {decoder.config.model_type}) "
-                          "holds its layers in no nn.ModuleList; expected a decoder with a list of layers")
-    return max(lists, key=len)

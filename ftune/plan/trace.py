@@ -28,7 +28,7 @@ import torch
 
 from ftune.compat import dispatch_mode, fake_like, fake_mode, grouped_mm_op, storage_key
 from ftune.config.schema import RunCfg
-from ftune.plan.meta import decoder_layers, decoder_of
+from ftune.model.blocks import decoder_layers, decoder_of
 
 StepLossBuilder = Callable[..., Callable[[torch.nn.Module, dict], dict]]
 """`ftune.train.losses.build_step_loss`, handed in by the command: plan/ does not import train/."""

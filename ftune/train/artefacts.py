@@ -58,9 +58,14 @@ def save_final(run: TrainRun, tokenizer, data_cfg: DataCfg) -> Path:
 def trained_adapter_only(model) -> dict:
     """`save_pretrained` arguments that save only the adapter being trained, not a frozen reference adapter.
 
-    PEFT saves every loaded adapter by default, the others into sub-directories; final/ holds one adapter.
+    PEFT saves every loaded adapter by default, the others into sub-directories; final/ holds one adapter. Nor
+    does it hold the base's embedding matrices, which PEFT saves whole once they have grown for added tokens
+    (`model.add_tokens`): the trained rows of those tokens (`trainable_token_indices`) are all they gain, and a
+    loader grows the base to the saved tokenizer before loading them (`AutoPeftModelForCausalLM`, `ftune merge`).
     """
-    return {"selected_adapters": [model.active_adapter]} if hasattr(model, "peft_config") else {}
+    if not hasattr(model, "peft_config"):
+        return {}
+    return {"selected_adapters": [model.active_adapter], "save_embedding_layers": False}
 
 
 def base_generation_config(model) -> GenerationConfig:

@@ -15,7 +15,7 @@ from ftune.report.card import EVAL_KEYS, CardFacts
 
 CONFIG_FILE = "config.yaml"
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "rslora", "dora")
-LORA_SHAPED = ("lora", "qlora", "vera", "loha", "lokr")
+LORA_SHAPED = ("lora", "qlora", "adalora", "vera", "loha", "lokr")
 """Methods whose adapter is shaped by the `lora.*` keys (rank, scale, targets, dropout)."""
 OPTIM_KEYS = ("name", "lr", "scheduler", "warmup_ratio", "weight_decay")
 

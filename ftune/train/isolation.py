@@ -5,8 +5,9 @@ the row (Mamba and other recurrent or linear-attention layers, causal convolutio
 its own mask or bias from a 2-D one (BLOOM's ALiBi) or ignores `position_ids`, lets one document see another, and
 the loss is then silently wrong. Which architectures do is a fact of each release's modelling code, so before any
 training ftune runs two short documents packed into one row and each alone, and refuses packing in one line where
-the second document's logits differ. DPO's one-row pairs (`pref.share_prompt`) are probed the same way, and a
-model that fails gets the two-row layout instead (`prompt_sharing_problem`).
+the second document's logits differ. DPO's one-row pairs (`pref.share_prompt`) and GRPO's one-row groups
+(`grpo.share_prompt`) are probed the same way, on a pair (a group of two), and a model that fails gets a row per
+response instead (`prompt_sharing_problem`).
 """
 
 import dataclasses
@@ -93,21 +94,22 @@ PROBE_PAIRS = ((12, 5, 7), (6, 9, 3))
 
 
 def prompt_sharing_problem(cfg, model: torch.nn.Module, logps, collator: PairCollator) -> str | None:
-    """Why DPO's pairs cannot each share one row with their prompt on this model, or None when they can.
+    """Why DPO's pairs (or GRPO's groups) cannot each share one row with their prompt on this model, or None.
 
-    The one-row layout (`PairCollator.shared_mask`) is only right where every layer attends through the 4D mask
-    and reads `position_ids`: as with packing, that is checked on the model as it trains (adapters, hooks), on a
-    probe, not assumed from a list. Nothing is refused: a model that fails gets the two-row layout.
+    The one-row layout (`shared_prompt_rows`) is only right where every layer attends through the 4D mask and reads
+    `position_ids`: as with packing, that is checked on the model as it trains (adapters, hooks), on a probe, not
+    assumed from a list. Nothing is refused: a model that fails gets a row per response.
 
     Args:
-        cfg: the run's config (`pref.share_prompt`, the attention, the method).
+        cfg: the run's config (`pref.share_prompt`, or `grpo.share_prompt` with objective=grpo; the attention, the
+            method).
         model: the policy as it trains, unwrapped, on its device.
         logps: the run's `SequenceLogps`.
         collator: the run's pair collator (its padding settings).
     """
-    attn = cfg.model.attn_implementation
-    if not cfg.pref.share_prompt:
-        return "pref.share_prompt=false"
+    attn, section = cfg.model.attn_implementation, "grpo" if cfg.objective.name == "grpo" else "pref"
+    if not getattr(cfg, section).share_prompt:
+        return f"{section}.share_prompt=false"
     if attn == "flash_attention_2":
         return "flash_attention_2 takes no 4D mask"
     if any(adapter.is_prompt_learning for adapter in getattr(model, "peft_config", {}).values()):

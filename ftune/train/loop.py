@@ -1,7 +1,8 @@
 """The training loop: one loop for every method (LoRA, QLoRA, full) and objective, readable top to bottom.
 
 Each optimizer step, in order: take the step's micro-batches -> forward and backward each -> clip -> read
-the step's figures from the device (once) -> guard against a non-finite loss -> step, schedule, zero -> log
+the step's figures from the device (once) -> guard against a non-finite loss -> step, the method's own step
+(`ftune.train.method_steps`), schedule, zero -> log
 -> evaluate (the objective's metrics, forgetting probe, early stopping) -> sample answers -> checkpoint -> stop
 check. What is learned (the loss, what it is divided by, what is logged and evaluated) is the objective's
 (`ftune.train.objectives`), which the loop names none of. accelerate only places tensors, autocasts and
@@ -34,6 +35,7 @@ from ftune.report.metrics import MetricsLog, NullLog
 from ftune.train.checkpoint import best_checkpoint, save_checkpoint
 from ftune.train.early_stop import judge
 from ftune.train.interrupt import StopSignals
+from ftune.train.method_steps import MethodStep
 from ftune.train.objectives import Objective
 from ftune.train.state import TrainState
 
@@ -70,6 +72,8 @@ class TrainRun:
     """What ftune put on the model and the process (`ftune.model.instrument`): the start table and summary.json."""
     penalties: list[Callable[[], torch.Tensor]] = field(default_factory=list)
     """Terms of the weights alone added to every step's loss once, each logged under its `name` (`ewc_loss`)."""
+    method_steps: list[MethodStep] = field(default_factory=list)
+    """What the method does after each optimizer step (AdaLoRA's rank allocation, gradual unfreezing)."""
 
 
 def fit(run: TrainRun) -> tuple[str, int]:
@@ -78,6 +82,8 @@ def fit(run: TrainRun) -> tuple[str, int]:
     epochs = None if trainer.max_steps > 0 else trainer.epochs
     clock = Throughput(state)
     progress_bar = TrainProgress(run.total_steps, start=state.step, enabled=run.accelerator.is_main_process)
+    for method_step in run.method_steps:
+        method_step.start(state.step)
     if trainer.eval_on_start and state.step == 0:
         evaluate(run, judged=False)
         sample(run)
@@ -88,10 +94,10 @@ def fit(run: TrainRun) -> tuple[str, int]:
             grad_norm = clip_gradients(run)
             values = to_host(sums | counts | {"grad_norm": grad_norm})
             guard_finite(run, values["loss"])
-            optimizer_step(run)
+            method_figures = optimizer_step(run)
             state.advance(tokens=int(values["tokens"]), learned_tokens=int(values["learned"]))
             last = state.step >= run.total_steps
-            metrics = run.objective.summarize({k: values[k] for k in sums}, values["count"])
+            metrics = run.objective.summarize({k: values[k] for k in sums}, values["count"]) | method_figures
             row = log_step(run, metrics, lr, values["grad_norm"], clock) if due(state.step, trainer.log_every) or last \
                 else None
             progress.update(state.step, row)
@@ -244,11 +250,14 @@ def clip_gradients(run: TrainRun) -> torch.Tensor:
     return run.accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
 
 
-def optimizer_step(run: TrainRun) -> None:
-    """Step, schedule, zero."""
+def optimizer_step(run: TrainRun) -> dict[str, float]:
+    """Step, let the method act on the new weights and their gradients, schedule, zero; returns its figures."""
     run.optimizer.step()
+    figures = {key: value for method_step in run.method_steps
+               for key, value in method_step.after_step(run.state.step + 1).items()}
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    return figures
 
 
 def log_step(run: TrainRun, losses: dict[str, float], lr: float, grad_norm: float, clock: "Throughput") -> dict:

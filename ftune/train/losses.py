@@ -144,7 +144,8 @@ class SequenceLogps:
 
     What preference objectives compare. Chunked through the head (`chunked_token_logps`) unless the head cannot
     be taken apart or `trainer.loss_chunk_size=0`; then from the full logits. A batch is one sequence per row, or
-    (with `logp_source`, `PairCollator`'s shared-prompt layout) a pair per row, whose tokens name their sequence.
+    (with `logp_source`, the shared-prompt layout of `shared_prompt_rows`) a prompt's responses per row, a pair's
+    or a GRPO group's, whose tokens name their sequence.
     """
 
     head: torch.nn.Module | None
@@ -160,8 +161,11 @@ class SequenceLogps:
     def per_token(self, model, batch: dict) -> torch.Tensor:
         """Each labelled token's log-probability, [rows, length - 1] aligned with `labels[:, 1:]`, 0 where ignored.
 
-        What GRPO's per-token ratios are made of; one sequence per row.
+        What GRPO's per-token ratios are made of; one sequence per row, or in the shared-prompt layout (with
+        `logp_source`) the listed tokens' own, [tokens] aligned with `logp_target` (`gathered_tokens`).
         """
+        if "logp_source" in batch:
+            return self.gathered_tokens(model, batch)
         inputs, labels = model_inputs(batch), batch["labels"]
         if self.head is None:
             return unfused_token_logps(model(**inputs).logits, labels)
@@ -172,19 +176,22 @@ class SequenceLogps:
         return logps.view(labels.size(0), -1)
 
     def gathered(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shared-prompt pairs: each listed token's log p from the hidden state its `logp_source` names.
+        """Shared-prompt pairs: each sequence's sum of its listed tokens' log-probs (`gathered_tokens`)."""
+        logps = self.gathered_tokens(model, batch)
+        sums = torch.zeros(2 * batch["input_ids"].size(0), dtype=logps.dtype, device=logps.device)
+        return sums.index_add(0, batch["logp_slot"], logps), sequence_token_counts(batch)
+
+    def gathered_tokens(self, model, batch: dict) -> torch.Tensor:
+        """Shared-prompt rows: each listed token's log p from the hidden state its `logp_source` names, [tokens].
 
         The indices come from the collator, so nothing here waits on the device to learn how many tokens there are.
         """
-        source, targets, slot = batch["logp_source"], batch["logp_target"], batch["logp_slot"]
+        source, targets = batch["logp_source"], batch["logp_target"]
         if self.head is None:
             logits = model(**model_inputs(batch)).logits.flatten(0, 1)[source].float()
-            logps = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
-        else:
-            rows = head_input(model, self.head, model_inputs(batch)).flatten(0, 1)[source]
-            logps = chunked_token_logps(linear_head(self.head, rows, self.dtype), targets, self.spec)
-        sums = torch.zeros(2 * batch["input_ids"].size(0), dtype=logps.dtype, device=logps.device)
-        return sums.index_add(0, slot, logps), sequence_token_counts(batch)
+            return torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+        rows = head_input(model, self.head, model_inputs(batch)).flatten(0, 1)[source]
+        return chunked_token_logps(linear_head(self.head, rows, self.dtype), targets, self.spec)
 
 
 def sequence_token_counts(batch: dict) -> torch.Tensor:

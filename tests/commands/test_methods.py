@@ -65,7 +65,7 @@ def test_method_fits_a_batch(recipe, tmp_path, one_batch, tiny_model_path):
 
 
 @pytest.mark.parametrize("method, peft_type, lr", [("vera", "VERA", "1e-2"), ("loha", "LOHA", "2e-3"),
-                                                   ("lokr", "LOKR", "2e-3")])
+                                                   ("lokr", "LOKR", "2e-3"), ("adalora", "ADALORA", "2e-3")])
 def test_peft_methods_train_load_with_peft_alone_and_merge(method, peft_type, lr, tmp_path, one_batch):
     """`recipe=tiny_lora method=<each>` fits the batch, and its final/ loads with PEFT alone.
 
@@ -96,6 +96,22 @@ def assert_only_unfrozen_weights_changed(trained: dict, base_path) -> None:
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).state_dict()
     for name, value in trained.items():
         assert torch.equal(value, base[name]) == name.startswith(FROZEN), name
+
+
+def test_gradual_unfreezing_trains_the_blocks_from_the_top_one_every_n_steps(tmp_path, one_batch, tiny_model_path):
+    """6 blocks and a tied head, a block joining every 2 of 8 steps: blocks 5 to 2 train, 0 and 1 stay the base's."""
+    from transformers import AutoModelForCausalLM
+
+    rows, final_eval = train("tiny_full", tmp_path, one_batch, "method.unfreeze_every=2", "optim.lr=1e-3")
+    assert_loss_falls(rows, final_eval)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    block = sum(p.numel() for p in base.model.layers[0].parameters())
+    top = sum(p.numel() for p in base.parameters()) - 5 * block  # the tied embedding and head, the norm, block 5
+    assert [row["trainable_params"] for row in rows] == [top + block * (step // 2) for step in range(8)]
+    trained = load_file(tmp_path / "final" / "model.safetensors")
+    for name, value in trained.items():
+        frozen = name.startswith(("model.layers.0.", "model.layers.1."))
+        assert torch.equal(value, base.state_dict()[name]) == frozen, name
 
 
 def test_distillation_logs_both_terms(tmp_path, one_batch):

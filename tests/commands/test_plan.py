@@ -45,6 +45,8 @@ def test_plan_reports_the_recipe_model_and_method(capsys):
     assert full["params"] == {"total": 6_738_415_616, "trainable": 6_738_415_616}
     distill = plan_json(capsys, "recipe=distill_7b_to_1b")
     assert distill["params"]["total"] == 1_100_048_384 and distill["memory"]["teacher_gb"] > 3
+    sequence = plan_json(capsys, "recipe=distill_7b_to_1b", "distill.mode=sequence")  # the teacher answered before
+    assert sequence["memory"]["teacher_gb"] == 0 and sequence["memory"]["total_gb"] < distill["memory"]["total_gb"]
 
 
 

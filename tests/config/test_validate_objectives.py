@@ -58,6 +58,14 @@ def test_a_start_adapter_of_another_base_or_method_is_refused_in_one_line(tmp_pa
     load_run_config(["recipe=tiny_dpo", f"model.adapter={adapter_dir(tmp_path, str(tiny_model_path))}"])
 
 
+def test_a_start_adapter_that_trained_added_tokens_needs_them_added_again(tmp_path, tiny_model_path):
+    adapter = adapter_dir(tmp_path, str(tiny_model_path))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"trainable_token_indices": [1574]}))
+    with pytest.raises(ConfigError, match="trained the rows of tokens its run added, and this run adds none"):
+        load_run_config(["recipe=tiny_lora", f"model.adapter={adapter}"])
+
+
 @pytest.mark.parametrize("overrides,metric,mode", [
     (["recipe=tiny_dpo"], "eval_reward_accuracy", "max"),
     (["recipe=tiny_dpo", "objective=kto"], "eval_reward_accuracy", "max"),
@@ -74,3 +82,27 @@ def test_dpo_may_stop_on_its_margin_but_not_on_perplexity():
     load_run_config(["recipe=tiny_dpo", "early_stop.metric=eval_reward_margin", "early_stop.mode=max"])
     with pytest.raises(ConfigError, match="early_stop.metric=eval_ppl is not measured by this run"):
         load_run_config(["recipe=tiny_dpo", "early_stop.metric=eval_ppl"])
+
+
+SEQUENCE = ["recipe=tiny_lora", "objective=distill", "distill.mode=sequence"]
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["recipe=tiny_lora", "distill.mode=sequence"], r"^distill.mode=sequence with objective=sft \(expected objective"),
+    ([*SEQUENCE, "distill.teacher=null"], "^objective=distill without distill.teacher"),
+    ([*SEQUENCE, "data.format=text"], r"^data.format=text with distill.mode=sequence \(expected chat data"),
+    ([*SEQUENCE, "data.mix=[{path: a.jsonl}]"], r"^data.mix with distill.mode=sequence \(expected data.path"),
+    ([*SEQUENCE, "+data.columns.prompt=input"], r"^data.columns=\{'prompt': 'input'\} with distill.mode=sequence"),
+    ([*SEQUENCE, "data.streaming=true", "trainer.max_steps=2"], r"^data.streaming=true with distill.mode=sequence"),
+    ([*SEQUENCE, "distill.sample_temperature=-1"], r"^distill.sample_temperature=-1.0 is too small"),
+])
+def test_bad_sequence_distillation_settings_are_rejected(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_run_config(overrides)
+
+
+def test_sequence_distillation_accepts_a_teacher_of_any_vocabulary_and_logit_distillation_is_the_default():
+    cfg, _ = load_run_config([*SEQUENCE, "distill.teacher=Qwen/Qwen2.5-0.5B-Instruct",
+                              "distill.sample_temperature=0.7"])
+    assert (cfg.distill.mode, cfg.distill.sample_temperature, cfg.distill.max_new_tokens) == ("sequence", 0.7, 256)
+    assert load_run_config(["recipe=tiny_distill"])[0].distill.mode == "logits"

@@ -32,3 +32,9 @@ def test_a_prompt_tuning_adapter_is_not_served():
     warnings = server_warnings(PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     assert warnings == ["a PROMPT_TUNING adapter: vLLM and TGI serve LoRA adapters only "
                         "(export format=hf to serve it merged)"]
+
+
+def test_trained_rows_of_added_tokens_are_not_served_by_vllm():
+    warnings = server_warnings(LoraConfig(r=8, target_modules=SERVED, trainable_token_indices=[1574, 1575]))
+    assert warnings == ["trainable_token_indices (the rows of added tokens): vLLM refuses such adapters "
+                        "(vllm-project/vllm#36501; export format=hf to serve them merged)"]

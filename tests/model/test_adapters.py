@@ -84,8 +84,8 @@ def test_other_peft_methods_train_only_their_weights(save_llama, method, trainab
 
 
 def test_can_merge_only_weight_deltas():
-    methods = ("lora", "vera", "loha", "lokr", "ia3", "prompt_tuning", "prefix_tuning", "full")
-    assert [m for m in methods if can_merge(m)] == ["lora", "vera", "loha", "lokr", "ia3"]
+    methods = ("lora", "adalora", "vera", "loha", "lokr", "ia3", "prompt_tuning", "prefix_tuning", "full")
+    assert [m for m in methods if can_merge(m)] == ["lora", "adalora", "vera", "loha", "lokr", "ia3"]
 
 
 def test_freeze_patterns_freeze_exactly_the_matching_parameters(random_llama):

@@ -29,12 +29,13 @@ import yaml
 from ftune.compat import storage_key
 from ftune.config.compose import load_run_config
 from ftune.errors import ConfigError, ResourceError
+from ftune.model.blocks import decoder_layers
 from ftune.model.dtypes import cpu_has_bf16, native_mixed_precision
 from ftune.model.load import count_parameters, prepare_model
 from ftune.plan import memory, trace
 from ftune.plan.estimate import GIB, distribution_from_env
 from ftune.plan.estimate import plan_run as plan_with
-from ftune.plan.meta import build_meta_model, decoder_layers
+from ftune.plan.meta import build_meta_model
 from ftune.plan.trace import trace_step
 from ftune.train.losses import build_step_loss
 from ftune.train.optim import build_optimizer
@@ -162,7 +163,7 @@ def measure_step(cfg) -> tuple[dict[str, int], dict, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("recipe", ["tiny_lora", "tiny_full", "tiny_qlora", "tiny_ia3", "tiny_lora method=vera",
-                                    "tiny_lora method=loha", "tiny_lora method=lokr"])
+                                    "tiny_lora method=loha", "tiny_lora method=lokr", "tiny_lora method=adalora"])
 def test_parameter_counts_equal_the_loaded_model(tiny_dir, recipe):
     cfg = run_config(tiny_dir, *f"recipe={recipe}".split())
     plan = plan_run(cfg, device="cpu")

@@ -86,7 +86,7 @@ def test_a_local_base_is_named_in_the_text_not_the_front_matter(run_dir):
 
 def test_every_lora_shaped_method_lists_its_lora_keys(run_dir):
     """VeRA, LoHa and LoKr are shaped by `lora.*` too (rank, scale, targets); IA3 is not."""
-    for method, listed in (("vera", True), ("loha", True), ("lokr", True), ("ia3", False)):
+    for method, listed in (("adalora", True), ("vera", True), ("loha", True), ("lokr", True), ("ia3", False)):
         config = CONFIG | {"method": {"name": method}, "quant": {"bits": 0}}
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config | {"data": CONFIG["data"] | {"mix": []}}))
         facts = run_card_facts(run_dir, hardware="CPU")

@@ -16,6 +16,7 @@ from ftune.config.compose import load_run_config
 from ftune.eval.generation import Sampled, completion_mask, left_padded
 from ftune.model.load import load_tokenizer, prepare_model
 from ftune.train.objectives import build_objective
+from ftune.train.objectives.grpo import on_completions
 
 FAST = ["recipe=tiny_grpo", "grpo.num_generations=2", "grpo.max_completion_length=8", "trainer.micro_batch_size=2",
         "trainer.eval_every=0", "data.eval_path=null", "grpo.reward_weights=null"]
@@ -61,7 +62,7 @@ def fixed_rollout(prompts: list[list[int]], completions: list[list[int]], pad: i
 
 def test_a_left_padded_row_scores_its_completion_as_the_row_alone_does():
     """Positions count from each prompt's first token, as `generate` counts them: padding changes nothing."""
-    objective, model, _ = objective_and_model()
+    objective, model, _ = objective_and_model("grpo.share_prompt=false")  # a row per completion
     model.eval()
     prompts, completions = [[1, 20, 21, 22, 23, 24], [1, 30]], [[40, 41, 42], [50, 51]]
     pad = objective.tokenizer.pad_token_id
@@ -76,13 +77,20 @@ def test_a_left_padded_row_scores_its_completion_as_the_row_alone_does():
                                        rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("loss", ["dapo", "grpo", "dr_grpo", "bnpo"])
-def test_two_micro_batches_of_four_prompts_give_the_gradient_of_eight(loss, monkeypatch):
-    """The loop's normalisation (the summed losses over the step's summed counts) on fixed completions."""
+def test_two_micro_batches_of_four_prompts_give_the_gradient_of_eight(loss, share, monkeypatch):
+    """The loop's normalisation (the summed losses over the step's summed counts) on fixed completions.
+
+    With each group in one row and with a row per completion: the count is of completions or their tokens, not rows.
+    """
     objective, model, loader = objective_and_model(f"grpo.loss={loss}", "grpo.num_generations=2",
-                                                   "trainer.micro_batch_size=8", "grpo.beta=0.04")
+                                                   "trainer.micro_batch_size=8", "grpo.beta=0.04",
+                                                   "grpo.max_completion_length=8", f"grpo.share_prompt={share}")
+    assert (objective.shared_mask is not None) == share
     objective.accelerator = ONE_PROCESS
-    generator = torch.Generator().manual_seed(0)
+    moved_from_reference(model)  # else the KL term has no gradient
+    generator = torch.Generator()
 
     def sampled(model, prompt_ids, n, length, *args, **kwargs):
         completions = [torch.randint(5, 60, (int(torch.randint(2, length + 1, (), generator=generator)),),
@@ -90,23 +98,73 @@ def test_two_micro_batches_of_four_prompts_give_the_gradient_of_eight(loss, monk
         return fixed_rollout([p for p in prompt_ids for _ in range(n)], completions, 0)
 
     monkeypatch.setattr("ftune.eval.generation.sample_completions", sampled)
+    monkeypatch.setattr("ftune.train.objectives.grpo.score", length_rewards)
     batch = next(iter(loader))
-    whole = objective.prepare_step(model, [batch], step=1)
-    halves = [{**whole[0], **{k: v[rows] for k, v in whole[0].items() if isinstance(v, torch.Tensor) and v.dim()}}
-              for rows in (slice(0, 8), slice(8, 16))]
-    for half, rows in zip(halves, (slice(0, 4), slice(4, 8)), strict=True):
-        half["group_std"] = whole[0]["group_std"][rows]
-        half["num_tokens"] = half["attention_mask"].sum()
+    halves = [{"prompts": batch["prompts"][rows], "prompt_ids": batch["prompt_ids"][rows],
+               "columns": {name: values[rows] for name, values in batch["columns"].items()}}
+              for rows in (slice(0, 4), slice(4, 8))]
     grads = []
-    for step in ([whole[0]], halves):
+    for step in ([batch], halves):
+        generator.manual_seed(0)  # the same completions, drawn in the same order
+        step = objective.prepare_step(model, step, step=1)
         model.zero_grad()
         total = sum(objective.count(b) for b in step)
         for b in step:
             (objective.loss(model, b)["loss"] / total).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert grads[0].keys() == grads[1].keys() and any(grad.abs().sum() > 0 for grad in grads[0].values())
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def length_rewards(funcs, weights, prompts, completions, columns, ids):
+    """Each completion's length as its reward (random tokens earn the shipped rewards' 0 alike: no advantage)."""
+    rewards = torch.tensor([float(len(tokens)) for tokens in ids])
+    return rewards, rewards.unsqueeze(1).repeat(1, len(funcs))
+
+
+def moved_from_reference(model) -> None:
+    """Move every LoRA B off its zero start, so the policy differs from the reference (the adapter off)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.05)
+
+
+def test_a_group_in_one_row_scores_and_trains_as_its_completions_in_their_own_rows():
+    """Log-probs and gradients equal in both layouts; a cut completion, masked out, takes no place in its row."""
+    torch.manual_seed(0)  # the adapter's random start
+    objective, model, _ = objective_and_model("grpo.num_generations=3", "grpo.mask_truncated_completions=true")
+    assert objective.shared_mask == "sdpa" and objective.describe()["prompt"].startswith("once per group")
+    moved_from_reference(model)
+    prompts = [[1, 20, 21, 22, 23, 24]] * 3 + [[1, 30]] * 3
+    completions = [[40, 41, 42], [43], [44, 45, 46, 47], [50, 51], [52, 53, 54, 55], [56]]
+    rollout = fixed_rollout(prompts, completions, objective.tokenizer.pad_token_id)
+    rollout.truncated[4] = True  # reached the limit: masked out
+    shared = objective.training_batch(model, rollout)
+    objective.shared_mask = None
+    rows = objective.training_batch(model, rollout)
+    assert shared["input_ids"].shape == (2, 6 + 3 + 1 + 4) and rows["input_ids"].shape == (6, 6 + 4)
+    weights = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    logps, grads = [], []
+    for batch in (shared, rows):
+        model.zero_grad()
+        per_token = on_completions(batch, objective.logps.per_token(model, batch))
+        (per_token * weights).sum().backward()
+        logps.append(per_token.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    learned = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]])
+    assert torch.equal(shared["loss_mask"], learned) and torch.equal(logps[0] != 0, learned.bool())
+    torch.testing.assert_close(logps[0], logps[1], rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[1].items():  # fp32 sums of other shapes: equal to 1e-4 of the largest gradient
+        torch.testing.assert_close(grads[0][name], grad, rtol=0, atol=1e-4 * grad.abs().max().item(), msg=name)
+
+
+def test_grpo_share_prompt_false_keeps_a_row_per_completion_and_the_table_says_why():
+    objective, _, _ = objective_and_model("grpo.share_prompt=false", "pref.share_prompt=true")
+    assert objective.shared_mask is None
+    assert objective.describe()["prompt"] == "repeated for each completion (grpo.share_prompt=false)"
 
 
 ONE_PROCESS = type("One", (), {"unwrap_model": staticmethod(lambda m: m), "num_processes": 1})()
@@ -131,15 +189,14 @@ def test_later_iterations_train_on_the_same_rollouts_with_ratios_to_their_sampli
     batches = iter(loader)
     first = objective.prepare_step(model, [next(batches)], step=1)[0]
     with torch.no_grad():
-        torch.testing.assert_close(first["old_logps"], objective.logps.per_token(model, first), rtol=0, atol=0)
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.add_(0.05)
+        torch.testing.assert_close(first["old_logps"], on_completions(first, objective.logps.per_token(model, first)),
+                                   rtol=0, atol=0)
+    moved_from_reference(model)
     second = objective.prepare_step(model, [next(batches)], step=2)[0]
     assert len(calls) == 1 and second is first
     with torch.no_grad():
-        ratio = (objective.logps.per_token(model, second) - second["old_logps"]).exp()
-    labelled = second["labels"][:, 1:] != -100
+        ratio = (on_completions(second, objective.logps.per_token(model, second)) - second["old_logps"]).exp()
+    labelled = second["loss_mask"].bool()
     assert not torch.allclose(ratio[labelled], torch.ones_like(ratio[labelled]))
 
 

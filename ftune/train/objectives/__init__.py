@@ -8,6 +8,7 @@ from ftune.config.schema import RunCfg
 from ftune.train.objectives.base import Objective
 from ftune.train.objectives.grpo import GrpoObjective
 from ftune.train.objectives.preference import DpoObjective, KtoObjective
+from ftune.train.objectives.sequence_distill import SequenceDistillObjective, sequence_distillation
 from ftune.train.objectives.tokens import TokenObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -21,5 +22,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 
 def build_objective(cfg: RunCfg) -> Objective:
-    """The run's objective, before anything loads (it builds the loaders and loads its frozen models itself)."""
+    """The run's objective, before anything loads (it builds the loaders and loads its frozen models itself).
+
+    `distill.mode=sequence` learns the teacher's answers as `sft` learns labels (`sequence_distill.py`).
+    """
+    if sequence_distillation(cfg):
+        return SequenceDistillObjective(cfg)
     return OBJECTIVES[cfg.objective.name](cfg)

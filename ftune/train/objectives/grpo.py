@@ -10,6 +10,11 @@ functions (`ftune.train.rewards`, TRL's signature), and each group's rewards tur
 divides by the whole step's count: completions for `grpo`, completion tokens for `dapo` and `bnpo`, completions x
 `max_completion_length` for `dr_grpo`, so 2 micro-batches x 4 prompts give the gradient of 8.
 
+A prompt's group trains in one row (`grpo.share_prompt`, where the model passes its probe: `prompt_sharing_problem`):
+the prompt once, then each completion, laid out as DPO's pairs are (`shared_prompt_rows`), or each completion in its
+own row after its prompt. Either way the per-token log-probs come back as [completions, completion tokens]
+(`on_completions`), the layout the loss, the saved sampling log-probs and the reference's share.
+
 By default one optimizer step per batch of generations (TRL's `num_iterations=1`): the sampling policy is the
 trained one and the importance ratio is 1 with its gradient (`old_per_token_logps=None`). With
 `grpo.num_iterations` = k, k steps train on each batch, the later ones with the ratio to the log-probs saved with
@@ -29,7 +34,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import send_to_device
 
+from ftune.data.collate import PairCollator, pad_multiple, shared_prompt_rows
 from ftune.data.mask import IGNORE_INDEX
 from ftune.data.prompts import build_prompt_loader, build_prompt_rows
 from ftune.data.templates import resolve_template
@@ -44,6 +51,7 @@ from ftune.eval.generation import (
 )
 from ftune.model.dropout import disable_dropout, eval_mode
 from ftune.model.load import load_frozen
+from ftune.train.isolation import prompt_sharing_problem
 from ftune.train.losses import build_sequence_logps, build_step_loss
 from ftune.train.objectives.base import Objective
 from ftune.train.objectives.grpo_losses import group_advantages, policy_loss
@@ -78,6 +86,8 @@ class GrpoObjective(Objective):
         self.weights = reward_weights(grpo.reward_weights, len(self.reward_funcs))
         self.epsilon_high = grpo.epsilon if grpo.epsilon_high is None else grpo.epsilon_high
         self.frozen_copy = self.reference = self.accelerator = None
+        self.shared_mask: str | None = None  # the attention a group's one row is masked for; None: a row per completion
+        self.unshared_because: str | None = None  # why not (`prompt_sharing_problem`)
         self.extremes: dict[str, float] = {}
         self.last_rollouts: list[Rollout] = []
 
@@ -115,6 +125,10 @@ class GrpoObjective(Objective):
         self.token_loss = build_step_loss(model, self.cfg.trainer)
         self.reference = Reference(model, self.frozen_copy, self.cfg.trainer) if self.cfg.keeps_reference_model \
             else None
+        pairs = PairCollator(tokenizer.pad_token_id)  # the probe's: a group of two is a pair
+        self.unshared_because = prompt_sharing_problem(self.cfg, model, self.logps, pairs)
+        if self.unshared_because is None:
+            self.shared_mask = self.cfg.model.attn_implementation
         grpo = self.cfg.grpo
         settings = SamplingSettings(grpo.num_generations, grpo.max_completion_length, grpo.temperature, grpo.top_p,
                                     stop_token_ids(self.template, tokenizer, model), tokenizer.pad_token_id,
@@ -198,47 +212,61 @@ class GrpoObjective(Objective):
         return texts
 
     def training_batch(self, policy, sampled: Sampled, scorer=None) -> dict:
-        """Prompt and completion in one row: the completion's kept tokens labelled, positions counted as sampled.
+        """The rows the loss trains on: each group in one row (`group_rows`) or each completion in its own.
 
-        `generate` counts a left-padded prompt's positions from its first token; the training forward passes the
-        same `position_ids`, so each token's log-prob is the one it was sampled with. With a `scorer`, the row
-        also carries the reference's log-probs (`grpo.beta` > 0) and, when the rollout trains more than one step
-        (`grpo.num_iterations` > 1), the sampling policy's (`old_logps`, TRL's `old_per_token_logps`).
+        `loss_mask` [completions, completion tokens] marks the tokens the loss learns (the completion up to its stop
+        token; none of a cut one under `grpo.mask_truncated_completions`). With a `scorer`, the batch also carries
+        the reference's log-probs (`grpo.beta` > 0) and, when the rollout trains more than one step
+        (`grpo.num_iterations` > 1), the sampling policy's (`old_logps`, TRL's `old_per_token_logps`), both laid
+        out as `on_completions` lays out the policy's.
         """
         grpo = self.cfg.grpo
         keep = sampled.completion_mask
         if grpo.mask_truncated_completions:
             keep = keep * (~sampled.truncated).unsqueeze(1)
-        input_ids = torch.cat([sampled.prompt_ids, sampled.completion_ids], dim=1)
-        attention = torch.cat([sampled.prompt_mask, sampled.completion_mask], dim=1)
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        width = sampled.prompt_ids.size(1)
-        labels[:, width:] = torch.where(keep.bool(), sampled.completion_ids, IGNORE_INDEX)
-        positions = (attention.cumsum(1) - 1).clamp(min=0)
-        batch = {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions, "labels": labels,
-                 "num_tokens": attention.sum(), "completion_mask": sampled.completion_mask,
-                 "truncated": sampled.truncated}
+        rows = self.group_rows(sampled, keep) if self.shared_mask is not None else completion_rows(sampled, keep)
+        batch = {**rows, "loss_mask": keep, "completion_mask": sampled.completion_mask, "truncated": sampled.truncated}
         if self.reference is not None and scorer is not None:
-            batch["ref_logps"] = self.reference.per_token(policy, batch)
+            batch["ref_logps"] = on_completions(batch, self.reference.per_token(policy, batch))
         if grpo.num_iterations > 1 and scorer is not None:
-            batch["old_logps"] = self.logps.per_token(scorer, batch)
+            batch["old_logps"] = on_completions(batch, self.logps.per_token(scorer, batch))
         return batch
 
+    def group_rows(self, sampled: Sampled, keep: torch.Tensor) -> dict:
+        """One row per prompt (`shared_prompt_rows`): its tokens once, then each completion's kept tokens.
+
+        The prompt's positions count from its first token, as `generate` counted them, and each completion's from
+        the prompt's end, so every token's log-prob is the one it was sampled with. Completion i of the rollout is
+        sequence i (`logp_slot`); one with nothing kept takes no place in its row.
+        """
+        size = self.cfg.grpo.num_generations
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(sampled.prompt_ids[::size],
+                                                                   sampled.prompt_mask[::size], strict=True)]
+        kept = [row[:length].tolist() for row, length in zip(sampled.completion_ids, keep.sum(1).tolist(),
+                                                             strict=True)]
+        groups = [range(start, start + size) for start in range(0, len(kept), size)]
+        rows = shared_prompt_rows(prompts, [[kept[i] for i in group] for group in groups], [list(g) for g in groups],
+                                  self.tokenizer.pad_token_id, pad_multiple(self.cfg.data.pad_to_multiple_of),
+                                  self.shared_mask)
+        return send_to_device(rows, sampled.completion_ids.device)
+
     def count(self, batch: dict) -> torch.Tensor:
-        """What the step divides the summed loss by (see the module docstring)."""
-        completions = torch.tensor(batch["labels"].size(0), device=batch["labels"].device)
+        """What the step divides the summed loss by (see the module docstring).
+
+        Counted on the completions, not the rows: a row holds a whole group when the prompt is shared.
+        """
+        kept = batch["loss_mask"]
+        completions = torch.tensor(kept.size(0), device=kept.device)
         if self.cfg.grpo.loss == "grpo":
             return completions
         if self.cfg.grpo.loss == "dr_grpo":
             return completions * self.cfg.grpo.max_completion_length
-        return super().count(batch)  # the labelled completion tokens
+        return kept.sum()  # the learned completion tokens
 
     def loss(self, model, batch: dict) -> dict[str, torch.Tensor]:
         grpo = self.cfg.grpo
-        labelled = batch["labels"][:, 1:] != IGNORE_INDEX
-        reference = batch.get("ref_logps")
-        parts = policy_loss(self.logps.per_token(model, batch), batch.get("old_logps"), reference,
-                            batch["advantages"], labelled,
+        parts = policy_loss(on_completions(batch, self.logps.per_token(model, batch)), batch.get("old_logps"),
+                            batch.get("ref_logps"), batch["advantages"], batch["loss_mask"],
                             loss_type=grpo.loss, epsilon_low=grpo.epsilon, epsilon_high=self.epsilon_high,
                             beta=grpo.beta, max_completion_length=grpo.max_completion_length)
         return {"loss": parts["loss"], **self.logged_sums(batch, parts)}
@@ -311,4 +339,33 @@ class GrpoObjective(Objective):
             "rewards": funcs, "generations": f"{grpo.num_generations} per prompt, up to {grpo.max_completion_length} "
                                              f"tokens, temperature {grpo.temperature}, top_p {grpo.top_p}, "
                                              f"{grpo.num_iterations} step(s) on each",
-            "reference": reference}
+            "reference": reference,
+            "prompt": "once per group (one row: the prompt, then each completion)" if self.shared_mask is not None
+            else f"repeated for each completion ({self.unshared_because})"}
+
+
+def completion_rows(sampled: Sampled, keep: torch.Tensor) -> dict:
+    """Each completion in its own row after its left-padded prompt, its kept tokens labelled.
+
+    `generate` counts a left-padded prompt's positions from its first token; the training forward passes the same
+    `position_ids`, so each token's log-prob is the one it was sampled with.
+    """
+    input_ids = torch.cat([sampled.prompt_ids, sampled.completion_ids], dim=1)
+    attention = torch.cat([sampled.prompt_mask, sampled.completion_mask], dim=1)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, sampled.prompt_ids.size(1):] = torch.where(keep.bool(), sampled.completion_ids, IGNORE_INDEX)
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention, "position_ids": positions, "labels": labels,
+            "num_tokens": attention.sum()}
+
+
+def on_completions(batch: dict, logps: torch.Tensor) -> torch.Tensor:
+    """`SequenceLogps.per_token` of either layout as [completions, completion tokens], 0 on tokens not learned.
+
+    A row per completion gives [rows, length - 1], whose last columns predict the completion's tokens; a group's
+    row lists its learned tokens, each with its completion (`logp_slot`) and place in it (`logp_offset`).
+    """
+    kept = batch["loss_mask"]
+    if "logp_offset" in batch:
+        return logps.new_zeros(kept.shape).index_put((batch["logp_slot"], batch["logp_offset"]), logps)
+    return logps[:, -kept.size(1):]
