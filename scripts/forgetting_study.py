@@ -39,12 +39,15 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
 import tinyworld as world
+
+from ftune.errors import EXIT_BAD_INPUT
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_MODEL = REPO / "ftune" / "assets" / "models" / "tiny"
@@ -80,6 +83,10 @@ class Curve:
     lrs: tuple[float, ...]
     rank: int | None = None
     replay: tuple[float, ...] = (0.0,)
+    overrides: tuple[str, ...] = ()
+    """Further `ftune train` overrides that make the method (e.g. `method=vera`, `ewc.weight=1e6`)."""
+    tag: str | None = None
+    """Run directories' prefix (default: `lora_r<rank>`, or `full`)."""
 
     def points(self) -> list[tuple[float, float]]:
         """(learning rate, replay share) of each point, in the curve's order."""
@@ -111,12 +118,13 @@ class Data:
     general: Path
 
 
-def parse_args() -> argparse.Namespace:
-    """Read the command line."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(description: str = __doc__, study: str = "forgetting_study",
+               results: str = "forgetting.json") -> argparse.Namespace:
+    """Read the command line of a study (this one, or a sibling script's named `study`, writing `results`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="results file; the plot goes next to it "
-                        "(default: results/forgetting.json, or the work directory with --quick)")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "forgetting_study",
+                        f"(default: results/{results}, or the work directory with --quick)")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / study,
                         help="parent of this study's work directory (data, runs, cache)")
     parser.add_argument("--quick", action="store_true", help="tiny budget, to check that everything runs")
     return parser.parse_args()
@@ -142,15 +150,23 @@ def make_data(data_dir: Path, budget: Budget) -> Data:
     )
 
 
-def run_ftune(args: list[str], log: Path, env: dict[str, str]) -> None:
-    """Run an ftune command in its own process (as a user would), its output to `log`; stop on failure."""
+def run_ftune(args: list[str], log: Path, env: dict[str, str], refusal_ok: bool = False) -> str | None:
+    """Run an ftune command in its own process (as a user would), its output to `log`; stop on failure.
+
+    With `refusal_ok`, a command ftune refuses as bad input (exit 2, e.g. BitFit on a model without biases) returns
+    ftune's one-line error instead, for a study that records which methods do not apply; None when it ran.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as handle:
         code = subprocess.run([sys.executable, "-m", "ftune", *args], cwd=REPO, env=env, stdout=handle,
                               stderr=subprocess.STDOUT, check=False).returncode
+    lines = log.read_text().splitlines()
+    if refusal_ok and code == EXIT_BAD_INPUT:
+        return next(line for line in reversed(lines) if line.startswith("ftune: error: "))
     if code != 0:
-        tail = "\n".join(log.read_text().splitlines()[-20:])
+        tail = "\n".join(lines[-20:])
         sys.exit(f"ftune {args[0]} failed (exit code {code}), see {log}:\n{tail}")
+    return None
 
 
 def shared_overrides(data: Data, budget: Budget) -> list[str]:
@@ -172,7 +188,7 @@ def shared_overrides(data: Data, budget: Budget) -> list[str]:
 
 def run_name(curve: Curve, lr: float, share: float, seed: int) -> str:
     """A run's directory name: what sets it apart."""
-    method = f"lora_r{curve.rank}" if curve.rank else "full"
+    method = curve.tag or (f"lora_r{curve.rank}" if curve.rank else "full")
     replay = f"_replay{round(100 * share)}" if share else ""
     return f"{method}{replay}_lr{lr:g}_s{seed}"
 
@@ -185,16 +201,20 @@ def data_overrides(data: Data, share: float) -> list[str]:
 
 
 def train_point(curve: Curve, lr: float, share: float, data: Data, budget: Budget, work: Path,
-                env: dict[str, str]) -> None:
-    """Train one point of a curve, every seed, with one `ftune train -m` sweep (one start-up for all seeds)."""
+                env: dict[str, str], refusal_ok: bool = False) -> str | None:
+    """Train one point of a curve, every seed, with one `ftune train -m` sweep (one start-up for all seeds).
+
+    Returns ftune's one-line refusal where `refusal_ok` and ftune refuses the curve's method (see `run_ftune`).
+    """
     seeds = ",".join(str(seed) for seed in budget.seeds)
     name = run_name(curve, lr, share, 0).removesuffix("_s0")
     rank = [f"lora.r={curve.rank}"] if curve.rank else []
-    args = ["train", "-m", f"recipe={curve.recipe}", f"optim.lr={lr:g}", *rank, f"seed={seeds}",
+    args = ["train", "-m", f"recipe={curve.recipe}", *curve.overrides, f"optim.lr={lr:g}", *rank, f"seed={seeds}",
             f"output_dir={work / name}_s${{seed}}", *data_overrides(data, share), *shared_overrides(data, budget)]
     started = time.perf_counter()
-    run_ftune(args, work / "logs" / f"train_{name}.log", env)
-    print(f"  {name}: {time.perf_counter() - started:.0f} s", flush=True)
+    refusal = run_ftune(args, work / "logs" / f"train_{name}.log", env, refusal_ok)
+    print(f"  {name}: {refusal or f'{time.perf_counter() - started:.0f} s'}", flush=True)
+    return refusal
 
 
 def evaluate_base(data: Data, budget: Budget, work: Path, env: dict[str, str]) -> dict:
@@ -249,17 +269,19 @@ def drift_at(curve_points: list[dict], improvement: float) -> float | None:
     return None
 
 
+def matched_drifts(points: list[dict], compared: str, reference: str) -> list[tuple[dict, float | None]]:
+    """Each point of the curves named `compared...`, with the `reference` curve's drift at its task improvement."""
+    reference_points = [p for p in points if p["curve"] == reference]
+    return [(point, drift_at(reference_points, point["task_improvement"]["mean"]))
+            for point in points if point["curve"].startswith(compared)]
+
+
 def equal_improvement(points: list[dict]) -> list[dict]:
     """For every LoRA point: full fine-tuning's control drift at the same task improvement (interpolated)."""
-    full = [p for p in points if p["curve"] == "full FT"]
-    comparisons = []
-    for point in (p for p in points if p["curve"].startswith("LoRA")):
-        improvement = point["task_improvement"]["mean"]
-        comparisons.append({"curve": point["curve"], "lr": point["lr"], "task_improvement": improvement,
-                            "lora_drift": point["control_drift"]["mean"],
-                            "lora_drift_std": point["control_drift"]["std"],
-                            "full_drift": drift_at(full, improvement)})
-    return comparisons
+    return [{"curve": point["curve"], "lr": point["lr"], "task_improvement": point["task_improvement"]["mean"],
+             "lora_drift": point["control_drift"]["mean"], "lora_drift_std": point["control_drift"]["std"],
+             "full_drift": full_drift}
+            for point, full_drift in matched_drifts(points, "LoRA", "full FT")]
 
 
 def claim_holds(comparisons: list[dict]) -> bool | None:
@@ -280,22 +302,41 @@ def pyplot():
     return plt
 
 
+def curves_of(points: list[dict]) -> dict[str, list[dict]]:
+    """The points grouped by curve, curves in the order they first appear."""
+    curves: dict[str, list[dict]] = {}
+    for point in points:
+        curves.setdefault(point["curve"], []).append(point)
+    return curves
+
+
+def draw_curves(ax, points: list[dict], key: str, label: Callable[[dict], str], markers: str = "o") -> None:
+    """Task improvement (x) against `key` (y) in percent, one curve per method with error bars, points labelled."""
+    for index, (name, curve) in enumerate(curves_of(points).items()):
+        x = [100 * p["task_improvement"]["mean"] for p in curve]
+        y = [100 * p[key]["mean"] for p in curve]
+        ax.errorbar(x, y, xerr=[100 * p["task_improvement"]["std"] for p in curve],
+                    yerr=[100 * p[key]["std"] for p in curve], marker=markers[index % len(markers)], capsize=3,
+                    color=f"C{index}", label=name)
+        for point, xi, yi in zip(curve, x, y, strict=True):
+            ax.annotate(label(point), (xi, yi), fontsize=7, textcoords="offset points", xytext=(4, 4))
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write the figure through a temporary file (a reader never sees half a PNG) and free it."""
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    pyplot().close(fig)
+    tmp.replace(path)
+
+
 def plot_frontier(results: dict, path: Path) -> None:
     """Task improvement against control drift and against benchmark drift, one curve per method, error bars."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), dpi=110)
-    curves = dict.fromkeys(point["curve"] for point in results["points"])
-    for index, name in enumerate(curves):
-        points = [p for p in results["points"] if p["curve"] == name]
-        x = [100 * p["task_improvement"]["mean"] for p in points]
-        xerr = [100 * p["task_improvement"]["std"] for p in points]
-        for ax, key in zip(axes, ("control_drift", "benchmark_drift"), strict=True):
-            y = [100 * p[key]["mean"] for p in points]
-            ax.errorbar(x, y, xerr=xerr, yerr=[100 * p[key]["std"] for p in points], marker="o", capsize=3,
-                        color=f"C{index}", label=name)
-            for point, xi, yi in zip(points, x, y, strict=True):
-                tag = f"{point['replay']:.0%}" if name.endswith("replay") else f"{point['lr']:g}"
-                ax.annotate(tag, (xi, yi), fontsize=7, textcoords="offset points", xytext=(4, 4))
+    for ax, key in zip(axes, ("control_drift", "benchmark_drift"), strict=True):
+        draw_curves(ax, results["points"], key,
+                    lambda p: f"{p['replay']:.0%}" if p["curve"].endswith("replay") else f"{p['lr']:g}")
     axes[0].axhline(100 * MAX_DRIFT, color="red", linewidth=0.8, linestyle="--", label=f"claim: {MAX_DRIFT:.0%}")
     axes[0].set(title="Learning vs forgetting (labels: learning rate, or replay share)",
                 xlabel="task improvement (% lower held-out perplexity)", ylabel="control perplexity drift (%)")
@@ -306,26 +347,40 @@ def plot_frontier(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
+
+
+def spread_cell(stat: dict) -> str:
+    """A mean ± std share as a table shows it: signed percent."""
+    return f"{stat['mean']:+.2%} ± {stat['std']:.2%}"
+
+
+def print_rich_table(title: str, columns: tuple[str, ...], rows: list[list[str]]):
+    """Print a table, its first column left-aligned and the numbers right; returns the console for what follows.
+
+    The console is 140 columns wide at least, so that rows stay on one line in a log.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="right" if table.columns else "left")
+    for row in rows:
+        table.add_row(*row)
+    console = Console(width=max(140, Console().width))
+    console.print(table)
+    return console
 
 
 def print_table(results: dict) -> None:
     """The numbers of the study, one row per point (mean ± std over seeds), and the verdict."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="forgetting study (task: irregular verbs; control: regular verbs)", title_justify="left")
-    for column in ("curve", "lr", "replay", "trainable", "task improvement", "control drift", "benchmark drift"):
-        table.add_column(column, justify="left" if column == "curve" else "right")
-    for p in results["points"]:
-        table.add_row(p["curve"], f"{p['lr']:g}", f"{p['replay']:.0%}", f"{p['trainable_params']:,}",
-                      *(f"{p[k]['mean']:+.2%} ± {p[k]['std']:.2%}"
-                        for k in ("task_improvement", "control_drift", "benchmark_drift")))
-    console = Console(width=max(140, Console().width))
-    console.print(table)
+    rows = [[p["curve"], f"{p['lr']:g}", f"{p['replay']:.0%}", f"{p['trainable_params']:,}",
+             *(spread_cell(p[k]) for k in ("task_improvement", "control_drift", "benchmark_drift"))]
+            for p in results["points"]]
+    console = print_rich_table("forgetting study (task: irregular verbs; control: regular verbs)",
+                               ("curve", "lr", "replay", "trainable", "task improvement", "control drift",
+                                "benchmark drift"), rows)
     for c in results["equal_improvement"]:
         full = "outside full FT's range" if c["full_drift"] is None else f"full FT {c['full_drift']:+.2%}"
         console.print(f"{c['curve']} lr {c['lr']:g}: task {c['task_improvement']:+.2%}, control drift "
@@ -351,14 +406,24 @@ def machine() -> dict:
             **{package: version(package) for package in ("torch", "transformers", "peft", "accelerate", "lm_eval")}}
 
 
+def workspace(args: argparse.Namespace, results: str) -> tuple[Path, Path, dict[str, str]]:
+    """A new work directory under --out, the results file, and the environment of the study's ftune commands.
+
+    The results go to results/ (the work directory with --quick); the commands run offline, with ftune's cache
+    inside the work directory.
+    """
+    work = args.out.resolve() / datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path = args.json or (work / results if args.quick else REPO / "results" / results)
+    env = {**os.environ, "FTUNE_CACHE": str(work / "cache"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    return work, json_path, env
+
+
 def main() -> None:
     """Make the data, train every point with every seed, measure, then write the JSON and plot and print a table."""
     args = parse_args()
     started = time.perf_counter()
     budget, curves = (QUICK_BUDGET, QUICK_CURVES) if args.quick else (FULL_BUDGET, FULL_CURVES)
-    work = args.out.resolve() / datetime.now().strftime("%Y%m%d-%H%M%S")
-    json_path = args.json or (work / "forgetting.json" if args.quick else REPO / "results" / "forgetting.json")
-    env = {**os.environ, "FTUNE_CACHE": str(work / "cache"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    work, json_path, env = workspace(args, "forgetting.json")
     print(f"forgetting study: {budget.steps} steps per run, {len(budget.seeds)} seeds, work directory {work}",
           flush=True)
     data = make_data(work / "data", budget)

@@ -266,9 +266,11 @@ def fit_to_adapter(base_model, adapter_dir: str, base: str):
 
     A run that added tokens (`model.add_tokens`) saves a tokenizer longer than the base's embedding and the
     trained rows of its new tokens; PEFT loads them only onto a base grown to that length (as
-    `AutoPeftModelForCausalLM` grows it). A base already long enough is left as it is.
+    `AutoPeftModelForCausalLM` grows it). A base already long enough is left as it is, and so is a base whose
+    adapter ships no tokenizer: it has no token its base lacks.
     """
-    grow_to_tokenizer(base_model, from_pretrained(AutoTokenizer, tokenizer_source(adapter_dir, base), "adapter"))
+    if tokenizer_source(adapter_dir, base) == adapter_dir:
+        grow_to_tokenizer(base_model, from_pretrained(AutoTokenizer, adapter_dir, "adapter"))
     return base_model
 
 
