@@ -276,13 +276,23 @@ def plot_frontier(results: dict, path: Path) -> None:
         draw_methods(results, path)
 
 
+def diverged(point: dict) -> bool:
+    """A point whose training left the task worse than the base: past the frontier, over-trained at too high a rate.
+
+    Such a point is in the table and the JSON, but a run that fell apart (AdaLoRA at 0.1: -211%, with +308% control
+    drift) would set the plot's scale and squeeze every other method into a corner, so the plot lists it instead.
+    """
+    return point["task_improvement"]["mean"] < 0
+
+
 def draw_methods(results: dict, path: Path) -> None:
-    """`plot_frontier`'s two panels, drawn with the colors in effect."""
+    """`plot_frontier`'s two panels, drawn with the colors in effect; refused methods and diverged points noted."""
     plt = study.pyplot()
     fig, (drift_ax, params_ax) = plt.subplots(1, 2, figsize=(15, 6), dpi=110)
     markers = "os^Dv<>phX*P"
-    study.draw_curves(drift_ax, results["points"], "control_drift", lambda p: f"{p['lr']:g}", markers)
-    for index, (name, points) in enumerate(study.curves_of(results["points"]).items()):
+    shown = [p for p in results["points"] if not diverged(p)]
+    study.draw_curves(drift_ax, shown, "control_drift", lambda p: f"{p['lr']:g}", markers)
+    for index, (name, points) in enumerate(study.curves_of(shown).items()):
         params_ax.errorbar([p["trainable_params"] for p in points],
                            [100 * p["task_improvement"]["mean"] for p in points],
                            yerr=[100 * p["task_improvement"]["std"] for p in points], linestyle="none",
@@ -291,9 +301,11 @@ def draw_methods(results: dict, path: Path) -> None:
                  xlabel="task improvement (% lower held-out perplexity)", ylabel="control perplexity drift (%)")
     params_ax.set(title="Task improvement against trainable parameters (each learning rate)", xscale="log",
                   xlabel="trainable parameters", ylabel="task improvement (% lower held-out perplexity)")
-    for row, name in enumerate(results["refused"]):
-        params_ax.annotate(f"{name}: {NOT_APPLICABLE}", (0.01, 0.01 + 0.04 * row), xycoords="axes fraction",
-                           fontsize=8)
+    notes = [f"{name}: {NOT_APPLICABLE}" for name in results["refused"]]
+    notes += [f"off the plot, diverged: {p['curve']} lr {p['lr']:g} (task {p['task_improvement']['mean']:+.0%}, "
+              f"drift {p['control_drift']['mean']:+.0%})" for p in results["points"] if diverged(p)]
+    for row, note in enumerate(notes):
+        params_ax.annotate(note, (0.01, 0.01 + 0.04 * row), xycoords="axes fraction", fontsize=8)
     drift_ax.axhline(0.0, color="grey", linewidth=0.8)
     for ax in (drift_ax, params_ax):
         ax.grid(alpha=0.3)

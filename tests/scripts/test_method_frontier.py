@@ -121,6 +121,17 @@ def test_the_table_and_plot_are_written(tmp_path, capsys):
     assert (tmp_path / "method_frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_diverged_point_stays_in_the_table_but_is_named_instead_of_plotted(tmp_path, monkeypatch):
+    results = synthetic_results()
+    results["points"][0]["task_improvement"] = {"mean": -2.1, "std": 1.4}
+    drawn = []
+    monkeypatch.setattr(frontier.study, "draw_curves", lambda ax, points, *args: drawn.extend(points))
+    frontier.plot_frontier(results, tmp_path / "method_frontier.png")
+    assert results["points"][0] not in drawn
+    assert len(drawn) == len(results["points"]) - 1
+    assert frontier.table_rows(results)[0][3] == "-210.00% ± 140.00%"
+
+
 def test_every_method_gets_three_rates_distinct_run_names_and_one_rate_when_quick():
     curves = frontier.method_curves(study.FULL_BUDGET, quick=False)
     assert [c.name for c in curves] == [frontier.FULL, frontier.LORA, "DoRA r=8", frontier.ADALORA, frontier.VERA,
