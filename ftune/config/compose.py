@@ -23,7 +23,7 @@ from pathlib import Path
 from hydra import compose, initialize, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -263,7 +263,14 @@ def describe_error(err: Exception, schema: type, context: str | None) -> str:
     text = " ".join(str(err).split("See https")[0].split())
     if "missing EQUAL" in text or isinstance(err, ValueError):
         return f"{text.split(' missing')[0]}: expected key=value (or +key=value to add a key, ~key to remove one)"
+    if isinstance(err, OverrideParseException):
+        return f"{err.override}: cannot parse this argument ({QUOTING_HINT})"
     return scrub(text)
+
+
+QUOTING_HINT = ("quote a value holding spaces or any of [ ] { } ( ) , : = < > inside the argument, e.g. "
+                "\"model.add_tokens=['<tense>','</tense>']\", and close every bracket")
+"""What an argument Hydra's override grammar cannot parse usually needs (its own message names lexer states)."""
 
 
 def describe_key_error(cause: OmegaConfBaseException, schema: type, outer: str) -> str:

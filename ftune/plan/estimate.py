@@ -206,8 +206,9 @@ def sequences_per_example(cfg: RunCfg) -> int:
 
     A pair is planned as two full rows: an upper bound for a pair whose prompt both responses share in one row
     (`pref.share_prompt`), which holds the prompt once. The reference's forward runs without gradient, so it saves
-    nothing for the backward; KTO's KL rows likewise. A GRPO prompt trains `grpo.num_generations` rows of prompt
-    and completion (generation's KV cache, freed before the backward, is not counted).
+    nothing for the backward; KTO's KL rows likewise. A GRPO prompt is planned as `grpo.num_generations` rows of
+    prompt and completion, likewise an upper bound where its completions share the prompt in one row
+    (`grpo.share_prompt`); generation's KV cache, freed before the backward, is not counted.
     """
     if cfg.objective.name == "grpo":
         return cfg.grpo.num_generations
