@@ -99,6 +99,19 @@ def dataset_hash(dataset) -> str:
     return dataset._fingerprint
 
 
+def cache_keyword() -> str:
+    """What transformers calls a KV cache, as a model output's field and as `forward`'s and `generate`'s keyword.
+
+    `cache` since transformers renamed `past_key_values` (checked on transformers 5.25.0, where the old keyword still
+    works, with a FutureWarning, until 5.40 for `forward` and 6.0 for `generate`); the earlier 5.x releases that
+    pyproject's `transformers>=5.0` admits know only `past_key_values`. `ftune.eval.generation` computes each
+    prompt of a group once and hands `generate` that cache.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def fake_mode_active() -> bool:
     """Whether a torch `FakeTensorMode` is active: tensors made now hold shapes and dtypes, no values.
 

@@ -124,6 +124,22 @@ def test_load_balancing_loss_is_the_switch_transformer_formula():
                                        msg=f"the loss differs from the hand formula (mask: {padding is not None})")
 
 
+def test_the_cache_keyword_returns_a_cache_that_forward_continues_from_without_a_warning(random_llama):
+    import warnings
+
+    model = random_llama().eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with fenced("transformers", "the KV cache's name (cache, formerly past_key_values)"), torch.no_grad():
+        whole = model(input_ids=ids).logits[:, -1]
+        keyword = compat.cache_keyword()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            cache = getattr(model(input_ids=ids[:, :-1], use_cache=True), keyword)
+            last = model(input_ids=ids[:, -1:], use_cache=True, **{keyword: cache}).logits[:, -1]
+        assert cache.get_seq_length() == 4, f"the cache holds {cache.get_seq_length()} positions after 4 tokens"
+        torch.testing.assert_close(last, whole, rtol=1e-5, atol=1e-6)
+
+
 def test_modules_kept_unquantized_are_the_head_alone(random_llama):
     model = random_llama()
     linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
