@@ -224,18 +224,22 @@ def use_sparse_dropout(model: nn.Module) -> int:
             continue
         for name, dropout in dropouts.items():
             if type(dropout) is nn.Dropout and dropout.p > 0:
-                make_dropout_sparse(module, name, dropout.p)
+                make_dropout_sparse(module, name, dropout)
                 replaced += 1
     return replaced
 
 
-def make_dropout_sparse(lora_layer: nn.Module, adapter: str, p: float) -> None:
-    """Fold the adapter's dropout into its lora_A where `folds_into_lora_a`, else swap in a SparseDropout."""
+def make_dropout_sparse(lora_layer: nn.Module, adapter: str, dropout: nn.Dropout) -> None:
+    """Fold the adapter's dropout into its lora_A where `folds_into_lora_a`, else swap in a SparseDropout.
+
+    The new module drops in the mode the old one was in: a module is made in training mode, and a model loaded
+    for inference (`ftune merge`'s check, evaluation) would otherwise drop again.
+    """
     if folds_into_lora_a(lora_layer, adapter):
-        lora_layer.lora_A[adapter] = DroppedLinear(lora_layer.lora_A[adapter], p)
-        lora_layer.lora_dropout[adapter] = nn.Identity()
+        lora_layer.lora_A[adapter] = DroppedLinear(lora_layer.lora_A[adapter], dropout.p).train(dropout.training)
+        lora_layer.lora_dropout[adapter] = nn.Identity().train(dropout.training)
     else:
-        lora_layer.lora_dropout[adapter] = SparseDropout(p)
+        lora_layer.lora_dropout[adapter] = SparseDropout(dropout.p).train(dropout.training)
 
 
 def folds_into_lora_a(lora_layer: nn.Module, adapter: str) -> bool:

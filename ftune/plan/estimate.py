@@ -256,15 +256,18 @@ def logits_bytes(vocab: int, hidden: int, matmul: int, tokens: int, chunk: int, 
                  head_trains: bool) -> float:
     """The loss's transient logits at their largest: the whole micro-batch's, or one chunk's.
 
-    Unfused: the head's output in the matmul dtype (`matmul` bytes) and its fp32 upcast (the saved
-    log-probabilities are activations). Chunked, per token of a chunk: the fp32 logits and logsumexp's fp32
+    Unfused, the larger of two moments (the saved fp32 log-probabilities, alive through both, are activations):
+    in the forward, the head's output in the matmul dtype (`matmul` bytes) and its fp32 upcast; in the backward of
+    the log-softmax, the gradients of the log-probabilities and of the logits, both fp32 (the larger one: a real
+    bf16-autocast step over a 128,256-row head peaked 15% above the forward-only count). Chunked, per token of a
+    chunk: the fp32 logits and logsumexp's fp32
     temporary, plus under autocast the 16-bit matmul output and the 16-bit gradient fed to the backward matmuls;
     distillation adds the teacher's logits and the two tempered log-softmaxes and the teacher's probabilities
     (4 fp32 tensors). With a trainable head the chunked loss also accumulates the head's weight gradient in fp32.
     """
     cast = matmul if matmul != FP32 else 0
     if chunk == 0:
-        return tokens * vocab * (cast + FP32) * (2 if distill else 1)
+        return tokens * vocab * max(cast + FP32, 2 * FP32) * (2 if distill else 1)
     per_element = 2 * FP32 + 2 * cast + (4 * FP32 if distill else 0)
     weight_grad = FP32 * vocab * hidden if head_trains else 0
     return min(chunk, tokens) * vocab * per_element + weight_grad

@@ -5,7 +5,7 @@ tensor mode, `ftune.compat.fake_mode`: shapes, dtypes and a CPU device, no data 
 micro-batch of the run's shape goes through its real forward and the run's real step loss (`train/losses.py`:
 chunked or not, with the distillation teacher), under the autocast training uses. Every tensor autograd saves for
 the backward is recorded with `saved_tensors_hooks`, each storage once, parameters excluded: what
-tests/model/test_plan.py measures on a real CPU step. The backward itself is not run: it saves nothing more.
+tests/plan/test_plan.py measures on a real CPU step. The backward itself is not run: it saves nothing more.
 
 With gradient checkpointing a step keeps each decoder layer's input and, while the backward recomputes a layer,
 that layer's working set: both are read off the same trace, layer by layer. Identical layers keep identical bytes,

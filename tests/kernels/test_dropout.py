@@ -168,6 +168,25 @@ def test_lora_dropouts_are_replaced_only_where_they_drop(random_llama, p):
     assert torch.equal(model(input_ids=ids).logits, before)
 
 
+@pytest.mark.parametrize("dora", [False, True])  # folded into lora_A, and a SparseDropout
+def test_a_model_in_eval_mode_stays_deterministic_after_the_swap(random_llama, dora):
+    """A trained adapter loaded for inference (`ftune merge`'s check) must not start dropping after the swap."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(random_llama(), LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear",
+                                                      use_dora=dora))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)  # a trained adapter: what dropout drops now shows in the logits
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model.eval()
+    before = model(input_ids=ids).logits
+    assert use_sparse_dropout(model) > 0
+    assert not [name for name, module in model.named_modules() if module.training]
+    assert torch.equal(model(input_ids=ids).logits, before)
+
+
 def test_dora_keeps_its_dropout_module_and_every_adapter_is_replaced(random_llama):
     """A variant reads lora_A's weight and the dropout itself: it gets a SparseDropout; a second adapter too."""
     from peft import LoraConfig, get_peft_model

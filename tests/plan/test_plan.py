@@ -438,7 +438,8 @@ def test_lora_7b_activations_by_hand():
     # one chunk's logits: fp32 logits and logsumexp's fp32 temporary, the bf16 matmul output and bf16 gradient
     assert plan.logits == chunk * vocab * (4 + 4 + 2 + 2)
     unfused = plan_run(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, loss_chunk_size=0)))
-    assert unfused.memory.logits == tokens * vocab * (2 + 4)  # the bf16 logits and their fp32 upcast
+    assert unfused.memory.logits == tokens * vocab * (4 + 4)  # the backward's fp32 gradients, above the
+    # forward's bf16 logits and fp32 upcast (2 + 4)
     # per learned row (each sequence's last position predicts nothing), the unfused loss keeps the fp32
     # log-probabilities and the int64 target, the chunked one the bf16 head input and the bool row mask;
     # cross-entropy's fp32 total weight is one scalar
