@@ -112,12 +112,15 @@ def test_grpo_prompts_are_recorded_once_per_group_and_compared_across_runs():
 
 
 @pytest.mark.slow
-def test_ftune_and_trl_dpo_workers_train_the_same_pairs_to_the_same_losses(tmp_path):
+def test_ftune_and_trl_dpo_workers_train_the_same_pairs_to_the_same_losses(tmp_path, monkeypatch):
     """The bench's DPO workers end to end on the embedded model, TRL's DPOTrainer and ftune.
 
-    From one start adapter, on the same batches, to losses within 1e-4 (the bench's target is 1e-3).
+    From one start adapter, on the same batches, to losses within 1e-4 (the bench's target is 1e-3). ftune's
+    `mixed_precision=auto` picks bf16 on a CPU with bf16 units: the worker processes are told the CPU has none
+    (`FTUNE_CPU_BF16=0`), so ftune runs fp32, the precision of TRL's configuration here, on every machine.
     """
     pytest.importorskip("trl")
+    monkeypatch.setenv("FTUNE_CPU_BF16", "0")
     model = bench.Model("tiny", bench.TINY_MODEL, warmup=1, timed=2, data=bench.PAIRS_TRAIN,
                         adapter=bench.ensure_start_adapter(tmp_path, bench.TINY_MODEL), objective="dpo")
     runs = {name: [bench.run_config(next(c for c in bench.DPO_CONFIGS if c.name == name), model)]
