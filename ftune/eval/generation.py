@@ -17,6 +17,7 @@ import torch
 from ftune.compat import cache_keyword
 from ftune.data.templates import ChatTemplate, render
 from ftune.kernels.lora_linear import merged_for_sampling
+from ftune.model.adapters import prepends_virtual_tokens
 from ftune.model.dropout import eval_mode
 
 GENERATIONS_FILE = "generations.jsonl"
@@ -187,8 +188,7 @@ def shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, repeats: i
     the prompt is not all the model reads (a prompt-learning adapter prepends virtual tokens inside its own
     `generate`), or where the model's cache cannot repeat its rows.
     """
-    prompt_learning = any(adapter.is_prompt_learning for adapter in getattr(model, "peft_config", {}).values())
-    if repeats == 1 or ids.size(1) < 2 or prompt_learning:
+    if repeats == 1 or ids.size(1) < 2 or prepends_virtual_tokens(model):
         return None
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     output = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],

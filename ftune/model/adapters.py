@@ -66,6 +66,14 @@ def can_merge(method_name: str) -> bool:
     return method_name in MERGEABLE
 
 
+def prepends_virtual_tokens(model: torch.nn.Module) -> bool:
+    """Whether one of the model's adapters is PEFT prompt learning (prompt or prefix tuning).
+
+    Its forward reads virtual tokens before the input ids, so the ids alone are not what the model sees.
+    """
+    return any(adapter.is_prompt_learning for adapter in getattr(model, "peft_config", {}).values())
+
+
 def resolve_targets(names: list[str]) -> str | list[str]:
     """`lora.target_modules` as PEFT takes it: `all-linear` alone stays PEFT's preset, other presets expand.
 

@@ -260,8 +260,8 @@ def logits_bytes(vocab: int, hidden: int, matmul: int, tokens: int, chunk: int, 
     in the forward, the head's output in the matmul dtype (`matmul` bytes) and its fp32 upcast; in the backward of
     the log-softmax, the gradients of the log-probabilities and of the logits, both fp32 (the larger one: a real
     bf16-autocast step over a 128,256-row head peaked 15% above the forward-only count). Chunked, per token of a
-    chunk: the fp32 logits and logsumexp's fp32
-    temporary, plus under autocast the 16-bit matmul output and the 16-bit gradient fed to the backward matmuls;
+    chunk: the fp32 logits and logsumexp's fp32 temporary, plus under autocast the 16-bit matmul output and the
+    16-bit gradient fed to the backward matmuls;
     distillation adds the teacher's logits and the two tempered log-softmaxes and the teacher's probabilities
     (4 fp32 tensors). With a trainable head the chunked loss also accumulates the head's weight gradient in fp32.
     """

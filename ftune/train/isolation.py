@@ -18,6 +18,7 @@ from accelerate.utils import send_to_device
 from ftune.data.collate import PackedCollator, PairCollator
 from ftune.data.packing import pack
 from ftune.errors import ConfigError, first_line
+from ftune.model.adapters import prepends_virtual_tokens
 from ftune.model.dropout import eval_mode
 
 PROBE_LENGTHS = (24, 16)
@@ -112,7 +113,7 @@ def prompt_sharing_problem(cfg, model: torch.nn.Module, logps, collator: PairCol
         return f"{section}.share_prompt=false"
     if attn == "flash_attention_2":
         return "flash_attention_2 takes no 4D mask"
-    if any(adapter.is_prompt_learning for adapter in getattr(model, "peft_config", {}).values()):
+    if prepends_virtual_tokens(model):
         return f"method={cfg.method.name} prepends virtual tokens"
     try:
         gap = shared_prompt_gap(model, logps, collator, attn)
